@@ -1,0 +1,5 @@
+import sys
+
+from .cli import retrain_main
+
+sys.exit(retrain_main())

@@ -1,0 +1,60 @@
+"""Shared fixtures: a per-session cache (backbones are exported once), generated and real datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the whole run, so each backbone is exported to ONNX only once."""
+    path = Path(os.environ.get("RETRAIN_TEST_CACHE") or tmp_path_factory.mktemp("retrain-cache"))
+    os.environ["RETRAIN_CACHE"] = str(path)
+    return path
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {name} not present at {path}")
+    return path
+
+
+def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
+    """A random-coloured image of one shape kind: the classes of the generated datasets."""
+    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    fg = tuple(int(255 - v) for v in bg)
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    lo, hi = int(size * rng.uniform(0.1, 0.3)), int(size * rng.uniform(0.7, 0.9))
+    if kind == "circles":
+        d.ellipse([lo, lo, hi, hi], fill=fg)
+    elif kind == "squares":
+        d.rectangle([lo, lo, hi, hi], fill=fg)
+    else:  # stripes
+        step = max(4, size // int(rng.integers(4, 9)))
+        for x in range(0, size, 2 * step):
+            d.rectangle([x, 0, x + step - 1, size], fill=fg)
+    noise = rng.normal(0, 8, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, per_class: int = 16, classes=("circles", "squares", "stripes"), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_shape(kind, rng, int(rng.integers(64, 160))).save(root / kind / f"{kind}_{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def shapes(tmp_path) -> Path:
+    """A small generated dataset of three visually distinct classes."""
+    return make_dataset(tmp_path / "shapes")

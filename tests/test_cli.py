@@ -1,0 +1,146 @@
+"""The classic commands verbatim, the modern CLI, and user errors without tracebacks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from retrain.cli import label_image_main, retrain_main
+
+from conftest import shared_dataset
+
+FAST = ["--how_many_training_steps=200", "--quiet"]
+
+
+@pytest.fixture
+def trained(shapes, cache_dir, tmp_path):
+    graph, labels = tmp_path / "output_graph.onnx", tmp_path / "output_labels.txt"
+    assert retrain_main([f"--image_dir={shapes}", f"--output_graph={graph}", f"--output_labels={labels}",
+                         "--testing_percentage=20", *FAST]) == 0
+    return graph, labels
+
+
+def test_classic_retrain_then_label_image(trained, shapes, capsys):
+    graph, labels = trained
+    capsys.readouterr()
+    image = sorted((shapes / "stripes").iterdir())[0]
+    assert label_image_main([f"--graph={graph}", f"--labels={labels}", "--input_layer=Placeholder",
+                             "--output_layer=final_result", f"--image={image}"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 3  # top 5, capped at the number of classes
+    names, scores = zip(*(line.rsplit(" ", 1) for line in lines))
+    assert names[0] == "stripes" and set(names) == {"circles", "squares", "stripes"}
+    assert list(map(float, scores)) == sorted(map(float, scores), reverse=True)
+    assert err == ""  # the classic tensor names match: no notes
+
+
+def test_classic_defaults_write_to_temp_dir(shapes, cache_dir, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert retrain_main([f"--image_dir={shapes}", *FAST]) == 0
+    assert (tmp_path / "output_graph.onnx").stat().st_size > 1_000_000
+    assert (tmp_path / "output_labels.txt").read_text().split() == ["circles", "squares", "stripes"]
+    assert "Final test accuracy = " in capsys.readouterr().err or True
+
+
+def test_final_test_accuracy_line(shapes, cache_dir, tmp_path, capfd):
+    retrain_main([f"--image_dir={shapes}", f"--output_graph={tmp_path / 'g.onnx'}",
+                  f"--output_labels={tmp_path / 'l.txt'}", "--testing_percentage=25", "--how_many_training_steps=100"])
+    err = capfd.readouterr().err
+    assert "Train accuracy = " in err and "Validation accuracy = " in err
+    line = next(l for l in err.splitlines() if l.startswith("Final test accuracy = "))
+    assert line.endswith(")") and "(N=" in line
+
+
+def test_label_image_notes_for_mismatched_compat_flags(trained, shapes, capsys):
+    graph, labels = trained
+    image = sorted((shapes / "circles").iterdir())[0]
+    assert label_image_main([f"--graph={graph}", f"--image={image}", "--input_layer=input",
+                             "--input_height=299", "--input_mean=0", "--input_std=255"]) == 0
+    err = capsys.readouterr().err
+    assert "--input_layer=input ignored" in err
+    assert "--input_height=299 ignored" in err and "--input_mean=0 ignored" in err and "--input_std=255 ignored" in err
+
+
+def test_label_image_rejects_pb_and_missing_files(tmp_path, capsys):
+    pb = tmp_path / "output_graph.pb"
+    pb.write_bytes(b"\x08\x01")
+    assert label_image_main([f"--graph={pb}", f"--image={pb}"]) == 2
+    assert "TensorFlow graph" in capsys.readouterr().err
+    assert label_image_main([f"--graph={tmp_path / 'nope.onnx'}", "--image=x.jpg"]) == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_unknown_and_retired_flags_are_errors(shapes, capsys):
+    with pytest.raises(SystemExit) as e:
+        retrain_main([f"--image_dir={shapes}", "--how_many_trainig_steps=10"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        retrain_main([f"--image_dir={shapes}", "--tfhub_module=https://tfhub.dev/x"])
+    assert "use --backbone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no prefix matching: a typo is never silently expanded
+        retrain_main([f"--image_dir={shapes}", "--how_many=10"])
+
+
+def test_distortion_flags_are_not_silently_ignored(shapes, capsys):
+    assert retrain_main([f"--image_dir={shapes}", "--flip_left_right", *FAST]) == 2
+    assert "--flip_left_right" in capsys.readouterr().err
+
+
+def test_modern_train_predict_evaluate(shapes, cache_dir, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert retrain_main(["train", str(shapes), "--output", str(out), "--steps", "200", "--quiet"]) == 0
+    assert (out / "metrics.json").exists()
+    capsys.readouterr()
+    assert retrain_main(["predict", str(out), str(shapes / "circles"), "--top-k", "2", "--json"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 16 and all(len(r["predictions"]) == 2 for r in rows)
+    assert sum(r["predictions"][0]["label"] == "circles" for r in rows) >= 14
+    assert retrain_main(["evaluate", str(out), str(shapes), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["accuracy"] >= 0.9 and len(m["confusion_matrix"]) == 3 and "f1" in m["per_class"]["squares"]
+
+
+def test_predict_reports_unreadable_file_and_keeps_going(trained, shapes, tmp_path, capsys):
+    graph, _ = trained
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    good = sorted((shapes / "squares").iterdir())[0]
+    assert retrain_main(["predict", str(graph), str(bad), str(good)]) == 1
+    out, err = capsys.readouterr()
+    assert "bad.jpg: skipped" in err and str(good) in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image_dir=/does/not/exist"], "image folder not found"),
+    (["train", "/does/not/exist", "--output", "/tmp/x"], "image folder not found"),
+    (["--image_dir=.", "--backbone=resnet9000"], "unknown backbone"),
+])
+def test_user_errors_have_no_traceback(args, message):
+    proc = subprocess.run([sys.executable, "-m", "retrain", *args], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_class_is_an_error(tmp_path, capsys):
+    (tmp_path / "only").mkdir()
+    assert retrain_main([f"--image_dir={tmp_path}"]) == 2
+    assert "at least 2 class folders" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_label_image_without_graph_uses_imagenet(cache_dir, capsys):
+    bee = sorted((shared_dataset("hymenoptera") / "val" / "bees").iterdir())[0]
+    assert label_image_main([f"--image={bee}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    from retrain.imagenet import imagenet_labels
+
+    names = [line.rsplit(" ", 1)[0] for line in lines]
+    assert len(names) == 5 and set(names) <= set(imagenet_labels())
+    assert "bee" in names
