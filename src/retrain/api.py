@@ -140,7 +140,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     with stage("scan"):
         dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
                                validation_percentage=config.validation_percentage,
-                               testing_percentage=config.testing_percentage, workers=config.workers + 2)
+                               testing_percentage=config.testing_percentage, workers=config.workers + 2,
+                               quiet=config.quiet)
         _summarize(dataset, log)
     with stage("features"):
         features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
@@ -208,13 +209,13 @@ def _model_metadata(backbone: Backbone, classes: list[str], provenance: dict) ->
             "retrain:provenance": json.dumps(provenance, ensure_ascii=False)}
 
 
-def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2) -> dict:
+def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False) -> dict:
     """Run the exported model over a folder of class folders and compute its metrics."""
     clf = model if isinstance(model, Classifier) else load(model)
-    dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2)
+    dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = [s.path for s in dataset.samples]
     truth, predicted, skipped = [], [], list(dataset.skipped)
-    bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False)
+    bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
     for sample, pred in zip(dataset.samples, clf.predict_paths(paths, top_k=1, workers=workers)):
         bar.update(1)
         if pred.error:

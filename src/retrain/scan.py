@@ -120,7 +120,7 @@ def hash_split(digest: str, validation_percentage: float, testing_percentage: fl
     return "train"
 
 
-def _hash_all(paths: list[Path], workers: int) -> list[str | Exception]:
+def _hash_all(paths: list[Path], workers: int, quiet: bool = False) -> list[str | Exception]:
     def safe(p: Path) -> str | Exception:
         try:
             return file_digest(p)
@@ -128,7 +128,7 @@ def _hash_all(paths: list[Path], workers: int) -> list[str | Exception]:
             return e
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(tqdm(pool.map(safe, paths), total=len(paths), desc="Hashing images",
-                         unit="img", leave=False, disable=len(paths) < 200))
+                         unit="img", leave=False, disable=quiet or len(paths) < 200))
 
 
 def _labelled_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, str]], int]:
@@ -150,7 +150,7 @@ def _labelled_files(folder: Path, classes: list[str] | None) -> tuple[list[str],
 
 def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = None,
                  test_dir: str | os.PathLike | None = None, validation_percentage: float = 10,
-                 testing_percentage: float = 10, workers: int = 4) -> Dataset:
+                 testing_percentage: float = 10, workers: int = 4, quiet: bool = False) -> Dataset:
     """Scan, hash and split `image_dir`; fixed splits come from split folders or val/test dirs."""
     image_dir = Path(image_dir)
     if not 0 <= validation_percentage < 100 or not 0 <= testing_percentage < 100 \
@@ -181,7 +181,7 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
             ignored += other
             entries += [(p, c, split) for p, c in files]
 
-    digests = _hash_all([p for p, _, _ in entries], workers)
+    digests = _hash_all([p for p, _, _ in entries], workers, quiet)
     index = {c: i for i, c in enumerate(classes)}
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
@@ -197,12 +197,13 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
                    fixed_split=bool(fixed["validation"] or fixed["test"]))
 
 
-def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4) -> Dataset:
+def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4,
+                         quiet: bool = False) -> Dataset:
     """Scan an evaluation folder whose class folders must be among `classes`."""
     names, files, ignored = _labelled_files(Path(folder), classes)
     if not files:
         raise UserError(f"no images found in the class folders of {folder}")
-    digests = _hash_all([p for p, _ in files], workers)
+    digests = _hash_all([p for p, _ in files], workers, quiet)
     index = {c: i for i, c in enumerate(classes)}
     samples, skipped = [], []
     for (path, cls), digest in zip(files, digests):
