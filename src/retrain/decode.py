@@ -39,8 +39,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("RGBA")  # palette or colour-key transparency becomes a real alpha channel
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -75,6 +75,8 @@ def load_image(source: str | os.PathLike | bytes, prep: Preprocessing) -> np.nda
         raise
     except UnidentifiedImageError:
         raise UnreadableImage("not a recognised image format") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:  # vanished since the scan
+        raise UnreadableImage(f"cannot read: {e.strerror or e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"cannot decode: {e}") from None
     except (MemoryError, RecursionError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:

@@ -30,7 +30,8 @@ STORE_FILE = "features.bin"
 
 
 def _record_dtype(dim: int) -> np.dtype:
-    return np.dtype([("digest", "S32"), ("vector", "<f4", (dim,)), ("crc", "<u4")])
+    # Raw bytes, not "S32": numpy strips trailing NULs from S fields, mangling 1 digest in 256.
+    return np.dtype([("digest", "V32"), ("vector", "<f4", (dim,)), ("crc", "<u4")])
 
 
 def _crc(digest: bytes, vector: np.ndarray) -> int:
@@ -58,7 +59,7 @@ class FeatureStore:
             return
         records = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(n,))
         for rec in records:
-            digest, vector = bytes(rec["digest"]), np.array(rec["vector"])
+            digest, vector = rec["digest"].tobytes(), np.array(rec["vector"])
             if _crc(digest, vector) == int(rec["crc"]):
                 self._index.setdefault(digest, vector)
             else:
@@ -81,7 +82,7 @@ class FeatureStore:
         recs = np.zeros(len(items), dtype=self.dtype)
         for rec, (digest, vector) in zip(recs, items):
             raw = bytes.fromhex(digest)
-            rec["digest"], rec["vector"] = raw, vector
+            rec["digest"], rec["vector"] = np.void(raw), vector
             rec["crc"] = _crc(raw, rec["vector"])
         with self.lock:
             with open(self.path, "ab") as f:
@@ -115,8 +116,6 @@ def decoded_batches(paths: list[Path], prep: Preprocessing, batch_size: int, wor
             return i, load_image(paths[i], prep), None
         except UnreadableImage as e:
             return i, None, str(e)
-        except OSError as e:  # vanished or unreadable since the scan
-            return i, None, f"cannot read: {e.strerror or e}"
 
     starts = iter(range(0, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:

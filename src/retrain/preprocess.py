@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 # Bump when anything here changes what a backbone sees: cached features are keyed by it.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 INPUT_NAME = "Placeholder"  # retrain.py's input name, so label_image's classic flags still match
 FEATURES_NAME = "features"
@@ -43,15 +43,17 @@ class Preprocessing:
 
 
 def fit_to_square(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Scale the shorter side to `resize_target`, centre-crop `size` x `size`: (size, size, 3) uint8."""
-    target = prep.resize_target()
+    """Centre square of side crop_fraction * shorter side, resized to (size, size, 3) uint8.
+
+    The same as scaling the shorter side to `resize_target` and centre-cropping, but only the
+    crop is ever resampled: a 2 x 60000 strip costs no more memory than a 2 x 2 image.
+    """
     w, h = img.size
-    scale = target / min(w, h)
-    new_w, new_h = max(target, round(w * scale)), max(target, round(h * scale))
+    side = min(w, h) * prep.crop_fraction
+    left, top = (w - side) / 2, (h - side) / 2
     # reducing_gap: a cheap box pre-shrink for big photos, then an antialiased bilinear pass.
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - prep.size) // 2, (new_h - prep.size) // 2
-    img = img.crop((left, top, left + prep.size, top + prep.size))
+    img = img.resize((prep.size, prep.size), Image.Resampling.BILINEAR,
+                     box=(left, top, left + side, top + side), reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8)
 
 

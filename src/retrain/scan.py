@@ -95,11 +95,18 @@ def class_folders(image_dir: Path) -> list[Path]:
 def find_split_dirs(image_dir: Path) -> dict[str, Path]:
     """{'train': path, 'validation': path?, 'test': path?} when `image_dir` holds split folders."""
     found: dict[str, Path] = {}
-    for folder in class_folders(image_dir):
+    folders = class_folders(image_dir)
+    for folder in folders:
         for split, names in SPLIT_DIR_NAMES.items():
             if folder.name.lower() in names:
                 found[split] = folder
-    return found if "train" in found and len(found) >= 2 else {}
+    if "train" not in found or len(found) < 2:
+        return {}
+    others = sorted(f.name for f in folders if f not in found.values())
+    if others:
+        raise UserError(f"{image_dir} mixes split folders ({', '.join(f.name for f in found.values())}) with "
+                        f"other folders ({', '.join(others)}): give the train folder's path, or move them")
+    return found
 
 
 def file_digest(path: Path) -> str:

@@ -1,0 +1,305 @@
+"""The append-only, checksummed feature store, and the ordered, bounded batch decoder.
+
+No backbone or ONNX model is run here: vectors are random, images are generated with Pillow.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrain.features import STORE_FILE, FeatureStore, decoded_batches
+from retrain.preprocess import Preprocessing
+
+DIM = 16
+
+
+def digests(n: int, tag: str = "", *, allow_trailing_zero: bool = False) -> list[str]:
+    """n distinct sha256 hex digests.
+
+    By default digests whose last byte is 00 are left out: those hit a separate bug (see
+    test_digest_ending_in_zero_byte_survives_reload) that the other tests should not trip over.
+    """
+    out, i = [], 0
+    while len(out) < n:
+        d = hashlib.sha256(f"{tag}:{i}".encode()).hexdigest()
+        i += 1
+        if allow_trailing_zero or not d.endswith("00"):
+            out.append(d)
+    return out
+
+
+def vectors(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def record_size(dim: int = DIM) -> int:
+    return 32 + 4 * dim + 4  # digest, float32 vector, crc32
+
+
+def assert_store_holds(store: FeatureStore, items) -> None:
+    for d, v in items:
+        assert d in store, d
+        got = store.get(d)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, v)
+
+
+# ---------------------------------------------------------------- FeatureStore
+
+def test_empty_store(tmp_path):
+    store = FeatureStore(tmp_path / "new" / "folder", DIM)
+    assert len(store) == 0 and store.corrupt == 0
+    assert digests(1)[0] not in store
+    store.append([])  # a no-op, creates nothing
+    assert not (tmp_path / "new" / "folder" / STORE_FILE).exists()
+
+
+def test_append_then_reopen_returns_identical_vectors(tmp_path):
+    ds, vs = digests(50), vectors(50)
+    store = FeatureStore(tmp_path, DIM)
+    store.append(list(zip(ds[:20], vs[:20])))
+    store.append(list(zip(ds[20:], vs[20:])))
+    assert len(store) == 50
+    assert_store_holds(store, zip(ds, vs))  # in the same process
+
+    again = FeatureStore(tmp_path, DIM)
+    assert len(again) == 50 and again.corrupt == 0
+    assert_store_holds(again, zip(ds, vs))  # and after reopening
+    assert (tmp_path / STORE_FILE).stat().st_size == 50 * record_size()
+
+
+def test_float64_and_list_inputs_are_stored_as_float32(tmp_path):
+    d = digests(2)
+    v64 = np.linspace(-1, 1, DIM)  # float64
+    store = FeatureStore(tmp_path, DIM)
+    store.append([(d[0], v64), (d[1], list(range(DIM)))])
+    again = FeatureStore(tmp_path, DIM)
+    np.testing.assert_array_equal(again.get(d[0]), v64.astype(np.float32))
+    np.testing.assert_array_equal(again.get(d[1]), np.arange(DIM, dtype=np.float32))
+
+
+def test_first_record_for_a_digest_wins(tmp_path):
+    d = digests(1)[0]
+    store = FeatureStore(tmp_path, DIM)
+    store.append([(d, np.ones(DIM))])
+    store.append([(d, np.zeros(DIM))])
+    np.testing.assert_array_equal(store.get(d), np.ones(DIM, np.float32))
+    np.testing.assert_array_equal(FeatureStore(tmp_path, DIM).get(d), np.ones(DIM, np.float32))
+
+
+def test_torn_record_is_ignored_then_truncated_by_next_append(tmp_path):
+    ds, vs = digests(8), vectors(8)
+    FeatureStore(tmp_path, DIM).append(list(zip(ds[:5], vs[:5])))
+    path = tmp_path / STORE_FILE
+    with open(path, "ab") as f:  # a killed run left part of a record behind
+        f.write(b"\xab" * (record_size() - 3))
+    assert path.stat().st_size == 6 * record_size() - 3
+
+    store = FeatureStore(tmp_path, DIM)
+    assert len(store) == 5 and store.corrupt == 0  # the partial record is simply not there
+    assert_store_holds(store, zip(ds[:5], vs[:5]))
+
+    store.append(list(zip(ds[5:], vs[5:])))
+    assert path.stat().st_size == 8 * record_size()  # torn bytes cut off, records stay aligned
+    again = FeatureStore(tmp_path, DIM)
+    assert len(again) == 8 and again.corrupt == 0
+    assert_store_holds(again, zip(ds, vs))
+
+
+def test_torn_record_longer_than_one_record(tmp_path):
+    # A torn multi-record write: one whole (garbage) record plus a fraction.
+    ds, vs = digests(3), vectors(3)
+    FeatureStore(tmp_path, DIM).append(list(zip(ds[:2], vs[:2])))
+    with open(tmp_path / STORE_FILE, "ab") as f:
+        f.write(b"\x00" * (record_size() + 7))
+    store = FeatureStore(tmp_path, DIM)
+    assert len(store) == 2 and store.corrupt == 1  # the whole garbage record fails its crc
+    store.append([(ds[2], vs[2])])
+    again = FeatureStore(tmp_path, DIM)
+    assert len(again) == 3 and again.corrupt == 1
+    assert_store_holds(again, zip(ds, vs))
+
+
+@pytest.mark.parametrize("where", ["digest", "vector", "crc"])
+def test_flipped_bytes_fail_the_crc(tmp_path, where):
+    ds, vs = digests(5), vectors(5)
+    FeatureStore(tmp_path, DIM).append(list(zip(ds, vs)))
+    path = tmp_path / STORE_FILE
+    data = bytearray(path.read_bytes())
+    offset = 2 * record_size() + {"digest": 5, "vector": 32 + 4 * 3 + 1, "crc": record_size() - 2}[where]
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+    store = FeatureStore(tmp_path, DIM)
+    assert store.corrupt == 1
+    assert len(store) == 4
+    assert ds[2] not in store  # so its image gets recomputed
+    assert_store_holds(store, [(d, v) for i, (d, v) in enumerate(zip(ds, vs)) if i != 2])
+
+
+def test_recomputed_record_after_corruption_is_used(tmp_path):
+    ds, vs = digests(3), vectors(3)
+    FeatureStore(tmp_path, DIM).append(list(zip(ds, vs)))
+    path = tmp_path / STORE_FILE
+    data = bytearray(path.read_bytes())
+    data[record_size() + 40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store = FeatureStore(tmp_path, DIM)
+    assert ds[1] not in store
+    store.append([(ds[1], vs[1])])
+    again = FeatureStore(tmp_path, DIM)
+    assert again.corrupt == 1 and len(again) == 3
+    assert_store_holds(again, zip(ds, vs))
+
+
+def test_store_file_is_raw_records_never_pickled(tmp_path, monkeypatch):
+    ds, vs = digests(4), vectors(4)
+    FeatureStore(tmp_path, DIM).append(list(zip(ds, vs)))
+    data = (tmp_path / STORE_FILE).read_bytes()
+    assert not data.startswith(b"\x80") and not data.startswith(b"\x93NUMPY")  # no pickle / .npy header
+    assert len(data) == 4 * record_size()
+    for i, (d, v) in enumerate(zip(ds, vs)):
+        rec = data[i * record_size(): (i + 1) * record_size()]
+        assert rec[:32] == bytes.fromhex(d)
+        np.testing.assert_array_equal(np.frombuffer(rec[32:32 + 4 * DIM], "<f4"), v)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the feature store must never unpickle")
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(np, "load", forbidden)
+    store = FeatureStore(tmp_path, DIM)
+    assert_store_holds(store, zip(ds, vs))
+
+
+def test_dimension_is_part_of_the_record_layout(tmp_path):
+    ds, vs = digests(3), vectors(3, dim=8)
+    FeatureStore(tmp_path, 8).append(list(zip(ds, vs)))
+    other = FeatureStore(tmp_path, 4)  # the wrong dim: records don't line up, none pass the crc
+    assert len(other) == 0
+
+
+def test_digest_ending_in_zero_byte_survives_reload(tmp_path):
+    d = next(x for x in digests(2000, "z", allow_trailing_zero=True) if x.endswith("00"))
+    v = vectors(1)[0]
+    FeatureStore(tmp_path, DIM).append([(d, v)])
+    store = FeatureStore(tmp_path, DIM)
+    assert store.corrupt == 0
+    assert d in store
+    np.testing.assert_array_equal(store.get(d), v)
+
+
+def _append_worker(folder: str, tag: str, seed: int, start, n: int) -> None:
+    store = FeatureStore(Path(folder), DIM)
+    ds, vs = digests(n, tag), vectors(n, seed)
+    start.wait()  # both processes are ready: now append at the same time
+    for i in range(0, n, 2):  # many small appends, to interleave with the other process
+        store.append(list(zip(ds[i:i + 2], vs[i:i + 2])))
+
+
+def test_two_processes_appending_concurrently(tmp_path):
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2, timeout=60)
+    procs = [ctx.Process(target=_append_worker, args=(str(tmp_path), tag, seed, start, 200))
+             for tag, seed in (("p1", 1), ("p2", 2))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = FeatureStore(tmp_path, DIM)
+    assert store.corrupt == 0
+    assert len(store) == 400
+    assert_store_holds(store, zip(digests(200, "p1"), vectors(200, 1)))
+    assert_store_holds(store, zip(digests(200, "p2"), vectors(200, 2)))
+    assert (tmp_path / STORE_FILE).stat().st_size == 400 * record_size()
+
+
+# ---------------------------------------------------------------- decoded_batches
+
+PREP = Preprocessing(size=32)
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    return (20 * i % 256, 255 - 20 * i % 256, 7 * i % 256)
+
+
+@pytest.fixture
+def mixed_files(tmp_path):
+    """11 files: images with a distinct colour each, except index 2 (text), 6 (missing), 7 (empty)."""
+    paths = []
+    for i in range(11):
+        p = tmp_path / f"{i:02d}.png"
+        if i == 2:
+            p = p.with_suffix(".jpg")
+            p.write_text("<html>not an image</html>")
+        elif i == 6:
+            pass  # vanished after the scan
+        elif i == 7:
+            p.write_bytes(b"")
+        else:
+            Image.new("RGB", (40 + i, 30), _colour(i)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("batch_size, workers, prefetch", [(4, 2, 3), (1, 3, 1), (3, 1, 2), (50, 4, 3)])
+def test_decoded_batches_order_failures_and_sizes(mixed_files, batch_size, workers, prefetch):
+    bad = {2, 6, 7}
+    results = list(decoded_batches(mixed_files, PREP, batch_size, workers, prefetch=prefetch))
+    n = len(mixed_files)
+    assert len(results) == -(-n // batch_size)  # ceil
+
+    seen_ok, seen_failed = [], []
+    for b, (ok, batch, failed) in enumerate(results):
+        window = list(range(b * batch_size, min((b + 1) * batch_size, n)))
+        # Each batch covers exactly its window of paths, every index once.
+        assert sorted(ok + [i for i, _ in failed]) == window
+        assert ok == sorted(ok)
+        assert batch.dtype == np.uint8 and batch.shape == (len(ok), PREP.size, PREP.size, 3)
+        for row, i in zip(batch, ok):
+            assert (row == np.array(_colour(i), np.uint8)).all(), i  # row k is image ok[k]
+        seen_ok += ok
+        seen_failed += failed
+
+    assert seen_ok == [i for i in range(n) if i not in bad]
+    reasons = dict(seen_failed)
+    assert set(reasons) == bad
+    assert "not a recognised image format" in reasons[2]
+    assert "No such file" in reasons[6]
+    assert "empty" in reasons[7]
+
+
+def test_decoded_batches_all_failed_batch_is_empty_array(tmp_path):
+    paths = [tmp_path / f"missing{i}.jpg" for i in range(3)]
+    ((ok, batch, failed),) = decoded_batches(paths, PREP, batch_size=5, workers=2)
+    assert ok == [] and batch.shape == (0, PREP.size, PREP.size, 3) and batch.dtype == np.uint8
+    assert [i for i, _ in failed] == [0, 1, 2]
+
+
+def test_decoded_batches_no_paths(tmp_path):
+    assert list(decoded_batches([], PREP, batch_size=4, workers=2)) == []
+
+
+def test_decoded_batches_is_lazy_and_bounded(tmp_path, monkeypatch):
+    # Only `prefetch` batches may be decoded ahead of the consumer.
+    import retrain.features as features
+    calls = []
+
+    def fake_load(path, prep):
+        calls.append(path)
+        return np.zeros((prep.size, prep.size, 3), np.uint8)
+
+    monkeypatch.setattr(features, "load_image", fake_load)
+    paths = [tmp_path / f"{i}.png" for i in range(100)]
+    gen = decoded_batches(paths, PREP, batch_size=5, workers=2, prefetch=2)
+    ok, batch, failed = next(gen)
+    assert ok == [0, 1, 2, 3, 4] and failed == []
+    assert len(calls) <= 3 * 5  # the first batch, one in flight, one just submitted
+    gen.close()

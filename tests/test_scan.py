@@ -1,0 +1,474 @@
+"""Scanning a folder of class folders: labels, hashing, skipped files and the train/val/test split."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import retrain.scan as scan_mod
+from retrain.errors import UserError
+from retrain.scan import (Dataset, SPLITS, class_folders, file_digest, find_split_dirs, hash_split,
+                          is_hidden, is_image_name, list_images, scan_dataset, scan_labelled_folder)
+
+# Scanning never decodes images, so any distinct bytes behind an image extension will do.
+_counter = iter(range(10**9))
+
+
+def put(path: Path, content: bytes | None = None) -> Path:
+    """Create `path` (and its folders) holding `content`, by default unique bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if content is not None else f"image #{next(_counter)} {path.name}".encode())
+    return path
+
+
+def make_dataset(root: Path, spec: dict[str, int], ext: str = ".jpg") -> Path:
+    """root/<class>/img<i><ext> for each class with its count of distinct files."""
+    for cls, n in spec.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            put(root / cls / f"img{i}{ext}")
+    return root
+
+
+def splits_by_path(ds: Dataset) -> dict[Path, str]:
+    return {s.path: s.split for s in ds.samples}
+
+
+def labels_by_name(ds: Dataset) -> dict[str, str]:
+    return {s.path.name: ds.classes[s.label] for s in ds.samples}
+
+
+@pytest.fixture
+def alarm():
+    """Fail (instead of hanging forever) if the test body takes longer than `seconds`."""
+    def handler(signum, frame):
+        raise TimeoutError("scan did not finish in time")
+    old = signal.signal(signal.SIGALRM, handler)
+
+    def arm(seconds: int) -> None:
+        signal.alarm(seconds)
+    yield arm
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------- helpers
+
+def test_is_hidden_and_is_image_name():
+    for name in (".DS_Store", ".hidden", "Thumbs.db", "THUMBS.DB", "desktop.ini", "__MACOSX", "._photo.jpg"):
+        assert is_hidden(name), name
+    assert not is_hidden("photo.jpg")
+    for name in ("a.jpg", "b.JPEG", "c.Png", "d.webp", "e.gif", "f.bmp", "g.tiff", "h.jfif"):
+        assert is_image_name(name), name
+    for name in ("notes.txt", "movie.mp4", "raw.cr2", "noext", ".hidden.jpg", "._a.png", "jpg"):
+        assert not is_image_name(name), name
+
+
+def test_file_digest_is_sha256_of_content(tmp_path):
+    data = os.urandom(3 << 20)  # more than one 1 MiB read chunk
+    path = put(tmp_path / "a.bin", data)
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_list_images_recurses_skips_hidden_counts_others(tmp_path):
+    d = tmp_path / "cls"
+    put(d / "b.jpg")
+    put(d / "a.png")
+    put(d / "deep" / "er" / "c.webp")
+    put(d / "notes.txt")
+    put(d / "clip.mp4")
+    put(d / ".DS_Store")
+    put(d / "Thumbs.db")
+    put(d / ".hidden" / "secret.jpg")
+    put(d / "__MACOSX" / "x.jpg")
+    found, ignored = list_images(d)
+    assert sorted(p.relative_to(d).as_posix() for p in found) == ["a.png", "b.jpg", "deep/er/c.webp"]
+    assert ignored == 2
+
+
+# ---------------------------------------------------------------- scan_dataset: layout
+
+def test_classes_sorted_and_labels_follow_folders(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"zebra": 3, "apple": 2, "mango": 4})
+    ds = scan_dataset(root)
+    assert ds.classes == ["apple", "mango", "zebra"]
+    assert len(ds.samples) == 9
+    per_class = Counter(ds.classes[s.label] for s in ds.samples)
+    assert per_class == {"apple": 2, "mango": 4, "zebra": 3}
+    for s in ds.samples:
+        assert s.path.parent.name == ds.classes[s.label]
+        assert s.digest == file_digest(s.path)
+        assert s.split in SPLITS
+    assert ds.skipped == [] and ds.ignored == 0 and ds.fixed_split is False
+
+
+def test_class_folders_sorted_skips_hidden_and_files(tmp_path):
+    for name in ("b", "a", ".git", "__MACOSX", "C"):
+        (tmp_path / name).mkdir()
+    put(tmp_path / "README.txt")
+    assert [p.name for p in class_folders(tmp_path)] == ["C", "a", "b"]
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    put(root / "cat" / ".DS_Store")
+    put(root / "cat" / "Thumbs.db")
+    put(root / "cat" / ".hidden" / "x.jpg")
+    put(root / "cat" / "._img0.jpg")  # macOS resource fork next to a real image
+    put(root / ".hidden" / "y.jpg")
+    put(root / ".DS_Store")
+    put(root / "__MACOSX" / "cat" / "z.jpg")
+    ds = scan_dataset(root)
+    assert ds.classes == ["cat", "dog"]
+    assert sorted(s.path.relative_to(root).as_posix() for s in ds.samples) == [
+        "cat/img0.jpg", "cat/img1.jpg", "dog/img0.jpg", "dog/img1.jpg"]
+    assert ds.ignored == 0
+
+
+def test_non_image_files_are_counted_as_ignored(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    put(root / "cat" / "notes.txt")
+    put(root / "dog" / "video.mp4")
+    put(root / "dog" / "sub" / "raw.cr2")
+    ds = scan_dataset(root)
+    assert ds.ignored == 3
+    assert len(ds.samples) == 4
+
+
+def test_nested_folders_belong_to_their_class(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 1, "dog": 1})
+    put(root / "cat" / "2019" / "summer" / "a.jpg")
+    put(root / "cat" / "2020" / "b.PNG")
+    ds = scan_dataset(root)
+    assert ds.classes == ["cat", "dog"]
+    assert labels_by_name(ds)["a.jpg"] == "cat" and labels_by_name(ds)["b.PNG"] == "cat"
+    assert Counter(ds.classes[s.label] for s in ds.samples) == {"cat": 3, "dog": 1}
+
+
+def test_non_ascii_and_spaces_in_names(tmp_path):
+    root = tmp_path / "my images ü"
+    put(root / "고양이" / "사진 1.jpg")
+    put(root / "고양이" / "폴더 안" / "사진 2.png")
+    put(root / "big dog" / "photo (1).jpeg")
+    put(root / "big dog" / "café.webp")
+    put(root / "Ärger" / "x.gif")
+    ds = scan_dataset(root)
+    assert ds.classes == sorted(["고양이", "big dog", "Ärger"])
+    assert Counter(ds.classes[s.label] for s in ds.samples) == {"고양이": 2, "big dog": 2, "Ärger": 1}
+    names = {s.path.name for s in ds.samples}
+    assert {"사진 1.jpg", "사진 2.png", "photo (1).jpeg", "café.webp", "x.gif"} == names
+
+
+def test_upper_case_extensions(tmp_path):
+    root = tmp_path / "imgs"
+    put(root / "a" / "X.JPG")
+    put(root / "b" / "Y.Jpeg")
+    assert len(scan_dataset(root).samples) == 2
+
+
+# ---------------------------------------------------------------- scan_dataset: user errors
+
+def test_fewer_than_two_classes(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"only": 3})
+    with pytest.raises(UserError, match="at least 2 class folders"):
+        scan_dataset(root)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="found 0"):
+        scan_dataset(empty)
+
+
+def test_images_directly_in_image_dir_are_not_a_class(tmp_path):
+    root = tmp_path / "flat"
+    for i in range(5):
+        put(root / f"{i}.jpg")
+    with pytest.raises(UserError, match="at least 2 class folders"):
+        scan_dataset(root)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    (root / "empty bird").mkdir()
+    put(root / "only text" / "readme.txt")
+    with pytest.raises(UserError, match="no images") as info:
+        scan_dataset(root)
+    assert "empty bird" in str(info.value) and "only text" in str(info.value)
+    assert "cat" not in str(info.value).split("(supported")[0].split(":", 1)[1]
+
+
+def test_missing_image_dir(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        scan_dataset(tmp_path / "does not exist")
+
+
+def test_file_given_as_image_dir(tmp_path):
+    f = put(tmp_path / "photo.jpg")
+    with pytest.raises(UserError, match="not a folder"):
+        scan_dataset(f)
+
+
+@pytest.mark.parametrize("val, test", [(50, 50), (100, 0), (-1, 10), (10, 100), (60, 45)])
+def test_bad_percentages(tmp_path, val, test):
+    root = make_dataset(tmp_path / "imgs", {"a": 1, "b": 1})
+    with pytest.raises(UserError, match="percentage"):
+        scan_dataset(root, validation_percentage=val, testing_percentage=test)
+
+
+# ---------------------------------------------------------------- split folders
+
+def test_train_val_test_folders_are_fixed_splits(tmp_path):
+    root = tmp_path / "imgs"
+    make_dataset(root / "train", {"cat": 5, "dog": 5})
+    make_dataset(root / "val", {"cat": 2, "dog": 1})
+    make_dataset(root / "test", {"dog": 3})  # a split may lack a class
+    assert set(find_split_dirs(root)) == {"train", "validation", "test"}
+    ds = scan_dataset(root, validation_percentage=30, testing_percentage=30)
+    assert ds.fixed_split is True
+    assert ds.classes == ["cat", "dog"]  # not ["test", "train", "val"]
+    assert ds.counts() == {"train": 10, "validation": 3, "test": 3}
+    for s in ds.samples:
+        folder = s.path.relative_to(root).parts[0]
+        assert s.split == {"train": "train", "val": "validation", "test": "test"}[folder]
+        assert ds.classes[s.label] == s.path.parent.name
+
+
+def test_training_testing_folders_carve_validation_from_train(tmp_path):
+    root = tmp_path / "imgs"
+    make_dataset(root / "Training", {"cat": 40, "dog": 40})
+    make_dataset(root / "testing", {"cat": 3, "dog": 3})
+    ds = scan_dataset(root, validation_percentage=25, testing_percentage=25)
+    assert ds.fixed_split is True
+    assert ds.counts()["test"] == 6
+    for s in ds.samples:
+        if s.path.is_relative_to(root / "testing"):
+            assert s.split == "test"
+        else:  # training images: no test carved out (there is a test folder), only validation
+            assert s.split == hash_split(s.digest, 25, 0)
+            assert s.split in ("train", "validation")
+    assert ds.counts()["validation"] > 0
+
+
+def test_val_class_not_in_train_is_an_error(tmp_path):
+    root = tmp_path / "imgs"
+    make_dataset(root / "train", {"cat": 2, "dog": 2})
+    make_dataset(root / "val", {"cat": 1, "horse": 1})
+    with pytest.raises(UserError, match="horse"):
+        scan_dataset(root)
+
+
+def test_split_folders_mixed_with_class_folders_is_an_error(tmp_path):
+    root = tmp_path / "imgs"
+    make_dataset(root / "train", {"cat": 2, "dog": 2})
+    make_dataset(root / "val", {"cat": 1, "dog": 1})
+    make_dataset(root / "horse", {"a": 1})
+    with pytest.raises(UserError, match="mixes split folders.*horse"):
+        scan_dataset(root)
+
+
+def test_single_train_folder_is_not_a_split_layout(tmp_path):
+    root = tmp_path / "imgs"
+    make_dataset(root / "train", {"cat": 2, "dog": 2})
+    assert find_split_dirs(root) == {}
+
+
+def test_explicit_val_and_test_dirs(tmp_path):
+    train = make_dataset(tmp_path / "train", {"cat": 4, "dog": 4})
+    val = make_dataset(tmp_path / "v", {"cat": 1})
+    test = make_dataset(tmp_path / "t", {"dog": 2})
+    ds = scan_dataset(train, val_dir=val, test_dir=test)
+    assert ds.fixed_split
+    assert ds.counts() == {"train": 8, "validation": 1, "test": 2}
+
+
+def test_scan_labelled_folder(tmp_path):
+    folder = make_dataset(tmp_path / "eval", {"dog": 2})
+    ds = scan_labelled_folder(folder, ["cat", "dog"])
+    assert ds.classes == ["cat", "dog"]
+    assert {s.label for s in ds.samples} == {1} and {s.split for s in ds.samples} == {"test"}
+    with pytest.raises(UserError, match="horse"):
+        scan_labelled_folder(make_dataset(tmp_path / "eval2", {"horse": 1}), ["cat", "dog"])
+
+
+# ---------------------------------------------------------------- hash split
+
+def test_hash_split_is_stable_when_images_are_added(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 30, "dog": 30})
+    before = splits_by_path(scan_dataset(root))
+    for i in range(40):
+        put(root / ("cat" if i % 2 else "dog") / f"new{i}.png")
+    put(root / "bird" / "b.jpg")  # even a new class moves nothing
+    after = splits_by_path(scan_dataset(root))
+    assert len(after) == len(before) + 41
+    assert {p: after[p] for p in before} == before
+
+
+def test_split_independent_of_name_and_location(tmp_path):
+    content = b"the very same bytes"
+    root = tmp_path / "imgs"
+    paths = [put(root / "cat" / "a.jpg", content), put(root / "cat" / "sub" / "zz.png", content),
+             put(root / "dog" / "b.jpg", content), put(root / "dog" / "other.jpg")]
+    for pct in ((10, 10), (33, 33), (0, 50), (50, 0)):
+        ds = scan_dataset(root, validation_percentage=pct[0], testing_percentage=pct[1])
+        dup_splits = {s.split for s in ds.samples if s.path in paths[:3]}
+        assert len(dup_splits) == 1, (pct, dup_splits)
+        assert len({s.digest for s in ds.samples if s.path in paths[:3]}) == 1
+
+
+def test_exact_duplicates_share_a_split_over_many_files(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(60):
+        data = f"photo {i}".encode()
+        put(root / "a" / f"{i}.jpg", data)
+        put(root / "b" / f"copy of {i}.jpg", data)
+    ds = scan_dataset(root, validation_percentage=30, testing_percentage=30)
+    by_digest: dict[str, set[str]] = {}
+    for s in ds.samples:
+        by_digest.setdefault(s.digest, set()).add(s.split)
+    assert len(by_digest) == 60
+    assert all(len(v) == 1 for v in by_digest.values())
+    assert len({next(iter(v)) for v in by_digest.values()}) == 3  # and all three splits occur
+
+
+def test_hash_split_percentages_roughly_respected():
+    n = 2000
+    digests = [hashlib.sha256(i.to_bytes(4, "little")).hexdigest() for i in range(n)]
+    counts = Counter(hash_split(d, 10, 20) for d in digests)
+    assert abs(counts["validation"] - 0.10 * n) < 60, counts
+    assert abs(counts["test"] - 0.20 * n) < 75, counts
+    assert counts["train"] + counts["validation"] + counts["test"] == n
+    # Zero percentages mean nothing goes there; the split depends on content only.
+    assert {hash_split(d, 0, 0) for d in digests} == {"train"}
+    assert all(hash_split(d, 10, 20) == hash_split(d, 10, 20) for d in digests[:50])
+
+
+def test_hash_split_boundaries():
+    # percent = (int(digest[:12], 16) % 10000) / 100
+    assert hash_split("0" * 64, 10, 10) == "validation"  # 0.00
+    assert hash_split(f"{999:012x}" + "0" * 52, 10, 10) == "validation"  # 9.99
+    assert hash_split(f"{1000:012x}" + "0" * 52, 10, 10) == "test"  # 10.00
+    assert hash_split(f"{2000:012x}" + "0" * 52, 10, 10) == "train"  # 20.00
+    assert hash_split(f"{9999:012x}" + "0" * 52, 10, 10) == "train"  # 99.99
+
+
+def test_growing_validation_percentage_only_moves_images_out_of_train():
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(500)]
+    small = {d: hash_split(d, 5, 0) for d in digests}
+    big = {d: hash_split(d, 15, 0) for d in digests}
+    assert all(big[d] == "validation" for d in digests if small[d] == "validation")
+
+
+# ---------------------------------------------------------------- hostile file systems
+
+def test_symlink_loop_does_not_hang(tmp_path, alarm):
+    root = make_dataset(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    os.symlink(root / "cat", root / "cat" / "loop")  # cat/loop -> cat
+    os.symlink(root, root / "dog" / "up")  # dog/up -> the image folder itself
+    alarm(20)
+    start = time.monotonic()
+    ds = scan_dataset(root)
+    assert time.monotonic() - start < 10
+    assert Counter(ds.classes[s.label] for s in ds.samples) == {"cat": 2, "dog": 2}
+
+
+def test_symlinked_class_folder_and_file_are_used(tmp_path):
+    elsewhere = make_dataset(tmp_path / "elsewhere", {"cat": 2})
+    root = make_dataset(tmp_path / "imgs", {"dog": 2})
+    os.symlink(elsewhere / "cat", root / "cat")
+    os.symlink(elsewhere / "cat" / "img0.jpg", root / "dog" / "linked.jpg")
+    ds = scan_dataset(root)
+    assert Counter(ds.classes[s.label] for s in ds.samples) == {"cat": 2, "dog": 3}
+
+
+def test_dangling_symlink_is_skipped_with_reason(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    os.symlink(tmp_path / "gone.jpg", root / "cat" / "dangling.jpg")
+    ds = scan_dataset(root)
+    assert len(ds.samples) == 4
+    assert [(p.name, why) for p, why in ds.skipped] == [("dangling.jpg", "cannot read: No such file or directory")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: chmod 000 does not stop root from reading")
+def test_unreadable_file_is_skipped(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 2, "dog": 2})
+    locked = put(root / "cat" / "locked.jpg")
+    locked.chmod(0)
+    try:
+        ds = scan_dataset(root)
+    finally:
+        locked.chmod(0o644)
+    assert len(ds.samples) == 4
+    assert ds.skipped == [(locked, "cannot read: Permission denied")]
+
+
+def test_file_vanishing_between_scan_and_hash(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    victim = root / "dog" / "img1.jpg"
+    real_digest = scan_mod.file_digest
+
+    def flaky_digest(path):
+        if Path(path) == victim:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return real_digest(path)
+
+    monkeypatch.setattr(scan_mod, "file_digest", flaky_digest)
+    ds = scan_dataset(root)
+    assert victim not in {s.path for s in ds.samples}
+    assert len(ds.samples) == 5
+    assert len(ds.skipped) == 1
+    path, reason = ds.skipped[0]
+    assert path == victim
+    assert reason.startswith("cannot read") and "No such file" in reason
+
+
+def test_many_files_hashed_with_workers(tmp_path):
+    # > 200 files also exercises the progress-bar path; labels must still line up with paths.
+    root = tmp_path / "imgs"
+    for i in range(250):
+        put(root / ("odd" if i % 2 else "even") / f"{i}.png", f"{i}".encode())
+    ds = scan_dataset(root, workers=8)
+    assert len(ds.samples) == 250
+    for s in ds.samples:
+        assert s.digest == hashlib.sha256(s.path.stem.encode()).hexdigest()
+        assert ds.classes[s.label] == ("odd" if int(s.path.stem) % 2 else "even")
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def test_fingerprint_stable_across_rescans_and_renames(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 5, "dog": 5})
+    first = scan_dataset(root).fingerprint()
+    assert scan_dataset(root).fingerprint() == first
+    (root / "cat" / "img0.jpg").rename(root / "cat" / "renamed.jpg")
+    assert scan_dataset(root).fingerprint() == first
+
+
+def test_fingerprint_changes_when_a_label_changes(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 5, "dog": 5})
+    ds = scan_dataset(root)
+    before = ds.fingerprint()
+    (root / "cat" / "img3.jpg").rename(root / "dog" / "was a cat.jpg")
+    after_scan = scan_dataset(root)
+    assert after_scan.fingerprint() != before
+    # Same content, same splits: only the label moved.
+    assert sorted(s.digest for s in after_scan.samples) == sorted(s.digest for s in ds.samples)
+
+
+def test_fingerprint_changes_when_content_or_split_changes(tmp_path):
+    root = make_dataset(tmp_path / "imgs", {"cat": 5, "dog": 5})
+    ds = scan_dataset(root)
+    before = ds.fingerprint()
+    # Relabelling in memory, moving a split, or editing a file all change it.
+    s0 = ds.samples[0]
+    other_split = next(x for x in SPLITS if x != s0.split)
+    moved = Dataset(ds.classes, [type(s0)(s0.path, s0.label, s0.digest, other_split)] + ds.samples[1:])
+    assert moved.fingerprint() != before
+    relabelled = Dataset(ds.classes, [type(s0)(s0.path, 1 - s0.label, s0.digest, s0.split)] + ds.samples[1:])
+    assert relabelled.fingerprint() != before
+    put(root / "dog" / "img2.jpg", b"edited")
+    assert scan_dataset(root).fingerprint() != before
