@@ -57,7 +57,8 @@ def test_exported_model_matches_features_and_head(shapes, cache_dir, tmp_path):
     batch = np.stack([load_image(p, backbone.prep) for p in paths])
     feats = ort.InferenceSession(str(extractor_path(backbone, cache_dir))).run(None, {"Placeholder": batch})[0]
     layers = _head_layers(tmp_path / "m" / "model.onnx")
-    np.testing.assert_allclose(clf.probabilities(batch), predict_proba(layers, feats), atol=1e-5)
+    temperature = float(clf.metadata["retrain:temperature"])
+    np.testing.assert_allclose(clf.probabilities(batch), predict_proba(layers, feats, temperature), atol=1e-5)
 
 
 def _head_layers(onnx_path):

@@ -26,7 +26,8 @@ from .evaluate import classification_metrics
 from .features import compute_features
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .graphs import OUTPUT_NAME, classifier_model
-from .head import HeadConfig, HeadResult, predict_proba, train_head
+from .calibrate import Calibration, calibrate
+from .head import HeadConfig, HeadResult, logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
 from .scan import Dataset, Sample, scan_dataset, scan_labelled_folder
 
@@ -44,6 +45,7 @@ class TrainConfig:
     input_mean: float | None = None  # ONNX-file backbones only
     input_std: float | None = None
     output_name: str = OUTPUT_NAME
+    unknown_threshold: float | str | None = None  # baked into the model: a probability, "auto" or None (off)
     workers: int = 2  # decode threads
     batch_size: int = 32  # images per backbone call
     quiet: bool = False
@@ -163,10 +165,15 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
         bar = tqdm(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
         head = train_head(x_tr, y_tr, x_va, y_va, len(dataset.classes), config.head, log=log, progress=bar.update)
         bar.close()
+    with stage("calibrate"):
+        cal = calibrate(logits(head.layers, x_va), y_va, logits(head.layers, x_te), y_te, config.unknown_threshold)
     with stage("evaluate"):
-        metrics, misclassified = _evaluate(head, dataset.classes, split, x_va, y_va, x_te, y_te)
+        metrics, misclassified = _evaluate(head, cal, dataset.classes, split, x_va, y_va, x_te, y_te)
     if metrics["test_accuracy"] is not None:
         log(f"Final test accuracy = {100 * metrics['test_accuracy']:.1f}% (N={len(y_te)})")
+        if "test_ece_after" in cal.report:
+            log(f"Calibration: temperature {cal.temperature:.2f}, test expected calibration error "
+                f"{100 * cal.report['test_ece_before']:.1f}% -> {100 * cal.report['test_ece_after']:.1f}%")
     else:
         log("No test images: the final test accuracy could not be measured.")
 
@@ -175,28 +182,35 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("export"):
         model = classifier_model(backbone, cache, head.layers, _model_metadata(backbone, dataset.classes, provenance),
+                                 temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
     metrics |= {
         "classes": dataset.classes, "backbone": backbone.name,
         "num_images": {k: len(v) for k, v in split.items()},
         "skipped_files": [{"path": str(p), "reason": why} for p, why in dataset.skipped],
         "head": {"best_step": head.best_step, "steps_run": head.steps_run, "history": head.history},
+        "calibration": cal.report,
         "seconds": stage.seconds, "provenance": provenance,
     }
     return TrainedModel(model, dataset.classes, metrics, misclassified)
 
 
-def _evaluate(head: HeadResult, classes: list[str], split: dict[str, list[Sample]], x_va, y_va, x_te, y_te):
+def _evaluate(head: HeadResult, cal: Calibration, classes: list[str], split: dict[str, list[Sample]],
+              x_va, y_va, x_te, y_te):
     metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None}
     if len(x_va):
-        metrics["validation_accuracy"] = float((predict_proba(head.layers, x_va).argmax(1) == y_va).mean())
+        metrics["validation_accuracy"] = float((logits(head.layers, x_va).argmax(1) == y_va).mean())
     misclassified = []
     if len(x_te):
-        pred = predict_proba(head.layers, x_te).argmax(1)
+        probs = softmax(logits(head.layers, x_te), cal.temperature)
+        pred = probs.argmax(1)
         metrics["test"] = classification_metrics(y_te, pred, classes)
         metrics["test_accuracy"] = metrics["test"]["accuracy"]
         misclassified = [(str(s.path), classes[s.label], classes[p])
                          for s, p in zip(split["test"], pred) if s.label != p]
+        metrics["test_predictions"] = [{"path": str(s.path), "label": int(s.label), "predicted": int(p),
+                                        "confidence": float(c)}
+                                       for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
     return metrics, misclassified
 
 

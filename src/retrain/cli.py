@@ -71,6 +71,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_step_interval", "--eval-step-interval", type=int, default=h.eval_interval,
                    help="steps between validation checks")
     g.add_argument("--seed", type=int, default=h.seed)
+    g.add_argument("--unknown_threshold", "--unknown-threshold", type=_threshold, default=None,
+                   help="flag photos whose calibrated top probability is below this as unknown; "
+                        "'auto' picks the value that rejects ~5%% of validation photos (default: off)")
     g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
     g = p.add_argument_group("distortions (retrain.py's augmentation flags)")
@@ -80,6 +83,25 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random_brightness", type=int, default=0)
     for flag in RETIRED_FLAGS:
         p.add_argument(flag, action=_Retired, nargs="?", help=argparse.SUPPRESS)
+
+
+def _threshold(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1] or 'auto', got '{text}'") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _threshold(text)
+    if value == "auto":
+        raise argparse.ArgumentTypeError("'auto' is chosen at training time; give a probability here")
+    return value
 
 
 def _positive(name: str, value: float) -> None:
@@ -105,7 +127,7 @@ def config_from_args(args: argparse.Namespace):
                        testing_percentage=args.testing_percentage, val_dir=args.val_dir, test_dir=args.test_dir,
                        cache_dir=args.cache_dir, bottleneck_dir=args.bottleneck_dir, input_mean=args.input_mean,
                        input_std=args.input_std, output_name=getattr(args, "final_tensor_name", "final_result"),
-                       workers=args.workers, quiet=args.quiet)
+                       unknown_threshold=args.unknown_threshold, workers=args.workers, quiet=args.quiet)
 
 
 def _print_misclassified(model) -> None:
@@ -155,14 +177,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise UserError("no images found in: " + ", ".join(args.images))
     failures = 0
-    for pred in clf.predict_paths(paths, args.top_k):
+    for pred in clf.predict_paths(paths, args.top_k, min_confidence=args.min_confidence):
         failures += bool(pred.error)
         if args.json:
             print(json.dumps(pred.to_dict(), ensure_ascii=False))
         elif pred.error:
             print(f"{pred.path}: skipped: {pred.error}", file=sys.stderr)
         else:
-            print(pred.path)
+            print(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""))
             for label, score in pred.top:
                 print(f"  {label} {score:.5f}")
     return 1 if failures else 0
@@ -207,6 +229,8 @@ def modern_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", "--top_k", type=int, default=5)
     pr.add_argument("--labels", help="labels file (default: the labels stored in the model)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
+    pr.add_argument("--min_confidence", "--min-confidence", type=_probability,
+                    help="flag images whose top probability is below this as unknown (default: the model's threshold)")
     pr.set_defaults(run=cmd_predict)
     ev = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on IMAGE_DIR",
                         allow_abbrev=False)
@@ -235,6 +259,8 @@ def label_image(argv: Sequence[str]) -> int:
     p.add_argument("--graph", help="ONNX model written by retrain (default: ImageNet EfficientNet-Lite0)")
     p.add_argument("--labels", help="labels file (default: the labels stored in the model)")
     p.add_argument("--top_k", "--top-k", type=int, default=5)
+    p.add_argument("--min_confidence", "--min-confidence", type=_probability,
+                   help="print 'unknown' first when the top probability is below this (default: the model's threshold)")
     compat = p.add_argument_group("accepted for compatibility (the model carries its own preprocessing)")
     for flag, kind in (("--input_layer", str), ("--output_layer", str), ("--input_height", int),
                        ("--input_width", int), ("--input_mean", float), ("--input_std", float)):
@@ -253,9 +279,14 @@ def label_image(argv: Sequence[str]) -> int:
     image = Path(args.image)
     if not image.is_file():
         raise UserError(f"image not found: {image}")
-    pred = next(clf.predict_paths([image], args.top_k))
+    pred = next(clf.predict_paths([image], args.top_k, min_confidence=args.min_confidence))
     if pred.error:
         raise UserError(f"cannot classify {image}: {pred.error}")
+    if pred.unknown:
+        threshold = clf.unknown_threshold if args.min_confidence is None else args.min_confidence
+        print(f"unknown {1 - pred.top[0][1]:.6f}")
+        print(f"Note: the top probability {pred.top[0][1]:.3f} is below the confidence threshold "
+              f"{threshold:.3f}: probably none of these classes", file=sys.stderr)
     for label, score in pred.top:
         print(f"{label} {score:.6f}")
     return 0

@@ -14,6 +14,7 @@ from .files import atomic_write_bytes
 from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, normalizer_graph
 
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
+UNKNOWN_NAME = "unknown"  # (N,) bool: top probability below the model's unknown threshold
 
 
 def _matching(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -48,8 +49,9 @@ def extractor_path(backbone: Backbone, cache_dir: Path) -> Path:
 
 
 def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: float = 1.0,
-               output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
-    """features (N, D) -> dense layers with ReLU between -> softmax(logits / T) as `output_name`."""
+               unknown_threshold: float = 0.0, output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
+    """features (N, D) -> dense layers with ReLU between -> softmax(logits / T) as `output_name`,
+    plus `unknown`: whether the top probability falls below `unknown_threshold`."""
     nodes, inits = [], []
     x = FEATURES_NAME
     for i, (w, b) in enumerate(layers):
@@ -62,25 +64,36 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: floa
             nodes.append(helper.make_node("Relu", [x], [f"head_h{i}"]))
             x = f"head_h{i}"
     inits.append(numpy_helper.from_array(np.array(temperature, np.float32), "head_temperature"))
+    inits += [numpy_helper.from_array(np.array(unknown_threshold, np.float32), "head_unknown_threshold"),
+              numpy_helper.from_array(np.array([1], np.int64), "head_one"),
+              numpy_helper.from_array(np.array([-1], np.int64), "head_flat")]
+    # TopK and Reshape keep their signatures across opsets, unlike ReduceMax and Squeeze.
     nodes += [helper.make_node("Div", [x, "head_temperature"], ["logits"]),
-              helper.make_node("Softmax", ["logits"], [output_name], axis=-1)]
+              helper.make_node("Softmax", ["logits"], [output_name], axis=-1),
+              helper.make_node("TopK", [output_name, "head_one"], ["head_top", "head_top_index"], axis=-1),
+              helper.make_node("Reshape", ["head_top", "head_flat"], ["head_top_flat"]),
+              helper.make_node("Less", ["head_top_flat", "head_unknown_threshold"], [UNKNOWN_NAME])]
     d, c = layers[0][0].shape[0], layers[-1][0].shape[1]
     graph = helper.make_graph(
         nodes, "head",
         [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", d])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", c])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", c]),
+         helper.make_tensor_value_info(UNKNOWN_NAME, TensorProto.BOOL, ["N"])],
         initializer=inits)
     return helper.make_model(graph)
 
 
 def classifier_model(backbone: Backbone, cache_dir: Path, layers: list[tuple[np.ndarray, np.ndarray]],
-                     metadata: dict[str, str], *, temperature: float = 1.0,
+                     metadata: dict[str, str], *, temperature: float = 1.0, unknown_threshold: float = 0.0,
                      output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
     """One self-contained model: uint8 RGB image -> preprocessing -> backbone -> head -> softmax."""
     extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
-    head = _matching(head_graph(layers, temperature=temperature, output_name=output_name), extractor)
+    head = _matching(head_graph(layers, temperature=temperature, unknown_threshold=unknown_threshold,
+                                output_name=output_name), extractor)
     model = compose.merge_models(extractor, head, io_map=[(FEATURES_NAME, FEATURES_NAME)])
     assert [i.name for i in model.graph.input] == [INPUT_NAME]
+    metadata = metadata | {"retrain:temperature": repr(float(temperature)),
+                           "retrain:unknown_threshold": repr(float(unknown_threshold))}
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name = "retrain"

@@ -51,17 +51,25 @@ def _layers(net) -> list[tuple[np.ndarray, np.ndarray]]:
             for m in net if isinstance(m, nn.Linear)]
 
 
-def predict_proba(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """The exported head's computation in numpy: raw features (N, D) -> probabilities (N, C)."""
+def logits(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+    """The exported head's dense layers in numpy: raw features (N, D) -> logits (N, C)."""
     h = x.astype(np.float32)
     for i, (w, b) in enumerate(layers):
         h = h @ w + b
         if i < len(layers) - 1:
             h = np.maximum(h, 0)
-    z = h / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
+    return h
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = z / temperature
+    e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_proba(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """What the exported model computes after the backbone: (N, D) features -> (N, C) probabilities."""
+    return softmax(logits(layers, x), temperature)
 
 
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

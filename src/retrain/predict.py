@@ -22,11 +22,13 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (label, probability), best first
     error: str | None = None
+    unknown: bool = False  # top probability below the confidence threshold: none of the classes
 
     def to_dict(self) -> dict:
         if self.error:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "predictions": [{"label": l, "score": round(s, 6)} for l, s in self.top]}
+        return {"path": self.path, "unknown": self.unknown,
+                "predictions": [{"label": l, "score": round(s, 6)} for l, s in self.top]}
 
 
 def read_labels(path: Path) -> list[str]:
@@ -57,6 +59,7 @@ class Classifier:
                             "use it as a backbone with --backbone instead")
         self.prep = Preprocessing.from_dict(json.loads(self.metadata["retrain:preprocessing"]))
         self.labels = labels or json.loads(self.metadata["retrain:labels"])
+        self.unknown_threshold = float(self.metadata.get("retrain:unknown_threshold", 0.0))
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.labels):
             raise UserError(f"the labels list has {len(self.labels)} entries but the model predicts "
@@ -66,16 +69,21 @@ class Classifier:
         """(N, S, S, 3) uint8 images -> (N, C) class probabilities."""
         return self.session.run(None, {INPUT_NAME: batch})[0]
 
-    def predict_paths(self, paths: list[Path], top_k: int = 5, batch_size: int = 32,
-                      workers: int = 2) -> Iterator[Prediction]:
-        """Predictions in input order; an unreadable file yields a Prediction with `error` set."""
+    def predict_paths(self, paths: list[Path], top_k: int = 5, batch_size: int = 32, workers: int = 2,
+                      min_confidence: float | None = None) -> Iterator[Prediction]:
+        """Predictions in input order; an unreadable file yields a Prediction with `error` set.
+
+        `min_confidence` overrides the threshold stored in the model for flagging `unknown`.
+        """
         k = max(1, min(top_k, len(self.labels)))
+        threshold = self.unknown_threshold if min_confidence is None else min_confidence
         for ok, batch, failed in decoded_batches(paths, self.prep, batch_size, workers):
             results = {i: Prediction(str(paths[i]), [], why) for i, why in failed}
             if len(ok):
                 for i, p in zip(ok, self.probabilities(batch)):
                     best = np.argsort(-p, kind="stable")[:k]
-                    results[i] = Prediction(str(paths[i]), [(self.labels[j], float(p[j])) for j in best])
+                    results[i] = Prediction(str(paths[i]), [(self.labels[j], float(p[j])) for j in best],
+                                            unknown=bool(p[best[0]] < threshold))
             yield from (results[i] for i in sorted(results))
 
 
@@ -90,10 +98,11 @@ def load(model: str | os.PathLike, labels: str | os.PathLike | None = None) -> C
     return Classifier(model_file(model), read_labels(Path(labels)) if labels else None)
 
 
-def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLike], top_k: int = 5) -> list[Prediction]:
+def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLike], top_k: int = 5,
+            min_confidence: float | None = None) -> list[Prediction]:
     """Classify image files (folders are searched for images) and return predictions in order."""
     clf = model if isinstance(model, Classifier) else load(model)
-    return list(clf.predict_paths(expand_images(images), top_k))
+    return list(clf.predict_paths(expand_images(images), top_k, min_confidence=min_confidence))
 
 
 def expand_images(items: list[str | os.PathLike]) -> list[Path]:

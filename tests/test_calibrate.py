@@ -1,0 +1,95 @@
+"""Temperature scaling, calibration error, and the "none of these" threshold, in the model too."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import retrain
+from retrain.api import TrainConfig
+from retrain.calibrate import auto_threshold, calibrate, fit_temperature, nll, reliability
+from retrain.cli import label_image_main
+from retrain.head import HeadConfig, softmax
+from retrain.predict import Classifier
+
+from conftest import draw_shape, make_dataset
+
+
+def _sampled(temperature: float, n: int = 4000, classes: int = 5, seed: int = 0):
+    """Logits and labels drawn from softmax(z / temperature): the true temperature is known."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, (n, classes))
+    p = softmax(z, temperature)
+    y = np.array([rng.choice(classes, p=row) for row in p])
+    return z, y
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_the_true_one(true_t):
+    z, y = _sampled(true_t)
+    t = fit_temperature(z, y)
+    assert abs(t - true_t) / true_t < 0.1
+    assert nll(z, y, t) <= nll(z, y, 1.0) + 1e-9
+
+
+def test_temperature_scaling_lowers_ece_of_overconfident_logits():
+    z, y = _sampled(3.0, seed=1)  # the raw logits are 3x too confident
+    cal = calibrate(z[:2000], y[:2000], z[2000:], y[2000:], threshold=None)
+    assert cal.report["test_ece_after"] < cal.report["test_ece_before"] / 2
+    assert cal.unknown_threshold == 0.0 and cal.report["test_false_rejection"] == 0.0
+
+
+def test_reliability_of_a_perfect_forecaster_is_near_zero():
+    rng = np.random.default_rng(2)
+    conf = rng.uniform(0.5, 1.0, 20000)
+    y = (rng.uniform(size=conf.size) < conf).astype(int)  # right with probability conf
+    probs = np.stack([conf, 1 - conf], axis=1)
+    assert reliability(probs, np.zeros_like(y) + (1 - y))["ece"] < 0.02
+
+
+def test_auto_threshold_rejects_the_requested_fraction():
+    probs = softmax(np.random.default_rng(3).normal(0, 2, (1000, 4)))
+    t = auto_threshold(probs, 0.05)
+    assert abs((probs.max(axis=1) < t).mean() - 0.05) < 0.01
+
+
+def test_threshold_is_baked_into_the_model_and_honoured(shapes, cache_dir, tmp_path, capsys):
+    cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=200), unknown_threshold=0.999)
+    retrain.train(shapes, cfg).save(tmp_path / "m")
+    clf = Classifier(tmp_path / "m" / "model.onnx")
+    assert clf.unknown_threshold == pytest.approx(0.999)
+    from retrain.decode import load_image
+
+    images = sorted(shapes.glob("*/*.jpg"))
+    batch = np.stack([load_image(p, clf.prep) for p in images])
+    probs, unknown = clf.session.run(None, {"Placeholder": batch})
+    assert unknown.shape == (len(images),)
+    np.testing.assert_array_equal(unknown, probs.max(axis=1) < np.float32(0.999))
+    least = int(probs.max(axis=1).argmin())  # the least confident photo
+    image, top = images[least], float(probs[least].max())
+    assert top < 1.0
+    [pred] = retrain.predict(tmp_path / "m", [image], min_confidence=min(1.0, top + 1e-4))
+    assert pred.unknown
+    [pred] = retrain.predict(tmp_path / "m", [image], min_confidence=0.0)
+    assert not pred.unknown
+    capsys.readouterr()
+    assert label_image_main([f"--graph={tmp_path / 'm' / 'model.onnx'}", f"--image={image}",
+                             f"--min_confidence={min(1.0, top + 1e-4)}"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("unknown ") and "below the confidence threshold" in err
+
+
+def test_auto_threshold_flags_a_class_never_seen(tmp_path, cache_dir):
+    """Hold one class out of training: its photos should be rejected far more often than in-class ones."""
+    root = make_dataset(tmp_path / "d", per_class=30, classes=("circles", "squares"))
+    cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300),
+                      unknown_threshold="auto", validation_percentage=30, testing_percentage=20)
+    model = retrain.train(root, cfg)
+    model.save(tmp_path / "m")
+    cal = model.metrics["calibration"]
+    assert 0 < cal["unknown_threshold"] == cal["suggested_unknown_threshold"]
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        draw_shape("stripes", rng, 120).save(tmp_path / f"stripes_{i}.png")
+    preds = retrain.predict(tmp_path / "m", sorted(tmp_path.glob("stripes_*.png")))
+    rejected = np.mean([p.unknown for p in preds])
+    assert rejected > cal["test_false_rejection"] + 0.2, (rejected, cal)
