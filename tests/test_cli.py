@@ -87,9 +87,18 @@ def test_unknown_and_retired_flags_are_errors(shapes, capsys):
         retrain_main([f"--image_dir={shapes}", "--how_many=10"])
 
 
-def test_distortion_flags_are_not_silently_ignored(shapes, capsys):
-    assert retrain_main([f"--image_dir={shapes}", "--flip_left_right", *FAST]) == 2
-    assert "--flip_left_right" in capsys.readouterr().err
+def test_distortion_flags_train_on_live_distorted_images(shapes, cache_dir, tmp_path):
+    out = tmp_path / "m"
+    assert retrain_main(["train", str(shapes), "--output", str(out), "--flip_left_right", "--random_crop=10",
+                         "--random_brightness=20", "--epochs=1", *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "head-live" and len(metrics["finetune"]["history"]) == 1
+    assert metrics["provenance"]["config"]["finetune"]["augment"]["legacy_crop"] == 0.1
+
+
+def test_bad_distortion_values_are_errors(shapes, capsys):
+    assert retrain_main([f"--image_dir={shapes}", "--random_scale=150"]) == 2
+    assert "--random_scale is a percentage" in capsys.readouterr().err
 
 
 def test_modern_train_predict_evaluate(shapes, cache_dir, tmp_path, capsys):

@@ -4,12 +4,14 @@ train() runs the stages in order: scan -> decode + features (cached) -> head -> 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import tempfile
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -19,17 +21,23 @@ import onnx
 from tqdm import tqdm
 
 from . import __version__
-from .backbones import DEFAULT_BACKBONE, Backbone, get_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, export_torch_network, get_backbone
 from .decode import describe
 from .errors import UserError
 from .evaluate import classification_metrics
-from .features import compute_features
+from .features import compute_features, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
-from .graphs import OUTPUT_NAME, classifier_model
+from .finetune import FinetuneConfig, FinetuneResult, finetune, pick_device
+from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path
 from .calibrate import Calibration, calibrate
 from .head import HeadConfig, HeadResult, logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
 from .scan import Dataset, Sample, scan_dataset, scan_labelled_folder
+
+
+AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
+CPU_IMAGES_PER_SECOND = 12.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores, measured
+GPU_IMAGES_PER_SECOND = 2000.0
 
 
 @dataclass
@@ -46,12 +54,20 @@ class TrainConfig:
     input_std: float | None = None
     output_name: str = OUTPUT_NAME
     unknown_threshold: float | str | None = None  # baked into the model: a probability, "auto" or None (off)
+    mode: str = "head"  # head (cached features), finetune, or auto (decides from data size and time budget)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    time_budget: float | None = None  # seconds, for --mode auto
+    resume: bool = False  # continue an interrupted fine-tuning run
     workers: int = 2  # decode threads
     batch_size: int = 32  # images per backbone call
     quiet: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("head", "finetune", "auto"):
+            raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
 
 
 @dataclass
@@ -155,54 +171,110 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
             "; ".join(f"{describe(p)} ({why})" for p, why in dataset.skipped[:5]) +
             (" ..." if len(dataset.skipped) > 5 else ""))
     split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
-    x_tr, y_tr = _matrix(split["train"], features, backbone.feature_dim)
-    x_va, y_va = _matrix(split["validation"], features, backbone.feature_dim)
-    x_te, y_te = _matrix(split["test"], features, backbone.feature_dim)
-    if not len(x_va):
+    x = {name: _matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+    if not split["validation"]:
         log("No validation images: early stopping watches training accuracy instead.")
 
     with stage("train"):
         bar = tqdm(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
-        head = train_head(x_tr, y_tr, x_va, y_va, len(dataset.classes), config.head, log=log, progress=bar.update)
+        head = train_head(*x["train"], *x["validation"], len(dataset.classes), config.head, log=log,
+                          progress=bar.update)
         bar.close()
+    extractor, layers, tuned = onnx.load(str(extractor_path(backbone, cache))), head.layers, None
+    mode, reason = choose_mode(config, len(split["train"]))
+    if mode != "head":
+        log(f"Mode {mode}: {reason}")
+        with stage("finetune"):
+            ft_config = replace(config.finetune, unfreeze=0) if mode == "head-live" else config.finetune
+            tuned = finetune(split["train"], split["validation"], backbone, head.layers, ft_config, log,
+                             _checkpoint_path(cache, dataset, config), config.resume)
+            extractor, layers = tuned_extractor(tuned, backbone), tuned.layers
+            session = inference_session_from(extractor)
+            tuned_features = features_of(session, split["validation"] + split["test"], backbone.prep,
+                                         workers=config.workers, quiet=config.quiet)
+            x |= {name: _matrix(split[name], tuned_features, backbone.feature_dim) for name in ("validation", "test")}
+    (x_va, y_va), (x_te, y_te) = x["validation"], x["test"]
     with stage("calibrate"):
-        cal = calibrate(logits(head.layers, x_va), y_va, logits(head.layers, x_te), y_te, config.unknown_threshold)
+        cal = calibrate(logits(layers, x_va), y_va, logits(layers, x_te), y_te, config.unknown_threshold)
     with stage("evaluate"):
-        metrics, misclassified = _evaluate(head, cal, dataset.classes, split, x_va, y_va, x_te, y_te)
-    if metrics["test_accuracy"] is not None:
-        log(f"Final test accuracy = {100 * metrics['test_accuracy']:.1f}% (N={len(y_te)})")
-        if "test_ece_after" in cal.report:
-            log(f"Calibration: temperature {cal.temperature:.2f}, test expected calibration error "
-                f"{100 * cal.report['test_ece_before']:.1f}% -> {100 * cal.report['test_ece_after']:.1f}%")
-    else:
-        log("No test images: the final test accuracy could not be measured.")
+        metrics, misclassified = _evaluate(layers, cal, dataset.classes, split, x_va, y_va, x_te, y_te)
+    _log_result(metrics, cal, len(y_te), log)
 
-    provenance = {"config": config.to_dict(), "image_dir": str(Path(image_dir).resolve()),
+    provenance = {"config": config.to_dict(), "mode": mode, "image_dir": str(Path(image_dir).resolve()),
                   "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("export"):
-        model = classifier_model(backbone, cache, head.layers, _model_metadata(backbone, dataset.classes, provenance),
+        model = classifier_model(extractor, layers, _model_metadata(backbone, dataset.classes, provenance),
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
     metrics |= {
-        "classes": dataset.classes, "backbone": backbone.name,
+        "classes": dataset.classes, "backbone": backbone.name, "mode": mode,
         "num_images": {k: len(v) for k, v in split.items()},
         "skipped_files": [{"path": str(p), "reason": why} for p, why in dataset.skipped],
         "head": {"best_step": head.best_step, "steps_run": head.steps_run, "history": head.history},
         "calibration": cal.report,
         "seconds": stage.seconds, "provenance": provenance,
     }
+    if tuned:
+        metrics["finetune"] = {"best_epoch": tuned.best_epoch, "history": tuned.history, "device": tuned.device,
+                               "train_size": tuned.train_size}
     return TrainedModel(model, dataset.classes, metrics, misclassified)
 
 
-def _evaluate(head: HeadResult, cal: Calibration, classes: list[str], split: dict[str, list[Sample]],
-              x_va, y_va, x_te, y_te):
+def choose_mode(config: TrainConfig, n_train: int) -> tuple[str, str]:
+    """("head" | "finetune", why): what to train beyond the head trained on cached features."""
+    if config.mode == "finetune":
+        return "finetune", "as asked (--mode finetune)"
+    if config.finetune.augment is not None and config.mode == "head":
+        return "head-live", "distortions need live images: training the head on distorted photos, backbone frozen"
+    if config.mode == "head":
+        return "head", "as asked"
+    budget = config.time_budget or AUTO_BUDGET_SECONDS
+    gpu = pick_device(config.finetune.device).type == "cuda"
+    rate = GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND
+    estimate = config.finetune.epochs * n_train / rate
+    if estimate <= budget:
+        return "finetune", (f"{config.finetune.epochs} epochs of {n_train} images should take ~{estimate / 60:.0f} min "
+                            f"on the {'GPU' if gpu else 'CPU'}, within the {budget / 60:.0f}-minute budget")
+    return "head", (f"fine-tuning would take ~{estimate / 60:.0f} min on the {'GPU' if gpu else 'CPU'}, over the "
+                    f"{budget / 60:.0f}-minute budget: training the head on cached features only")
+
+
+def _checkpoint_path(cache: Path, dataset: Dataset, config: TrainConfig) -> Path:
+    """One checkpoint per (data, settings), so --resume finds the run it continues."""
+    key = hashlib.sha256((dataset.fingerprint() + json.dumps(config.to_dict(), sort_keys=True, default=str)
+                          ).encode()).hexdigest()[:16]
+    path = cache / "checkpoints" / f"finetune-{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tuned_extractor(tuned: FinetuneResult, backbone: Backbone) -> onnx.ModelProto:
+    """The fine-tuned feature network as an ONNX extractor (uint8 image -> features)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "network.onnx"
+        export_torch_network(tuned.features, backbone.prep, path)
+        return extractor_model(onnx.load(str(path)), backbone.prep)
+
+
+def _log_result(metrics: dict, cal: Calibration, n_test: int, log: Callable[[str], None]) -> None:
+    if metrics["test_accuracy"] is None:
+        log("No test images: the final test accuracy could not be measured.")
+        return
+    log(f"Final test accuracy = {100 * metrics['test_accuracy']:.1f}% (N={n_test})")
+    if "test_ece_after" in cal.report:
+        log(f"Calibration: temperature {cal.temperature:.2f}, test expected calibration error "
+            f"{100 * cal.report['test_ece_before']:.1f}% -> {100 * cal.report['test_ece_after']:.1f}%")
+
+
+def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, classes: list[str],
+              split: dict[str, list[Sample]], x_va, y_va, x_te, y_te):
     metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None}
     if len(x_va):
-        metrics["validation_accuracy"] = float((logits(head.layers, x_va).argmax(1) == y_va).mean())
+        metrics["validation_accuracy"] = float((logits(layers, x_va).argmax(1) == y_va).mean())
     misclassified = []
     if len(x_te):
-        probs = softmax(logits(head.layers, x_te), cal.temperature)
+        probs = softmax(logits(layers, x_te), cal.temperature)
         pred = probs.argmax(1)
         metrics["test"] = classification_metrics(y_te, pred, classes)
         metrics["test_accuracy"] = metrics["test"]["accuracy"]

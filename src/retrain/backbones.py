@@ -90,6 +90,15 @@ def lite_feature_network(net):
         def forward(self, pixels):  # (N, 3, S, S) -> (N, D)
             return self.net.extract_features(pixels).mean(dim=(2, 3))
 
+        def feature_map(self, pixels):  # (N, 3, S, S) -> (N, D, S/32, S/32), for saliency maps
+            return self.net.extract_features(pixels)
+
+        def stages(self) -> list:
+            """Trainable groups bottom to top: stem, each MBConv block, head convolution."""
+            n = self.net
+            return [torch.nn.ModuleList([n._conv_stem, n._bn0]), *n._blocks,
+                    torch.nn.ModuleList([n._conv_head, n._bn1])]
+
     return Features(net)
 
 

@@ -23,7 +23,7 @@ RETIRED_FLAGS = {
                        "(retrain train --output DIR)",
     "--intermediate_output_graphs_dir": "intermediate graphs are not written; the best step's model is exported",
     "--intermediate_store_frequency": "intermediate graphs are not written; the best step's model is exported",
-    "--checkpoint_path": "the head trains in seconds from cached features: there is no checkpoint to resume",
+    "--checkpoint_path": "fine-tuning checkpoints live in the cache; continue with --resume",
     "--test_batch_size": "every test image is always evaluated",
     "--validation_batch_size": "every validation image is always evaluated",
     "--logging_verbosity": "use --quiet to silence progress output",
@@ -45,6 +45,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
     from .api import TrainConfig
+    from .finetune import CPU_TRAIN_SIZE, FinetuneConfig
     from .head import HeadConfig
 
     t, h = TrainConfig(), HeadConfig()
@@ -76,7 +77,25 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                         "'auto' picks the value that rejects ~5%% of validation photos (default: off)")
     g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
-    g = p.add_argument_group("distortions (retrain.py's augmentation flags)")
+    g = p.add_argument_group("fine-tuning (--mode finetune)")
+    f = FinetuneConfig()
+    g.add_argument("--mode", choices=["head", "finetune", "auto"], default=t.mode,
+                   help="head: softmax on cached features (fast); finetune: also train the backbone on live "
+                        "images; auto: fine-tune when it fits --time_budget")
+    g.add_argument("--time_budget", "--time-budget", type=float, help="minutes --mode auto may spend (default 20)")
+    g.add_argument("--epochs", type=int, default=f.epochs)
+    g.add_argument("--unfreeze", type=int, default=f.unfreeze,
+                   help="backbone stages to train, counted from the top (-1: all, 0: none)")
+    g.add_argument("--train_size", "--train-size", type=int,
+                   help=f"fine-tuning resolution (default {CPU_TRAIN_SIZE} on the CPU, the backbone's on a GPU)")
+    g.add_argument("--finetune_learning_rate", "--finetune-learning-rate", type=float, default=f.learning_rate,
+                   help="head learning rate while fine-tuning; the backbone gets a tenth")
+    g.add_argument("--finetune_batch_size", "--finetune-batch-size", type=int, default=f.batch_size)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device)
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
+    g = p.add_argument_group("distortions (retrain.py's augmentation flags; live images, backbone frozen "
+                             "unless --mode finetune)")
     g.add_argument("--flip_left_right", action="store_true")
     g.add_argument("--random_crop", type=int, default=0)
     g.add_argument("--random_scale", type=int, default=0)
@@ -111,15 +130,25 @@ def _positive(name: str, value: float) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from .api import TrainConfig
+    from .augment import Augment
+    from .finetune import FinetuneConfig
     from .head import HeadConfig
 
-    used = [f"--{d}" for d in DISTORTION_FLAGS if getattr(args, d)]
-    if used:
-        raise UserError(f"{', '.join(used)}: distortions need live images, and this version trains the head "
-                        "on cached features only; augmentation arrives with whole-network fine-tuning. "
-                        "Drop the flag(s) to train now.")
-    for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers"):
+    for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers",
+                 "epochs", "finetune_learning_rate", "finetune_batch_size"):
         _positive(f"--{name}", getattr(args, name))
+    for name in DISTORTION_FLAGS[1:]:
+        if not 0 <= getattr(args, name) < 100:
+            raise UserError(f"--{name} is a percentage in [0, 100)")
+    if args.time_budget is not None and args.mode != "auto":
+        raise UserError("--time_budget applies to --mode auto only")
+    augment = None
+    if any(getattr(args, d) for d in DISTORTION_FLAGS):
+        augment = Augment.from_retrain_flags(0, args.flip_left_right, args.random_crop, args.random_scale,
+                                             args.random_brightness)
+    tune = FinetuneConfig(epochs=args.epochs, train_size=args.train_size, batch_size=args.finetune_batch_size,
+                          learning_rate=args.finetune_learning_rate, unfreeze=args.unfreeze, augment=augment,
+                          device=args.device, compile=args.compile, workers=0, seed=args.seed)
     head = HeadConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
                       batch_size=args.train_batch_size, hidden_units=args.hidden_units,
                       weight_decay=args.weight_decay, eval_interval=args.eval_step_interval, seed=args.seed)
@@ -127,7 +156,9 @@ def config_from_args(args: argparse.Namespace):
                        testing_percentage=args.testing_percentage, val_dir=args.val_dir, test_dir=args.test_dir,
                        cache_dir=args.cache_dir, bottleneck_dir=args.bottleneck_dir, input_mean=args.input_mean,
                        input_std=args.input_std, output_name=getattr(args, "final_tensor_name", "final_result"),
-                       unknown_threshold=args.unknown_threshold, workers=args.workers, quiet=args.quiet)
+                       unknown_threshold=args.unknown_threshold, workers=args.workers, quiet=args.quiet,
+                       mode=args.mode, finetune=tune, resume=args.resume,
+                       time_budget=args.time_budget * 60 if args.time_budget else None)
 
 
 def _print_misclassified(model) -> None:

@@ -48,19 +48,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | bytes, prep: Preprocessing) -> np.ndarray:
-    """Decode `source` (a path or the file's bytes) to a (size, size, 3) uint8 array.
+def open_rgb(source: str | os.PathLike | bytes, min_side: int) -> Image.Image:
+    """Decode `source` (a path or the file's bytes) to an 8-bit RGB image, EXIF rotation applied.
 
-    EXIF orientation is applied, the first frame of an animation is used, and big JPEGs are
-    decoded at a reduced scale (draft mode). Raises UnreadableImage with a reason.
+    The first frame of an animation is used, and big JPEGs are decoded at a reduced scale
+    (draft mode) that keeps both sides >= `min_side`. Raises UnreadableImage with a reason.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd-but-readable files; we judge by result
             img = _open(source)
             with img:
-                target = prep.resize_target()
-                img.draft("RGB", (target, target))  # JPEG only: decode at 1/2, 1/4, 1/8 scale
+                img.draft("RGB", (min_side, min_side))  # JPEG only: decode at 1/2, 1/4, 1/8 scale
                 w, h = img.size
                 if w * h > MAX_DECODED_PIXELS:
                     raise UnreadableImage(
@@ -70,7 +69,7 @@ def load_image(source: str | os.PathLike | bytes, prep: Preprocessing) -> np.nda
                     raise UnreadableImage(f"image has no pixels ({w}x{h})")
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
-                return fit_to_square(_to_rgb(img), prep)
+                return _to_rgb(img)
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
@@ -82,6 +81,15 @@ def load_image(source: str | os.PathLike | bytes, prep: Preprocessing) -> np.nda
     except (MemoryError, RecursionError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:
         # Hostile files can trip decoder bugs; skipping them beats killing a long run.
         raise UnreadableImage(f"decoder failed: {type(e).__name__}: {e}") from None
+
+
+def load_image(source: str | os.PathLike | bytes, prep: Preprocessing) -> np.ndarray:
+    """Decode `source` to the (size, size, 3) uint8 array the model takes (see preprocess.py)."""
+    img = open_rgb(source, prep.resize_target())
+    try:
+        return fit_to_square(img, prep)
+    except (OSError, ValueError, MemoryError) as e:
+        raise UnreadableImage(f"cannot resize: {e}") from None
 
 
 def describe(path: str | os.PathLike) -> str:

@@ -96,12 +96,21 @@ class FeatureStore:
             self._index.setdefault(bytes.fromhex(digest), np.asarray(vector, np.float32))
 
 
-def inference_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+def _session_options(threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return opts
+
+
+def inference_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def inference_session_from(model, threads: int | None = None) -> ort.InferenceSession:
+    """A session for an in-memory onnx.ModelProto."""
+    return ort.InferenceSession(model.SerializeToString(), _session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def decoded_batches(paths: list[Path], prep: Preprocessing, batch_size: int, workers: int,
@@ -137,6 +146,31 @@ def decoded_batches(paths: list[Path], prep: Preprocessing, batch_size: int, wor
             yield [i for i, _ in ok], batch, failed
 
 
+def extract(session: ort.InferenceSession, paths: list[Path], prep: Preprocessing, *, batch_size: int = 32,
+            workers: int = 2, desc: str = "Extracting features", quiet: bool = False
+            ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """Run a feature extractor over image files: yields (indices, (n, D) vectors, [(index, reason)])."""
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet)
+    for ok, batch, failed in decoded_batches(paths, prep, batch_size, workers):
+        for i, why in failed:
+            tqdm.write(f"Skipping {describe(paths[i])}: {why}", file=sys.stderr)
+        vectors = session.run(None, {INPUT_NAME: batch})[0] if len(ok) else np.zeros((0, 0), np.float32)
+        yield ok, vectors, failed
+        bar.update(len(ok) + len(failed))
+    bar.close()
+
+
+def features_of(session: ort.InferenceSession, samples: list[Sample], prep: Preprocessing, *,
+                workers: int = 2, quiet: bool = False) -> dict[str, np.ndarray]:
+    """{digest: vector} from an extractor that is not cached (a fine-tuned backbone)."""
+    first = {s.digest: s.path for s in samples}
+    digests, found = list(first), {}
+    for ok, vectors, _ in extract(session, list(first.values()), prep, workers=workers, quiet=quiet,
+                                  desc="Features (tuned backbone)"):
+        found |= {digests[i]: v for i, v in zip(ok, vectors)}
+    return found
+
+
 def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: Path,
                      store_dir: Path | None = None, *, batch_size: int = 32, workers: int = 2,
                      quiet: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -155,16 +189,10 @@ def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: P
     failures: dict[str, str] = {}
     if todo:
         session = inference_session(extractor_path(backbone, cache_dir))
-        paths = [first_path[d] for d in todo]
-        bar = tqdm(total=len(todo), desc=f"Extracting features ({backbone.name})", unit="img", disable=quiet)
-        for ok, batch, failed in decoded_batches(paths, backbone.prep, batch_size, workers):
-            for i, why in failed:
-                failures[todo[i]] = why
-                tqdm.write(f"Skipping {describe(paths[i])}: {why}", file=sys.stderr)
-            if len(ok):
-                vectors = session.run(None, {INPUT_NAME: batch})[0]
-                store.append([(todo[i], v) for i, v in zip(ok, vectors)])
-            bar.update(len(ok) + len(failed))
-        bar.close()
+        batches = extract(session, [first_path[d] for d in todo], backbone.prep, batch_size=batch_size,
+                          workers=workers, desc=f"Extracting features ({backbone.name})", quiet=quiet)
+        for ok, vectors, failed in batches:
+            failures |= {todo[i]: why for i, why in failed}
+            store.append([(todo[i], v) for i, v in zip(ok, vectors)])
     found = {d: store.get(d) for d in first_path if d in store}
     return found, failures

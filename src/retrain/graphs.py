@@ -11,7 +11,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from .backbones import Backbone
 from .files import atomic_write_bytes
-from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, normalizer_graph
+from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, Preprocessing, normalizer_graph
 
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
 UNKNOWN_NAME = "unknown"  # (N,) bool: top probability below the model's unknown threshold
@@ -40,12 +40,17 @@ def extractor_path(backbone: Backbone, cache_dir: Path) -> Path:
             network = onnx.load(str(raw))
         finally:
             raw.unlink(missing_ok=True)
-        opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
-        prefix = _matching(normalizer_graph(backbone.prep, opset), network)
-        merged = compose.merge_models(prefix, network, io_map=[(PIXELS_NAME, PIXELS_NAME)])
-        onnx.checker.check_model(merged)
-        atomic_write_bytes(path, merged.SerializeToString())
+        atomic_write_bytes(path, extractor_model(network, backbone.prep).SerializeToString())
     return path
+
+
+def extractor_model(network: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:
+    """Put the normaliser in front of a network (pixels -> features): uint8 image -> features."""
+    opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
+    prefix = _matching(normalizer_graph(prep, opset), network)
+    merged = compose.merge_models(prefix, network, io_map=[(PIXELS_NAME, PIXELS_NAME)])
+    onnx.checker.check_model(merged)
+    return merged
 
 
 def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: float = 1.0,
@@ -83,11 +88,10 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: floa
     return helper.make_model(graph)
 
 
-def classifier_model(backbone: Backbone, cache_dir: Path, layers: list[tuple[np.ndarray, np.ndarray]],
+def classifier_model(extractor: onnx.ModelProto, layers: list[tuple[np.ndarray, np.ndarray]],
                      metadata: dict[str, str], *, temperature: float = 1.0, unknown_threshold: float = 0.0,
                      output_name: str = OUTPUT_NAME) -> onnx.ModelProto:
     """One self-contained model: uint8 RGB image -> preprocessing -> backbone -> head -> softmax."""
-    extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
     head = _matching(head_graph(layers, temperature=temperature, unknown_threshold=unknown_threshold,
                                 output_name=output_name), extractor)
     model = compose.merge_models(extractor, head, io_map=[(FEATURES_NAME, FEATURES_NAME)])

