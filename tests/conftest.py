@@ -58,3 +58,23 @@ def make_dataset(root: Path, per_class: int = 16, classes=("circles", "squares",
 def shapes(tmp_path) -> Path:
     """A small generated dataset of three visually distinct classes."""
     return make_dataset(tmp_path / "shapes")
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium through Playwright; skips, saying why, where either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; `make test` does it as root)")
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        except Exception as e:  # a broken or incompatible Chromium: say so rather than error
+            pytest.skip(f"cannot start {CHROMIUM}: {str(e).splitlines()[0]}")
+        yield browser
+        browser.close()

@@ -77,11 +77,15 @@ class TrainedModel:
     metrics: dict
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
 
-    def save(self, output_dir: str | Path) -> Path:
-        """Write model.onnx, labels.txt and metrics.json into `output_dir`."""
+    def save(self, output_dir: str | Path, report: bool = True) -> Path:
+        """Write model.onnx, labels.txt, metrics.json and (unless report=False) report.html into `output_dir`."""
         out = Path(output_dir)
         self.save_files(out / MODEL_FILE, out / LABELS_FILE)
         atomic_write_json(out / METRICS_FILE, self.metrics)
+        if report:
+            from .report import write_report
+
+            write_report(out)
         return out
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
@@ -210,6 +214,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     metrics |= {
         "classes": dataset.classes, "backbone": backbone.name, "mode": mode,
         "num_images": {k: len(v) for k, v in split.items()},
+        "class_counts": {k: {c: sum(s.label == i for s in v) for i, c in enumerate(dataset.classes)}
+                         for k, v in split.items()},
         "skipped_files": [{"path": str(p), "reason": why} for p, why in dataset.skipped],
         "head": {"best_step": head.best_step, "steps_run": head.steps_run, "history": head.history},
         "calibration": cal.report,
@@ -295,25 +301,37 @@ def _model_metadata(backbone: Backbone, classes: list[str], provenance: dict) ->
             "retrain:provenance": json.dumps(provenance, ensure_ascii=False)}
 
 
-def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False) -> dict:
-    """Run the exported model over a folder of class folders and compute its metrics."""
+def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,
+             with_predictions: bool = False) -> dict:
+    """Run the exported model over a folder of class folders and compute its metrics.
+
+    with_predictions adds `predictions`: per image its path, label, predicted index, confidence
+    and all class probabilities (for reports).
+    """
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = [s.path for s in dataset.samples]
-    truth, predicted, skipped = [], [], list(dataset.skipped)
+    index = {label: i for i, label in enumerate(clf.labels)}
+    rows, skipped = [], list(dataset.skipped)
     bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
-    for sample, pred in zip(dataset.samples, clf.predict_paths(paths, top_k=1, workers=workers)):
+    for sample, pred in zip(dataset.samples, clf.predict_paths(paths, top_k=len(clf.labels), workers=workers)):
         bar.update(1)
         if pred.error:
             skipped.append((sample.path, pred.error))
             continue
-        truth.append(sample.label)
-        predicted.append(clf.labels.index(pred.top[0][0]))
+        probs = np.zeros(len(clf.labels))
+        for label, score in pred.top:
+            probs[index[label]] = score
+        rows.append({"path": str(sample.path), "label": sample.label, "predicted": int(probs.argmax()),
+                     "confidence": float(probs.max()), "probabilities": probs.tolist()})
     bar.close()
-    if not truth:
+    if not rows:
         raise UserError(f"none of the images in {image_dir} could be read")
-    metrics = classification_metrics(np.array(truth), np.array(predicted), clf.labels)
+    metrics = classification_metrics(np.array([r["label"] for r in rows]), np.array([r["predicted"] for r in rows]),
+                                     clf.labels)
     metrics["skipped_files"] = [{"path": str(p), "reason": why} for p, why in skipped]
+    if with_predictions:
+        metrics["predictions"] = rows
     return metrics
 
 

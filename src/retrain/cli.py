@@ -14,13 +14,11 @@ from typing import Callable, Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "import-idx")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "import-idx")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
     "--saved_model_dir": "the exported model is ONNX: use --output_graph",
-    "--summaries_dir": "TensorBoard summaries are not written yet; the per-step history is in metrics.json "
-                       "(retrain train --output DIR)",
     "--intermediate_output_graphs_dir": "intermediate graphs are not written; the best step's model is exported",
     "--intermediate_store_frequency": "intermediate graphs are not written; the best step's model is exported",
     "--checkpoint_path": "fine-tuning checkpoints live in the cache; continue with --resume",
@@ -76,6 +74,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                    help="flag photos whose calibrated top probability is below this as unknown; "
                         "'auto' picks the value that rejects ~5%% of validation photos (default: off)")
     g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
+    g.add_argument("--summaries_dir", "--summaries-dir", help="write TensorBoard summaries (per-step scalars) here")
     g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
     g = p.add_argument_group("fine-tuning (--mode finetune)")
     f = FinetuneConfig()
@@ -161,6 +160,15 @@ def config_from_args(args: argparse.Namespace):
                        time_budget=args.time_budget * 60 if args.time_budget else None)
 
 
+def _after_training(model, args: argparse.Namespace) -> None:
+    if args.print_misclassified_test_images:
+        _print_misclassified(model)
+    if args.summaries_dir:
+        from .summaries import write_summaries
+
+        print(f"TensorBoard summaries in {write_summaries(args.summaries_dir, model.metrics)}", file=sys.stderr)
+
+
 def _print_misclassified(model) -> None:
     print("=== MISCLASSIFIED TEST IMAGES ===")
     for path, truth, predicted in model.misclassified:
@@ -182,8 +190,7 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     model = train(args.image_dir, config_from_args(args))
     model.save_files(args.output_graph, args.output_labels)
-    if args.print_misclassified_test_images:
-        _print_misclassified(model)
+    _after_training(model, args)
     print(f"Saved the model to {args.output_graph} and its labels to {args.output_labels}", file=sys.stderr)
     return 0
 
@@ -193,9 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     model = train(args.image_dir, config_from_args(args))
     out = model.save(args.output)
-    if args.print_misclassified_test_images:
-        _print_misclassified(model)
-    print(f"Saved model.onnx, labels.txt and metrics.json to {out}", file=sys.stderr)
+    _after_training(model, args)
+    print(f"Saved model.onnx, labels.txt, metrics.json and report.html to {out}", file=sys.stderr)
     return 0
 
 
@@ -235,6 +241,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.model, args.image_dir))
+    return 0
+
+
 def cmd_import_idx(args: argparse.Namespace) -> int:
     from .datasets import idx_to_folders
 
@@ -269,6 +282,11 @@ def modern_parser() -> argparse.ArgumentParser:
     ev.add_argument("image_dir")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(run=cmd_evaluate)
+    rp = sub.add_parser("report", help="write report.html (plots, mistakes, calibration, saliency) into a model dir",
+                        allow_abbrev=False)
+    rp.add_argument("model", help="model directory")
+    rp.add_argument("image_dir", nargs="?", help="evaluate on this folder of class folders (default: the test split)")
+    rp.set_defaults(run=cmd_report)
     ix = sub.add_parser("import-idx", help="turn MNIST-style IDX files into a folder of class folders",
                         allow_abbrev=False)
     ix.add_argument("images", help="IDX image file (may be .gz)")

@@ -1,0 +1,255 @@
+"""report.html: what the model learned, readable offline (plots and thumbnails embedded).
+
+Sections: dataset summary, learning curves, confusion matrix, per-class metrics, worst mistakes,
+reliability diagram with calibration error, and occlusion saliency maps. Everything is computed
+from the model directory (model.onnx, metrics.json) and, optionally, a folder of labelled photos
+to evaluate on; the plots are also saved as PNG files beside the report.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .calibrate import reliability  # noqa: E402
+from .decode import UnreadableImage, load_image  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .predict import METRICS_FILE, MODEL_FILE, Classifier  # noqa: E402
+
+REPORT_FILE = "report.html"
+MISTAKES_SHOWN = 12
+SALIENCY_SHOWN = 4
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img_tag(png: bytes, alt: str, width: int | None = None) -> str:
+    size = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def learning_curves(metrics: dict) -> bytes | None:
+    head = metrics.get("head", {}).get("history") or []
+    tuned = (metrics.get("finetune") or {}).get("history") or []
+    if not head and not tuned:
+        return None
+    panels = [(h, x) for h, x in ((head, "step"), (tuned, "epoch")) if h]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    for row, (hist, key) in enumerate(panels):
+        xs = [e[key] for e in hist]
+        title = "head on cached features" if key == "step" else "fine-tuning"
+        for col, (metric, label) in enumerate((("accuracy", "accuracy"), ("loss", "cross-entropy loss"))):
+            ax = axes[row][col]
+            for split in ("train", "validation"):
+                ys = [e.get(f"{split}_{metric}") for e in hist]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, ys, marker="o" if key == "epoch" else None, label=split)
+            ax.set_xlabel(key)
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} ({title})")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    return _png(fig)
+
+
+def confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_title("Confusion matrix (counts; colour: share of the true class)")
+    return _png(fig)
+
+
+def reliability_plot(bins_before: list[dict], bins_after: list[dict], ece_before: float, ece_after: float) -> bytes:
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for bins, name, ece in ((bins_before, "before", ece_before), (bins_after, "after temperature scaling", ece_after)):
+        if bins:
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                    label=f"{name} (ECE {100 * ece:.1f}%)")
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Reliability diagram")
+    return _png(fig)
+
+
+def occlusion_saliency(clf: Classifier, image: np.ndarray, target: int, grid: int = 7) -> np.ndarray:
+    """How much the target class probability drops when each region is greyed out: (grid, grid)."""
+    s = image.shape[0]
+    patch, stride = s // 4, (s - s // 4) // (grid - 1)
+    batch = np.repeat(image[None], grid * grid, axis=0)
+    for k in range(grid * grid):
+        y, x = (k // grid) * stride, (k % grid) * stride
+        batch[k, y:y + patch, x:x + patch] = 127
+    base = clf.probabilities(image[None])[0, target]
+    drops = np.concatenate([clf.probabilities(batch[i:i + 32])[:, target] for i in range(0, len(batch), 32)])
+    return np.maximum(base - drops, 0).reshape(grid, grid)
+
+
+def saliency_png(image: np.ndarray, heat: np.ndarray, title: str) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.4))
+    axes[0].imshow(image)
+    axes[1].imshow(image)
+    axes[1].imshow(np.kron(heat, np.ones((8, 8))), cmap="jet", alpha=0.45,
+                   extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    return _png(fig)
+
+
+def _thumbnail(path: str, side: int = 128) -> str:
+    try:
+        img = Image.open(path)
+        img.thumbnail((side, side))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=80)
+        return f'<img alt="{html.escape(Path(path).name)}" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    except Exception:  # a vanished or broken file: show its name only
+        return "<span>(image unavailable)</span>"
+
+
+def _evaluation(clf: Classifier, metrics: dict, image_dir: str | Path | None) -> tuple[dict, list[dict], dict | None]:
+    """(confusion/per-class metrics, predictions with confidence, calibration report) to show."""
+    if image_dir is None:
+        return metrics.get("test") or {}, metrics.get("test_predictions") or [], metrics.get("calibration")
+    from .api import evaluate
+
+    evaluation = evaluate(clf, image_dir, quiet=True, with_predictions=True)
+    preds = evaluation.pop("predictions")
+    if not preds:
+        return evaluation, [], None
+    probs = np.array([p["probabilities"] for p in preds])
+    labels = np.array([p["label"] for p in preds])
+    after = reliability(probs, labels)
+    cal = {"test_ece_after": after["ece"], "reliability_after": after["bins"],
+           "temperature": float(clf.metadata.get("retrain:temperature", 1.0))}
+    return evaluation, preds, cal
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> Path:
+    """Write report.html and its PNG plots into the model directory; returns the report's path."""
+    model_dir = Path(model_dir)
+    if not (model_dir / MODEL_FILE).is_file():
+        raise UserError(f"{model_dir} is not a model directory (no {MODEL_FILE})")
+    try:
+        metrics = json.loads((model_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    clf = Classifier(model_dir / MODEL_FILE)
+    classes = clf.labels
+    evaluation, preds, cal = _evaluation(clf, metrics, image_dir)
+    sections, pngs = [], {}
+
+    counts = metrics.get("num_images", {})
+    per_class = metrics.get("class_counts") or {}
+    rows = [[html.escape(c)] + [str(per_class.get(split, {}).get(c, "")) for split in ("train", "validation", "test")]
+            for c in classes]
+    sections.append(("Dataset", f"<p>Backbone <b>{html.escape(str(metrics.get('backbone', clf.metadata.get('retrain:backbone', '?'))))}</b>, "
+                     f"mode <b>{html.escape(str(metrics.get('mode', '?')))}</b>; images per split: "
+                     + ", ".join(f"{k} {v}" for k, v in counts.items()) + "</p>"
+                     + _table(rows, ["class", "train", "validation", "test"])
+                     + (f"<p>Skipped files: {len(metrics.get('skipped_files', []))}</p>")))
+
+    curves = learning_curves(metrics)
+    if curves:
+        pngs["learning_curves.png"] = curves
+        sections.append(("Learning curves", _img_tag(curves, "learning curves")))
+
+    if evaluation.get("confusion_matrix"):
+        cm = np.array(evaluation["confusion_matrix"])
+        pngs["confusion_matrix.png"] = confusion_plot(cm, classes)
+        acc = evaluation.get("accuracy")
+        rows = [[html.escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+                for name, m in evaluation["per_class"].items()]
+        sections.append(("Confusion matrix", f"<p>Accuracy <b>{100 * acc:.1f}%</b> on {evaluation['num_images']} "
+                         f"{'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
+                         + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
+        sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])))
+
+    mistakes = sorted((p for p in preds if p["label"] != p["predicted"]), key=lambda p: -p["confidence"])
+    cells = [f"<figure>{_thumbnail(p['path'])}<figcaption>true <b>{html.escape(classes[p['label']])}</b><br>"
+             f"predicted <b>{html.escape(classes[p['predicted']])}</b> ({p['confidence']:.2f})</figcaption></figure>"
+             for p in mistakes[:MISTAKES_SHOWN]]
+    sections.append(("Worst mistakes", f'<div class="grid">{"".join(cells)}</div>' if cells
+                     else "<p>No mistakes on these images.</p>"))
+
+    if cal and cal.get("reliability_after"):
+        pngs["reliability.png"] = reliability_plot(cal.get("reliability_before", []), cal["reliability_after"],
+                                                   cal.get("test_ece_before", float("nan")), cal["test_ece_after"])
+        text = f"<p>Temperature {cal.get('temperature', 1):.3f}. Expected calibration error "
+        if "test_ece_before" in cal:
+            text += f"{100 * cal['test_ece_before']:.1f}% before, "
+        text += f"{100 * cal['test_ece_after']:.1f}% after temperature scaling.</p>"
+        if cal.get("unknown_threshold"):
+            text += (f"<p>Unknown threshold {cal['unknown_threshold']:.3f}: {100 * cal.get('test_false_rejection', 0):.1f}% "
+                     "of in-class test photos are wrongly flagged unknown.</p>")
+        sections.append(("Calibration", text + _img_tag(pngs["reliability.png"], "reliability diagram")))
+
+    chosen = (mistakes[:SALIENCY_SHOWN // 2] + [p for p in preds if p["label"] == p["predicted"]][:SALIENCY_SHOWN // 2])
+    figs = []
+    for i, p in enumerate(chosen):
+        try:
+            image = load_image(p["path"], clf.prep)
+        except UnreadableImage:
+            continue
+        png = saliency_png(image, occlusion_saliency(clf, image, p["predicted"]),
+                           f"{Path(p['path']).name}: evidence for '{classes[p['predicted']]}'")
+        pngs[f"saliency_{i}.png"] = png
+        figs.append(_img_tag(png, f"saliency map {i}"))
+    sections.append(("What the model looked at", "<p>Occlusion saliency: red regions are those whose greying-out "
+                     "lowers the predicted class's probability most.</p>" + "".join(figs)))
+
+    for name, png in pngs.items():
+        atomic_write_bytes(model_dir / name, png)
+    path = model_dir / REPORT_FILE
+    atomic_write_text(path, _page(sections, model_dir.name))
+    return path
+
+
+def _page(sections: list[tuple[str, str]], title: str) -> str:
+    body = "".join(f'<section id="{html.escape(t.lower().replace(" ", "-"))}"><h2>{html.escape(t)}</h2>{c}</section>'
+                   for t, c in sections)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>retrain report: {html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }} figure {{ margin: 0; width: 140px; font-size: 12px; }}
+section {{ margin-bottom: 2em; }} img {{ max-width: 100%; }}
+</style></head><body><h1>retrain report: {html.escape(title)}</h1>{body}</body></html>
+"""
