@@ -24,6 +24,7 @@ from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, export_torch_network, get_backbone
 from .decode import describe
 from .errors import UserError
+from .doctor import quick_summary
 from .evaluate import classification_metrics
 from .features import compute_features, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
@@ -143,9 +144,8 @@ def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
         f"({', '.join(f'{c}: {n}' for c, n in zip(dataset.classes, per_class))}); "
         f"split train {counts['train']}, validation {counts['validation']}, test {counts['test']}"
         + (" (fixed split folders)" if dataset.fixed_split else " (by content hash)"))
-    small = [c for c, n in zip(dataset.classes, per_class) if n < 20]
-    if small:
-        log(f"Warning: few images (<20) for {', '.join(small)}: accuracy will be unreliable.")
+    for line in quick_summary(dataset):  # counts, imbalance, exact duplicates and leaks: no decoding
+        log(line)
     if dataset.ignored:
         log(f"Ignored {dataset.ignored} file(s) without an image extension in the class folders.")
 

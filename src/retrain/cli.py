@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "report", "import-idx")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "import-idx", "doctor")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
@@ -257,6 +257,16 @@ def cmd_import_idx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import diagnose, format_text
+
+    _positive("--workers", args.workers)
+    report = diagnose(args.image_dir, backbone=args.backbone, cache_dir=args.cache_dir, workers=args.workers,
+                      quiet=args.quiet)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_text(report))
+    return 0
+
+
 def modern_parser() -> argparse.ArgumentParser:
     p = _parser("retrain", "Turn a folder of labelled photos into an image classifier, offline. "
                            "The classic form `retrain --image_dir=DIR` also works.")
@@ -295,6 +305,15 @@ def modern_parser() -> argparse.ArgumentParser:
     ix.add_argument("--class-names", choices=["fashion", "digits"], default="digits")
     ix.add_argument("--limit-per-class", type=int, help="keep at most this many images per class")
     ix.set_defaults(run=cmd_import_idx)
+    dr = sub.add_parser("doctor", help="check IMAGE_DIR for unreadable files, duplicates, leakage and mislabels",
+                        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dr.add_argument("image_dir")
+    dr.add_argument("--json", action="store_true", help="the full report as one JSON object")
+    dr.add_argument("--backbone", default="lite0", help="feature extractor for outliers and mislabels")
+    dr.add_argument("--cache_dir", "--cache-dir", help="cache for backbones and features (default: ~/.cache/retrain)")
+    dr.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    dr.add_argument("--quiet", action="store_true", help="no progress bars")
+    dr.set_defaults(run=cmd_doctor)
     return p
 
 

@@ -77,6 +77,19 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
                progress: Callable[[int], None] | None = None) -> HeadResult:
     """Mini-batch AdamW with cosine decay; deterministic for a given cfg.seed."""
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batches of ~100 x 1280: thread hand-offs cost more than they save
+    try:
+        return _train_head(x_train, y_train, x_val, y_val, n_classes, cfg, log, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                n_classes: int, cfg: HeadConfig, log: Callable[[str], None],
+                progress: Callable[[int], None] | None) -> HeadResult:
+    import torch
     import torch.nn.functional as F
 
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,580 @@
+"""`retrain doctor`: what is wrong with a folder of labelled photos, before you train on it.
+
+Each check is one function returning plain data; `diagnose` runs them in order of cost and
+`format_text` / `Report.to_dict` present the result. The scan-only checks (`quick_summary`)
+are what `retrain train` prints.
+
+| check | needs | how |
+|---|---|---|
+| counts per class and split, few images, imbalance | scan | `class_counts`, `count_warnings` |
+| exact duplicates within a class, across classes, across splits | scan | sha256 of the bytes |
+| formats, modes, animation, tiny and huge images | file headers | PIL, no pixels decoded |
+| unreadable files and why | features pass | the decoder's reason |
+| near-duplicates | 64 px decode | 256-bit DCT perceptual hash, mirror-invariant |
+| outliers | cached features | nearest-neighbour cosine under 0.6 x the dataset's median |
+| suspected mislabels | cached features | k-fold out-of-fold probability of the own label, training's head |
+
+Measured with Lite0 (see benchmarks/doctor_planted.py): recompressed, greyed, half- and
+quarter-size and mirrored copies of hymenoptera photos are at most 18 hash bits (of 256) from
+their original and brightened ones up to 34; distinct photos are 92+ apart in hymenoptera and
+42+ in sign_language_digits (hands on one background, where a 64-bit hash confused ~1,000
+pairs). Flat, detail-poor images hash less stably (a JPEG q50 copy of a smooth synthetic image
+can move 60 bits), so some of their copies are missed. Feature cosine cannot tell a half-size
+copy (0.72) from a sibling photo (0.80), so near-duplicates use the hash, and features serve
+outliers and mislabels.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .backbones import DEFAULT_BACKBONE, get_backbone
+from .decode import describe
+from .features import compute_features, decoded_batches
+from .files import default_cache_dir
+from .head import HeadConfig, predict_proba, train_head
+from .preprocess import Preprocessing
+from .scan import SPLITS, Dataset, Sample, scan_dataset
+
+MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable
+IMBALANCE_RATIO = 4.0  # largest class / smallest class
+TINY_SIDE = 32  # pixels, shorter side
+HUGE_PIXELS = 50_000_000  # slow to decode; over 64 MP after JPEG draft scaling they are refused
+RARE_FORMAT_SHARE = 0.05  # a format under this share of the files has its files listed
+HASH_PREP = Preprocessing(size=64, crop_fraction=1.0)  # whole centre square at 64x64, for the DCT
+HASH_SIDE = 16  # the 16x16 lowest DCT frequencies: a 256-bit hash
+HASH_BITS = HASH_SIDE * HASH_SIDE
+NEAR_DUPLICATE_BITS = 32  # perceptual-hash distance at or under which two images are near-duplicates
+# An outlier's most similar image is under this fraction of the median image's nearest similarity.
+# A ratio, not a z-score: on sign_language_digits (one background, similarities tightly packed)
+# z >= 4 flagged 35 ordinary photos; the ratio flags none there and hymenoptera's placeholder GIF
+# (0.28 of the median) and four odd photos (ant bait, a wall, a larva: 0.53-0.55).
+OUTLIER_RATIO = 0.6
+MIN_FOR_STATISTICS = 20  # images needed before outliers and mislabels mean anything
+FOLDS = 5
+OOF_EPOCHS = 60  # head training per fold, in passes over the training folds
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+BLOCK = 512  # rows per block of the pairwise computations: memory stays O(BLOCK * N)
+
+ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS = "across classes", "across splits", "within class"
+KINDS = (ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS)  # most serious first
+MEANING = {
+    ACROSS_CLASSES: "the same photo under two or more classes (it cannot be both)",
+    ACROSS_SPLITS: "the same photo in two splits (leakage: validation/test accuracy is inflated)",
+    WITHIN_CLASS: "the same photo more than once in one class (it counts double)",
+}
+
+
+# ---------------------------------------------------------------- plain data
+
+@dataclass
+class Entry:
+    """One image as the report names it."""
+    path: str  # relative to the image folder
+    label: str
+    split: str
+
+
+@dataclass
+class ImageFile:
+    path: str
+    format: str
+    mode: str
+    width: int
+    height: int
+    animated: bool
+
+
+@dataclass
+class Unreadable:
+    path: str
+    reason: str
+
+
+@dataclass
+class DuplicateGroup:
+    kind: str  # one of KINDS
+    digest: str
+    images: list[Entry]
+
+
+@dataclass
+class NearDuplicate:
+    kind: str
+    a: Entry
+    b: Entry
+    distance: int  # perceptual-hash bits that differ (mirror image included), 0-HASH_BITS
+
+
+@dataclass
+class Outlier:
+    image: Entry
+    nearest_similarity: float  # cosine of the backbone features to the most similar other image
+    relative: float  # nearest_similarity / the dataset's median nearest similarity
+
+
+@dataclass
+class Suspect:
+    image: Entry
+    own_probability: float  # out-of-fold probability of the folder's label
+    preferred: str  # the label the model prefers
+    preferred_probability: float
+
+
+@dataclass
+class Report:
+    image_dir: str
+    backbone: str
+    classes: list[str]
+    fixed_split: bool
+    counts: dict[str, dict[str, int]]  # class -> split -> images
+    warnings: list[str]
+    ignored_files: int  # files without an image extension
+    unreadable: list[Unreadable]
+    formats: dict[str, int]
+    modes: dict[str, int]
+    rare_formats: list[ImageFile]
+    animated: list[ImageFile]
+    tiny: list[ImageFile]
+    huge: list[ImageFile]
+    exact_duplicates: list[DuplicateGroup]
+    near_duplicates: list[NearDuplicate]
+    outliers: list[Outlier] | None  # None: not checked (see notes)
+    suspects: list[Suspect] | None
+    notes: list[str] = field(default_factory=list)  # checks that could not run, and why
+    thresholds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    if root is None:
+        return describe(path)
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # a --val_dir elsewhere
+        return str(path)
+
+
+def _entry(s: Sample, dataset: Dataset, root: Path | None) -> Entry:
+    return Entry(_rel(s.path, root), dataset.classes[s.label], s.split)
+
+
+def _kind(entries: list[Entry]) -> str:
+    if len({e.label for e in entries}) > 1:
+        return ACROSS_CLASSES
+    if len({e.split for e in entries}) > 1:
+        return ACROSS_SPLITS
+    return WITHIN_CLASS
+
+
+# ---------------------------------------------------------------- scan-only checks
+
+def class_counts(dataset: Dataset) -> dict[str, dict[str, int]]:
+    counts = {c: dict.fromkeys(SPLITS, 0) for c in dataset.classes}
+    for s in dataset.samples:
+        counts[dataset.classes[s.label]][s.split] += 1
+    return counts
+
+
+def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
+    totals = {c: sum(per_split.values()) for c, per_split in counts.items()}
+    warnings = []
+    few = [f"{c} ({n})" for c, n in totals.items() if n < MIN_IMAGES]
+    if few:
+        warnings.append(f"few images (<{MIN_IMAGES}) for {', '.join(few)}: accuracy will be unreliable; "
+                        "aim for 50+ per class")
+    if totals:
+        big, small = max(totals, key=totals.get), min(totals, key=totals.get)
+        if totals[small] and totals[big] / totals[small] >= IMBALANCE_RATIO:
+            warnings.append(f"heavy imbalance: {big} has {totals[big]} images, {small} only {totals[small]} "
+                            f"({totals[big] / totals[small]:.0f}x); the model will favour the big classes: "
+                            "add images to the small ones")
+    return warnings
+
+
+def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[DuplicateGroup]:
+    """Groups of samples with identical bytes, most serious kind first."""
+    by_digest: dict[str, list[Sample]] = defaultdict(list)
+    for s in dataset.samples:
+        if s.digest != EMPTY_DIGEST:  # empty files are unreadable, not duplicates
+            by_digest[s.digest].append(s)
+    groups = []
+    for digest, members in by_digest.items():
+        if len(members) > 1:
+            entries = [_entry(s, dataset, root) for s in members]
+            groups.append(DuplicateGroup(_kind(entries), digest, entries))
+    return sorted(groups, key=lambda g: (KINDS.index(g.kind), g.images[0].path))
+
+
+def quick_summary(dataset: Dataset) -> list[str]:
+    """The checks that need only the scan (no image is decoded), as short lines for `retrain train`."""
+    lines = [f"Warning: {w}" for w in count_warnings(class_counts(dataset))]
+    groups = exact_duplicates(dataset)
+    for kind in KINDS:
+        of_kind = [g for g in groups if g.kind == kind]
+        if of_kind:
+            example = " = ".join(e.path for e in of_kind[0].images[:2])
+            lines.append(f"Warning: {len(of_kind)} exact duplicate(s), {MEANING[kind]}; e.g. {example}")
+    if lines:
+        lines.append("Run `retrain doctor` on the folder for the full list, near-duplicates and suspected mislabels.")
+    return lines
+
+
+# ---------------------------------------------------------------- file checks
+
+def read_header(path: Path, root: Path | None = None) -> ImageFile | None:
+    """Format, mode and size from the file header (no pixels decoded); None if it does not open."""
+    try:
+        with Image.open(path) as img:
+            return ImageFile(_rel(path, root), img.format or "unknown", img.mode, img.width, img.height,
+                             bool(getattr(img, "is_animated", False)))
+    except Exception:  # any hostile file: the decode pass reports it with the decoder's reason
+        return None
+
+
+def rare_formats(files: list[ImageFile]) -> list[ImageFile]:
+    counts = Counter(f.format for f in files)
+    return [f for f in files if counts[f.format] < RARE_FORMAT_SHARE * len(files)]
+
+
+def tiny_images(files: list[ImageFile]) -> list[ImageFile]:
+    return [f for f in files if min(f.width, f.height) < TINY_SIDE]
+
+
+def huge_images(files: list[ImageFile]) -> list[ImageFile]:
+    return [f for f in files if f.width * f.height > HUGE_PIXELS]
+
+
+def unreadable_files(dataset: Dataset, failures: dict[str, str], root: Path | None) -> list[Unreadable]:
+    """Files the scan could not read, then files the decoder refused, with the reason."""
+    found = [Unreadable(_rel(p, root), why) for p, why in dataset.skipped]
+    return found + [Unreadable(_rel(s.path, root), failures[s.digest])
+                    for s in dataset.samples if s.digest in failures]
+
+
+# ---------------------------------------------------------------- near-duplicates
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)
+    return np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))
+
+
+_DCT = _dct_matrix(HASH_PREP.size)
+_GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L"
+
+
+def _phash(grey: np.ndarray) -> np.ndarray:
+    """(n, 64, 64) grey -> (n, 256) bits: the 16x16 lowest DCT frequencies above their median?"""
+    low = (_DCT @ grey @ _DCT.T)[:, :HASH_SIDE, :HASH_SIDE].reshape(len(grey), HASH_BITS)
+    bits = low > np.median(low[:, 1:], axis=1, keepdims=True)
+    bits[:, 0] = False  # the DC term is brightness, not structure
+    return bits
+
+
+def perceptual_hashes(paths: list[Path], workers: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, 256) hash bits, the same for the mirror image, and (n,) decoded?; decoded as training does."""
+    n = len(paths)
+    plain, mirrored, ok_mask = np.zeros((n, HASH_BITS), bool), np.zeros((n, HASH_BITS), bool), np.zeros(n, bool)
+    for ok, batch, _failed in decoded_batches(paths, HASH_PREP, batch_size=64, workers=workers):
+        if ok:
+            grey = batch.astype(np.float64) @ _GREY
+            plain[ok], mirrored[ok], ok_mask[ok] = _phash(grey), _phash(grey[:, :, ::-1]), True
+    return plain, mirrored, ok_mask
+
+
+def near_duplicate_pairs(plain: np.ndarray, mirrored: np.ndarray, valid: np.ndarray,
+                         codes: np.ndarray) -> list[tuple[int, int, int]]:
+    """(i, j, distance) for i < j with different content (codes) and hash distance <= NEAR_DUPLICATE_BITS."""
+    # As +-1 vectors, bits that differ = (HASH_BITS - dot product) / 2: one matrix product per block.
+    signs, mirror = (np.where(h, 1, -1).astype(np.float32) for h in (plain, mirrored))
+    pairs = []
+    for start in range(0, len(plain), BLOCK):
+        rows = slice(start, start + BLOCK)
+        agree = np.maximum(signs[rows] @ signs.T, signs[rows] @ mirror.T)
+        dist = np.rint((HASH_BITS - agree) / 2).astype(np.int64)
+        i = np.arange(start, start + dist.shape[0])[:, None]
+        j = np.arange(len(plain))[None, :]
+        hit = (dist <= NEAR_DUPLICATE_BITS) & (j > i) & (codes[rows, None] != codes[None, :]) \
+            & valid[rows, None] & valid[None, :]
+        for a, b in zip(*np.nonzero(hit)):
+            pairs.append((start + int(a), int(b), int(dist[a, b])))
+    return sorted(pairs, key=lambda p: (p[2], p[0], p[1]))
+
+
+# ---------------------------------------------------------------- outliers
+
+def nearest_similarity(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Cosine of each row to its most similar row of different content (-inf if there is none)."""
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    nearest = np.empty(len(x), np.float32)
+    for start in range(0, len(x), BLOCK):
+        sim = unit[start:start + BLOCK] @ unit.T
+        sim[codes[start:start + BLOCK, None] == codes[None, :]] = -np.inf
+        nearest[start:start + BLOCK] = sim.max(axis=1)
+    return nearest
+
+
+def relative_similarity(nearest: np.ndarray) -> np.ndarray:
+    """Each nearest similarity over the median one (NaN where undefined: no other content, too few
+    images, or a backbone whose features are not mostly alike)."""
+    finite = np.isfinite(nearest)
+    median = np.median(nearest[finite]) if finite.sum() >= MIN_FOR_STATISTICS else 0.0
+    if median <= 0:
+        return np.full(len(nearest), np.nan)
+    return np.where(finite, nearest / median, np.nan)
+
+
+# ---------------------------------------------------------------- suspected mislabels
+
+def assign_folds(y: np.ndarray, codes: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold per sample, stratified by label; identical content always shares a fold (no leak between folds)."""
+    rng = np.random.default_rng(seed)
+    _, first = np.unique(codes, return_index=True)  # one row per content, in content-code order
+    group_label, group_fold = y[first], np.zeros(len(first), np.int64)
+    for label in np.unique(group_label):
+        groups = np.flatnonzero(group_label == label)
+        group_fold[groups[rng.permutation(len(groups))]] = np.arange(len(groups)) % folds
+    return group_fold[codes]
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    # A 1280-wide softmax is too small to gain from threads, and on a busy 2-core machine two
+    # spinning torch threads made the same 5 folds take 96 s instead of 1 s.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, codes: np.ndarray, n_classes: int,
+                              folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """(N, C) probabilities, each row from the training head fitted on the other folds.
+
+    Rows whose class is missing from their training folds are NaN: no model could predict them.
+    """
+    fold = assign_folds(y, codes, folds, seed)
+    probs = np.full((len(y), n_classes), np.nan)
+    with _one_torch_thread():
+        for k in range(folds):
+            train, held = fold != k, fold == k
+            if not held.any() or not train.any():
+                continue
+            # No validation data: one evaluation at the end, so the last weights are kept.
+            steps = int(np.clip(OOF_EPOCHS * train.sum() / HeadConfig.batch_size, 200, 2000))
+            cfg = HeadConfig(steps=steps, eval_interval=steps, learning_rate=0.001, seed=seed)
+            head = train_head(x[train], y[train], x[:0], y[:0], n_classes, cfg, log=lambda _: None)
+            known = held & np.isin(y, y[train])
+            probs[known] = predict_proba(head.layers, x[known])
+    return probs
+
+
+def rank_suspects(probs: np.ndarray, y: np.ndarray) -> list[int]:
+    """Rows whose out-of-fold prediction is another label, lowest own-label probability first."""
+    rows = np.arange(len(y))
+    defined = ~np.isnan(probs).any(axis=1)
+    own = np.where(defined, probs[rows, y], np.inf)
+    disagree = defined & (np.nan_to_num(probs, nan=-1).argmax(axis=1) != y)
+    return [int(i) for i in np.argsort(own, kind="stable") if disagree[i]]
+
+
+# ---------------------------------------------------------------- the whole examination
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_dir: str | Path | None = None,
+             workers: int = 2, folds: int = FOLDS, seed: int = 0, quiet: bool = False,
+             log: Callable[[str], None] | None = None) -> Report:
+    """Run every check on a folder of class folders (or train/ val/ test/ folders)."""
+    log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
+    root, timer = Path(image_dir), _Timer()
+    with timer("scan"):
+        dataset = scan_dataset(root, workers=workers + 2, quiet=quiet)
+    with timer("headers"):
+        files = [f for f in (read_header(s.path, root) for s in dataset.samples) if f]
+    net = get_backbone(backbone)
+    with timer("features"):
+        features, failures = compute_features(dataset.samples, net, Path(cache_dir or default_cache_dir()),
+                                              workers=workers, quiet=quiet)
+    usable = [s for s in dataset.samples if s.digest in features]
+    entries = [_entry(s, dataset, root) for s in usable]
+    codes = np.unique([s.digest for s in usable], return_inverse=True)[1].astype(np.int64)  # content ids
+    log("Checking for near-duplicates ...")
+    with timer("near_duplicates"):
+        near = _near_duplicates(usable, entries, codes, workers)
+    report = Report(
+        image_dir=str(root), backbone=net.name, classes=dataset.classes, fixed_split=dataset.fixed_split,
+        counts=class_counts(dataset), warnings=count_warnings(class_counts(dataset)), ignored_files=dataset.ignored,
+        unreadable=unreadable_files(dataset, failures, root),
+        formats=dict(Counter(f.format for f in files).most_common()),
+        modes=dict(Counter(f.mode for f in files).most_common()),
+        rare_formats=rare_formats(files), animated=[f for f in files if f.animated],
+        tiny=tiny_images(files), huge=huge_images(files),
+        exact_duplicates=[g for g in exact_duplicates(dataset, root) if g.digest not in failures],
+        near_duplicates=near, outliers=None, suspects=None,
+        thresholds={"min_images": MIN_IMAGES, "imbalance_ratio": IMBALANCE_RATIO, "tiny_side": TINY_SIDE,
+                    "huge_pixels": HUGE_PIXELS, "near_duplicate_bits": NEAR_DUPLICATE_BITS, "hash_bits": HASH_BITS,
+                    "outlier_ratio": OUTLIER_RATIO, "folds": folds},
+        seconds=timer.seconds)
+    if len(usable) < MIN_FOR_STATISTICS:
+        report.notes.append(f"outliers and mislabels need {MIN_FOR_STATISTICS}+ readable images; "
+                            f"found {len(usable)}")
+        return report
+    x = np.stack([features[s.digest] for s in usable]).astype(np.float32)
+    y = np.array([s.label for s in usable])
+    with timer("outliers"):
+        report.outliers = _outliers(x, codes, entries)
+    log(f"Looking for mislabelled images ({folds}-fold cross-validation) ...")
+    with timer("mislabels"):
+        report.suspects = _suspects(out_of_fold_probabilities(x, y, codes, len(dataset.classes), folds, seed),
+                                    y, entries, dataset.classes)
+    return report
+
+
+def _near_duplicates(usable: list[Sample], entries: list[Entry], codes: np.ndarray,
+                     workers: int) -> list[NearDuplicate]:
+    _, first = np.unique(codes, return_index=True)  # decode each distinct content once
+    plain, mirrored, ok = (h[codes] for h in perceptual_hashes([usable[i].path for i in first], workers))
+    return [NearDuplicate(_kind([entries[i], entries[j]]), entries[i], entries[j], d)
+            for i, j, d in near_duplicate_pairs(plain, mirrored, ok, codes)]
+
+
+def _outliers(x: np.ndarray, codes: np.ndarray, entries: list[Entry]) -> list[Outlier]:
+    nearest = nearest_similarity(x, codes)
+    relative = relative_similarity(nearest)
+    return [Outlier(entries[i], round(float(nearest[i]), 4), round(float(relative[i]), 3))
+            for i in np.argsort(relative, kind="stable") if relative[i] <= OUTLIER_RATIO]
+
+
+def _suspects(probs: np.ndarray, y: np.ndarray, entries: list[Entry], classes: list[str]) -> list[Suspect]:
+    return [Suspect(entries[i], round(float(probs[i, y[i]]), 4), classes[int(probs[i].argmax())],
+                    round(float(probs[i].max()), 4)) for i in rank_suspects(probs, y)]
+
+
+# ---------------------------------------------------------------- text
+
+SHOW = 15  # items per list in the text report; --json has them all
+
+
+def _more(items: list, show: int = SHOW) -> list[str]:
+    return [f"    ... and {len(items) - show} more (--json lists all)"] if len(items) > show else []
+
+
+def _counts_table(report: Report) -> list[str]:
+    width = max(12, *(len(c) for c in report.classes)) + 2
+    lines = [f"  {'class':<{width}}{'train':>7}{'validation':>12}{'test':>7}{'total':>8}"]
+    for c, n in report.counts.items():
+        lines.append(f"  {c:<{width}}{n['train']:>7}{n['validation']:>12}{n['test']:>7}{sum(n.values()):>8}")
+    return lines
+
+
+def _file_lines(report: Report) -> list[str]:
+    def size(f: ImageFile) -> str:
+        return f"{f.path} ({f.format} {f.mode}, {f.width}x{f.height})"
+
+    lines = ["  formats: " + (", ".join(f"{k} {v}" for k, v in report.formats.items()) or "none"),
+             "  modes:   " + (", ".join(f"{k} {v}" for k, v in report.modes.items()) or "none")]
+    for title, items in ((f"rare formats (under {RARE_FORMAT_SHARE:.0%} of the files)", report.rare_formats),
+                         ("animated (the first frame is used)", report.animated),
+                         (f"tiny (shorter side under {TINY_SIDE} px: upscaled, little detail)", report.tiny),
+                         (f"huge (over {HUGE_PIXELS / 1e6:.0f} megapixels: slow to decode)", report.huge)):
+        if items:
+            lines += [f"  ! {title}: {len(items)}"] + [f"    {size(f)}" for f in items[:SHOW]] + _more(items)
+    if report.unreadable:
+        lines.append(f"  ! unreadable, skipped by training: {len(report.unreadable)}")
+        lines += [f"    {u.path}: {u.reason}" for u in report.unreadable[:SHOW]] + _more(report.unreadable)
+    else:
+        lines.append("  unreadable: none")
+    if report.ignored_files:
+        lines.append(f"  {report.ignored_files} file(s) without an image extension ignored")
+    return lines
+
+
+def _duplicate_lines(report: Report) -> list[str]:
+    lines = []
+    for kind in KINDS:
+        groups = [g for g in report.exact_duplicates if g.kind == kind]
+        mark = "!" if groups else " "
+        lines.append(f"  {mark} exact, {kind}: {len(groups) or 'none'}" + (f" - {MEANING[kind]}" if groups else ""))
+        for g in groups[:SHOW]:
+            lines.append("    " + " = ".join(f"{e.path}" + (f" [{e.split}]" if kind == ACROSS_SPLITS else "")
+                                            for e in g.images))
+        lines += _more(groups)
+    near = report.near_duplicates
+    lines.append(f"  {'!' if near else ' '} near (perceptual hash within {NEAR_DUPLICATE_BITS} of {HASH_BITS} bits, "
+                 f"mirror images included): {len(near) or 'none'}")
+    for p in near[:SHOW]:
+        lines.append(f"    {p.kind:<14} {p.a.path} [{p.a.split}] ~ {p.b.path} [{p.b.split}]  ({p.distance} bits)")
+    return lines + _more(near)
+
+
+def _outlier_lines(report: Report) -> list[str]:
+    if report.outliers is None:
+        return ["  not checked (see the note below)"]
+    if not report.outliers:
+        return ["  none"]
+    return [f"  ! {o.image.path} [{o.image.label}]  nearest similarity {o.nearest_similarity:.2f} "
+            f"({o.relative:.2f} of the median)" for o in report.outliers[:SHOW]] + _more(report.outliers)
+
+
+def _suspect_lines(report: Report) -> list[str]:
+    if report.suspects is None:
+        return ["  not checked (see the note below)"]
+    if not report.suspects:
+        return ["  none: every image's own label is the one the cross-validated model prefers"]
+    width = max(len(s.image.path) for s in report.suspects[:SHOW])
+    lines = [f"  {'p(own)':>7}  {'image':<{width}}  label -> model prefers"]
+    for s in report.suspects[:SHOW]:
+        lines.append(f"  {s.own_probability:>7.3f}  {s.image.path:<{width}}  {s.image.label} -> "
+                     f"{s.preferred} ({s.preferred_probability:.2f})")
+    return lines + _more(report.suspects)
+
+
+def format_text(report: Report) -> str:
+    n = sum(sum(c.values()) for c in report.counts.values())
+    split = "fixed split folders" if report.fixed_split else "split by content hash"
+    outliers, suspects = len(report.outliers or []), len(report.suspects or [])
+    out = [f"retrain doctor: {report.image_dir}",
+           f"{n} images in {len(report.classes)} classes ({split}); backbone {report.backbone}", "",
+           "Classes"] + _counts_table(report)
+    out += [f"  ! {w}" for w in report.warnings] or ["  counts look fine"]
+    out += ["", "Files"] + _file_lines(report)
+    out += ["", "Duplicates"] + _duplicate_lines(report)
+    out += ["", f"Outliers (unlike every other image: most similar image under {OUTLIER_RATIO:.0%} of the "
+                "usual nearest-neighbour feature similarity)"] + _outlier_lines(report)
+    out += ["", f"Suspected mislabels ({report.thresholds.get('folds', FOLDS)}-fold out-of-fold probability "
+                "of the folder's label, lowest first)" + (f": {suspects}" if report.suspects is not None else "")
+            ] + _suspect_lines(report)
+    out += [f"Note: {note}" for note in report.notes]
+    problems = (len(report.warnings) + len(report.unreadable) + len(report.exact_duplicates)
+                + len(report.near_duplicates) + outliers + suspects)
+    out += ["", f"Summary: {len(report.warnings)} warning(s), {len(report.unreadable)} unreadable, "
+                f"{len(report.exact_duplicates)} exact and {len(report.near_duplicates)} near duplicate(s), "
+                f"{outliers} outlier(s), {suspects} suspected mislabel(s)"
+                + ("" if problems or report.notes else ": nothing to fix")]
+    return "\n".join(out)

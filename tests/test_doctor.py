@@ -1,0 +1,240 @@
+"""`retrain doctor`: counts, duplicates, leakage, near-duplicates, outliers, suspected mislabels.
+
+One generated dataset with planted problems is examined once per module (features are cached
+in the session cache); the hostile-file cases run through the doctor in test_intake.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from retrain import doctor
+from retrain.cli import retrain_main
+from retrain.doctor import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, diagnose, format_text, quick_summary
+from retrain.scan import scan_dataset
+
+from conftest import draw_shape, shared_dataset
+
+CLASSES = ("circles", "squares", "stripes")
+
+
+def photo(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """A shape over a random background with some detail: unlike plain shapes, no two share a
+    perceptual hash, and unlike flat images, a recompressed copy keeps its hash."""
+    background = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    background = background.resize((size, size), Image.Resampling.BICUBIC)
+    return Image.blend(background, draw_shape(kind, rng, size), 0.6)
+
+
+def photo_folder(root: Path, per_class: int, seed: int = 0, classes=CLASSES) -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo(kind, rng).save(root / kind / f"{kind[0]}{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, cache_dir):
+    """train/ + val/ folders with one of every problem planted; returns (root, report)."""
+    root = tmp_path_factory.mktemp("doctor") / "data"
+    photo_folder(root / "train", per_class=20, seed=1)
+    photo_folder(root / "val", per_class=5, seed=2)
+    train, val = root / "train", root / "val"
+    shutil.copyfile(train / "circles/c00.jpg", train / "circles/c00 copy.jpg")  # exact, within class
+    shutil.copyfile(train / "squares/s01.jpg", train / "stripes/s01 again.jpg")  # exact, two classes
+    shutil.copyfile(val / "circles/c00.jpg", train / "circles/leaked.jpg")  # exact, two splits
+    with Image.open(train / "squares/s02.jpg") as img:  # near: smaller and recompressed, same class
+        img.resize((60, 60), Image.Resampling.BILINEAR).save(train / "squares/s02 small.jpg", quality=60)
+    with Image.open(train / "stripes/s03.jpg") as img:  # near: mirrored, in val
+        ImageOps.mirror(img).save(val / "stripes/s03 mirrored.png")
+    (train / "circles/c05.jpg").rename(train / "squares/c05.jpg")  # flipped labels
+    (train / "stripes/s06.jpg").rename(train / "circles/s06.jpg")
+    return root, diagnose(root, cache_dir=cache_dir, quiet=True)
+
+
+def paths(entries) -> set[str]:
+    return {e.path for e in entries}
+
+
+def test_counts_per_class_and_split(planted):
+    _, report = planted
+    assert report.classes == list(CLASSES) and report.fixed_split
+    assert {c: n["validation"] for c, n in report.counts.items()} == {"circles": 5, "squares": 5, "stripes": 6}
+    assert sum(n["train"] + n["test"] for n in report.counts.values()) == 60 + 4  # three exact copies and one smaller copy
+    assert report.warnings == []
+
+
+def test_exact_duplicates_by_kind(planted):
+    _, report = planted
+    groups = {g.kind: paths(g.images) for g in report.exact_duplicates}
+    assert len(report.exact_duplicates) == 3
+    assert groups[WITHIN_CLASS] == {"train/circles/c00.jpg", "train/circles/c00 copy.jpg"}
+    assert groups[ACROSS_CLASSES] == {"train/squares/s01.jpg", "train/stripes/s01 again.jpg"}
+    assert groups[ACROSS_SPLITS] == {"val/circles/c00.jpg", "train/circles/leaked.jpg"}
+
+
+def test_near_duplicates_resized_and_mirrored_copies(planted):
+    _, report = planted
+    pairs = {frozenset((p.a.path, p.b.path)): p for p in report.near_duplicates}
+    assert set(pairs) == {frozenset({"train/squares/s02.jpg", "train/squares/s02 small.jpg"}),
+                          frozenset({"train/stripes/s03.jpg", "val/stripes/s03 mirrored.png"})}
+    small = pairs[frozenset({"train/squares/s02.jpg", "train/squares/s02 small.jpg"})]
+    # train/ holds the test split too (carved by content hash): the smaller copy may land in the other one.
+    assert small.kind == (WITHIN_CLASS if small.a.split == small.b.split else ACROSS_SPLITS)
+    assert pairs[frozenset({"train/stripes/s03.jpg", "val/stripes/s03 mirrored.png"})].kind == ACROSS_SPLITS
+    assert all(p.distance <= doctor.NEAR_DUPLICATE_BITS for p in report.near_duplicates)
+
+
+def test_flipped_labels_are_the_top_suspects(planted):
+    _, report = planted
+    top = {s.image.path: s for s in report.suspects[:3]}
+    assert {"train/squares/c05.jpg", "train/circles/s06.jpg"} <= set(top)
+    assert top["train/squares/c05.jpg"].preferred == "circles"
+    assert top["train/circles/s06.jpg"].preferred == "stripes"
+    probs = [s.own_probability for s in report.suspects]
+    assert probs == sorted(probs) and all(p < s.preferred_probability for p, s in zip(probs, report.suspects))
+
+
+def test_text_report_names_every_problem(planted):
+    root, report = planted
+    text = format_text(report)
+    for needle in ("exact, across classes: 1", "exact, across splits: 1", "exact, within class: 1",
+                   "train/circles/leaked.jpg", "s02 small.jpg", "train/squares/c05.jpg",
+                   "squares -> circles", "Summary: 0 warning(s), 0 unreadable, 3 exact and 2 near duplicate(s)"):
+        assert needle in text, needle
+
+
+def test_cli_json_is_complete_and_deterministic(planted, cache_dir, capsys):
+    root, report = planted
+    runs = []
+    for _ in range(2):
+        assert retrain_main(["doctor", str(root), "--json", "--quiet", "--cache_dir", str(cache_dir)]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    for run in runs:
+        run.pop("seconds")
+    assert runs[0] == runs[1]
+    expected = report.to_dict()
+    expected.pop("seconds")
+    assert runs[0] == expected
+    assert set(runs[0]) >= {"counts", "unreadable", "formats", "modes", "exact_duplicates", "near_duplicates",
+                            "outliers", "suspects"}
+
+
+def test_quick_summary_uses_the_scan_only(planted, monkeypatch):
+    root, _ = planted
+    dataset = scan_dataset(root, quiet=True)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("quick_summary decoded an image"))
+    lines = quick_summary(dataset)
+    assert len(lines) == 4 and lines[-1].startswith("Run `retrain doctor`")
+    assert "two or more classes" in lines[0] and "s01.jpg" in lines[0]
+    assert "leakage" in lines[1] and "c00.jpg" in lines[1]
+    assert "one class" in lines[2]
+
+
+def test_quick_summary_few_images_and_imbalance(tmp_path):
+    photo_folder(tmp_path / "d", per_class=8, classes=("rare",))
+    photo_folder(tmp_path / "d", per_class=40, seed=3, classes=("common",))
+    lines = quick_summary(scan_dataset(tmp_path / "d", quiet=True))
+    assert lines[0].startswith("Warning: few images (<20) for rare (8)")
+    assert lines[1].startswith("Warning: heavy imbalance: common has 40 images, rare only 8 (5x)")
+
+
+def test_quick_summary_clean_dataset_says_nothing(tmp_path):
+    assert quick_summary(scan_dataset(photo_folder(tmp_path / "d", per_class=20), quiet=True)) == []
+
+
+def test_empty_files_are_not_reported_as_duplicates(tmp_path):
+    root = photo_folder(tmp_path / "d", per_class=20, classes=("a", "b"))
+    (root / "a" / "empty1.jpg").write_bytes(b"")
+    (root / "b" / "empty2.jpg").write_bytes(b"")
+    assert doctor.exact_duplicates(scan_dataset(root, quiet=True)) == []
+
+
+def test_folds_keep_identical_content_together_and_are_stratified():
+    y = np.repeat([0, 1], 50)
+    codes = np.arange(100) // 2  # every content twice
+    fold = doctor.assign_folds(y, codes, folds=5, seed=0)
+    assert (fold[0::2] == fold[1::2]).all()
+    for label in (0, 1):
+        assert sorted(np.bincount(fold[y == label], minlength=5)) == [10] * 5
+    assert (doctor.assign_folds(y, codes, 5, 0) == fold).all()
+
+
+def test_class_missing_from_training_folds_is_never_a_suspect():
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 1, (40, 8)), rng.normal(3, 1, (40, 8)), rng.normal(-3, 1, (1, 8))]).astype(np.float32)
+    y = np.array([0] * 40 + [1] * 40 + [2])
+    probs = doctor.out_of_fold_probabilities(x, y, np.arange(81), 3)
+    assert np.isnan(probs[80]).all() and not np.isnan(probs[:80]).any()
+    assert 80 not in doctor.rank_suspects(probs, y)
+
+
+def test_outliers_are_relative_to_the_dataset():
+    nearest = np.r_[np.linspace(0.6, 0.7, 50), 0.1, -np.inf]
+    relative = doctor.relative_similarity(nearest)
+    assert np.flatnonzero(relative <= doctor.OUTLIER_RATIO).tolist() == [50]
+    assert np.isnan(relative[-1])  # no other content to compare with: no verdict
+    tight = np.r_[np.linspace(0.92, 0.95, 50), 0.8]  # one background: 0.8 is ordinary
+    assert not (doctor.relative_similarity(tight) <= doctor.OUTLIER_RATIO).any()
+    assert np.isnan(doctor.relative_similarity(np.linspace(0.6, 0.7, 10))).all()  # too few to judge
+
+
+def test_perceptual_hash_survives_resizing_not_a_different_photo(tmp_path):
+    rng = np.random.default_rng(5)
+    a, b = photo("circles", rng, 200), photo("circles", rng, 200)
+    a.save(tmp_path / "a.png")
+    a.resize((70, 70)).save(tmp_path / "a small.jpg", quality=50)
+    ImageOps.mirror(a).save(tmp_path / "a mirrored.png")
+    b.save(tmp_path / "b.png")
+    plain, mirrored, ok = doctor.perceptual_hashes([tmp_path / n for n in ("a.png", "a small.jpg", "a mirrored.png",
+                                                                          "b.png", "missing.png")])
+    assert ok.tolist() == [True, True, True, True, False]
+    pairs = doctor.near_duplicate_pairs(plain, mirrored, ok, np.arange(5))
+    assert {(i, j) for i, j, _ in pairs} == {(0, 1), (0, 2), (1, 2)}
+
+
+def test_nothing_readable_is_reported_not_a_crash(tmp_path, cache_dir):
+    for cls, name, data in (("a", "x.jpg", b"<html></html>"), ("b", "y.png", b"")):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        (tmp_path / "d" / cls / name).write_bytes(data)
+    report = diagnose(tmp_path / "d", cache_dir=cache_dir, quiet=True)
+    assert [u.path for u in report.unreadable] == ["a/x.jpg", "b/y.png"]
+    assert report.outliers is None and report.suspects is None and report.notes
+    text = format_text(report)
+    assert "not checked (see the note below)" in text and "found 0" in text
+
+
+def test_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    assert retrain_main(["doctor", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "image folder not found" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_hymenoptera_placeholder_gif_is_surfaced(cache_dir):
+    report = diagnose(shared_dataset("hymenoptera"), cache_dir=cache_dir, quiet=True)
+    placeholder = "train/ants/imageNotFound.gif"
+    assert [f.path for f in report.rare_formats] == [placeholder]
+    assert report.outliers[0].image.path == placeholder
+    assert report.unreadable == [] and report.exact_duplicates == []
+
+
+@pytest.mark.slow
+def test_planted_benchmark_finds_duplicates_leaks_and_flips(cache_dir):
+    """benchmarks/doctor_planted.py's bar: every planted duplicate and leak, >= 70% of flips in the top 2x."""
+    shared_dataset("hymenoptera")
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "doctor_planted.py"))
+    result = bench["run"](0, str(cache_dir), False)
+    for kind in (WITHIN_CLASS, ACROSS_CLASSES, ACROSS_SPLITS):
+        assert result[kind][0] == result[kind][1] > 0, kind
+    flipped, found = result["flipped"]
+    assert found >= 0.7 * flipped
