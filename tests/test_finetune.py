@@ -33,8 +33,9 @@ def config(cache_dir, **kw) -> TrainConfig:
 def test_exported_finetuned_model_matches_pytorch(shapes, cache_dir, tmp_path, monkeypatch):
     kept = {}
     real = ft.finetune
-    monkeypatch.setattr(retrain.api, "finetune", lambda *a, **k: kept.setdefault("r", real(*a, **k)))
-    model = retrain.train(shapes, config(cache_dir))
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: kept.setdefault("r", real(*a, **k)))
+    # No validation split: nothing to fall back on, so the tuned weights are exported.
+    model = retrain.train(shapes, config(cache_dir, validation_percentage=0))
     model.save(tmp_path / "m")
     tuned = kept["r"]
     assert model.metrics["mode"] == "finetune" and len(model.metrics["finetune"]["history"]) >= 1
@@ -82,6 +83,15 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     for (wa, ba), (wb, bb) in zip(whole.layers, resumed.layers):
         np.testing.assert_array_equal(wa, wb)
         np.testing.assert_array_equal(ba, bb)
+
+
+def test_warm_start_is_kept_when_no_epoch_beats_it(shapes, cache_dir, monkeypatch):
+    """A head already perfect on validation cannot be beaten: fine-tuning must not make it worse."""
+    logs: list[str] = []
+    model = retrain.train(shapes, config(cache_dir, validation_percentage=30), log=logs.append)
+    assert model.metrics["finetune"]["best_epoch"] == 0
+    assert model.metrics["finetune"]["history"][0]["validation_accuracy"] == 1.0
+    assert any("keeping the head trained on cached features" in line for line in logs)
 
 
 def test_damaged_checkpoint_is_a_clear_error(shapes, tmp_path):

@@ -28,7 +28,7 @@ from .doctor import quick_summary
 from .evaluate import classification_metrics
 from .features import compute_features, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
-from .finetune import FinetuneConfig, FinetuneResult, finetune, pick_device
+from .config import FinetuneConfig
 from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path
 from .calibrate import Calibration, calibrate
 from .head import HeadConfig, HeadResult, logits, softmax, train_head
@@ -108,13 +108,16 @@ class _Stages:
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
-    import PIL
-    import torch
+    """Library versions for provenance, read from package metadata (importing torch costs 1.3 s)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"retrain": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return {"retrain": __version__, "python": platform.python_version()} | {
+        name: installed(name) for name in ("torch", "onnx", "onnxruntime", "numpy", "pillow")}
 
 
 def _matrix(samples: list[Sample], features: dict[str, np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +190,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     extractor, layers, tuned = onnx.load(str(extractor_path(backbone, cache))), head.layers, None
     mode, reason = choose_mode(config, len(split["train"]))
     if mode != "head":
+        from .finetune import finetune  # imports PyTorch: only when fine-tuning
+
         log(f"Mode {mode}: {reason}")
         with stage("finetune"):
             ft_config = replace(config.finetune, unfreeze=0) if mode == "head-live" else config.finetune
@@ -235,6 +240,8 @@ def choose_mode(config: TrainConfig, n_train: int) -> tuple[str, str]:
         return "head-live", "distortions need live images: training the head on distorted photos, backbone frozen"
     if config.mode == "head":
         return "head", "as asked"
+    from .finetune import pick_device
+
     budget = config.time_budget or AUTO_BUDGET_SECONDS
     gpu = pick_device(config.finetune.device).type == "cuda"
     rate = GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND
@@ -255,7 +262,7 @@ def _checkpoint_path(cache: Path, dataset: Dataset, config: TrainConfig) -> Path
     return path
 
 
-def tuned_extractor(tuned: FinetuneResult, backbone: Backbone) -> onnx.ModelProto:
+def tuned_extractor(tuned, backbone: Backbone) -> onnx.ModelProto:
     """The fine-tuned feature network as an ONNX extractor (uint8 image -> features)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "network.onnx"

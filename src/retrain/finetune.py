@@ -18,7 +18,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import Augment, augment
+from .config import CPU_TRAIN_SIZE, FinetuneConfig
 from .backbones import Backbone
 from .decode import UnreadableImage, open_rgb
 from .errors import UserError
@@ -36,29 +37,6 @@ from .features import decoded_batches
 from .preprocess import Preprocessing, normalize_torch
 from .scan import Sample
 
-CPU_TRAIN_SIZE = 160
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = 5
-    train_size: int | None = None  # None: 160 on the CPU, the backbone's own size on a GPU
-    batch_size: int = 32
-    learning_rate: float = 1e-3  # the head's; unfrozen stages get backbone_lr_ratio of it
-    backbone_lr_ratio: float = 0.1
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    warmup_fraction: float = 0.1
-    unfreeze: int = -1  # stages from the top to train: -1 all, 0 the head only
-    patience: int = 2  # epochs without validation improvement before stopping
-    augment: Augment | None = None  # None: the modern default; its size is set to train_size
-    device: str = "auto"  # auto, cpu, cuda
-    compile: bool = False  # torch.compile (GPU)
-    workers: int = 0  # decode threads; 0: one per CPU core
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -236,9 +214,18 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
         start_epoch, result.history = int(state["epoch"]) + 1, list(state["history"])
         best_key, best_state, stale = tuple(state["best_key"]), state["best_model"], int(state["stale"])
         result.best_epoch = int(state["best_epoch"])
+        warm_key, warm_state = (tuple(state["warm_key"]) if state["warm_key"] else None), state["warm_model"]
         log(f"Resuming fine-tuning after epoch {start_epoch - 1} from {checkpoint}")
-    elif resume:
-        log("No checkpoint to resume from: starting fine-tuning afresh.")
+    else:
+        if resume:
+            log("No checkpoint to resume from: starting fine-tuning afresh.")
+        # The warm start is the fallback: kept if no fine-tuned epoch beats it on validation.
+        warm_key, warm_state = None, None
+        checked = _validate(net, val, backbone.prep, device, workers, {"epoch": 0})
+        if checked:
+            (warm_key, entry), warm_state = checked, _cpu_state(net)
+            result.history.append(entry)
+            log(f"Before fine-tuning: Validation accuracy = {100 * entry['validation_accuracy']:.1f}% (N={len(val)})")
 
     unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
     log(f"Fine-tuning {backbone.name} on {device.type} at {size} px: {unfrozen} unfrozen, "
@@ -247,36 +234,50 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
         if stale >= cfg.patience:
             break
         entry = _train_epoch(model, net, trainable, opt, sched, train, aug, cfg, epoch, workers, device, backbone.prep)
-        v_logits, v_labels = predict_logits(net, val, backbone.prep, device, workers) if val else (None, None)
-        if v_logits is not None and len(v_labels):
-            val_loss = float(F.cross_entropy(torch.from_numpy(v_logits), torch.from_numpy(v_labels)))
-            val_acc = float((v_logits.argmax(1) == v_labels).mean())
-            entry |= {"validation_accuracy": val_acc, "validation_loss": val_loss}
-            key = (val_acc, -val_loss)
-        else:
-            key = (entry["train_accuracy"], -entry["train_loss"])
+        checked = _validate(net, val, backbone.prep, device, workers, entry)
+        key, entry = checked if checked else ((entry["train_accuracy"], -entry["train_loss"]), entry)
         result.history.append(entry)
         log(f"Epoch {epoch}/{cfg.epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
             f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
-                                            f"(N={len(v_labels)})" if "validation_accuracy" in entry else "")
+                                            f"(N={len(val)})" if "validation_accuracy" in entry else "")
             + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
         if best_key is None or key > best_key:
-            best_key, stale, result.best_epoch = key, 0, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best_key, stale, result.best_epoch, best_state = key, 0, epoch, _cpu_state(net)
         else:
             stale += 1
         if checkpoint:
             _save_checkpoint(checkpoint, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
                                           "best_key": list(best_key), "best_model": best_state, "stale": stale,
-                                          "best_epoch": result.best_epoch})
+                                          "best_epoch": result.best_epoch, "warm_model": warm_state,
+                                          "warm_key": list(warm_key) if warm_key else []})
         if stale >= cfg.patience:
             log(f"Early stop after epoch {epoch}: no validation improvement since epoch {result.best_epoch}.")
+    if warm_key is not None and (best_key is None or warm_key > best_key):
+        log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
+        best_state, result.best_epoch = warm_state, 0
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval().cpu().to(memory_format=torch.contiguous_format)
     result.features, result.layers = net.features, net.head_layers()
     return result
+
+
+def _cpu_state(net: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+def _validate(net: Network, val: list[Sample], prep: Preprocessing, device: torch.device, workers: int,
+              entry: dict) -> tuple[tuple[float, float], dict] | None:
+    """((accuracy, -loss), entry with validation figures) on the validation split; None without one."""
+    if not val:
+        return None
+    v_logits, v_labels = predict_logits(net, val, prep, device, workers)
+    if not len(v_labels):
+        return None
+    val_loss = float(F.cross_entropy(torch.from_numpy(v_logits), torch.from_numpy(v_labels)))
+    val_acc = float((v_logits.argmax(1) == v_labels).mean())
+    return (val_acc, -val_loss), entry | {"validation_accuracy": val_acc, "validation_loss": val_loss}
 
 
 def _train_epoch(model, net: Network, trainable, opt, sched, train: list[Sample], aug: Augment,

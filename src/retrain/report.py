@@ -56,8 +56,8 @@ def learning_curves(metrics: dict) -> bytes | None:
         for col, (metric, label) in enumerate((("accuracy", "accuracy"), ("loss", "cross-entropy loss"))):
             ax = axes[row][col]
             for split in ("train", "validation"):
-                ys = [e.get(f"{split}_{metric}") for e in hist]
-                if any(y is not None for y in ys):
+                ys = [e.get(f"{split}_{metric}", np.nan) for e in hist]  # epoch 0 has validation only
+                if not np.all(np.isnan(ys)):
                     ax.plot(xs, ys, marker="o" if key == "epoch" else None, label=split)
             ax.set_xlabel(key)
             ax.set_ylabel(label)
