@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO   := demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean chromium
 
 $(BIN)/retrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,15 @@ $(BIN)/retrain: pyproject.toml
 
 setup: $(BIN)/retrain
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for the web page tests (tests/test_serve_browser.py); they skip, saying why,
+# where it cannot be installed (not root, no apt-get).
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "Chromium not installed: the browser tests will be skipped"
 
 $(FMNIST)/train-images-idx3-ubyte.gz:
 	@command -v apt-get >/dev/null || { echo "Install Debian's dataset-fashion-mnist package first"; exit 1; }

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "report", "import-idx", "doctor")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "import-idx", "serve", "doctor")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
@@ -43,7 +43,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
     from .api import TrainConfig
-    from .finetune import CPU_TRAIN_SIZE, FinetuneConfig
+    from .config import CPU_TRAIN_SIZE, FinetuneConfig
     from .head import HeadConfig
 
     t, h = TrainConfig(), HeadConfig()
@@ -130,7 +130,7 @@ def _positive(name: str, value: float) -> None:
 def config_from_args(args: argparse.Namespace):
     from .api import TrainConfig
     from .augment import Augment
-    from .finetune import FinetuneConfig
+    from .config import FinetuneConfig
     from .head import HeadConfig
 
     for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers",
@@ -257,6 +257,16 @@ def cmd_import_idx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    for name in ("port", "max_upload_mb", "max_queue", "max_batch"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    config = ServeConfig(max_upload_bytes=args.max_upload_mb << 20, max_queue=args.max_queue,
+                         max_batch=args.max_batch)
+    return serve(args.model, args.host, args.port, config)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import diagnose, format_text
 
@@ -305,6 +315,16 @@ def modern_parser() -> argparse.ArgumentParser:
     ix.add_argument("--class-names", choices=["fashion", "digits"], default="digits")
     ix.add_argument("--limit-per-class", type=int, help="keep at most this many images per class")
     ix.set_defaults(run=cmd_import_idx)
+    sv = sub.add_parser("serve", help="HTTP API and web pages to try a model and to train new ones",
+                        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("model", nargs="?", help="model directory or .onnx file (default: the bundled ImageNet classifier)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes "
+                                                        "prediction and training to the network")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=int, default=32, help="largest request body, MiB")
+    sv.add_argument("--max-queue", type=int, default=16, help="predict requests admitted at once; more get 503")
+    sv.add_argument("--max-batch", type=int, default=16, help="most images per ONNX Runtime call (1: no batching)")
+    sv.set_defaults(run=cmd_serve)
     dr = sub.add_parser("doctor", help="check IMAGE_DIR for unreadable files, duplicates, leakage and mislabels",
                         allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     dr.add_argument("image_dir")

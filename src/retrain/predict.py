@@ -75,16 +75,20 @@ class Classifier:
 
         `min_confidence` overrides the threshold stored in the model for flagging `unknown`.
         """
-        k = max(1, min(top_k, len(self.labels)))
-        threshold = self.unknown_threshold if min_confidence is None else min_confidence
         for ok, batch, failed in decoded_batches(paths, self.prep, batch_size, workers):
             results = {i: Prediction(str(paths[i]), [], why) for i, why in failed}
             if len(ok):
                 for i, p in zip(ok, self.probabilities(batch)):
-                    best = np.argsort(-p, kind="stable")[:k]
-                    results[i] = Prediction(str(paths[i]), [(self.labels[j], float(p[j])) for j in best],
-                                            unknown=bool(p[best[0]] < threshold))
+                    results[i] = self.rank(str(paths[i]), p, top_k, min_confidence)
             yield from (results[i] for i in sorted(results))
+
+    def rank(self, name: str, probs: np.ndarray, top_k: int = 5, min_confidence: float | None = None) -> Prediction:
+        """One image's (C,) probabilities as a Prediction: top k labels, flagged unknown below the threshold."""
+        k = max(1, min(top_k, len(self.labels)))
+        threshold = self.unknown_threshold if min_confidence is None else min_confidence
+        best = np.argsort(-probs, kind="stable")[:k]
+        return Prediction(name, [(self.labels[j], float(probs[j])) for j in best],
+                          unknown=bool(probs[best[0]] < threshold))
 
 
 def model_file(model: str | os.PathLike) -> Path:
