@@ -153,15 +153,13 @@ def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
         log(f"Ignored {dataset.ignored} file(s) without an image extension in the class folders.")
 
 
-def train(image_dir: str | Path, config: TrainConfig | None = None,
-          log: Callable[[str], None] | None = None) -> TrainedModel:
-    """Train a classifier on a folder of class folders; returns the model and its metrics."""
-    config = config or TrainConfig()
-    log = log or (lambda msg: None if config.quiet else tqdm.write(msg, file=sys.stderr))
-    stage = _Stages()
-    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
+def _log_for(config: TrainConfig) -> Callable[[str], None]:
+    return lambda msg: None if config.quiet else tqdm.write(msg, file=sys.stderr)
 
+
+def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path,
+                       stage: _Stages, log: Callable[[str], None]):
+    """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)})."""
     with stage("scan"):
         dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
                                validation_percentage=config.validation_percentage,
@@ -178,7 +176,26 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
             "; ".join(f"{describe(p)} ({why})" for p, why in dataset.skipped[:5]) +
             (" ..." if len(dataset.skipped) > 5 else ""))
     split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
-    x = {name: _matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+    return dataset, split, {name: _matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+
+
+def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Training-split features, labels and class names, as train() would use them (for lr-find)."""
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
+    dataset, _, x = _features_by_split(image_dir, config, backbone, cache, _Stages(), _log_for(config))
+    return *x["train"], dataset.classes
+
+
+def train(image_dir: str | Path, config: TrainConfig | None = None,
+          log: Callable[[str], None] | None = None) -> TrainedModel:
+    """Train a classifier on a folder of class folders; returns the model and its metrics."""
+    config = config or TrainConfig()
+    log = log or _log_for(config)
+    stage = _Stages()
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
+    dataset, split, x = _features_by_split(image_dir, config, backbone, cache, stage, log)
     if not split["validation"]:
         log("No validation images: early stopping watches training accuracy instead.")
 

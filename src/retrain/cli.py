@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "report", "import-idx", "serve", "doctor")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
@@ -248,6 +248,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .api import TrainConfig, head_training_data
+    from .head import HeadConfig
+    from .lrfind import lr_sweep, plot_sweep
+
+    cfg = TrainConfig(backbone=args.backbone, cache_dir=args.cache_dir, quiet=args.quiet,
+                      head=HeadConfig(hidden_units=args.hidden_units, seed=args.seed))
+    x, y, classes = head_training_data(args.image_dir, cfg)
+    sweep = lr_sweep(x, y, len(classes), cfg.head)
+    plot = plot_sweep(sweep, Path(args.plot))
+    print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot})")
+    return 0
+
+
 def cmd_import_idx(args: argparse.Namespace) -> int:
     from .datasets import idx_to_folders
 
@@ -307,6 +321,16 @@ def modern_parser() -> argparse.ArgumentParser:
     rp.add_argument("model", help="model directory")
     rp.add_argument("image_dir", nargs="?", help="evaluate on this folder of class folders (default: the test split)")
     rp.set_defaults(run=cmd_report)
+    lf = sub.add_parser("lr-find", help="sweep the head's learning rate on cached features, plot it, suggest one",
+                        allow_abbrev=False)
+    lf.add_argument("image_dir")
+    lf.add_argument("--plot", default="lr_find.png", help="where to save the loss curve (PNG)")
+    lf.add_argument("--backbone", default="lite0")
+    lf.add_argument("--hidden_units", "--hidden-units", type=int, default=0)
+    lf.add_argument("--cache_dir", "--cache-dir")
+    lf.add_argument("--seed", type=int, default=0)
+    lf.add_argument("--quiet", action="store_true")
+    lf.set_defaults(run=cmd_lr_find)
     ix = sub.add_parser("import-idx", help="turn MNIST-style IDX files into a folder of class folders",
                         allow_abbrev=False)
     ix.add_argument("images", help="IDX image file (may be .gz)")

@@ -1,0 +1,66 @@
+"""Learning-rate finder for the head: an exponential sweep, the loss curve, and a suggestion.
+
+Trains the head on cached features while the learning rate grows from `low` to `high`, one
+mini-batch per rate, and suggests the rate where the smoothed loss falls fastest (Smith, 2017).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .head import HeadConfig, _AdamW, _forward_backward, _init_layers, _measure
+
+
+@dataclass
+class LrSweep:
+    rates: np.ndarray
+    losses: np.ndarray  # smoothed training loss after each step
+    suggestion: float
+
+
+def lr_sweep(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, low: float = 1e-5,
+             high: float = 1.0, steps: int = 200) -> LrSweep:
+    """Sweep learning rates geometrically; stops early once the loss explodes."""
+    rng = np.random.default_rng(cfg.seed)
+    x, y = x.astype(np.float32), y.astype(np.int64)
+    layers = _init_layers(x.shape[1], n_classes, cfg, rng)
+    opt = _AdamW(layers, low, cfg.weight_decay)
+    rates = np.geomspace(low, high, steps)
+    batch = min(cfg.batch_size, len(x))
+    losses, smooth, best = [], 0.0, np.inf
+    for i, lr in enumerate(rates):
+        idx = rng.choice(len(x), batch, replace=False)
+        opt.step(_forward_backward(layers, x[idx], y[idx], replace(cfg, dropout=0.0), rng), lr)
+        loss = _measure(layers, x[idx], y[idx])[1]
+        smooth = 0.9 * smooth + 0.1 * loss
+        value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected moving average
+        losses.append(value)
+        best = min(best, value)
+        if not np.isfinite(value) or value > 4 * best:
+            break
+    losses_arr = np.array(losses)
+    rates = rates[:len(losses_arr)]
+    slope = np.gradient(losses_arr, np.log(rates)) if len(losses_arr) > 2 else np.zeros(1)
+    cut = max(1, int(np.argmin(losses_arr)))  # only where the loss is still falling
+    return LrSweep(rates, losses_arr, float(rates[int(np.argmin(slope[:cut]))]))
+
+
+def plot_sweep(sweep: LrSweep, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(sweep.rates, sweep.losses)
+    ax.axvline(sweep.suggestion, color="r", ls="--", label=f"suggested {sweep.suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
