@@ -29,9 +29,9 @@ from .evaluate import classification_metrics
 from .features import compute_features, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import FinetuneConfig
-from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path
+from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
-from .head import HeadConfig, HeadResult, logits, softmax, train_head
+from .head import HeadConfig, logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
 from .scan import Dataset, Sample, scan_dataset, scan_labelled_folder
 
@@ -230,7 +230,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
                   "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("export"):
-        model = classifier_model(extractor, layers, _model_metadata(backbone, dataset.classes, provenance),
+        model = classifier_model(extractor, layers, model_metadata(backbone, dataset.classes, provenance),
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
     metrics |= {
@@ -316,15 +316,6 @@ def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, cla
     return metrics, misclassified
 
 
-def _model_metadata(backbone: Backbone, classes: list[str], provenance: dict) -> dict[str, str]:
-    return {"retrain:labels": json.dumps(classes, ensure_ascii=False),
-            "retrain:preprocessing": json.dumps(backbone.prep.to_dict()),
-            "retrain:backbone": backbone.name,
-            "retrain:input": f"uint8 RGB, NHWC, {backbone.prep.size}x{backbone.prep.size}: "
-                             "resize the shorter side, centre-crop (see retrain:preprocessing)",
-            "retrain:provenance": json.dumps(provenance, ensure_ascii=False)}
-
-
 def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,
              with_predictions: bool = False) -> dict:
     """Run the exported model over a folder of class folders and compute its metrics.
@@ -335,17 +326,14 @@ def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: 
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = [s.path for s in dataset.samples]
-    index = {label: i for i, label in enumerate(clf.labels)}
     rows, skipped = [], list(dataset.skipped)
     bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
-    for sample, pred in zip(dataset.samples, clf.predict_paths(paths, top_k=len(clf.labels), workers=workers)):
+    for i, probs, error in clf.probabilities_of(paths, workers=workers):
         bar.update(1)
-        if pred.error:
-            skipped.append((sample.path, pred.error))
+        sample = dataset.samples[i]
+        if error:
+            skipped.append((sample.path, error))
             continue
-        probs = np.zeros(len(clf.labels))
-        for label, score in pred.top:
-            probs[index[label]] = score
         rows.append({"path": str(sample.path), "label": sample.label, "predicted": int(probs.argmax()),
                      "confidence": float(probs.max()), "probabilities": probs.tolist()})
     bar.close()

