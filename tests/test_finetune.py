@@ -76,7 +76,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     assert (tmp_path / "b.pt").exists()  # the last good checkpoint: after epoch 1
     monkeypatch.setattr(ft, "_train_epoch", real_epoch)
     resumed = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "b.pt", resume=True)
-    assert any("Resuming fine-tuning after epoch 1" in line for line in logs)
+    assert any("Resuming after epoch 1" in line for line in logs)
     drop = ("seconds", "images_per_second")
     strip = lambda h: [{k: v for k, v in e.items() if k not in drop} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history)  # same seed, same result

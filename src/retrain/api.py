@@ -25,10 +25,10 @@ from .backbones import DEFAULT_BACKBONE, Backbone, export_torch_network, get_bac
 from .decode import describe
 from .errors import UserError
 from .doctor import quick_summary
-from .evaluate import classification_metrics
+from .evaluate import Timeline, classification_metrics
 from .features import compute_features, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
-from .config import FinetuneConfig
+from .config import FinetuneConfig, scratch_defaults
 from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
 from .head import HeadConfig, logits, softmax, train_head
@@ -57,7 +57,8 @@ class TrainConfig:
     unknown_threshold: float | str | None = None  # baked into the model: a probability, "auto" or None (off)
     mode: str = "head"  # head (cached features), finetune, or auto (decides from data size and time budget)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    time_budget: float | None = None  # seconds, for --mode auto
+    scratch: FinetuneConfig = field(default_factory=scratch_defaults)  # backbones with random weights
+    time_budget: float | None = None  # seconds: --mode auto's choice, and the length of from-scratch training
     resume: bool = False  # continue an interrupted fine-tuning run
     workers: int = 2  # decode threads
     batch_size: int = 32  # images per backbone call
@@ -160,23 +161,32 @@ def _log_for(config: TrainConfig) -> Callable[[str], None]:
 def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path,
                        stage: _Stages, log: Callable[[str], None]):
     """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)})."""
+    dataset = _scan(image_dir, config, stage, log)
+    with stage("features"):
+        features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
+                                              batch_size=config.batch_size, workers=config.workers,
+                                              quiet=config.quiet)
+        samples = _usable(dataset, features, failures)
+    _log_skipped(dataset, log)
+    split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
+    return dataset, split, {name: _matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+
+
+def _scan(image_dir: str | Path, config: TrainConfig, stage: _Stages, log: Callable[[str], None]) -> Dataset:
     with stage("scan"):
         dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
                                validation_percentage=config.validation_percentage,
                                testing_percentage=config.testing_percentage, workers=config.workers + 2,
                                quiet=config.quiet)
         _summarize(dataset, log)
-    with stage("features"):
-        features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
-                                              batch_size=config.batch_size, workers=config.workers,
-                                              quiet=config.quiet)
-        samples = _usable(dataset, features, failures)
+    return dataset
+
+
+def _log_skipped(dataset: Dataset, log: Callable[[str], None]) -> None:
     if dataset.skipped:
         log(f"Skipped {len(dataset.skipped)} unreadable file(s): " +
             "; ".join(f"{describe(p)} ({why})" for p, why in dataset.skipped[:5]) +
             (" ..." if len(dataset.skipped) > 5 else ""))
-    split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
-    return dataset, split, {name: _matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
 
 
 def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -187,66 +197,132 @@ def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.n
     return *x["train"], dataset.classes
 
 
+@dataclass
+class _Fitted:
+    """What a training path hands to calibration, evaluation and export."""
+    dataset: Dataset
+    split: dict[str, list[Sample]]
+    x: dict[str, tuple[np.ndarray, np.ndarray]]  # validation and test features of the final network
+    extractor: onnx.ModelProto
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    mode: str
+    head: "object | None" = None  # HeadResult
+    tuned: "object | None" = None  # FinetuneResult
+
+
 def train(image_dir: str | Path, config: TrainConfig | None = None,
-          log: Callable[[str], None] | None = None) -> TrainedModel:
-    """Train a classifier on a folder of class folders; returns the model and its metrics."""
+          log: Callable[[str], None] | None = None, timeline: Timeline | None = None) -> TrainedModel:
+    """Train a classifier on a folder of class folders; returns the model and its metrics.
+
+    timeline, if given, records test accuracy against training time (for `retrain compare`).
+    """
     config = config or TrainConfig()
     log = log or _log_for(config)
     stage = _Stages()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
-    dataset, split, x = _features_by_split(image_dir, config, backbone, cache, stage, log)
-    if not split["validation"]:
-        log("No validation images: early stopping watches training accuracy instead.")
-
-    with stage("train"):
-        bar = tqdm(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
-        head = train_head(*x["train"], *x["validation"], len(dataset.classes), config.head, log=log,
-                          progress=bar.update)
-        bar.close()
-    extractor, layers, tuned = onnx.load(str(extractor_path(backbone, cache))), head.layers, None
-    mode, reason = choose_mode(config, len(split["train"]))
-    if mode != "head":
-        from .finetune import finetune  # imports PyTorch: only when fine-tuning
-
-        log(f"Mode {mode}: {reason}")
-        with stage("finetune"):
-            ft_config = replace(config.finetune, unfreeze=0) if mode == "head-live" else config.finetune
-            tuned = finetune(split["train"], split["validation"], backbone, head.layers, ft_config, log,
-                             _checkpoint_path(cache, dataset, config), config.resume)
-            extractor, layers = tuned_extractor(tuned, backbone), tuned.layers
-            session = inference_session_from(extractor)
-            tuned_features = features_of(session, split["validation"] + split["test"], backbone.prep,
-                                         workers=config.workers, quiet=config.quiet)
-            x |= {name: _matrix(split[name], tuned_features, backbone.feature_dim) for name in ("validation", "test")}
-    (x_va, y_va), (x_te, y_te) = x["validation"], x["test"]
+    train_with = _train_on_features if backbone.pretrained else _train_from_scratch
+    fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
+    dataset, split, layers = fitted.dataset, fitted.split, fitted.layers
+    (x_va, y_va), (x_te, y_te) = fitted.x["validation"], fitted.x["test"]
     with stage("calibrate"):
         cal = calibrate(logits(layers, x_va), y_va, logits(layers, x_te), y_te, config.unknown_threshold)
     with stage("evaluate"):
         metrics, misclassified = _evaluate(layers, cal, dataset.classes, split, x_va, y_va, x_te, y_te)
     _log_result(metrics, cal, len(y_te), log)
 
-    provenance = {"config": config.to_dict(), "mode": mode, "image_dir": str(Path(image_dir).resolve()),
+    provenance = {"config": config.to_dict(), "mode": fitted.mode, "image_dir": str(Path(image_dir).resolve()),
                   "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("export"):
-        model = classifier_model(extractor, layers, model_metadata(backbone, dataset.classes, provenance),
+        model = classifier_model(fitted.extractor, layers, model_metadata(backbone, dataset.classes, provenance),
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
     metrics |= {
-        "classes": dataset.classes, "backbone": backbone.name, "mode": mode,
+        "classes": dataset.classes, "backbone": backbone.name, "mode": fitted.mode,
         "num_images": {k: len(v) for k, v in split.items()},
         "class_counts": {k: {c: sum(s.label == i for s in v) for i, c in enumerate(dataset.classes)}
                          for k, v in split.items()},
         "skipped_files": [{"path": str(p), "reason": why} for p, why in dataset.skipped],
-        "head": {"best_step": head.best_step, "steps_run": head.steps_run, "history": head.history},
         "calibration": cal.report,
         "seconds": stage.seconds, "provenance": provenance,
     }
-    if tuned:
-        metrics["finetune"] = {"best_epoch": tuned.best_epoch, "history": tuned.history, "device": tuned.device,
-                               "train_size": tuned.train_size}
+    if fitted.head:
+        metrics["head"] = {"best_step": fitted.head.best_step, "steps_run": fitted.head.steps_run,
+                           "history": fitted.head.history}
+    if fitted.tuned:
+        metrics["finetune"] = {"best_epoch": fitted.tuned.best_epoch, "history": fitted.tuned.history,
+                               "device": fitted.tuned.device, "train_size": fitted.tuned.train_size}
     return TrainedModel(model, dataset.classes, metrics, misclassified)
+
+
+def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: _Stages,
+                       log: Callable[[str], None], timeline: Timeline | None) -> _Fitted:
+    """Pretrained backbones: the head on cached features, then (by mode) fine-tuning on live images."""
+    dataset, split, x = _features_by_split(image_dir, config, backbone, cache, stage, log)
+    if not split["validation"]:
+        log("No validation images: early stopping watches training accuracy instead.")
+    with stage("train"):
+        bar = tqdm(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
+        head = train_head(*x["train"], *x["validation"], len(dataset.classes), config.head, log=log,
+                          progress=bar.update)
+        bar.close()
+    if timeline:
+        timeline.record(lambda: _accuracy(head.layers, *x["test"]))
+    fitted = _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, "head", head)
+    mode, reason = choose_mode(config, len(split["train"]))
+    if mode == "head":
+        return fitted
+    from .finetune import finetune  # imports PyTorch: only when fine-tuning
+
+    log(f"Mode {mode}: {reason}")
+    with stage("finetune"):
+        ft_config = replace(config.finetune, unfreeze=0) if mode == "head-live" else config.finetune
+        fitted.tuned = finetune(split["train"], split["validation"], backbone, head.layers, ft_config, log,
+                                _checkpoint_path(cache, dataset, config), config.resume,
+                                after_epoch=timeline.record if timeline else None, test=split["test"],
+                                quiet=config.quiet)
+    fitted.mode = mode
+    _use_tuned_network(fitted, backbone, config)
+    return fitted
+
+
+def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: _Stages,
+                        log: Callable[[str], None], timeline: Timeline | None) -> _Fitted:
+    """Backbones with random weights: the whole network trains on images decoded once into memory."""
+    from .scratch import check_options, train_from_scratch  # imports PyTorch
+
+    check_options(config.scratch, backbone)  # before the scan: a wrong flag should not cost minutes
+    dataset = _scan(image_dir, config, stage, log)
+    split = {name: dataset.split(name) for name in ("train", "validation", "test")}
+    log(f"Mode scratch: {backbone.name} has no pretrained weights, so the whole network trains from random "
+        "initialisation" + (f" (--mode {config.mode} does not apply)" if config.mode != "head" else ""))
+    with stage("train"):
+        tuned, failures = train_from_scratch(split, backbone, len(dataset.classes), config.scratch, log,
+                                             checkpoint=_checkpoint_path(cache, dataset, config),
+                                             resume=config.resume, time_budget=config.time_budget,
+                                             after_epoch=timeline.record if timeline else None, quiet=config.quiet)
+    dataset.samples = [s for s in dataset.samples if s.digest not in failures]
+    dataset.skipped += [(s.path, failures[s.digest]) for name in split for s in split[name] if s.digest in failures]
+    _log_skipped(dataset, log)
+    split = {name: [s for s in rows if s.digest not in failures] for name, rows in split.items()}
+    fitted = _Fitted(dataset, split, {}, onnx.ModelProto(), [], "scratch", tuned=tuned)
+    _use_tuned_network(fitted, backbone, config)
+    return fitted
+
+
+def _use_tuned_network(fitted: _Fitted, backbone: Backbone, config: TrainConfig) -> None:
+    """Export the trained network and recompute validation and test features through the exported ONNX."""
+    fitted.extractor, fitted.layers = tuned_extractor(fitted.tuned, backbone), fitted.tuned.layers
+    session = inference_session_from(fitted.extractor)
+    rows = fitted.split["validation"] + fitted.split["test"]
+    tuned_features = features_of(session, rows, backbone.prep, workers=config.workers, quiet=config.quiet)
+    fitted.x |= {name: _matrix(fitted.split[name], tuned_features, backbone.feature_dim)
+                 for name in ("validation", "test")}
+
+
+def _accuracy(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> float:
+    return float((logits(layers, x).argmax(1) == y).mean()) if len(y) else float("nan")
 
 
 def choose_mode(config: TrainConfig, n_train: int) -> tuple[str, str]:

@@ -33,13 +33,14 @@ class Backbone:
     write_network: Callable[[Path], None] = field(repr=False)  # ONNX: pixels -> features
     imagenet_classifier: Callable[[], tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
     torch_network: Callable[[], "object"] | None = field(default=None, repr=False)
+    pretrained: bool = True  # False: random weights, the whole network trains (scratch-small, scratch-color)
 
 
 _REGISTRY: dict[str, Callable[[], Backbone]] = {}
 
 
 def register(fn: Callable[[], Backbone]) -> Callable[[], Backbone]:
-    _REGISTRY[fn.__name__] = fn
+    _REGISTRY[fn.__name__.replace("_", "-")] = fn
     return fn
 
 
@@ -54,7 +55,7 @@ def get_backbone(spec: str, *, input_mean: float | None = None, input_std: float
     if input_mean is not None or input_std is not None:
         raise UserError(f"--input_mean/--input_std apply to ONNX-file backbones only; '{spec}' "
                         "has fixed preprocessing that its weights were trained with")
-    key = spec.lower().removeprefix("efficientnet-").removeprefix("efficientnet_")
+    key = spec.lower().removeprefix("efficientnet-").removeprefix("efficientnet_").replace("_", "-")
     if key not in _REGISTRY:
         raise UserError(f"unknown backbone '{spec}': choose one of {', '.join(available())} "
                         "or give the path of an ONNX feature extractor (*.onnx)")
@@ -151,6 +152,32 @@ def lite1() -> Backbone:
 @register
 def lite2() -> Backbone:
     return _efficientnet_lite(2, 260)
+
+
+# ---- From random weights: the baselines of `retrain compare` ----
+
+def _scratch(name: str) -> Backbone:
+    from .scratch import ARCHITECTURES, build_features  # imports PyTorch: only for these backbones
+
+    prep = ARCHITECTURES[name][0]
+
+    def write_network(path: Path) -> None:
+        raise UserError(f"{name} starts from random weights, so it has no features to cache or reuse; "
+                        "it trains as a whole network (retrain train --backbone " + name + ")")
+
+    return Backbone(name=name, prep=prep, feature_dim=build_features(name).dim,
+                    identity=f"{name}-p{_prep_tag(prep)}-e{EXPORT_VERSION}", write_network=write_network,
+                    torch_network=lambda: build_features(name), pretrained=False)
+
+
+@register
+def scratch_small() -> Backbone:
+    return _scratch("scratch-small")
+
+
+@register
+def scratch_color() -> Backbone:
+    return _scratch("scratch-color")
 
 
 # ---- Any ONNX image model the user owns (Inception-v3, ResNet, ...) ----

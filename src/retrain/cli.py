@@ -9,12 +9,13 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
@@ -43,12 +44,14 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
     from .api import TrainConfig
-    from .config import CPU_TRAIN_SIZE, FinetuneConfig
+    from .config import CPU_TRAIN_SIZE, FinetuneConfig, scratch_defaults
     from .head import HeadConfig
 
     t, h = TrainConfig(), HeadConfig()
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=t.backbone, help="lite0, lite1, lite2, or a local ONNX feature extractor (.onnx)")
+    g.add_argument("--backbone", default=t.backbone,
+                   help="lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole "
+                        "network trains), or a local ONNX feature extractor (.onnx)")
     g.add_argument("--hidden_units", "--hidden-units", type=int, default=h.hidden_units,
                    help="units in one hidden layer before the softmax (0: none)")
     g.add_argument("--input_mean", "--input-mean", type=float, help="pixel mean for an ONNX-file backbone (default 127.5)")
@@ -76,20 +79,23 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
     g.add_argument("--summaries_dir", "--summaries-dir", help="write TensorBoard summaries (per-step scalars) here")
     g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
-    g = p.add_argument_group("fine-tuning (--mode finetune)")
-    f = FinetuneConfig()
+    g = p.add_argument_group("fine-tuning (--mode finetune) and scratch backbones")
+    f, s = FinetuneConfig(), scratch_defaults()
     g.add_argument("--mode", choices=["head", "finetune", "auto"], default=t.mode,
                    help="head: softmax on cached features (fast); finetune: also train the backbone on live "
                         "images; auto: fine-tune when it fits --time_budget")
-    g.add_argument("--time_budget", "--time-budget", type=float, help="minutes --mode auto may spend (default 20)")
-    g.add_argument("--epochs", type=int, default=f.epochs)
+    g.add_argument("--time_budget", "--time-budget", type=float,
+                   help="minutes --mode auto may spend (default 20); for scratch backbones, the training time to fit")
+    g.add_argument("--epochs", type=int, help=f"default {f.epochs}; scratch backbones: chosen from the data size")
     g.add_argument("--unfreeze", type=int, default=f.unfreeze,
                    help="backbone stages to train, counted from the top (-1: all, 0: none)")
     g.add_argument("--train_size", "--train-size", type=int,
                    help=f"fine-tuning resolution (default {CPU_TRAIN_SIZE} on the CPU, the backbone's on a GPU)")
-    g.add_argument("--finetune_learning_rate", "--finetune-learning-rate", type=float, default=f.learning_rate,
-                   help="head learning rate while fine-tuning; the backbone gets a tenth")
-    g.add_argument("--finetune_batch_size", "--finetune-batch-size", type=int, default=f.batch_size)
+    g.add_argument("--finetune_learning_rate", "--finetune-learning-rate", type=float,
+                   help=f"head learning rate while fine-tuning (default {f.learning_rate}; the backbone gets "
+                        f"{f.backbone_lr_ratio}x); scratch backbones: the one-cycle peak (default {s.learning_rate})")
+    g.add_argument("--finetune_batch_size", "--finetune-batch-size", type=int,
+                   help=f"default {f.batch_size}; scratch backbones: 128, less on small data")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device)
     g.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
@@ -130,24 +136,27 @@ def _positive(name: str, value: float) -> None:
 def config_from_args(args: argparse.Namespace):
     from .api import TrainConfig
     from .augment import Augment
-    from .config import FinetuneConfig
+    from .config import FinetuneConfig, scratch_defaults
     from .head import HeadConfig
 
     for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers",
-                 "epochs", "finetune_learning_rate", "finetune_batch_size"):
-        _positive(f"--{name}", getattr(args, name))
+                 "epochs", "finetune_learning_rate", "finetune_batch_size", "time_budget"):
+        if getattr(args, name) is not None:
+            _positive(f"--{name}", getattr(args, name))
     for name in DISTORTION_FLAGS[1:]:
         if not 0 <= getattr(args, name) < 100:
             raise UserError(f"--{name} is a percentage in [0, 100)")
-    if args.time_budget is not None and args.mode != "auto":
-        raise UserError("--time_budget applies to --mode auto only")
+    if args.time_budget is not None and args.mode != "auto" and not args.backbone.lower().startswith("scratch"):
+        raise UserError("--time_budget applies to --mode auto and to scratch backbones only")
     augment = None
     if any(getattr(args, d) for d in DISTORTION_FLAGS):
         augment = Augment.from_retrain_flags(0, args.flip_left_right, args.random_crop, args.random_scale,
                                              args.random_brightness)
-    tune = FinetuneConfig(epochs=args.epochs, train_size=args.train_size, batch_size=args.finetune_batch_size,
-                          learning_rate=args.finetune_learning_rate, unfreeze=args.unfreeze, augment=augment,
-                          device=args.device, compile=args.compile, workers=0, seed=args.seed)
+    given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.finetune_batch_size),
+                               ("learning_rate", args.finetune_learning_rate)) if v is not None}
+    shared = dict(train_size=args.train_size, unfreeze=args.unfreeze, augment=augment, device=args.device,
+                  compile=args.compile, workers=0, seed=args.seed) | given
+    tune, scratch = FinetuneConfig(**shared), replace(scratch_defaults(), **shared)
     head = HeadConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
                       batch_size=args.train_batch_size, hidden_units=args.hidden_units,
                       weight_decay=args.weight_decay, eval_interval=args.eval_step_interval, seed=args.seed)
@@ -156,7 +165,7 @@ def config_from_args(args: argparse.Namespace):
                        cache_dir=args.cache_dir, bottleneck_dir=args.bottleneck_dir, input_mean=args.input_mean,
                        input_std=args.input_std, output_name=getattr(args, "final_tensor_name", "final_result"),
                        unknown_threshold=args.unknown_threshold, workers=args.workers, quiet=args.quiet,
-                       mode=args.mode, finetune=tune, resume=args.resume,
+                       mode=args.mode, finetune=tune, scratch=scratch, resume=args.resume,
                        time_budget=args.time_budget * 60 if args.time_budget else None)
 
 
@@ -210,6 +219,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _positive("--top-k", args.top_k)
     clf = load(args.model, args.labels)
+    if args.output:  # streamed: one row per image as it comes, folders walked lazily
+        from .predict import predict_to_file
+
+        done = predict_to_file(clf, args.images, args.output, args.top_k, args.min_confidence, quiet=False)
+        print(f"Wrote {done.rows} predictions ({done.failures} unreadable) to {done.path}", file=sys.stderr)
+        return 1 if done.failures else 0
     paths = expand_images(args.images)
     if not paths:
         raise UserError("no images found in: " + ", ".join(args.images))
@@ -262,6 +277,26 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .api import TrainConfig
+    from .compare import compare, comparison_table, default_models
+
+    for name in ("time_budget", "workers"):
+        if getattr(args, name) is not None:
+            _positive(f"--{name}", getattr(args, name))
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else default_models(args.image_dir)
+    config = TrainConfig(val_dir=args.val_dir, test_dir=args.test_dir, cache_dir=args.cache_dir,
+                         validation_percentage=args.validation_percentage, testing_percentage=args.testing_percentage,
+                         workers=args.workers, quiet=args.quiet,
+                         time_budget=args.time_budget * 60 if args.time_budget else None)
+    config.head.seed = config.finetune.seed = config.scratch.seed = args.seed
+    runs = compare(args.image_dir, models, config, Path(args.output),
+                   lambda msg: None if args.quiet else print(msg, file=sys.stderr))
+    print(comparison_table(runs))
+    print(f"Models, compare.txt, compare.json and compare.png in {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_import_idx(args: argparse.Namespace) -> int:
     from .datasets import idx_to_folders
 
@@ -307,6 +342,8 @@ def modern_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", "--top_k", type=int, default=5)
     pr.add_argument("--labels", help="labels file (default: the labels stored in the model)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
+    pr.add_argument("--output", "-o", help="stream one row per image to this .csv or .jsonl file instead "
+                                           "(written as FILE.partial, renamed when complete)")
     pr.add_argument("--min_confidence", "--min-confidence", type=_probability,
                     help="flag images whose top probability is below this as unknown (default: the model's threshold)")
     pr.set_defaults(run=cmd_predict)
@@ -331,6 +368,24 @@ def modern_parser() -> argparse.ArgumentParser:
     lf.add_argument("--seed", type=int, default=0)
     lf.add_argument("--quiet", action="store_true")
     lf.set_defaults(run=cmd_lr_find)
+    cp = sub.add_parser("compare", help="train from-scratch and transfer models on the same split; accuracy "
+                        "against wall time as a table and a plot", allow_abbrev=False,
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cp.add_argument("image_dir")
+    cp.add_argument("--models", help="comma-separated backbones (default: scratch-small for images of 48 px or "
+                                     "less, else scratch-color; then lite0)")
+    cp.add_argument("--output", "-o", default="compare", help="folder for the models, table and plot")
+    cp.add_argument("--time_budget", "--time-budget", type=float,
+                    help="minutes each from-scratch network may train (default: its full schedule)")
+    cp.add_argument("--val_dir", "--val-dir")
+    cp.add_argument("--test_dir", "--test-dir")
+    cp.add_argument("--validation_percentage", "--validation-percentage", type=float, default=10.0)
+    cp.add_argument("--testing_percentage", "--testing-percentage", type=float, default=10.0)
+    cp.add_argument("--cache_dir", "--cache-dir")
+    cp.add_argument("--workers", type=int, default=2)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--quiet", action="store_true")
+    cp.set_defaults(run=cmd_compare)
     ix = sub.add_parser("import-idx", help="turn MNIST-style IDX files into a folder of class folders",
                         allow_abbrev=False)
     ix.add_argument("images", help="IDX image file (may be .gz)")

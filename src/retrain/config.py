@@ -1,4 +1,4 @@
-"""Fine-tuning settings, kept apart from finetune.py so that reading them does not import PyTorch."""
+"""Training settings for live-image training, kept apart from finetune.py so that reading them does not import PyTorch."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -10,16 +10,16 @@ CPU_TRAIN_SIZE = 160  # fine-tuning resolution on the CPU: ~3x cheaper per image
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 6
+    epochs: int = 6  # 0: chosen from the data size (from-scratch training)
     train_size: int | None = None  # None: 160 on the CPU, the backbone's own size on a GPU
-    batch_size: int = 32
+    batch_size: int = 32  # 0: chosen from the data size (from-scratch training)
     learning_rate: float = 2e-3  # the head's; unfrozen stages get backbone_lr_ratio of it
     backbone_lr_ratio: float = 0.5
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     warmup_fraction: float = 0.1
     unfreeze: int = -1  # stages from the top to train: -1 all, 0 the head only
-    patience: int = 2  # epochs without validation improvement before stopping
+    patience: int | None = 2  # epochs without validation improvement before stopping; None: never stop early
     augment: Augment | None = None  # None: the modern default; its size is set to train_size
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile (GPU)
@@ -28,3 +28,23 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def scratch_defaults() -> FinetuneConfig:
+    """The recipe for networks trained from random weights (one-cycle, larger batches and rates).
+
+    On Fashion-MNIST, scratch-small with peak rate 3e-3, a 25% warm-up and batch 128 reached 0.913 test
+    accuracy in 8 epochs; the schedule gives it 12. The best validation epoch is kept, so there is no early stop.
+    """
+    return FinetuneConfig(epochs=0, batch_size=0, learning_rate=3e-3, weight_decay=5e-4, warmup_fraction=0.25,
+                          patience=None)
+
+
+def scratch_epochs(n_train: int) -> int:
+    """Epochs for from-scratch training: ~650k image presentations, between 8 and 40 passes."""
+    return max(8, min(40, round(650_000 / max(1, n_train))))
+
+
+def scratch_batch_size(n_train: int) -> int:
+    """128, but at least ~20 steps per epoch on small data (16 images per batch at the least)."""
+    return max(16, min(128, n_train // 20))

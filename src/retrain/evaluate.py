@@ -1,6 +1,9 @@
 """Evaluation metrics: accuracy, per-class precision/recall/F1 and the confusion matrix."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import numpy as np
 
 
@@ -42,3 +45,21 @@ def format_metrics(metrics: dict) -> str:
     for name, row in zip(classes, metrics["confusion_matrix"]):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{v:8d}" for v in row))
     return "\n".join(lines)
+
+
+class Timeline:
+    """Test accuracy against training wall time, for `retrain compare`.
+
+    The clock starts when training starts; time spent measuring the test accuracy is excluded,
+    so a curve shows what stopping at that moment would have given.
+    """
+
+    def __init__(self) -> None:
+        self.start, self.excluded = time.perf_counter(), 0.0
+        self.points: list[tuple[float, float]] = []  # (seconds, test accuracy)
+
+    def record(self, test_accuracy: Callable[[], float]) -> None:
+        now = time.perf_counter()
+        accuracy = test_accuracy()
+        self.points.append((now - self.start - self.excluded, float(accuracy)))
+        self.excluded += time.perf_counter() - now

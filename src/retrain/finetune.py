@@ -37,6 +37,9 @@ from .features import decoded_batches
 from .preprocess import Preprocessing, normalize_torch
 from .scan import Sample
 
+MAX_EPOCHS = 200  # the most a time budget can stretch a schedule to
+EpochHook = Callable[[Callable[[], float]], None]  # called after each epoch with a test-accuracy function
+
 
 
 @dataclass
@@ -91,8 +94,11 @@ def _trainable_stages(net: Network, unfreeze: int) -> list[nn.Module]:
     return chosen
 
 
-def _set_train_mode(net: Network, trainable: list[nn.Module]) -> None:
-    """Train mode (dropout, stochastic depth) only where weights move; BatchNorm stays in eval mode."""
+def _set_train_mode(net: Network, trainable: list[nn.Module] | None) -> None:
+    """Train mode (dropout, stochastic depth) only where weights move; pretrained BatchNorm stays in eval mode."""
+    if trainable is None:  # from random weights: everything trains, batch statistics included
+        net.train()
+        return
     net.eval()
     net.head.train()
     for stage in trainable:
@@ -102,13 +108,15 @@ def _set_train_mode(net: Network, trainable: list[nn.Module]) -> None:
                 m.eval()
 
 
-def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    warmup = max(1, int(total_steps * warmup_fraction))
+def _schedule(total_steps: Callable[[], int], warmup_fraction: float) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to zero over total_steps() (read each step: it may shrink)."""
 
     def factor(step: int) -> float:
+        total = total_steps()
+        warmup = max(1, int(total * warmup_fraction))
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
@@ -145,19 +153,41 @@ def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: in
                        np.array([samples[idx[k]].label for k in keep], np.int64))
 
 
-def predict_logits(net: Network, samples: list[Sample], prep: Preprocessing, device: torch.device,
-                   workers: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of the samples at inference preprocessing (centre crop at prep.size)."""
+class PhotoFiles:
+    """Photos decoded afresh every epoch and augmented from full resolution (fine-tuning pretrained backbones)."""
+
+    def __init__(self, splits: dict[str, list[Sample]], aug: Augment, prep: Preprocessing, batch_size: int,
+                 seed: int, workers: int):
+        self.splits, self.aug, self.prep = splits, aug, prep
+        self.batch_size, self.seed, self.workers = batch_size, seed, workers
+        self.train_size, self.n_train = aug.size, len(splits["train"])
+
+    def count(self, split: str) -> int:
+        return len(self.splits.get(split, []))
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return train_batches(self.splits["train"], self.aug, self.batch_size, self.seed, epoch, self.workers)
+
+    def eval_batches(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 batch, labels) at inference preprocessing (centre crop at prep.size); unreadable files skipped."""
+        samples = self.splits.get(split, [])
+        for ok, batch, _ in decoded_batches([s.path for s in samples], self.prep, 64, self.workers):
+            if len(ok):
+                yield batch, np.array([samples[i].label for i in ok], np.int64)
+
+
+def predict_logits(net: Network, batches: Iterator[tuple[np.ndarray, np.ndarray]], prep: Preprocessing,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of uint8 batches."""
     net.eval()
     out, labels = [], []
     with torch.no_grad(), _autocast(device):
-        for ok, batch, _ in decoded_batches([s.path for s in samples], prep, batch_size, workers):
-            if len(ok):
-                x = _to_device(torch.from_numpy(batch), prep, device)
-                out.append(net(x).float().cpu().numpy())
-                labels += [samples[i].label for i in ok]
-    n_classes = net.head_layers()[-1][0].shape[1]
-    return (np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)), np.array(labels, np.int64)
+        for batch, y in batches:
+            out.append(net(_to_device(torch.from_numpy(batch), prep, device)).float().cpu().numpy())
+            labels.append(y)
+    if not out:
+        return np.zeros((0, net.head[-1].out_features), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(out), np.concatenate(labels)
 
 
 def _to_device(batch: torch.Tensor, prep: Preprocessing, device: torch.device) -> torch.Tensor:
@@ -184,7 +214,8 @@ def _load_checkpoint(path: Path) -> dict:
 
 def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
              cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Path | None = None,
-             resume: bool = False) -> FinetuneResult:
+             resume: bool = False, after_epoch: EpochHook | None = None, test: list[Sample] | None = None,
+             quiet: bool = False) -> FinetuneResult:
     """Fine-tune `backbone` with a head initialised from `head_layers`; returns the best epoch's network."""
     if backbone.torch_network is None:
         raise UserError(f"backbone {backbone.name} has no PyTorch network to fine-tune; use --mode head")
@@ -192,20 +223,45 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
     device = pick_device(cfg.device)
     size = cfg.train_size or (backbone.prep.size if device.type == "cuda" else CPU_TRAIN_SIZE)
     aug = replace(cfg.augment, size=size) if cfg.augment else Augment(size=size)
-    workers = cfg.workers or os.cpu_count() or 1
-    net = Network(backbone.torch_network(), head_layers).to(device).to(memory_format=torch.channels_last)
+    data = PhotoFiles({"train": train, "validation": val, "test": test or []}, aug, backbone.prep, cfg.batch_size,
+                      cfg.seed, cfg.workers or os.cpu_count() or 1)
+    net = Network(backbone.torch_network(), head_layers)
     trainable = _trainable_stages(net, cfg.unfreeze)
+    unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
+    return fit(net, trainable, data, backbone, cfg, log, checkpoint=checkpoint, resume=resume, warm_start=True,
+               after_epoch=after_epoch, what=f"Fine-tuning {backbone.name}", detail=f"{unfrozen} unfrozen",
+               quiet=quiet)
+
+
+def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbone, cfg: FinetuneConfig,
+        log: Callable[[str], None], *, checkpoint: Path | None, resume: bool, warm_start: bool,
+        after_epoch: EpochHook | None = None, time_budget: float | None = None, stretch_to_budget: bool = False,
+        what: str, detail: str, quiet: bool = False) -> FinetuneResult:
+    """The epoch loop shared by fine-tuning and from-scratch training.
+
+    trainable None: every layer trains, BatchNorm statistics included (random initialisation has no
+    statistics worth keeping). warm_start: the network before the first epoch is a candidate too.
+    time_budget: seconds of epochs; after the first epoch the schedule shortens to the epochs that
+    fit (or, with stretch_to_budget, also lengthens to them).
+    """
+    device = pick_device(cfg.device)
+    net = net.to(device).to(memory_format=torch.channels_last)
     groups = [{"params": list(net.head.parameters()), "lr": cfg.learning_rate}]
-    backbone_params = [p for s in trainable for p in s.parameters()]
-    if backbone_params:
+    if trainable is None:
+        groups[0]["params"] = list(net.parameters())
+    elif backbone_params := [p for s in trainable for p in s.parameters()]:
         groups.append({"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
+    steps_per_epoch = max(1, data.n_train // cfg.batch_size)
+    plan = {"epochs": cfg.epochs}  # the LR schedule reads it, so a time budget can shorten it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(lambda: plan["epochs"] * steps_per_epoch,
+                                                             cfg.warmup_fraction))
     model = torch.compile(net) if cfg.compile else net
+    validate = lambda entry: _validate(net, data, backbone.prep, device, entry)  # noqa: E731
 
-    result = FinetuneResult(features=net.features, layers=head_layers, device=device.type, train_size=size)
-    start_epoch, best_key, best_state, stale = 1, None, None, 0
+    result = FinetuneResult(features=net.features, layers=net.head_layers(), device=device.type,
+                            train_size=data.train_size)
+    start_epoch, best_key, best_state, stale, warm_key, warm_state = 1, None, None, 0, None, None
     if resume and checkpoint and checkpoint.exists():
         state = _load_checkpoint(checkpoint)
         net.load_state_dict(state["model"])
@@ -213,46 +269,52 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
         sched.load_state_dict(state["scheduler"])
         start_epoch, result.history = int(state["epoch"]) + 1, list(state["history"])
         best_key, best_state, stale = tuple(state["best_key"]), state["best_model"], int(state["stale"])
-        result.best_epoch = int(state["best_epoch"])
+        result.best_epoch, plan["epochs"] = int(state["best_epoch"]), int(state.get("planned_epochs", cfg.epochs))
         warm_key, warm_state = (tuple(state["warm_key"]) if state["warm_key"] else None), state["warm_model"]
-        log(f"Resuming fine-tuning after epoch {start_epoch - 1} from {checkpoint}")
+        log(f"Resuming after epoch {start_epoch - 1} from {checkpoint}")
     else:
         if resume:
-            log("No checkpoint to resume from: starting fine-tuning afresh.")
+            log("No checkpoint to resume from: starting afresh.")
         # The warm start is the fallback: kept if no fine-tuned epoch beats it on validation.
-        warm_key, warm_state = None, None
-        checked = _validate(net, val, backbone.prep, device, workers, {"epoch": 0})
+        checked = validate({"epoch": 0}) if warm_start else None
         if checked:
             (warm_key, entry), warm_state = checked, _cpu_state(net)
             result.history.append(entry)
-            log(f"Before fine-tuning: Validation accuracy = {100 * entry['validation_accuracy']:.1f}% (N={len(val)})")
+            log(f"Before fine-tuning: Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
+                f"(N={data.count('validation')})")
 
-    unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
-    log(f"Fine-tuning {backbone.name} on {device.type} at {size} px: {unfrozen} unfrozen, "
-        f"{cfg.epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stale >= cfg.patience:
-            break
-        entry = _train_epoch(model, net, trainable, opt, sched, train, aug, cfg, epoch, workers, device, backbone.prep)
-        checked = _validate(net, val, backbone.prep, device, workers, entry)
+    log(f"{what} on {device.type} at {data.train_size} px: {detail}, "
+        f"{plan['epochs']} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
+    started, epoch = time.perf_counter(), start_epoch
+    while epoch <= plan["epochs"]:
+        entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, plan["epochs"], device, backbone.prep,
+                             quiet)
+        checked = validate(entry)
         key, entry = checked if checked else ((entry["train_accuracy"], -entry["train_loss"]), entry)
         result.history.append(entry)
-        log(f"Epoch {epoch}/{cfg.epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
+        log(f"Epoch {epoch}/{plan['epochs']}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
             f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
-                                            f"(N={len(val)})" if "validation_accuracy" in entry else "")
+                                            f"(N={data.count('validation')})" if "validation_accuracy" in entry else "")
             + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
         if best_key is None or key > best_key:
             best_key, stale, result.best_epoch, best_state = key, 0, epoch, _cpu_state(net)
         else:
             stale += 1
+        if time_budget and epoch == start_epoch == 1:
+            _fit_schedule_to_budget(plan, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
         if checkpoint:
             _save_checkpoint(checkpoint, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
                                           "best_key": list(best_key), "best_model": best_state, "stale": stale,
                                           "best_epoch": result.best_epoch, "warm_model": warm_state,
-                                          "warm_key": list(warm_key) if warm_key else []})
-        if stale >= cfg.patience:
+                                          "warm_key": list(warm_key) if warm_key else [],
+                                          "planned_epochs": plan["epochs"]})
+        if after_epoch:
+            after_epoch(lambda: _accuracy(net, data, backbone.prep, device, "test"))
+        if cfg.patience is not None and stale >= cfg.patience:
             log(f"Early stop after epoch {epoch}: no validation improvement since epoch {result.best_epoch}.")
+            break
+        epoch += 1
     if warm_key is not None and (best_key is None or warm_key > best_key):
         log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
         best_state, result.best_epoch = warm_state, 0
@@ -263,16 +325,32 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
     return result
 
 
+def _fit_schedule_to_budget(plan: dict, epoch: int, seconds: float, budget: float, stretch: bool,
+                            log: Callable[[str], None]) -> None:
+    """Set the planned epochs to what the budget allows at the first epoch's pace (only shorten unless stretch)."""
+    pace = max(seconds / epoch, 1e-9)
+    affordable = min(MAX_EPOCHS, max(epoch, int(budget / pace)))
+    if affordable < plan["epochs"] or (stretch and affordable > plan["epochs"]):
+        log(f"Time budget {budget / 60:.1f} min at {pace:.1f} s per epoch: the schedule now ends after "
+            f"epoch {affordable} (planned {plan['epochs']}).")
+        plan["epochs"] = affordable
+
+
 def _cpu_state(net: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
-def _validate(net: Network, val: list[Sample], prep: Preprocessing, device: torch.device, workers: int,
+def _accuracy(net: Network, data, prep: Preprocessing, device: torch.device, split: str) -> float:
+    logits, labels = predict_logits(net, data.eval_batches(split), prep, device)
+    return float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
+
+
+def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
               entry: dict) -> tuple[tuple[float, float], dict] | None:
     """((accuracy, -loss), entry with validation figures) on the validation split; None without one."""
-    if not val:
+    if not data.count("validation"):
         return None
-    v_logits, v_labels = predict_logits(net, val, prep, device, workers)
+    v_logits, v_labels = predict_logits(net, data.eval_batches("validation"), prep, device)
     if not len(v_labels):
         return None
     val_loss = float(F.cross_entropy(torch.from_numpy(v_logits), torch.from_numpy(v_labels)))
@@ -280,12 +358,13 @@ def _validate(net: Network, val: list[Sample], prep: Preprocessing, device: torc
     return (val_acc, -val_loss), entry | {"validation_accuracy": val_acc, "validation_loss": val_loss}
 
 
-def _train_epoch(model, net: Network, trainable, opt, sched, train: list[Sample], aug: Augment,
-                 cfg: FinetuneConfig, epoch: int, workers: int, device: torch.device, prep: Preprocessing) -> dict:
+def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
+                 device: torch.device, prep: Preprocessing, quiet: bool = False) -> dict:
     _set_train_mode(net, trainable)
     start, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-    bar = tqdm(total=max(1, len(train) // cfg.batch_size), desc=f"Epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
-    for batch, labels in train_batches(train, aug, cfg.batch_size, cfg.seed, epoch, workers):
+    bar = tqdm(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
+               disable=quiet)
+    for batch, labels in data.train_batches(epoch):
         x = _to_device(torch.from_numpy(batch), prep, device)
         y = torch.from_numpy(labels).to(device)
         with _autocast(device):
@@ -297,7 +376,7 @@ def _train_epoch(model, net: Network, trainable, opt, sched, train: list[Sample]
         sched.step()
         seen += len(y)
         correct += int((out.argmax(1) == y).sum())
-        loss_sum += float(loss) * len(y)
+        loss_sum += float(loss.detach()) * len(y)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     bar.close()

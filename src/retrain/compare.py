@@ -1,0 +1,137 @@
+"""`retrain compare`: networks from random weights against transfer learning, on the user's own split.
+
+Each model trains through the same train() on the same folder (so the same content-hash split),
+recording test accuracy against training wall time. Transfer runs start with an empty feature
+cache, so their time includes extracting every feature; exporting the pretrained backbone to
+ONNX is a one-off set-up and happens before the clock starts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .api import TrainConfig, train
+from .backbones import get_backbone
+from .errors import UserError
+from .evaluate import Timeline
+from .files import atomic_write_bytes, atomic_write_text, default_cache_dir
+from .graphs import extractor_path
+from .scan import scan_dataset
+
+SMALL_IMAGE_SIDE = 48  # images at most this size (shorter side) get scratch-small, bigger ones scratch-color
+
+
+@dataclass
+class Run:
+    model: str
+    mode: str
+    test_accuracy: float
+    seconds: float  # training wall time until the model was exported
+    points: list[tuple[float, float]]  # (seconds, test accuracy) along the way
+
+    def accuracy_at(self, seconds: float) -> float | None:
+        """Test accuracy had training stopped at `seconds` (None: nothing trained yet)."""
+        reached = [acc for t, acc in self.points if t <= seconds]
+        return reached[-1] if reached else None
+
+    def time_to(self, accuracy: float) -> float | None:
+        """First time the test accuracy reached `accuracy` (None: never)."""
+        return next((t for t, acc in self.points if acc >= accuracy - 1e-12), None)
+
+
+def default_models(image_dir: str | Path) -> list[str]:
+    """The from-scratch network that suits the images (by the size of a few of them), then lite0."""
+    dataset = scan_dataset(image_dir, quiet=True, validation_percentage=0, testing_percentage=0)
+    sides = []
+    for sample in dataset.samples[:: max(1, len(dataset.samples) // 20)][:20]:
+        try:
+            with Image.open(sample.path) as img:
+                sides.append(min(img.size))
+        except OSError:
+            continue
+    small = bool(sides) and sorted(sides)[len(sides) // 2] <= SMALL_IMAGE_SIDE
+    return ["scratch-small" if small else "scratch-color", "lite0"]
+
+
+def compare(image_dir: str | Path, models: list[str], config: TrainConfig, output: Path,
+            log: Callable[[str], None]) -> list[Run]:
+    """Train each model on the same split; save each model and the comparison under `output`."""
+    if len(models) < 2:
+        raise UserError("compare needs at least two models, e.g. --models scratch-color,lite0")
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    runs = []
+    for name in models:
+        backbone = get_backbone(name)
+        if backbone.pretrained:
+            extractor_path(backbone, cache)  # one-off ONNX export, outside the clock
+        log(f"=== {name} ===")
+        with tempfile.TemporaryDirectory() as features:  # an empty feature cache: extraction is timed
+            timeline = Timeline()
+            model = train(image_dir, replace(config, backbone=name, bottleneck_dir=features), log, timeline)
+            timeline.record(lambda: model.metrics["test_accuracy"] or float("nan"))
+        model.save(output / name)
+        runs.append(Run(name, model.metrics["mode"], model.metrics["test_accuracy"] or float("nan"),
+                        timeline.points[-1][0], timeline.points))
+    write_comparison(runs, output)
+    return runs
+
+
+def comparison_table(runs: list[Run]) -> str:
+    """Accuracy and time per model, accuracy at the quickest model's time, time to each other's best."""
+    quickest = min(r.seconds for r in runs)
+    best = {r.model: max(acc for _, acc in r.points) for r in runs}
+    lines = [f"{'model':<15} {'mode':<9} {'test acc':>8} {'time':>8} {f'acc @ {_fmt_time(quickest)}':>12}  "
+             "time to reach the other models' best"]
+    for r in runs:
+        at = r.accuracy_at(quickest)
+        reach = ", ".join(f"{o.model} {100 * best[o.model]:.1f}%: "
+                          + (_fmt_time(t) if (t := r.time_to(best[o.model])) is not None else "not reached")
+                          for o in runs if o is not r)
+        lines.append(f"{r.model:<15} {r.mode:<9} {100 * r.test_accuracy:>7.1f}% {_fmt_time(r.seconds):>8} "
+                     f"{(f'{100 * at:.1f}%' if at is not None else '-'):>12}  {reach}")
+    return "\n".join(lines)
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+def write_comparison(runs: list[Run], output: Path) -> None:
+    """compare.txt (the table), compare.json (every curve) and compare.png (accuracy against time)."""
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "compare.txt", comparison_table(runs) + "\n")
+    atomic_write_text(output / "compare.json", json.dumps([r.__dict__ for r in runs], indent=1))
+    atomic_write_bytes(output / "compare.png", _plot(runs))
+
+
+def _plot(runs: list[Run]) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for r in runs:
+        t, acc = zip(*r.points)
+        ax.step(t, [100 * a for a in acc], where="post", marker="o", markersize=3,
+                label=f"{r.model} ({r.mode}): {100 * r.test_accuracy:.1f}% in {_fmt_time(r.seconds)}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training wall time, seconds (log scale)")
+    ax.set_ylabel("test accuracy, %")
+    lows = [100 * a for r in runs for _, a in r.points if not math.isnan(a)]
+    ax.set_ylim(max(0.0, min(lows) - 5), 100.5)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("From random weights vs transfer learning")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

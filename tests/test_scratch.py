@@ -1,0 +1,179 @@
+"""From-scratch backbones: they learn, export faithfully, reproduce, honour the time budget; `retrain compare`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import retrain
+from retrain import finetune as ft
+from retrain.api import TrainConfig
+from retrain.backbones import get_backbone
+from retrain.cli import retrain_main as main
+from retrain.compare import Run, comparison_table, default_models
+from retrain.config import scratch_defaults
+from retrain.decode import load_image
+from retrain.errors import UserError
+from retrain.finetune import Network
+from retrain.head import softmax
+from retrain.predict import Classifier
+from retrain.preprocess import normalize_torch
+
+from conftest import draw_shape, make_dataset
+
+
+def small_gray_dataset(root: Path, per_class: int = 40, seed: int = 0) -> Path:
+    """28x28 grayscale images of three shapes: the kind of data scratch-small is for."""
+    rng = np.random.default_rng(seed)
+    for kind in ("circles", "squares", "stripes"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_shape(kind, rng, 28).convert("L").save(root / kind / f"{i:03d}.png")
+    return root
+
+
+def scratch_config(cache_dir, **kw) -> TrainConfig:
+    from dataclasses import replace
+
+    return TrainConfig(backbone="scratch-small", cache_dir=str(cache_dir), quiet=True,
+                       scratch=replace(scratch_defaults(), epochs=kw.pop("epochs", 15)), **kw)
+
+
+def test_scratch_small_learns_and_its_onnx_matches_pytorch(tmp_path, cache_dir, monkeypatch):
+    data = small_gray_dataset(tmp_path / "gray")
+    kept = {}
+    from retrain import scratch
+
+    real = scratch.train_from_scratch
+    monkeypatch.setattr(scratch, "train_from_scratch", lambda *a, **k: kept.setdefault("r", real(*a, **k)))
+    model = retrain.train(data, scratch_config(cache_dir))
+    model.save(tmp_path / "m")
+    metrics = model.metrics
+    assert metrics["mode"] == "scratch" and metrics["backbone"] == "scratch-small"
+    assert "head" not in metrics and len(metrics["finetune"]["history"]) == 15
+    assert metrics["test_accuracy"] >= 0.8  # three shapes; chance is 0.33
+
+    tuned, _ = kept["r"]
+    clf = Classifier(tmp_path / "m" / "model.onnx")
+    assert clf.prep.size == 28
+    images = sorted(data.glob("*/*.png"))[::7]
+    batch = np.stack([load_image(p, clf.prep) for p in images])
+    net = Network(tuned.features, tuned.layers).eval()
+    with torch.no_grad():
+        logits = net(normalize_torch(torch.from_numpy(batch), clf.prep)).numpy()
+    temperature = float(clf.metadata["retrain:temperature"])
+    np.testing.assert_allclose(clf.probabilities(batch), softmax(logits, temperature), atol=2e-4)
+    # A colour photo of any size goes through the same model (colour averaged, resized to 28).
+    photo = tmp_path / "photo.jpg"
+    draw_shape("circles", np.random.default_rng(5), 150).save(photo)
+    [prediction] = retrain.predict(tmp_path / "m", [photo])
+    assert prediction.error is None and len(prediction.top) == 3
+
+
+def test_scratch_training_is_deterministic(tmp_path, cache_dir):
+    data = small_gray_dataset(tmp_path / "gray", per_class=20)
+    a = retrain.train(data, scratch_config(cache_dir, epochs=3)).metrics
+    b = retrain.train(data, scratch_config(cache_dir, epochs=3)).metrics
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in h]  # noqa: E731
+    assert strip(a["finetune"]["history"]) == strip(b["finetune"]["history"])
+    assert a["test_accuracy"] == b["test_accuracy"]
+
+
+def test_unreadable_images_are_skipped_not_fatal(tmp_path, cache_dir):
+    data = small_gray_dataset(tmp_path / "gray", per_class=15)
+    (data / "circles" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    model = retrain.train(data, scratch_config(cache_dir, epochs=2))
+    assert any(Path(s["path"]).name == "broken.png" for s in model.metrics["skipped_files"])
+
+
+def test_time_budget_shortens_the_schedule(tmp_path, cache_dir, monkeypatch):
+    """A budget smaller than one epoch's time leaves exactly one epoch, and says so."""
+    data = small_gray_dataset(tmp_path / "gray", per_class=15)
+    logs: list[str] = []
+    model = retrain.train(data, scratch_config(cache_dir, epochs=10, time_budget=1e-3), log=logs.append)
+    assert len(model.metrics["finetune"]["history"]) == 1
+    assert any("the schedule now ends after epoch 1 (planned 10)" in line for line in logs)
+
+
+def test_time_budget_schedule_factor_follows_the_new_length():
+    plan = {"epochs": 10}
+    factor = ft._schedule(lambda: plan["epochs"] * 4, 0.25)
+    assert factor(0) == pytest.approx(1 / 10)  # warm-up over 10 of 40 steps
+    plan["epochs"] = 2
+    assert factor(1) == pytest.approx(1.0)  # warm-up is now 2 steps
+    assert 0 < factor(7) < 0.1 and factor(8) == pytest.approx(0.0)  # the 8-step schedule ends at zero
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--unfreeze", "2"], "no pretrained layers"),
+    (["--train_size", "64"], "trains at its input size"),
+    (["--flip_left_right"], "distortion flags"),
+])
+def test_fine_tuning_flags_that_do_not_apply_are_errors(tmp_path, cache_dir, capsys, flags, message):
+    data = small_gray_dataset(tmp_path / "gray", per_class=5)
+    rc = main(["train", str(data), "--output", str(tmp_path / "m"), "--backbone", "scratch-small",
+               "--cache_dir", str(cache_dir), "--quiet", *flags])
+    assert rc != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_scratch_backbones_have_no_features_to_cache(cache_dir):
+    backbone = get_backbone("scratch_color")  # either spelling
+    assert backbone.name == "scratch-color" and not backbone.pretrained and backbone.prep.size == 64
+    with pytest.raises(UserError, match="random weights"):
+        backbone.write_network(Path("unused.onnx"))
+
+
+def test_scratch_color_architecture_shapes():
+    features = get_backbone("scratch-color").torch_network()
+    assert len(features.blocks) == 5 and len(features.dense) == 1  # 5 conv blocks; with the classifier, 2 FC
+    out = features.eval()(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, features.dim)
+    small = get_backbone("scratch-small").torch_network()
+    assert len(small.blocks) == 3 and len(small.dense) == 0  # 3 conv blocks; the classifier is the 1 FC
+
+
+def test_comparison_table_times_to_reach_each_others_best():
+    slow = Run("scratch-color", "scratch", 0.80, 100.0, [(10.0, 0.5), (50.0, 0.7), (100.0, 0.80)])
+    fast = Run("lite0", "head", 0.95, 12.0, [(12.0, 0.95)])
+    assert slow.accuracy_at(12.0) == 0.5 and slow.accuracy_at(5.0) is None
+    assert fast.time_to(0.80) == 12.0 and slow.time_to(0.95) is None
+    table = comparison_table([slow, fast])
+    assert "lite0 95.0%: not reached" in table and "scratch-color 80.0%: 12.0 s" in table
+    assert "acc @ 12.0 s" in table
+
+
+def test_default_models_follow_image_size(tmp_path):
+    assert default_models(small_gray_dataset(tmp_path / "gray", per_class=3)) == ["scratch-small", "lite0"]
+    assert default_models(make_dataset(tmp_path / "photos", per_class=3)) == ["scratch-color", "lite0"]
+
+
+def test_compare_cli_writes_table_json_and_plot(tmp_path, cache_dir, capsys):
+    data = small_gray_dataset(tmp_path / "gray", per_class=20)
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(data), "--output", str(out), "--cache_dir", str(cache_dir), "--quiet",
+               "--time_budget", "0.2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "scratch-small" in printed and "lite0" in printed and "time to reach" in printed
+    runs = json.loads((out / "compare.json").read_text())
+    assert [r["model"] for r in runs] == ["scratch-small", "lite0"]
+    for r in runs:
+        times = [t for t, _ in r["points"]]
+        assert times == sorted(times) and r["seconds"] == times[-1] > 0
+        assert r["test_accuracy"] == r["points"][-1][1]
+    assert len(runs[0]["points"]) >= 3  # one per epoch, then the exported model
+    with Image.open(out / "compare.png") as png:
+        assert png.size[0] > 400
+    for name in ("scratch-small", "lite0"):
+        assert (out / name / "model.onnx").exists() and (out / name / "report.html").exists()
+
+
+def test_compare_needs_two_models(tmp_path, cache_dir, capsys):
+    data = small_gray_dataset(tmp_path / "gray", per_class=3)
+    assert main(["compare", str(data), "--models", "lite0", "--output", str(tmp_path / "c")]) != 0
+    assert "at least two models" in capsys.readouterr().err
