@@ -4,16 +4,20 @@ The store is one append-only file of fixed-size records per backbone identity:
 (sha256 of the image bytes, feature vector, crc32). Appends happen under a file lock, a torn
 record left by a killed run is cut off before the next append, and a record that fails its
 checksum is ignored (so its image is recomputed). Nothing is ever unpickled.
+Reading goes through np.memmap and a NumPy index (no Python object per record), and
+feature_matrix() builds training matrices in blocks, spilling big ones to a memory-mapped
+temporary file, so memory stays flat however many images the store holds.
 """
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -39,41 +43,106 @@ def _crc(digest: bytes, vector: np.ndarray) -> int:
 
 
 class FeatureStore:
-    """Append-only, checksummed feature vectors keyed by image content hash."""
+    """Append-only, checksummed feature vectors keyed by image content hash, read through np.memmap.
+
+    Memory does not grow with per-record Python objects: the index is two NumPy arrays (sorted
+    digests as S32, their record numbers: 40 bytes a record) plus a small dict of records
+    appended since the last merge; vectors stay in the file and are read on demand.
+    """
+
+    MERGE_EVERY = 65_536  # appended records kept in a dict before they are merged into the arrays
+    VERIFY_CHUNK = 16 << 20  # bytes read at a time when checking crcs on open
+    GATHER_ROWS = 1024  # vectors copied out of the mapping at a time (5 MB at Lite0's 1280)
 
     def __init__(self, folder: Path, dim: int):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / STORE_FILE
+        self.dim = dim
         self.dtype = _record_dtype(dim)
         self.lock = FileLock(str(self.folder / "store.lock"))
-        self._index: dict[bytes, np.ndarray] = {}
         self.corrupt = 0
+        self._keys = np.zeros(0, "S32")  # sorted digests of valid records (S32 order is byte order)
+        self._rows = np.zeros(0, np.int64)  # record number of each key's first valid record
+        self._recent: dict[bytes, int] = {}  # appended since the last merge
+        self._mapped: np.memmap | None = None
         self._load()
 
     def _load(self) -> None:
+        """Check every whole record's crc once; index the first valid record of each digest."""
         if not self.path.exists():
             return
-        n = self.path.stat().st_size // self.dtype.itemsize
-        if n == 0:
-            return
-        records = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(n,))
-        for rec in records:
-            digest, vector = rec["digest"].tobytes(), np.array(rec["vector"])
-            if _crc(digest, vector) == int(rec["crc"]):
-                self._index.setdefault(digest, vector)
-            else:
-                self.corrupt += 1
-        del records
+        size = self.dtype.itemsize
+        n = self.path.stat().st_size // size
+        per_chunk = max(1, self.VERIFY_CHUNK // size)
+        keys, rows = [], []
+        with open(self.path, "rb") as f:
+            # Plain reads, not the memmap: touching every page of a mapping would count the
+            # whole file in this process's resident memory.
+            for start in range(0, n, per_chunk):
+                chunk = f.read(min(per_chunk, n - start) * size)
+                ok = _valid_records(memoryview(chunk), size)
+                raw = np.frombuffer(chunk, np.uint8).reshape(-1, size)[ok, :32]
+                keys.append(np.frombuffer(raw.tobytes(), "S32"))
+                rows.append(start + np.flatnonzero(ok))
+                self.corrupt += int((~ok).sum())
+        if keys:
+            self._keys, self._rows = _first_of_each(np.concatenate(keys), np.concatenate(rows))
+
+    def _row(self, raw: bytes) -> int:
+        """Record number for a 32-byte digest, or -1."""
+        row = self._recent.get(raw)
+        if row is not None:
+            return row
+        key = np.array([raw], "S32")  # compared as arrays: a scalar S32 loses trailing NUL bytes
+        i = int(np.searchsorted(self._keys, key)[0])
+        return int(self._rows[i]) if i < len(self._keys) and self._keys[i:i + 1] == key else -1
+
+    def rows(self, digests: list[str]) -> np.ndarray:
+        """Record numbers for hex digests (-1 where absent), looked up in one vectorised search."""
+        if not digests:
+            return np.zeros(0, np.int64)
+        wanted = np.frombuffer(bytes.fromhex("".join(digests)), "S32")
+        out = np.full(len(wanted), -1, np.int64)
+        if len(self._keys):
+            i = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+            hit = self._keys[i] == wanted
+            out[hit] = self._rows[i[hit]]
+        if self._recent:
+            for j in np.flatnonzero(out < 0):
+                out[j] = self._recent.get(bytes.fromhex(digests[j]), -1)
+        return out
+
+    def vectors(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), dim) float32 copies of the given records' vectors, into `out` if given."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32) if out is None else out
+        if len(rows):
+            mapped = self._records(int(rows.max()))["vector"]  # (records, dim), strided over the file
+            # Fancy indexing gathers just these rows (np.take would first copy the whole strided
+            # source to make it contiguous); blocks of GATHER_ROWS bound the temporary.
+            for i in range(0, len(rows), self.GATHER_ROWS):
+                out[i:i + self.GATHER_ROWS] = mapped[rows[i:i + self.GATHER_ROWS]]
+        return out
+
+    def _records(self, need_row: int) -> np.memmap:
+        """The file as a record array, remapped when it has grown past `need_row`."""
+        if self._mapped is None or need_row >= len(self._mapped):
+            n = self.path.stat().st_size // self.dtype.itemsize
+            self._mapped = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(n,))
+        return self._mapped
 
     def __contains__(self, digest: str) -> bool:
-        return bytes.fromhex(digest) in self._index
+        return self._row(bytes.fromhex(digest)) >= 0
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._keys) + len(self._recent)
 
     def get(self, digest: str) -> np.ndarray:
-        return self._index[bytes.fromhex(digest)]
+        row = self._row(bytes.fromhex(digest))
+        if row < 0:
+            raise KeyError(digest)
+        return self.vectors(np.array([row]))[0]
 
     def append(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Durably add (hex digest, vector) pairs."""
@@ -92,8 +161,39 @@ class FeatureStore:
                 f.write(recs.tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-        for digest, vector in items:
-            self._index.setdefault(bytes.fromhex(digest), np.asarray(vector, np.float32))
+        first = whole // self.dtype.itemsize  # our records' numbers, even if another process appended before
+        for k, (digest, _) in enumerate(items):
+            raw = bytes.fromhex(digest)
+            if self._row(raw) < 0:  # the first record of a digest wins, as on reload
+                self._recent[raw] = first + k
+        if len(self._recent) >= self.MERGE_EVERY:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Fold the recent dict into the sorted arrays (O(n), every MERGE_EVERY appends)."""
+        keys = np.array(list(self._recent), "S32")
+        rows = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+        order = np.argsort(keys)
+        at = np.searchsorted(self._keys, keys[order])
+        self._keys, self._rows = np.insert(self._keys, at, keys[order]), np.insert(self._rows, at, rows[order])
+        self._recent = {}
+
+
+def _valid_records(chunk: memoryview, size: int) -> np.ndarray:
+    """Boolean mask: which whole records in `chunk` match their stored crc32."""
+    n = len(chunk) // size
+    stored = np.frombuffer(chunk, np.uint8).reshape(n, size)[:, size - 4:].copy().view("<u4").ravel()
+    computed = np.fromiter((zlib.crc32(chunk[i * size:(i + 1) * size - 4]) for i in range(n)), np.uint32, n)
+    return computed == stored
+
+
+def _first_of_each(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys, each with its lowest row (the first record of a digest wins)."""
+    order = np.lexsort((rows, keys))
+    keys, rows = keys[order], rows[order]
+    first = np.ones(len(keys), bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return keys[first], rows[first]
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -171,28 +271,117 @@ def features_of(session: ort.InferenceSession, samples: list[Sample], prep: Prep
     return found
 
 
+class StoreFeatures(Mapping):
+    """{hex digest: vector} for a set of images, read from a FeatureStore on demand.
+
+    What compute_features returns: it behaves like the dict it replaced, but holds two arrays
+    (sorted digests, record numbers) instead of one NumPy object per image. feature_matrix()
+    reads whole blocks of rows through it without any per-image object.
+    """
+
+    def __init__(self, store: FeatureStore, keys: np.ndarray, rows: np.ndarray):
+        self.store, self.dim = store, store.dim
+        self._keys, self._rows = _first_of_each(keys, rows)
+
+    def rows_of(self, digests: list[str]) -> np.ndarray:
+        """Store record numbers for hex digests, -1 where this set has no vector."""
+        if not digests or not len(self._keys):
+            return np.full(len(digests), -1, np.int64)
+        wanted = np.frombuffer(bytes.fromhex("".join(digests)), "S32")
+        i = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+        return np.where(self._keys[i] == wanted, self._rows[i], -1)
+
+    def __getitem__(self, digest: str) -> np.ndarray:
+        row = self.rows_of([digest])[0]
+        if row < 0:
+            raise KeyError(digest)
+        return self.store.vectors(np.array([row]))[0]
+
+    def __contains__(self, digest: object) -> bool:
+        return isinstance(digest, str) and self.rows_of([digest])[0] >= 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        raw = self._keys.view(np.uint8).reshape(-1, 32)  # bytes, not S32 scalars (they drop trailing NULs)
+        return (r.tobytes().hex() for r in raw)
+
+
+MATRIX_IN_MEMORY_BYTES = 64 << 20  # bigger feature matrices (12.5k Lite0 vectors) go to a memory-mapped file
+MATRIX_CHUNK_ROWS = 8192  # rows gathered at a time, so building the matrix needs no second copy
+
+
+def feature_matrix(samples: Sequence[Sample], features: Mapping[str, np.ndarray], dim: int, *,
+                   max_in_memory: int = MATRIX_IN_MEMORY_BYTES, spill_dir: Path | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, dim) float32 in sample order and labels (N,) int64, for training or evaluation.
+
+    Up to `max_in_memory` bytes the matrix is an ordinary array; beyond, an np.memmap over an
+    unlinked temporary file (in `spill_dir`, by default beside the feature store), so the head
+    trains out of core and nothing is left behind if the process dies. A missing digest raises
+    KeyError, as indexing a dict would.
+    """
+    y = np.fromiter((s.label for s in samples), np.int64, len(samples))
+    x = _empty_matrix(len(samples), dim, max_in_memory,
+                      spill_dir or (features.store.folder if isinstance(features, StoreFeatures) else None))
+    for start in range(0, len(samples), MATRIX_CHUNK_ROWS):
+        chunk = samples[start:start + MATRIX_CHUNK_ROWS]
+        _vectors_of(chunk, features, x[start:start + len(chunk)])
+    return x, y
+
+
+def _empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None) -> np.ndarray:
+    if n * dim * 4 <= max_in_memory:
+        return np.zeros((n, dim), np.float32)
+    # An unlinked file: the mapping keeps it alive, the OS removes it when the mapping goes.
+    with tempfile.TemporaryFile(prefix="retrain-matrix-", dir=spill_dir) as f:
+        f.truncate(n * dim * 4)
+        return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
+
+
+def _vectors_of(samples: Sequence[Sample], features: Mapping[str, np.ndarray], out: np.ndarray) -> None:
+    """Fill `out` (len(samples), dim) with the samples' vectors."""
+    digests = [s.digest for s in samples]
+    if isinstance(features, StoreFeatures):
+        rows = features.rows_of(digests)
+        if (rows < 0).any():
+            raise KeyError(digests[int(np.argmax(rows < 0))])
+        features.store.vectors(rows, out)
+    else:
+        out[:] = np.stack([features[d] for d in digests])
+
+
 def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: Path,
                      store_dir: Path | None = None, *, batch_size: int = 32, workers: int = 2,
-                     quiet: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                     quiet: bool = False) -> tuple[StoreFeatures, dict[str, str]]:
     """Features for every sample's content (from cache or computed), and the reasons for failures.
 
-    Returns ({digest: vector}, {digest: reason}); each distinct image content is processed once.
+    Returns ({digest: vector} as a StoreFeatures view, {digest: reason}); each distinct image
+    content is decoded once, in scan order.
     """
     store = FeatureStore(Path(store_dir or Path(cache_dir) / "features") / backbone.identity, backbone.feature_dim)
     if store.corrupt and not quiet:
         print(f"Feature cache: ignored {store.corrupt} damaged record(s); those images are recomputed.",
               file=sys.stderr)
-    first_path: dict[str, Path] = {}
-    for s in samples:
-        first_path.setdefault(s.digest, s.path)
-    todo = [d for d in first_path if d not in store]
+    samples = samples if isinstance(samples, Sequence) else list(samples)
+    digests = [s.digest for s in samples]
+    keys = np.frombuffer(bytes.fromhex("".join(digests)), "S32")
+    todo = _first_missing(keys, store.rows(digests))
     failures: dict[str, str] = {}
-    if todo:
+    if len(todo):
         session = inference_session(extractor_path(backbone, cache_dir))
-        batches = extract(session, [first_path[d] for d in todo], backbone.prep, batch_size=batch_size,
+        batches = extract(session, [samples[i].path for i in todo], backbone.prep, batch_size=batch_size,
                           workers=workers, desc=f"Extracting features ({backbone.name})", quiet=quiet)
         for ok, vectors, failed in batches:
-            failures |= {todo[i]: why for i, why in failed}
-            store.append([(todo[i], v) for i, v in zip(ok, vectors)])
-    found = {d: store.get(d) for d in first_path if d in store}
-    return found, failures
+            failures |= {digests[todo[i]]: why for i, why in failed}
+            store.append([(digests[todo[i]], v) for i, v in zip(ok, vectors)])
+    rows = store.rows(digests)
+    return StoreFeatures(store, keys[rows >= 0], rows[rows >= 0]), failures
+
+
+def _first_missing(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of the first sample of each distinct digest the store lacks, in scan order."""
+    missing = np.flatnonzero(rows < 0)
+    _, first = np.unique(keys[missing], return_index=True)
+    return np.sort(missing[first])

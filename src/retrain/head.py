@@ -89,6 +89,10 @@ class _AdamW:
                 a -= lr * (ma / (1 - b1 ** self.t)) / (np.sqrt(va / (1 - b2 ** self.t)) + 1e-8)
 
 
+MEASURE_ROWS = 16_384  # training accuracy/loss is measured on at most this many fixed rows (84 MB at D=1280)
+CHUNK_ROWS = 65_536  # rows per block in logits(); up to this many rows, results are bit-identical to one matmul
+
+
 def _measure(layers, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     z = logits([(w, b) for w, b in layers], x)
     z = z - z.max(axis=1, keepdims=True)
@@ -97,8 +101,18 @@ def _measure(layers, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def logits(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """The exported head's dense layers in numpy: raw features (N, D) -> logits (N, C)."""
-    h = x.astype(np.float32)
+    """The exported head's dense layers in numpy: raw features (N, D) -> logits (N, C).
+
+    Runs in blocks of CHUNK_ROWS, so an (N, D) np.memmap is read block by block and never
+    copied whole into memory.
+    """
+    if len(x) <= CHUNK_ROWS:
+        return _dense(layers, x)
+    return np.concatenate([_dense(layers, x[i:i + CHUNK_ROWS]) for i in range(0, len(x), CHUNK_ROWS)])
+
+
+def _dense(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+    h = np.asarray(x, np.float32)  # no copy of float32 input (a memmap block is read in place)
     for i, (w, b) in enumerate(layers):
         h = h @ w + b
         if i < len(layers) - 1:
@@ -117,6 +131,19 @@ def predict_proba(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, te
     return softmax(logits(layers, x), temperature)
 
 
+def _measured_rows(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """All training rows, or a fixed sorted sample of MEASURE_ROWS of them when there are more.
+
+    A full pass over a million memory-mapped rows at every check would dominate training; a
+    16k sample, read once, estimates accuracy within about +-0.8 points (95%). It has its own
+    generator, so the training batches are the same as without it.
+    """
+    if len(x) <= MEASURE_ROWS:
+        return x, y
+    keep = np.sort(np.random.default_rng([seed, 1]).choice(len(x), MEASURE_ROWS, replace=False))
+    return x[keep], y[keep]
+
+
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                n_classes: int, cfg: HeadConfig, log: Callable[[str], None] = print,
                progress: Callable[[int], None] | None = None) -> HeadResult:
@@ -125,10 +152,15 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     NumPy rather than PyTorch here: a step on a 100 x 1280 batch costs ~50 us instead of ~1 ms
     of framework overhead, and head-only runs skip importing torch (1.3 s), which is most of a
     warm rerun's time.
+
+    Out of core: float32 inputs are used as given (an np.memmap from features.feature_matrix
+    stays on disk; each step reads its mini-batch's rows), and beyond MEASURE_ROWS training
+    rows the progress measurement uses a fixed sample of them instead of a full pass.
     """
     rng = np.random.default_rng(cfg.seed)
-    x_train, y_train = x_train.astype(np.float32), y_train.astype(np.int64)
-    x_val, y_val = x_val.astype(np.float32), y_val.astype(np.int64)
+    x_train, y_train = x_train.astype(np.float32, copy=False), y_train.astype(np.int64)
+    x_val, y_val = x_val.astype(np.float32, copy=False), y_val.astype(np.int64)
+    x_seen, y_seen = _measured_rows(x_train, y_train, cfg.seed)
     layers = _init_layers(x_train.shape[1], n_classes, cfg, rng)
     opt = _AdamW(layers, cfg.learning_rate, cfg.weight_decay)
     batch = min(cfg.batch_size, len(x_train))
@@ -145,7 +177,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
             progress(1)
         if step % cfg.eval_interval and step != cfg.steps:
             continue
-        train_acc, train_loss = _measure(layers, x_train, y_train)
+        train_acc, train_loss = _measure(layers, x_seen, y_seen)
         entry = {"step": step, "train_accuracy": train_acc, "train_loss": train_loss}
         line = f"Step {step}: Train accuracy = {100 * train_acc:.1f}%, cross entropy = {train_loss:.4f}"
         key = (train_acc, -train_loss)

@@ -1,6 +1,8 @@
 """Load an exported model and classify images with it: the predict stage."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from .decode import UnreadableImage
 from .errors import UserError
@@ -115,6 +118,139 @@ def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLik
     return list(clf.predict_paths(expand_images(images), top_k, min_confidence=min_confidence))
 
 
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+STREAM_CHUNK = 4096  # paths classified per predict_paths call: memory stays flat however big the folder
+
+
+@dataclass
+class StreamSummary:
+    rows: int  # one per image, readable or not
+    failures: int  # rows with an error
+    path: Path
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """'csv' or 'jsonl', from the file's extension."""
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the output format of {path}: name it .csv or .jsonl (JSON Lines)")
+    return fmt
+
+
+def csv_header(top_k: int) -> list[str]:
+    return ["path", "unknown", "error"] + [f"{col}_{i}" for i in range(1, top_k + 1) for col in ("label", "score")]
+
+
+def csv_row(pred: Prediction, top_k: int) -> list:
+    """One CSV row: an unreadable file has its error and empty prediction columns."""
+    if pred.error:
+        return [pred.path, "", pred.error] + [""] * (2 * top_k)
+    cells = [c for label, score in pred.top for c in (label, f"{score:.6f}")]
+    return [pred.path, str(pred.unknown).lower(), ""] + cells + [""] * (2 * top_k - len(cells))
+
+
+class RowWriter:
+    """Writes predictions to FILE.partial as they come, one whole row per write, then renames it to FILE.
+
+    A killed run leaves FILE.partial holding only complete rows; FILE itself appears only
+    when every image has its row.
+    """
+
+    def __init__(self, path: str | os.PathLike, top_k: int):
+        self.path, self.top_k, self.format = Path(path), top_k, output_format(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.partial, "w", encoding="utf-8", newline="")
+        self.rows = self.failures = 0
+        if self.format == "csv":
+            self._write_line(csv_header(top_k))
+
+    def _write_line(self, cells: list) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(cells)
+        self.file.write(buf.getvalue())
+
+    def write(self, pred: Prediction) -> None:
+        if self.format == "csv":
+            self._write_line(csv_row(pred, self.top_k))
+        else:
+            self.file.write(json.dumps(pred.to_dict(), ensure_ascii=False) + "\n")
+        self.file.flush()  # whole rows reach the file as they come, never half of one
+        self.rows += 1
+        self.failures += bool(pred.error)
+
+    def finish(self) -> StreamSummary:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return StreamSummary(self.rows, self.failures, self.path)
+
+    def abandon(self) -> None:
+        self.file.close()
+
+
+def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os.PathLike],
+                    output: str | os.PathLike, top_k: int = 5, min_confidence: float | None = None, *,
+                    batch_size: int = 32, workers: int = 2, quiet: bool = True) -> StreamSummary:
+    """Classify image files and folders, streaming one row per image to a .csv or .jsonl file.
+
+    Folders are walked lazily and classified STREAM_CHUNK files at a time, so memory does not
+    grow with the number of images. Unreadable files get a row with their error. Raises
+    UserError (and leaves no file) when no image is found.
+    """
+    clf = model if isinstance(model, Classifier) else load(model)
+    k = max(1, min(top_k, len(clf.labels)))
+    paths = iter_images(images)  # missing inputs are reported before any file is created
+    writer = RowWriter(output, k)
+    bar = tqdm(desc="Predicting", unit="img", disable=quiet)
+    try:
+        for chunk in _chunks(paths, STREAM_CHUNK):
+            for pred in clf.predict_paths(chunk, k, batch_size, workers, min_confidence):
+                writer.write(pred)
+                bar.update()
+    except BaseException:
+        writer.abandon()  # FILE.partial keeps the complete rows written so far
+        raise
+    finally:
+        bar.close()
+    if not writer.rows:
+        writer.abandon()
+        writer.partial.unlink(missing_ok=True)
+        raise UserError("no images found in: " + ", ".join(str(i) for i in images))
+    return writer.finish()
+
+
+def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    chunk: list[Path] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def iter_images(items: list[str | os.PathLike]) -> Iterator[Path]:
+    """expand_images, lazily: every item is checked to exist now, folders are walked as consumed."""
+    paths = [Path(item) for item in items]
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"image not found: {p}")
+    return _walk_items(paths)
+
+
+def _walk_items(paths: list[Path]) -> Iterator[Path]:
+    from .scan import walk_files
+
+    for p in paths:
+        if p.is_dir():
+            yield from (path for path, image in walk_files(p) if image)
+        else:
+            yield p
+
+
 def expand_images(items: list[str | os.PathLike]) -> list[Path]:
     """Files as given; folders replaced by the image files below them (sorted)."""
     from .scan import list_images
@@ -131,4 +267,4 @@ def expand_images(items: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-__all__ = ["Classifier", "Prediction", "UnreadableImage", "load", "predict"]
+__all__ = ["Classifier", "Prediction", "UnreadableImage", "load", "predict", "predict_to_file"]

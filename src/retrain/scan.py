@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ SPLIT_DIR_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-sample __dict__ (a million samples are held at once)
 class Sample:
     path: Path
     label: int
@@ -66,16 +68,27 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(name)
 
 
+def walk_files(folder: Path) -> Iterator[tuple[Path, bool]]:
+    """(file, whether it is an image) below `folder`, lazily, sorted within each folder.
+
+    Recursive, not following folder links; hidden files and folders are left out.
+    """
+    for root, dirs, files in os.walk(folder, onerror=None):
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        base = Path(root)  # one per folder: its files' Paths share its parts instead of re-parsing them
+        for name in sorted(files):
+            if not is_hidden(name):
+                yield base / name, is_image_name(name)
+
+
 def list_images(folder: Path) -> tuple[list[Path], int]:
     """Image files below `folder` (recursively, not following folder links) and a count of others."""
     found, ignored = [], 0
-    for root, dirs, files in os.walk(folder, onerror=None):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        for name in sorted(files):
-            if is_image_name(name):
-                found.append(Path(root) / name)
-            elif not is_hidden(name):
-                ignored += 1
+    for path, image in walk_files(folder):
+        if image:
+            found.append(path)
+        else:
+            ignored += 1
     return found, ignored
 
 
@@ -127,19 +140,38 @@ def hash_split(digest: str, validation_percentage: float, testing_percentage: fl
     return "train"
 
 
-def _hash_all(paths: list[Path], workers: int, quiet: bool = False) -> list[str | Exception]:
-    def safe(p: Path) -> str | Exception:
-        try:
-            return file_digest(p)
-        except OSError as e:
-            return e
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(safe, paths), total=len(paths), desc="Hashing images",
-                         unit="img", leave=False, disable=quiet or len(paths) < 200))
+def _safe_digest(path: Path) -> str | OSError:
+    try:
+        return file_digest(path)
+    except OSError as e:
+        return e
 
 
-def _labelled_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, str]], int]:
-    """(class names, [(file, class)], ignored count) for one folder of class folders."""
+def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = False) -> Iterator[str | OSError]:
+    """Digests (or the OSError) in input order, with at most 4 files per worker in flight.
+
+    pool.map would submit every file up front: a million pending futures (~0.5 KB each) just
+    to hash files one after another.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=total, desc="Hashing images", unit="img", leave=False,
+                 disable=quiet or total < 200) as bar:
+        pending: deque = deque()
+        for path in paths:
+            pending.append(pool.submit(_safe_digest, path))
+            if len(pending) >= 4 * workers:
+                bar.update()
+                yield pending.popleft().result()
+        while pending:
+            bar.update()
+            yield pending.popleft().result()
+
+
+Group = tuple[list[Path], str, str | None]  # (files, class name, fixed split or None)
+
+
+def _labelled_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[list[Path], str]], int]:
+    """(class names, [(files, class)] per class folder, ignored count) for one folder of class folders."""
     subdirs = class_folders(folder)
     names = [d.name for d in subdirs]
     if classes is not None:
@@ -147,12 +179,12 @@ def _labelled_files(folder: Path, classes: list[str] | None) -> tuple[list[str],
         if unknown:
             raise UserError(f"{folder} has class folders not in the training classes: "
                             f"{', '.join(unknown)} (training classes: {', '.join(classes)})")
-    files, ignored = [], 0
+    groups, ignored = [], 0
     for d in subdirs:
         images, other = list_images(d)
         ignored += other
-        files += [(p, d.name) for p in images]
-    return names, files, ignored
+        groups.append((images, d.name))
+    return names, groups, ignored
 
 
 def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = None,
@@ -174,33 +206,39 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
         raise UserError(f"{train_dir} needs at least 2 class folders (one sub-folder per class, "
                         f"images inside); found {len(classes)}: {', '.join(classes) or 'none'}")
     per_class = {c: 0 for c in classes}
-    for _, c in train_files:
-        per_class[c] += 1
+    for files, c in train_files:
+        per_class[c] += len(files)
     empty = [c for c, n in per_class.items() if n == 0]
     if empty:
         raise UserError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)} "
                         f"(supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
-    entries = [(p, c, None) for p, c in train_files]
+    groups: list[Group] = [(files, c, None) for files, c in train_files]
     for split, folder in fixed.items():
         if folder:
-            _, files, other = _labelled_files(Path(folder), classes)
+            _, more, other = _labelled_files(Path(folder), classes)
             ignored += other
-            entries += [(p, c, split) for p, c in files]
+            groups += [(files, c, split) for files, c in more]
 
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
     test_pct = 0 if fixed["test"] else testing_percentage
-    samples, skipped = _hashed_samples(entries, classes, val_pct, test_pct, workers, quiet)
+    samples, skipped = _hashed_samples(groups, classes, val_pct, test_pct, workers, quiet)
     return Dataset(classes, samples, skipped, ignored,
                    fixed_split=bool(fixed["validation"] or fixed["test"]))
 
 
-def _hashed_samples(entries: list[tuple[Path, str, str | None]], classes: list[str], val_pct: float,
-                    test_pct: float, workers: int, quiet: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
-    """Hash (file, class, fixed split or None) entries into samples; unreadable files are skipped."""
-    digests = _hash_all([p for p, _, _ in entries], workers, quiet)
+def _hashed_samples(groups: list[Group], classes: list[str], val_pct: float, test_pct: float, workers: int,
+                    quiet: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """Hash (files, class, fixed split or None) groups into samples; unreadable files are skipped.
+
+    Streams: each file's Sample is made as its digest arrives, and the only per-image objects
+    kept are the Path (shared with the Sample) and the Sample itself.
+    """
     index = {c: i for i, c in enumerate(classes)}
+    entries = ((path, cls, split) for files, cls, split in groups for path in files)
+    digests = _hash_all((path for files, _, _ in groups for path in files),
+                        sum(len(files) for files, _, _ in groups), workers, quiet)
     samples, skipped = [], []
     for (path, cls, split), digest in zip(entries, digests):
         if isinstance(digest, Exception):
@@ -213,8 +251,9 @@ def _hashed_samples(entries: list[tuple[Path, str, str | None]], classes: list[s
 def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4,
                          quiet: bool = False) -> Dataset:
     """Scan an evaluation folder whose class folders must be among `classes`."""
-    names, files, ignored = _labelled_files(Path(folder), classes)
-    if not files:
+    names, groups, ignored = _labelled_files(Path(folder), classes)
+    if not any(files for files, _ in groups):
         raise UserError(f"no images found in the class folders of {folder}")
-    samples, skipped = _hashed_samples([(p, c, "test") for p, c in files], list(classes), 0, 0, workers, quiet)
+    samples, skipped = _hashed_samples([(files, c, "test") for files, c in groups], list(classes), 0, 0,
+                                       workers, quiet)
     return Dataset(list(classes), samples, skipped, ignored, fixed_split=True)
