@@ -12,7 +12,7 @@ DEMO   := demo
 $(BIN)/retrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'  # ray: so the --engine ray tests run too
 	@touch $@
 
 setup: $(BIN)/retrain

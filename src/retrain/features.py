@@ -18,6 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -30,7 +31,11 @@ from .graphs import extractor_path
 from .preprocess import INPUT_NAME, Preprocessing
 from .scan import Sample
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
 STORE_FILE = "features.bin"
+Batch = tuple[list[int], np.ndarray, list[tuple[int, str]]]  # (indices that decoded, their outputs, [(index, reason)])
 
 
 def _record_dtype(dim: int) -> np.dtype:
@@ -204,16 +209,18 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
-def inference_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+def inference_session(model: Path | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session for an ONNX file, or for its serialized bytes (what a Ray worker receives)."""
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, _session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def inference_session_from(model, threads: int | None = None) -> ort.InferenceSession:
     """A session for an in-memory onnx.ModelProto."""
-    return ort.InferenceSession(model.SerializeToString(), _session_options(threads), providers=["CPUExecutionProvider"])
+    return inference_session(model.SerializeToString(), threads)
 
 
-def decoded_batches(paths: list[Path], prep: Preprocessing, batch_size: int, workers: int,
+def decoded_batches(paths: Sequence[Path], prep: Preprocessing, batch_size: int, workers: int,
                     prefetch: int = 3) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
     """Decode `paths` in worker threads, a few batches ahead of the consumer, in order.
 
@@ -246,18 +253,34 @@ def decoded_batches(paths: list[Path], prep: Preprocessing, batch_size: int, wor
             yield [i for i, _ in ok], batch, failed
 
 
-def extract(session: ort.InferenceSession, paths: list[Path], prep: Preprocessing, *, batch_size: int = 32,
-            workers: int = 2, desc: str = "Extracting features", quiet: bool = False
-            ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Run a feature extractor over image files: yields (indices, (n, D) vectors, [(index, reason)])."""
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet)
+def run_model(session: ort.InferenceSession, paths: Sequence[Path], prep: Preprocessing, batch_size: int,
+              workers: int) -> Iterator[Batch]:
+    """Decode `paths` and run an ONNX model (extractor or classifier) on each batch, in order.
+
+    Yields (indices that decoded, (n, ...) first output, [(index, reason) that failed]). This is
+    the whole per-image computation: the local engine calls it in this process, the Ray engine
+    calls it on each worker for a chunk of paths, so both give the same numbers.
+    """
     for ok, batch, failed in decoded_batches(paths, prep, batch_size, workers):
+        outputs = session.run(None, {INPUT_NAME: batch})[0] if len(ok) else np.zeros((0, 0), np.float32)
+        yield ok, outputs, failed
+
+
+def reported(batches: Iterator[Batch], paths: Sequence[Path], desc: str, quiet: bool) -> Iterator[Batch]:
+    """Pass batches through, naming each unreadable file on stderr and advancing a progress bar."""
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet)
+    for ok, outputs, failed in batches:
         for i, why in failed:
             tqdm.write(f"Skipping {describe(paths[i])}: {why}", file=sys.stderr)
-        vectors = session.run(None, {INPUT_NAME: batch})[0] if len(ok) else np.zeros((0, 0), np.float32)
-        yield ok, vectors, failed
+        yield ok, outputs, failed
         bar.update(len(ok) + len(failed))
     bar.close()
+
+
+def extract(session: ort.InferenceSession, paths: list[Path], prep: Preprocessing, *, batch_size: int = 32,
+            workers: int = 2, desc: str = "Extracting features", quiet: bool = False) -> Iterator[Batch]:
+    """Run a feature extractor over image files: yields (indices, (n, D) vectors, [(index, reason)])."""
+    return reported(run_model(session, paths, prep, batch_size, workers), paths, desc, quiet)
 
 
 def features_of(session: ort.InferenceSession, samples: list[Sample], prep: Preprocessing, *,
@@ -354,11 +377,12 @@ def _vectors_of(samples: Sequence[Sample], features: Mapping[str, np.ndarray], o
 
 def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: Path,
                      store_dir: Path | None = None, *, batch_size: int = 32, workers: int = 2,
-                     quiet: bool = False) -> tuple[StoreFeatures, dict[str, str]]:
+                     quiet: bool = False, engine: Engine | None = None) -> tuple[StoreFeatures, dict[str, str]]:
     """Features for every sample's content (from cache or computed), and the reasons for failures.
 
     Returns ({digest: vector} as a StoreFeatures view, {digest: reason}); each distinct image
-    content is decoded once, in scan order.
+    content is decoded once, in scan order. `engine` (a RayEngine) computes the missing vectors
+    elsewhere; this process still writes them to the store, under the same keys.
     """
     store = FeatureStore(Path(store_dir or Path(cache_dir) / "features") / backbone.identity, backbone.feature_dim)
     if store.corrupt and not quiet:
@@ -370,10 +394,10 @@ def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: P
     todo = _first_missing(keys, store.rows(digests))
     failures: dict[str, str] = {}
     if len(todo):
-        session = inference_session(extractor_path(backbone, cache_dir))
-        batches = extract(session, [samples[i].path for i in todo], backbone.prep, batch_size=batch_size,
-                          workers=workers, desc=f"Extracting features ({backbone.name})", quiet=quiet)
-        for ok, vectors, failed in batches:
+        paths, model = [samples[i].path for i in todo], extractor_path(backbone, cache_dir)
+        batches = (engine.run(model, paths, backbone.prep, batch_size, workers) if engine
+                   else run_model(inference_session(model), paths, backbone.prep, batch_size, workers))
+        for ok, vectors, failed in reported(batches, paths, f"Extracting features ({backbone.name})", quiet):
             failures |= {digests[todo[i]]: why for i, why in failed}
             store.append([(digests[todo[i]], v) for i, v in zip(ok, vectors)])
     rows = store.rows(digests)

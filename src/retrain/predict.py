@@ -7,15 +7,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from .decode import UnreadableImage
 from .errors import UserError
-from .features import decoded_batches, inference_session
+from .features import inference_session, run_model
 from .preprocess import INPUT_NAME, Preprocessing
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.onnx", "labels.txt", "metrics.json"
 
@@ -42,9 +45,14 @@ def read_labels(path: Path) -> list[str]:
 
 
 class Classifier:
-    """An exported retrain model (model.onnx with its metadata) ready to classify images."""
+    """An exported retrain model (model.onnx with its metadata) ready to classify images.
 
-    def __init__(self, onnx_path: str | os.PathLike, labels: list[str] | None = None, threads: int | None = None):
+    With an `engine` (a RayEngine), files are decoded and classified on its workers; ranking,
+    thresholds and output stay here, so the rows are the same as a local run's.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, labels: list[str] | None = None, threads: int | None = None,
+                 engine: Engine | None = None):
         path = Path(onnx_path)
         if path.suffix.lower() == ".pb":
             raise UserError(f"{path} is a TensorFlow graph; this tool reads ONNX models. Retrain with "
@@ -55,7 +63,7 @@ class Classifier:
             self.session = inference_session(path, threads)
         except Exception as e:  # ORT raises its own exception types for bad files
             raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
-        self.path = path
+        self.path, self.engine = path, engine
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         if "retrain:preprocessing" not in self.metadata:
             raise UserError(f"{path} was not written by retrain (no preprocessing metadata); "
@@ -85,10 +93,11 @@ class Classifier:
     def probabilities_of(self, paths: list[Path], batch_size: int = 32, workers: int = 2
                          ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
         """(index, (C,) probabilities or None, reason or None) for each file, in input order."""
-        for ok, batch, failed in decoded_batches(paths, self.prep, batch_size, workers):
+        batches = (self.engine.run(self.path, paths, self.prep, batch_size, workers) if self.engine
+                   else run_model(self.session, paths, self.prep, batch_size, workers))
+        for ok, probs, failed in batches:
             results: dict[int, tuple[np.ndarray | None, str | None]] = {i: (None, why) for i, why in failed}
-            if len(ok):
-                results |= {i: (p, None) for i, p in zip(ok, self.probabilities(batch))}
+            results |= {i: (p, None) for i, p in zip(ok, probs)}
             yield from ((i, *results[i]) for i in sorted(results))
 
     def rank(self, name: str, probs: np.ndarray, top_k: int = 5, min_confidence: float | None = None) -> Prediction:
@@ -106,9 +115,10 @@ def model_file(model: str | os.PathLike) -> Path:
     return path / MODEL_FILE if path.is_dir() else path
 
 
-def load(model: str | os.PathLike, labels: str | os.PathLike | None = None) -> Classifier:
+def load(model: str | os.PathLike, labels: str | os.PathLike | None = None, engine: Engine | None = None
+         ) -> Classifier:
     """Load a model directory or .onnx file; `labels` overrides the labels stored in the model."""
-    return Classifier(model_file(model), read_labels(Path(labels)) if labels else None)
+    return Classifier(model_file(model), read_labels(Path(labels)) if labels else None, engine=engine)
 
 
 def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLike], top_k: int = 5,
