@@ -20,13 +20,14 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import DEFAULT_BACKBONE, Backbone, export_torch_network, get_backbone
 from .decode import describe
+from .engine import check_engine, open_engine
 from .errors import UserError
 from .doctor import quick_summary
 from .evaluate import Timeline, classification_metrics
-from .features import compute_features, features_of, inference_session_from
+from .features import compute_features, feature_matrix, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import FinetuneConfig, scratch_defaults
 from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
@@ -62,6 +63,8 @@ class TrainConfig:
     resume: bool = False  # continue an interrupted fine-tuning run
     workers: int = 2  # decode threads
     batch_size: int = 32  # images per backbone call
+    engine: str = "local"  # where cached features are extracted: local (this process) or ray (a Ray cluster)
+    ray_address: str | None = None  # engine ray: the cluster to attach to (default: start or find a local one)
     quiet: bool = False
 
     def to_dict(self) -> dict:
@@ -70,6 +73,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("head", "finetune", "auto"):
             raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
+        check_engine(self.engine, self.ray_address)
 
 
 @dataclass
@@ -121,13 +125,6 @@ def _versions() -> dict[str, str]:
         name: installed(name) for name in ("torch", "onnx", "onnxruntime", "numpy", "pillow")}
 
 
-def _matrix(samples: list[Sample], features: dict[str, np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    if not samples:
-        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
-    return (np.stack([features[s.digest] for s in samples]).astype(np.float32),
-            np.array([s.label for s in samples], np.int64))
-
-
 def _usable(dataset: Dataset, features: dict[str, np.ndarray], failures: dict[str, str]) -> list[Sample]:
     """Samples whose features exist; failed files join dataset.skipped; every class must survive."""
     usable = [s for s in dataset.samples if s.digest in features]
@@ -162,14 +159,14 @@ def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Bac
                        stage: _Stages, log: Callable[[str], None]):
     """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)})."""
     dataset = _scan(image_dir, config, stage, log)
-    with stage("features"):
+    with stage("features"), distributed.main_first(), open_engine(config.engine, config.ray_address) as engine:
         features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
                                               batch_size=config.batch_size, workers=config.workers,
-                                              quiet=config.quiet)
+                                              quiet=config.quiet, engine=engine)
         samples = _usable(dataset, features, failures)
     _log_skipped(dataset, log)
     split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
-    return dataset, split, {name: _matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+    return dataset, split, {name: feature_matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
 
 
 def _scan(image_dir: str | Path, config: TrainConfig, stage: _Stages, log: Callable[[str], None]) -> Dataset:
@@ -211,8 +208,10 @@ class _Fitted:
 
 
 def train(image_dir: str | Path, config: TrainConfig | None = None,
-          log: Callable[[str], None] | None = None, timeline: Timeline | None = None) -> TrainedModel:
+          log: Callable[[str], None] | None = None, timeline: Timeline | None = None) -> TrainedModel | None:
     """Train a classifier on a folder of class folders; returns the model and its metrics.
+
+    Under torchrun every process calls this; rank 0 gets the model, the others None.
 
     timeline, if given, records test accuracy against training time (for `retrain compare`).
     """
@@ -222,7 +221,12 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     train_with = _train_on_features if backbone.pretrained else _train_from_scratch
+    if not distributed.is_main():
+        log = lambda msg: None  # noqa: E731  (under torchrun, rank 0 speaks for all)
     fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
+    distributed.finish()
+    if not distributed.is_main():
+        return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
     dataset, split, layers = fitted.dataset, fitted.split, fitted.layers
     (x_va, y_va), (x_te, y_te) = fitted.x["validation"], fitted.x["test"]
     with stage("calibrate"):
@@ -317,7 +321,7 @@ def _use_tuned_network(fitted: _Fitted, backbone: Backbone, config: TrainConfig)
     session = inference_session_from(fitted.extractor)
     rows = fitted.split["validation"] + fitted.split["test"]
     tuned_features = features_of(session, rows, backbone.prep, workers=config.workers, quiet=config.quiet)
-    fitted.x |= {name: _matrix(fitted.split[name], tuned_features, backbone.feature_dim)
+    fitted.x |= {name: feature_matrix(fitted.split[name], tuned_features, backbone.feature_dim)
                  for name in ("validation", "test")}
 
 

@@ -105,8 +105,19 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random_crop", type=int, default=0)
     g.add_argument("--random_scale", type=int, default=0)
     g.add_argument("--random_brightness", type=int, default=0)
+    add_engine_options(p, "feature extraction")
     for flag in RETIRED_FLAGS:
         p.add_argument(flag, action=_Retired, nargs="?", help=argparse.SUPPRESS)
+
+
+def add_engine_options(p: argparse.ArgumentParser, work: str) -> None:
+    g = p.add_argument_group(f"engine (where {work} runs)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help=f"local: this process; ray: {work} spread over a Ray cluster's workers "
+                        "(pip install 'retrain[ray]'; images must be readable at the same path on every node)")
+    g.add_argument("--ray_address", "--ray-address",
+                   help="Ray cluster to attach to, e.g. HOST:6379 (default: RAY_ADDRESS, else the cluster "
+                        "`ray start` made on this machine, else a new local Ray)")
 
 
 def _threshold(text: str) -> float | str:
@@ -165,6 +176,7 @@ def config_from_args(args: argparse.Namespace):
                        cache_dir=args.cache_dir, bottleneck_dir=args.bottleneck_dir, input_mean=args.input_mean,
                        input_std=args.input_std, output_name=getattr(args, "final_tensor_name", "final_result"),
                        unknown_threshold=args.unknown_threshold, workers=args.workers, quiet=args.quiet,
+                       engine=args.engine, ray_address=args.ray_address,
                        mode=args.mode, finetune=tune, scratch=scratch, resume=args.resume,
                        time_budget=args.time_budget * 60 if args.time_budget else None)
 
@@ -198,6 +210,8 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     add_training_options(p)
     args = p.parse_args(argv)
     model = train(args.image_dir, config_from_args(args))
+    if model is None:  # a torchrun helper process: rank 0 writes the model
+        return 0
     model.save_files(args.output_graph, args.output_labels)
     _after_training(model, args)
     print(f"Saved the model to {args.output_graph} and its labels to {args.output_labels}", file=sys.stderr)
@@ -208,6 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
     model = train(args.image_dir, config_from_args(args))
+    if model is None:  # a torchrun helper process: rank 0 writes the model
+        return 0
     out = model.save(args.output)
     _after_training(model, args)
     print(f"Saved model.onnx, labels.txt, metrics.json and report.html to {out}", file=sys.stderr)
@@ -215,10 +231,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import expand_images, load
+    from .engine import open_engine
+    from .predict import load
 
     _positive("--top-k", args.top_k)
-    clf = load(args.model, args.labels)
+    with open_engine(args.engine, args.ray_address) as engine:
+        return _predict(args, load(args.model, args.labels, engine))
+
+
+def _predict(args: argparse.Namespace, clf) -> int:
+    from .predict import expand_images
+
     if args.output:  # streamed: one row per image as it comes, folders walked lazily
         from .predict import predict_to_file
 
@@ -346,6 +369,7 @@ def modern_parser() -> argparse.ArgumentParser:
                                            "(written as FILE.partial, renamed when complete)")
     pr.add_argument("--min_confidence", "--min-confidence", type=_probability,
                     help="flag images whose top probability is below this as unknown (default: the model's threshold)")
+    add_engine_options(pr, "decoding and classification")
     pr.set_defaults(run=cmd_predict)
     ev = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on IMAGE_DIR",
                         allow_abbrev=False)

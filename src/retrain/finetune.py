@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .augment import Augment, augment
 from .config import CPU_TRAIN_SIZE, FinetuneConfig
 from .backbones import Backbone
@@ -121,10 +122,17 @@ def _schedule(total_steps: Callable[[], int], warmup_fraction: float) -> Callabl
     return factor
 
 
+def shard_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """This process's sample indices for each batch of the epoch: a seeded shuffle, the ragged last
+    batch dropped; under torchrun each process takes every WORLD_SIZE-th sample of every batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    starts = range(0, n - batch_size + 1, batch_size) if n >= batch_size else [0]
+    return [order[s:s + batch_size][distributed.rank()::distributed.world_size()] for s in starts]
+
+
 def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: int, epoch: int,
                   workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled, augmented (uint8 NHWC batch, labels) for one epoch; reproducible from (seed, epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(samples))
 
     def load(i: int) -> np.ndarray | None:
         rng = np.random.default_rng([seed, epoch, int(i)])  # per image: thread timing cannot matter
@@ -133,22 +141,20 @@ def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: in
         except UnreadableImage:
             return None
 
-    starts = list(range(0, len(order) - batch_size + 1, batch_size)) or [0]  # drop the ragged last batch
+    batches = shard_batches(len(samples), batch_size, seed, epoch)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
-        for start in starts[:3]:
-            pending.append((start, [pool.submit(load, i) for i in order[start:start + batch_size]]))
-        next_start = 3
-        while pending:
-            start, futures = pending.popleft()
-            if next_start < len(starts):
-                s = starts[next_start]
-                pending.append((s, [pool.submit(load, i) for i in order[s:s + batch_size]]))
-                next_start += 1
+        for idx in batches[:3]:
+            pending.append((idx, [pool.submit(load, i) for i in idx]))
+        for ahead in batches[3:] + [None] * 3:
+            if not pending:
+                break
+            idx, futures = pending.popleft()
+            if ahead is not None:
+                pending.append((ahead, [pool.submit(load, i) for i in ahead]))
             arrays = [f.result() for f in futures]
             keep = [k for k, a in enumerate(arrays) if a is not None]
             if keep:
-                idx = order[start:start + batch_size]
                 yield (np.stack([arrays[k] for k in keep]),
                        np.array([samples[idx[k]].label for k in keep], np.int64))
 
@@ -244,6 +250,11 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     time_budget: seconds of epochs; after the first epoch the schedule shortens to the epochs that
     fit (or, with stretch_to_budget, also lengthens to them).
     """
+    distributed.init()
+    if not distributed.is_main():  # one voice: rank 0 logs and writes; the others train in silence
+        log, quiet, checkpoint_to_write, after_epoch = (lambda msg: None), True, None, None
+    else:
+        checkpoint_to_write = checkpoint
     device = pick_device(cfg.device)
     net = net.to(device).to(memory_format=torch.channels_last)
     groups = [{"params": list(net.head.parameters()), "lr": cfg.learning_rate}]
@@ -256,7 +267,12 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     plan = {"epochs": cfg.epochs}  # the LR schedule reads it, so a time budget can shorten it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(lambda: plan["epochs"] * steps_per_epoch,
                                                              cfg.warmup_fraction))
-    model = torch.compile(net) if cfg.compile else net
+    model = net
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net)  # averages gradients: the global batch is cfg.batch_size
+    model = torch.compile(model) if cfg.compile else model
     validate = lambda entry: _validate(net, data, backbone.prep, device, entry)  # noqa: E731
 
     result = FinetuneResult(features=net.features, layers=net.head_layers(), device=device.type,
@@ -302,8 +318,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
             stale += 1
         if time_budget and epoch == start_epoch == 1:
             _fit_schedule_to_budget(plan, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
-        if checkpoint:
-            _save_checkpoint(checkpoint, {"model": net.state_dict(), "optimizer": opt.state_dict(),
+        if checkpoint_to_write:
+            _save_checkpoint(checkpoint_to_write, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
                                           "best_key": list(best_key), "best_model": best_state, "stale": stale,
                                           "best_epoch": result.best_epoch, "warm_model": warm_state,
@@ -358,18 +374,40 @@ def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
     return (val_acc, -val_loss), entry | {"validation_accuracy": val_acc, "validation_loss": val_loss}
 
 
+def _mix(x: torch.Tensor, kind: str | None, alpha: float, rng: np.random.Generator
+         ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """mixup or cutmix a batch with a shuffled copy of itself: (mixed x, partner order, share of the original)."""
+    if not kind or len(x) < 2:
+        return x, torch.arange(len(x)), 1.0
+    share = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if kind == "mixup":
+        return share * x + (1 - share) * x[partner], partner, share
+    side = x.shape[-1]  # cutmix: paste a box of the partner covering (1 - share) of the area
+    cut = int(side * np.sqrt(1 - share))
+    top, left = (int(v) for v in rng.integers(0, side - cut + 1, 2))
+    x = x.clone()
+    x[:, :, top:top + cut, left:left + cut] = x[partner, :, top:top + cut, left:left + cut]
+    return x, partner, 1 - cut * cut / (side * side)
+
+
 def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
                  device: torch.device, prep: Preprocessing, quiet: bool = False) -> dict:
     _set_train_mode(net, trainable)
     start, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
     bar = tqdm(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
                disable=quiet)
+    mix_rng = np.random.default_rng([cfg.seed, epoch, 1])
     for batch, labels in data.train_batches(epoch):
         x = _to_device(torch.from_numpy(batch), prep, device)
         y = torch.from_numpy(labels).to(device)
+        x, partner, share = _mix(x, cfg.mix, cfg.mix_alpha, mix_rng)
         with _autocast(device):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            if share < 1.0:
+                loss = share * loss + (1 - share) * F.cross_entropy(out.float(), y[partner],
+                                                                    label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -381,5 +419,6 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     bar.close()
     secs = time.perf_counter() - start
+    seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)
     return {"epoch": epoch, "train_accuracy": correct / max(1, seen), "train_loss": loss_sum / max(1, seen),
             "seconds": round(secs, 2), "images_per_second": seen / secs if secs else 0.0}

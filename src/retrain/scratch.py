@@ -23,7 +23,8 @@ from .backbones import Backbone
 from .config import FinetuneConfig, scratch_batch_size, scratch_epochs
 from .errors import UserError
 from .features import decoded_batches
-from .finetune import EpochHook, FinetuneResult, Network, fit
+from . import distributed
+from .finetune import EpochHook, FinetuneResult, Network, fit, shard_batches
 from .preprocess import Preprocessing
 from .scan import Sample
 
@@ -112,11 +113,9 @@ class DecodedImages:
 
     def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Shuffled batches of random crops (and mirror images); reproducible from (seed, epoch)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order, s = rng.permutation(self.n_train), self.prep.size
-        room = self.train_x.shape[1] - s
-        for start in range(0, max(1, self.n_train - self.batch_size + 1), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        rng = np.random.default_rng([self.seed, epoch, distributed.rank()])
+        s, room = self.prep.size, self.train_x.shape[1] - self.prep.size
+        for idx in shard_batches(self.n_train, self.batch_size, self.seed, epoch):
             offsets = rng.integers(0, room + 1, (len(idx), 2))
             batch = np.stack([self.train_x[i, a:a + s, b:b + s] for i, (a, b) in zip(idx, offsets)])
             flip = rng.random(len(idx)) < 0.5
