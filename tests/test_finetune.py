@@ -86,9 +86,11 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
 
 
 def test_warm_start_is_kept_when_no_epoch_beats_it(shapes, cache_dir, monkeypatch):
-    """A head already perfect on validation cannot be beaten: fine-tuning must not make it worse."""
+    """Fine-tuning that wrecks the network (an absurd learning rate) must not replace a perfect head."""
     logs: list[str] = []
-    model = retrain.train(shapes, config(cache_dir, validation_percentage=30), log=logs.append)
+    cfg = config(cache_dir, validation_percentage=30)
+    cfg.finetune = replace(cfg.finetune, learning_rate=50.0, unfreeze=-1)
+    model = retrain.train(shapes, cfg, log=logs.append)
     assert model.metrics["finetune"]["best_epoch"] == 0
     assert model.metrics["finetune"]["history"][0]["validation_accuracy"] == 1.0
     assert any("keeping the head trained on cached features" in line for line in logs)
@@ -151,3 +153,12 @@ def test_batch_mixing_is_reproducible_and_keeps_the_pixel_budget(kind):
                 assert changed[i].float().mean().item() == pytest.approx(1 - share)
     same, order, whole = ft._mix(x, None, 0.4, np.random.default_rng(0))
     assert same is x and whole == 1.0
+
+
+def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache_dir):
+    """Label smoothing raises the fine-tuned loss; at equal accuracy the fine-tuned epoch must still win."""
+    model = retrain.train(shapes, config(cache_dir, validation_percentage=30))
+    history = model.metrics["finetune"]["history"]
+    assert history[0]["validation_accuracy"] == 1.0  # the warm head is already perfect on validation
+    best = model.metrics["finetune"]["best_epoch"]
+    assert best >= 1 and history[best]["validation_accuracy"] == 1.0

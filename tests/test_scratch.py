@@ -177,3 +177,10 @@ def test_compare_needs_two_models(tmp_path, cache_dir, capsys):
     data = small_gray_dataset(tmp_path / "gray", per_class=3)
     assert main(["compare", str(data), "--models", "lite0", "--output", str(tmp_path / "c")]) != 0
     assert "at least two models" in capsys.readouterr().err
+
+
+def test_compare_model_suffix_other_than_finetune_is_an_error(tmp_path, cache_dir, capsys):
+    data = small_gray_dataset(tmp_path / "gray", per_class=3)
+    rc = main(["compare", str(data), "--models", "scratch-small,lite0+fast", "--output", str(tmp_path / "c"),
+               "--cache_dir", str(cache_dir), "--quiet", "--time_budget", "0.01"])
+    assert rc != 0 and "the only suffix is +finetune" in capsys.readouterr().err

@@ -396,8 +396,9 @@ def modern_parser() -> argparse.ArgumentParser:
                         "against wall time as a table and a plot", allow_abbrev=False,
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cp.add_argument("image_dir")
-    cp.add_argument("--models", help="comma-separated backbones (default: scratch-small for images of 48 px or "
-                                     "less, else scratch-color; then lite0)")
+    cp.add_argument("--models", help="comma-separated backbones, a +finetune suffix fine-tunes a pretrained one "
+                                     "(default: scratch-small for images of 48 px or less, else scratch-color; "
+                                     "then lite0)")
     cp.add_argument("--output", "-o", default="compare", help="folder for the models, table and plot")
     cp.add_argument("--time_budget", "--time-budget", type=float,
                     help="minutes each from-scratch network may train (default: its full schedule)")

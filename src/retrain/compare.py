@@ -67,13 +67,17 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     runs = []
     for name in models:
-        backbone = get_backbone(name)
+        backbone_name, _, mode = name.partition("+")  # lite0+finetune: transfer with fine-tuning
+        if mode not in ("", "finetune"):
+            raise UserError(f"model '{name}': the only suffix is +finetune (e.g. lite0+finetune)")
+        backbone = get_backbone(backbone_name)
         if backbone.pretrained:
             extractor_path(backbone, cache)  # one-off ONNX export, outside the clock
         log(f"=== {name} ===")
         with tempfile.TemporaryDirectory() as features:  # an empty feature cache: extraction is timed
             timeline = Timeline()
-            model = train(image_dir, replace(config, backbone=name, bottleneck_dir=features), log, timeline)
+            run_config = replace(config, backbone=backbone_name, bottleneck_dir=features, mode=mode or "head")
+            model = train(image_dir, run_config, log, timeline)
             timeline.record(lambda: model.metrics["test_accuracy"] or float("nan"))
         model.save(output / name)
         runs.append(Run(name, model.metrics["mode"], model.metrics["test_accuracy"] or float("nan"),
@@ -118,11 +122,18 @@ def _plot(runs: list[Run]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    end = max(r.seconds for r in runs)
     for r in runs:
         t, acc = zip(*r.points)
-        ax.step(t, [100 * a for a in acc], where="post", marker="o", markersize=3,
-                label=f"{r.model} ({r.mode}): {100 * r.test_accuracy:.1f}% in {_fmt_time(r.seconds)}")
+        line, = ax.step(t, [100 * a for a in acc], where="post", marker="o", markersize=3,
+                        label=f"{r.model} ({r.mode}): {100 * r.test_accuracy:.1f}% in {_fmt_time(r.seconds)}")
+        if r.seconds < end:  # finished early: its model stays as good for the rest of the time axis
+            ax.plot([r.seconds, end], [100 * r.test_accuracy] * 2, linestyle="--", color=line.get_color())
     ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ticks = [m * 10 ** e for e in range(-1, 6) for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("training wall time, seconds (log scale)")
     ax.set_ylabel("test accuracy, %")
     lows = [100 * a for r in runs for _, a in r.points if not math.isnan(a)]

@@ -331,7 +331,9 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
             log(f"Early stop after epoch {epoch}: no validation improvement since epoch {result.best_epoch}.")
             break
         epoch += 1
-    if warm_key is not None and (best_key is None or warm_key > best_key):
+    # Accuracy alone decides here: the warm head trained without label smoothing, so its validation
+    # loss is not comparable with the fine-tuned network's, and a tie must not undo the fine-tuning.
+    if warm_key is not None and (best_key is None or warm_key[0] > best_key[0]):
         log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
         best_state, result.best_epoch = warm_state, 0
     if best_state is not None:
