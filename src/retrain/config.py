@@ -21,8 +21,6 @@ class FinetuneConfig:
     unfreeze: int = -1  # stages from the top to train: -1 all, 0 the head only
     patience: int | None = 2  # epochs without validation improvement before stopping; None: never stop early
     augment: Augment | None = None  # None: the modern default; its size is set to train_size
-    mix: str | None = None  # "mixup" or "cutmix" batches (see README: measured, off by default)
-    mix_alpha: float = 0.4  # Beta(alpha, alpha) draws the mixing share
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile (GPU)
     workers: int = 0  # decode threads; 0: one per CPU core

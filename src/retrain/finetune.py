@@ -376,40 +376,18 @@ def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
     return (val_acc, -val_loss), entry | {"validation_accuracy": val_acc, "validation_loss": val_loss}
 
 
-def _mix(x: torch.Tensor, kind: str | None, alpha: float, rng: np.random.Generator
-         ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """mixup or cutmix a batch with a shuffled copy of itself: (mixed x, partner order, share of the original)."""
-    if not kind or len(x) < 2:
-        return x, torch.arange(len(x)), 1.0
-    share = float(rng.beta(alpha, alpha))
-    partner = torch.from_numpy(rng.permutation(len(x))).to(x.device)
-    if kind == "mixup":
-        return share * x + (1 - share) * x[partner], partner, share
-    side = x.shape[-1]  # cutmix: paste a box of the partner covering (1 - share) of the area
-    cut = int(side * np.sqrt(1 - share))
-    top, left = (int(v) for v in rng.integers(0, side - cut + 1, 2))
-    x = x.clone()
-    x[:, :, top:top + cut, left:left + cut] = x[partner, :, top:top + cut, left:left + cut]
-    return x, partner, 1 - cut * cut / (side * side)
-
-
 def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
                  device: torch.device, prep: Preprocessing, quiet: bool = False) -> dict:
     _set_train_mode(net, trainable)
     start, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
     bar = tqdm(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
                disable=quiet)
-    mix_rng = np.random.default_rng([cfg.seed, epoch, 1])
     for batch, labels in data.train_batches(epoch):
         x = _to_device(torch.from_numpy(batch), prep, device)
         y = torch.from_numpy(labels).to(device)
-        x, partner, share = _mix(x, cfg.mix, cfg.mix_alpha, mix_rng)
         with _autocast(device):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-            if share < 1.0:
-                loss = share * loss + (1 - share) * F.cross_entropy(out.float(), y[partner],
-                                                                    label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
