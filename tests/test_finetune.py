@@ -45,8 +45,11 @@ def test_exported_finetuned_model_matches_pytorch(shapes, cache_dir, tmp_path, m
                if v.dtype.is_floating_point and not torch.equal(v, fresh[k])}
     assert changed and "_conv_stem" not in changed and "_blocks" in changed
 
-    clf = Classifier(tmp_path / "m" / "model.onnx")
-    images = sorted(shapes.glob("*/*.jpg"))[::6]
+    assert_onnx_matches_network(Classifier(tmp_path / "m" / "model.onnx"), tuned, sorted(shapes.glob("*/*.jpg"))[::6])
+
+
+def assert_onnx_matches_network(clf: Classifier, tuned, images) -> None:
+    """The exported model's probabilities equal the trained PyTorch network's, with the baked temperature."""
     batch = np.stack([load_image(p, clf.prep) for p in images])
     net = Network(tuned.features, tuned.layers).eval()
     with torch.no_grad():

@@ -16,14 +16,11 @@ from retrain.backbones import get_backbone
 from retrain.cli import retrain_main as main
 from retrain.compare import Run, comparison_table, default_models
 from retrain.config import scratch_defaults
-from retrain.decode import load_image
 from retrain.errors import UserError
-from retrain.finetune import Network
-from retrain.head import softmax
 from retrain.predict import Classifier
-from retrain.preprocess import normalize_torch
 
 from conftest import draw_shape, make_dataset
+from test_finetune import assert_onnx_matches_network
 
 
 def small_gray_dataset(root: Path, per_class: int = 40, seed: int = 0) -> Path:
@@ -60,13 +57,7 @@ def test_scratch_small_learns_and_its_onnx_matches_pytorch(tmp_path, cache_dir, 
     tuned, _ = kept["r"]
     clf = Classifier(tmp_path / "m" / "model.onnx")
     assert clf.prep.size == 28
-    images = sorted(data.glob("*/*.png"))[::7]
-    batch = np.stack([load_image(p, clf.prep) for p in images])
-    net = Network(tuned.features, tuned.layers).eval()
-    with torch.no_grad():
-        logits = net(normalize_torch(torch.from_numpy(batch), clf.prep)).numpy()
-    temperature = float(clf.metadata["retrain:temperature"])
-    np.testing.assert_allclose(clf.probabilities(batch), softmax(logits, temperature), atol=2e-4)
+    assert_onnx_matches_network(clf, tuned, sorted(data.glob("*/*.png"))[::7])
     # A colour photo of any size goes through the same model (colour averaged, resized to 28).
     photo = tmp_path / "photo.jpg"
     draw_shape("circles", np.random.default_rng(5), 150).save(photo)
