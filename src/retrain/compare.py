@@ -7,6 +7,7 @@ ONNX is a one-off set-up and happens before the clock starts.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tempfile
@@ -22,7 +23,7 @@ from .errors import UserError
 from .evaluate import Timeline
 from .files import atomic_write_bytes, atomic_write_text, default_cache_dir
 from .graphs import extractor_path
-from .scan import scan_dataset
+from .scan import walk_files
 
 SMALL_IMAGE_SIDE = 48  # images at most this size (shorter side) get scratch-small, bigger ones scratch-color
 
@@ -46,12 +47,15 @@ class Run:
 
 
 def default_models(image_dir: str | Path) -> list[str]:
-    """The from-scratch network that suits the images (by the size of a few of them), then lite0."""
-    dataset = scan_dataset(image_dir, quiet=True, validation_percentage=0, testing_percentage=0)
+    """The from-scratch network that suits the images (by the median size of the first 20), then lite0."""
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    images = itertools.islice((path for path, is_image in walk_files(folder) if is_image), 20)
     sides = []
-    for sample in dataset.samples[:: max(1, len(dataset.samples) // 20)][:20]:
+    for path in images:  # reads headers only, and no file's hash: this must not cost a scan
         try:
-            with Image.open(sample.path) as img:
+            with Image.open(path) as img:
                 sides.append(min(img.size))
         except OSError:
             continue
