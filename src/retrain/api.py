@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Container
 
 import numpy as np
 import onnx
@@ -125,8 +125,8 @@ def _versions() -> dict[str, str]:
         name: installed(name) for name in ("torch", "onnx", "onnxruntime", "numpy", "pillow")}
 
 
-def _usable(dataset: Dataset, features: dict[str, np.ndarray], failures: dict[str, str]) -> list[Sample]:
-    """Samples whose features exist; failed files join dataset.skipped; every class must survive."""
+def _usable(dataset: Dataset, features: Container[str], failures: dict[str, str]) -> list[Sample]:
+    """Samples whose content is in `features` (digests); the others join dataset.skipped; every class must survive."""
     usable = [s for s in dataset.samples if s.digest in features]
     dataset.skipped += [(s.path, failures.get(s.digest, "no features")) for s in dataset.samples
                         if s.digest not in features]
@@ -306,10 +306,10 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
                                              checkpoint=_checkpoint_path(cache, dataset, config),
                                              resume=config.resume, time_budget=config.time_budget,
                                              after_epoch=timeline.record if timeline else None, quiet=config.quiet)
-    dataset.samples = [s for s in dataset.samples if s.digest not in failures]
-    dataset.skipped += [(s.path, failures[s.digest]) for name in split for s in split[name] if s.digest in failures]
+    decoded = {s.digest for s in dataset.samples} - failures.keys()
+    samples = _usable(dataset, decoded, failures)
     _log_skipped(dataset, log)
-    split = {name: [s for s in rows if s.digest not in failures] for name, rows in split.items()}
+    split = {name: [s for s in samples if s.split == name] for name in split}
     fitted = _Fitted(dataset, split, {}, onnx.ModelProto(), [], "scratch", tuned=tuned)
     _use_tuned_network(fitted, backbone, config)
     return fitted
