@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from retrain import distributed
-from retrain.finetune import shard_batches
+from retrain.data import shard_batches
 
 from test_scratch import small_gray_dataset
 

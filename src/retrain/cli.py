@@ -95,9 +95,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                    help=f"head learning rate while fine-tuning (default {f.learning_rate}; the backbone gets "
                         f"{f.backbone_lr_ratio}x); scratch backbones: the one-cycle peak (default {s.learning_rate})")
     g.add_argument("--finetune_batch_size", "--finetune-batch-size", type=int,
-                   help=f"default {f.batch_size}; scratch backbones: 128, less on small data")
+                   help="default 32 on the CPU; on a GPU up to 256 (keeping ~100 steps per epoch); "
+                        "scratch backbones: 128, less on small data")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device)
     g.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
+    g.add_argument("--hold_images", "--hold-images", action=argparse.BooleanOptionalAction,
+                   help="decode the photos once and keep them on the training device, distorting them there "
+                        "(default: on a GPU when they fit in half its free memory); --no-hold_images decodes "
+                        "them every epoch")
     g.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
     g = p.add_argument_group("distortions (retrain.py's augmentation flags; live images, backbone frozen "
                              "unless --mode finetune)")
@@ -166,7 +171,7 @@ def config_from_args(args: argparse.Namespace):
     given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.finetune_batch_size),
                                ("learning_rate", args.finetune_learning_rate)) if v is not None}
     shared = dict(train_size=args.train_size, unfreeze=args.unfreeze, augment=augment, device=args.device,
-                  compile=args.compile, workers=0, seed=args.seed) | given
+                  compile=args.compile, hold_images=args.hold_images, workers=0, seed=args.seed) | given
     tune, scratch = FinetuneConfig(**shared), replace(scratch_defaults(), **shared)
     head = HeadConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
                       batch_size=args.train_batch_size, hidden_units=args.hidden_units,

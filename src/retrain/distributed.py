@@ -26,7 +26,8 @@ def is_main() -> bool:
 
 
 def active() -> bool:
-    return world_size() > 1
+    """Launched by torchrun (even as one process, so one GPU exercises the same NCCL/DDP path), or several ranks."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
 
 
 def init() -> None:

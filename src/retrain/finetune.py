@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,12 +27,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
-from .augment import Augment, augment
-from .config import CPU_TRAIN_SIZE, FinetuneConfig
+from .augment import Augment
+from .config import CPU_TRAIN_SIZE, FinetuneConfig, finetune_batch_size
 from .backbones import Backbone
-from .decode import UnreadableImage, open_rgb
+from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
-from .features import decoded_batches
 from .preprocess import Preprocessing, normalize_torch
 from .scan import Sample
 
@@ -74,6 +71,10 @@ class Network(nn.Module):
     def head_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(m.weight.detach().float().cpu().numpy().T.copy(), m.bias.detach().float().cpu().numpy().copy())
                 for m in self.head if isinstance(m, nn.Linear)]
+
+
+def print_nothing(message: str) -> None:
+    """The log of a process that must stay silent (torchrun ranks other than 0)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -122,66 +123,6 @@ def _schedule(total_steps: Callable[[], int], warmup_fraction: float) -> Callabl
     return factor
 
 
-def shard_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """This process's sample indices for each batch of the epoch: a seeded shuffle, the ragged last
-    batch dropped; under torchrun each process takes every WORLD_SIZE-th sample of every batch."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    starts = range(0, n - batch_size + 1, batch_size) if n >= batch_size else [0]
-    return [order[s:s + batch_size][distributed.rank()::distributed.world_size()] for s in starts]
-
-
-def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: int, epoch: int,
-                  workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled, augmented (uint8 NHWC batch, labels) for one epoch; reproducible from (seed, epoch)."""
-
-    def load(i: int) -> np.ndarray | None:
-        rng = np.random.default_rng([seed, epoch, int(i)])  # per image: thread timing cannot matter
-        try:
-            return augment(open_rgb(samples[i].path, aug.size), aug, rng)
-        except UnreadableImage:
-            return None
-
-    batches = shard_batches(len(samples), batch_size, seed, epoch)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for idx in batches[:3]:
-            pending.append((idx, [pool.submit(load, i) for i in idx]))
-        for ahead in batches[3:] + [None] * 3:
-            if not pending:
-                break
-            idx, futures = pending.popleft()
-            if ahead is not None:
-                pending.append((ahead, [pool.submit(load, i) for i in ahead]))
-            arrays = [f.result() for f in futures]
-            keep = [k for k, a in enumerate(arrays) if a is not None]
-            if keep:
-                yield (np.stack([arrays[k] for k in keep]),
-                       np.array([samples[idx[k]].label for k in keep], np.int64))
-
-
-class PhotoFiles:
-    """Photos decoded afresh every epoch and augmented from full resolution (fine-tuning pretrained backbones)."""
-
-    def __init__(self, splits: dict[str, list[Sample]], aug: Augment, prep: Preprocessing, batch_size: int,
-                 seed: int, workers: int):
-        self.splits, self.aug, self.prep = splits, aug, prep
-        self.batch_size, self.seed, self.workers = batch_size, seed, workers
-        self.train_size, self.n_train = aug.size, len(splits["train"])
-
-    def count(self, split: str) -> int:
-        return len(self.splits.get(split, []))
-
-    def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return train_batches(self.splits["train"], self.aug, self.batch_size, self.seed, epoch, self.workers)
-
-    def eval_batches(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(uint8 batch, labels) at inference preprocessing (centre crop at prep.size); unreadable files skipped."""
-        samples = self.splits.get(split, [])
-        for ok, batch, _ in decoded_batches([s.path for s in samples], self.prep, 64, self.workers):
-            if len(ok):
-                yield batch, np.array([samples[i].label for i in ok], np.int64)
-
-
 def predict_logits(net: Network, batches: Iterator[tuple[np.ndarray, np.ndarray]], prep: Preprocessing,
                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of uint8 batches."""
@@ -189,7 +130,7 @@ def predict_logits(net: Network, batches: Iterator[tuple[np.ndarray, np.ndarray]
     out, labels = [], []
     with torch.no_grad(), _autocast(device):
         for batch, y in batches:
-            out.append(net(_to_device(torch.from_numpy(batch), prep, device)).float().cpu().numpy())
+            out.append(net(_to_device(torch.as_tensor(batch), prep, device)).float().cpu().numpy())
             labels.append(y)
     if not out:
         return np.zeros((0, net.head[-1].out_features), np.float32), np.zeros(0, np.int64)
@@ -229,14 +170,37 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
     device = pick_device(cfg.device)
     size = cfg.train_size or (backbone.prep.size if device.type == "cuda" else CPU_TRAIN_SIZE)
     aug = replace(cfg.augment, size=size) if cfg.augment else Augment(size=size)
-    data = PhotoFiles({"train": train, "validation": val, "test": test or []}, aug, backbone.prep, cfg.batch_size,
-                      cfg.seed, cfg.workers or os.cpu_count() or 1)
+    cfg = replace(cfg, batch_size=cfg.batch_size or finetune_batch_size(len(train), device.type == "cuda"))
+    splits = {"train": train, "validation": val, "test": test or []}
+    data = _data_source(splits, aug, backbone.prep, cfg, device, log if distributed.is_main() else print_nothing, quiet)
     net = Network(backbone.torch_network(), head_layers)
     trainable = _trainable_stages(net, cfg.unfreeze)
     unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
     return fit(net, trainable, data, backbone, cfg, log, checkpoint=checkpoint, resume=resume, warm_start=True,
                after_epoch=after_epoch, what=f"Fine-tuning {backbone.name}", detail=f"{unfrozen} unfrozen",
                quiet=quiet)
+
+
+def _data_source(splits: dict[str, list[Sample]], aug: Augment, prep: Preprocessing, cfg: FinetuneConfig,
+                 device: torch.device, log: Callable[[str], None], quiet: bool) -> PhotoFiles | DevicePhotos:
+    """Photos held decoded on the device (a GPU, when they fit in half its free memory), else read every epoch."""
+    workers = cfg.workers or os.cpu_count() or 1
+    need = held_bytes({k: len(v) for k, v in splits.items()}, prep, aug.size)
+    hold = cfg.hold_images
+    if hold is None and device.type == "cuda":
+        hold = need < torch.cuda.mem_get_info(device)[0] // 2
+        if not hold:
+            log(f"Decoded photos would need {need / 2**30:.1f} GiB, over half the GPU's free memory: "
+                "decoding them afresh every epoch instead.")
+    if not hold:
+        return PhotoFiles(splits, aug, prep, cfg.batch_size, cfg.seed, workers)
+    started = time.perf_counter()
+    data = DevicePhotos(splits, aug, prep, cfg.batch_size, cfg.seed, workers, device, quiet)
+    n = sum(len(v) for v in splits.values())
+    seconds = time.perf_counter() - started
+    log(f"Decoded {n} photos once into {device.type} memory ({need / 2**30:.2f} GiB) in {seconds:.1f} s "
+        f"({n / max(seconds, 1e-9):.0f} img/s); distortions run on the {device.type}.")
+    return data
 
 
 def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbone, cfg: FinetuneConfig,
@@ -252,17 +216,18 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     """
     distributed.init()
     if not distributed.is_main():  # one voice: rank 0 logs and writes; the others train in silence
-        log, quiet, checkpoint_to_write, after_epoch = (lambda msg: None), True, None, None
+        log, quiet, checkpoint_to_write, after_epoch = print_nothing, True, None, None
     else:
         checkpoint_to_write = checkpoint
     device = pick_device(cfg.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     net = net.to(device).to(memory_format=torch.channels_last)
     groups = [{"params": list(net.head.parameters()), "lr": cfg.learning_rate}]
     if trainable is None:
         groups[0]["params"] = list(net.parameters())
     elif backbone_params := [p for s in trainable for p in s.parameters()]:
         groups.append({"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     steps_per_epoch = max(1, data.n_train // cfg.batch_size)
     plan = {"epochs": cfg.epochs}  # the LR schedule reads it, so a time budget can shorten it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(lambda: plan["epochs"] * steps_per_epoch,
@@ -379,12 +344,14 @@ def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
 def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
                  device: torch.device, prep: Preprocessing, quiet: bool = False) -> dict:
     _set_train_mode(net, trainable)
-    start, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-    bar = tqdm(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
-               disable=quiet)
-    for batch, labels in data.train_batches(epoch):
-        x = _to_device(torch.from_numpy(batch), prep, device)
-        y = torch.from_numpy(labels).to(device)
+    start, seen = time.perf_counter(), 0
+    # Summed on the device: reading them every step would make the CPU wait for the GPU each time.
+    correct, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step",
+               leave=False, disable=quiet)
+    for step, (batch, labels) in enumerate(data.train_batches(epoch)):
+        x = _to_device(torch.as_tensor(batch), prep, device)
+        y = torch.as_tensor(labels).to(device, non_blocking=True)
         with _autocast(device):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
@@ -393,11 +360,13 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
         opt.step()
         sched.step()
         seen += len(y)
-        correct += int((out.argmax(1) == y).sum())
-        loss_sum += float(loss.detach()) * len(y)
+        correct += (out.argmax(1) == y).sum()
+        loss_sum += loss.detach() * len(y)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if not quiet and step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
     bar.close()
+    correct, loss_sum = int(correct), float(loss_sum)
     secs = time.perf_counter() - start
     seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)
     return {"epoch": epoch, "train_accuracy": correct / max(1, seen), "train_loss": loss_sum / max(1, seen),

@@ -12,19 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from .backbones import Backbone
 from .config import FinetuneConfig, scratch_batch_size, scratch_epochs
 from .errors import UserError
-from .features import decoded_batches
-from . import distributed
-from .finetune import EpochHook, FinetuneResult, Network, fit, shard_batches
+from .data import DecodedImages
+from .finetune import EpochHook, FinetuneResult, Network, fit
 from .preprocess import Preprocessing
 from .scan import Sample
 
@@ -77,57 +74,6 @@ def build_features(name: str) -> ScratchFeatures:
     return ScratchFeatures(prep.size, channels, hidden, grayscale, DROPOUT)
 
 
-class DecodedImages:
-    """Every split decoded once into uint8 arrays; training batches are random shifts and flips of them.
-
-    Training images are stored a little larger than the input (edge padding for scratch-small, the
-    uncropped centre square for scratch-color), so a random crop of the input size shifts the
-    content while keeping the scale inference sees.
-    """
-
-    def __init__(self, splits: dict[str, list[Sample]], prep: Preprocessing, shift: int, batch_size: int,
-                 seed: int, workers: int, quiet: bool = False):
-        self.prep, self.batch_size, self.seed = prep, batch_size, seed
-        self.train_size, self.failures = prep.size, {}
-        stored = Preprocessing(size=prep.resize_target(), crop_fraction=1.0, mean=prep.mean, std=prep.std)
-        x, self.train_y = self._decode(splits["train"], stored, workers, quiet)
-        self.train_x = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
-        self.n_train = len(self.train_x)
-        self.eval = {name: self._decode(splits.get(name, []), prep, workers, quiet) for name in ("validation", "test")}
-
-    def _decode(self, samples: list[Sample], prep: Preprocessing, workers: int, quiet: bool
-                ) -> tuple[np.ndarray, np.ndarray]:
-        x = np.zeros((len(samples), prep.size, prep.size, 3), np.uint8)
-        keep = np.zeros(len(samples), bool)
-        bar = tqdm(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not samples,
-                   leave=False)
-        for ok, batch, failed in decoded_batches([s.path for s in samples], prep, 256, workers):
-            x[ok], keep[ok] = batch, True
-            self.failures |= {samples[i].digest: why for i, why in failed}
-            bar.update(len(ok) + len(failed))
-        bar.close()
-        return x[keep], np.array([s.label for s in samples], np.int64)[keep]
-
-    def count(self, split: str) -> int:
-        return self.n_train if split == "train" else len(self.eval[split][1])
-
-    def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Shuffled batches of random crops (and mirror images); reproducible from (seed, epoch)."""
-        rng = np.random.default_rng([self.seed, epoch, distributed.rank()])
-        s, room = self.prep.size, self.train_x.shape[1] - self.prep.size
-        for idx in shard_batches(self.n_train, self.batch_size, self.seed, epoch):
-            offsets = rng.integers(0, room + 1, (len(idx), 2))
-            batch = np.stack([self.train_x[i, a:a + s, b:b + s] for i, (a, b) in zip(idx, offsets)])
-            flip = rng.random(len(idx)) < 0.5
-            batch[flip] = batch[flip, :, ::-1]
-            yield batch, self.train_y[idx]
-
-    def eval_batches(self, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        x, y = self.eval[split]
-        for start in range(0, len(x), 512):
-            yield x[start:start + 512], y[start:start + 512]
-
-
 def check_options(cfg: FinetuneConfig, backbone: Backbone) -> None:
     """Fine-tuning options that mean nothing for a network trained from random weights are errors, not ignored."""
     prep, name = backbone.prep, backbone.name
@@ -135,6 +81,8 @@ def check_options(cfg: FinetuneConfig, backbone: Backbone) -> None:
         raise UserError(f"--train_size: {name} trains at its input size ({prep.size} px)")
     if cfg.unfreeze != -1:
         raise UserError(f"--unfreeze: {name} has no pretrained layers to keep frozen; every layer trains")
+    if cfg.hold_images is False:
+        raise UserError(f"--no-hold_images: {name} always trains on images decoded once into memory")
     if cfg.augment is not None:
         raise UserError(f"retrain.py's distortion flags apply to pretrained backbones; {name} trains on "
                         "random shifts and flips of its own")
