@@ -6,7 +6,8 @@ Sections (each timed on its own; one failing does not stop the others):
 1. steps: Lite0 training steps at 224 px on tensors already on the GPU (the network's ceiling),
    batch 256: naive fp32 (NCHW, no autocast), bf16 autocast, bf16 + channels_last.
 2. photos: a folder of N generated 320x320 JPEG photos in 10 classes (bench_scale's shapes, drawn
-   large, with noise), made with one process per core.
+   large, with noise), made with one process per core; decode: decoding them all once into memory
+   (as held photos are) with a thread per core against a worker process per core.
 3. naive: the obvious loop over those photos: each epoch decoded and distorted by PIL in a thread
    per core (retrain's CPU data path), fp32 network, the loss read every step. Images/s over one epoch.
 4. retrain: `retrain.train(--mode finetune)` over the same folder, batch 256, three ways: photos
@@ -119,6 +120,22 @@ def make_photos(folder: Path, n: int) -> dict:
     return {"images": made, "bytes": sum(f.stat().st_size for f in folder.rglob("*.jpg"))}
 
 
+@section("decode")
+def decode_rates(folder: Path, limit: int) -> dict:
+    """One-off decode into memory (what held photos cost first): threads against worker processes."""
+    from retrain.data import stored_preprocessing
+    from retrain.decode import decode_all
+    from retrain.preprocess import Preprocessing
+
+    paths = sorted(folder.rglob("*.jpg"))[:limit]
+    prep, out = stored_preprocessing(Preprocessing(), 224), {"images": len(paths)}
+    for name, processes in (("threads", False), ("processes", True)):
+        start = time.perf_counter()
+        decode_all(paths, prep, os.cpu_count() or 1, processes=processes)
+        out[name + "_images_per_second"] = round(len(paths) / (time.perf_counter() - start), 1)
+    return out
+
+
 @section("naive")
 def naive_loop(folder: Path, batch: int) -> dict:
     """One epoch of the plain loop: decode + distort on the CPU every epoch, fp32, loss read every step."""
@@ -224,6 +241,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"))
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
+    ap.add_argument("--only", nargs="*", help="run only these sections")
     ap.add_argument("--dry-run", action="store_true", help="on the CPU, to check the script itself")
     args = ap.parse_args()
     import torch
@@ -236,6 +254,7 @@ def main() -> None:
     folder, cache = args.work / "photos", args.work / "cache"
     todo = [("steps", lambda: step_rates(args.batch, args.steps)),
             ("photos", lambda: make_photos(folder, args.photos)),
+            ("decode", lambda: decode_rates(folder, args.photos)),
             ("naive", lambda: naive_loop(folder, args.batch)),
             ("retrain_files", lambda: retrain_files(folder, cache, args.batch)),
             ("retrain_held", lambda: retrain_held(folder, cache, args.batch)),
@@ -245,7 +264,7 @@ def main() -> None:
                  ("torchrun", lambda: torchrun_rps(args.rps, cache, args.work / "rps_model"))]
     args.out.mkdir(parents=True, exist_ok=True)
     for name, fn in todo:
-        if name not in args.skip:
+        if name not in args.skip and (not args.only or name in args.only):
             fn()
             (args.out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     print_table()

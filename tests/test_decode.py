@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -461,3 +462,27 @@ def test_normalize_torch_matches_onnx_normalizer():
         # And both are (pixel - mean) / std in NCHW.
         expected = (batch.transpose(0, 3, 1, 2).astype(np.float32) - prep.mean) / prep.std
         np.testing.assert_allclose(onnx_out, expected, rtol=0, atol=1e-6)
+
+
+def test_decode_all_in_processes_equals_threads_and_reports_failures(tmp_path):
+    from retrain.decode import decode_all
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40 + 3 * i, 60, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    paths.insert(5, tmp_path / "bad.jpg")
+    prep = Preprocessing(size=32)
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    seen = []
+    in_threads, failed_t = decode_all(paths, prep, 2, processes=False)
+    in_processes, failed_p = decode_all(paths, prep, 2, processes=True, progress=seen.append)
+    assert list(failed_t) == list(failed_p) == [5] and "not a recognised image format" in failed_p[5]
+    np.testing.assert_array_equal(in_threads, in_processes)
+    np.testing.assert_array_equal(in_processes[0], load_image(paths[0], prep))
+    assert in_processes.shape == (13, 32, 32, 3) and not in_processes[5].any() and sum(seen) == 13
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) <= before  # the shared block is gone

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .augment import Augment, Distortion, augment, draw_distortion
-from .decode import UnreadableImage, open_rgb
+from .decode import UnreadableImage, decode_all, open_rgb
 from .features import decoded_batches
 from .preprocess import Preprocessing
 from .scan import Sample
@@ -116,16 +116,17 @@ class DecodedImages:
 
     def _decode(self, samples: list[Sample], prep: Preprocessing, workers: int, quiet: bool
                 ) -> tuple[np.ndarray, np.ndarray]:
-        x = np.zeros((len(samples), prep.size, prep.size, 3), np.uint8)
-        keep = np.zeros(len(samples), bool)
         bar = tqdm(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not samples,
                    leave=False)
-        for ok, batch, failed in decoded_batches([s.path for s in samples], prep, 256, workers):
-            x[ok], keep[ok] = batch, True
-            self.failures |= {samples[i].digest: why for i, why in failed}
-            bar.update(len(ok) + len(failed))
+        x, failed = decode_all([s.path for s in samples], prep, workers, progress=bar.update)
         bar.close()
-        return x[keep], np.array([s.label for s in samples], np.int64)[keep]
+        self.failures |= {samples[i].digest: why for i, why in failed.items()}
+        labels = np.array([s.label for s in samples], np.int64)
+        if not failed:
+            return x, labels
+        keep = np.ones(len(samples), bool)
+        keep[list(failed)] = False
+        return x[keep], labels[keep]
 
     def count(self, split: str) -> int:
         return self.n_train if split == "train" else len(self.eval[split][1])
