@@ -17,6 +17,13 @@ Sections (each timed on its own; one failing does not stop the others):
 5. rps (with --rps): default GPU settings on rock_paper_scissors, test accuracy on testing/, and
    the same through `torchrun --standalone --nproc_per_node=1` (the NCCL/DDP path on one GPU).
 Writes bench_gpu.json and prints a table last.
+
+Measured on one H200 (2026-11-28, PyTorch 2.11, 16 cores; 20,000 photos, batch 256), images/s:
+steps fp32 2,162, bf16 1,964, bf16 + channels_last 5,779; naive loop 405; retrain decoding every
+epoch 532 (1.3x); held on the GPU 4,470 per epoch (11.0x), 1,173 all in over 2 epochs with the
+20 s thread decode; held + compile 6,513 per epoch (16.1x), 727 all in over 3 epochs (38 s of
+compiling). A fresh machine, 10,000 photos: decoding 1,381/s in threads, 2,308/s in processes;
+first epoch 35 s (warm-up), then 4,474. rps at the GPU defaults: 0.951 on testing/ (N=470).
 """
 from __future__ import annotations
 
