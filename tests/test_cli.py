@@ -153,3 +153,13 @@ def test_label_image_without_graph_uses_imagenet(cache_dir, capsys):
     names = [line.rsplit(" ", 1)[0] for line in lines]
     assert len(names) == 5 and set(names) <= set(imagenet_labels())
     assert "bee" in names
+
+
+@pytest.mark.parametrize("flags", [["--compile"], ["--device", "cpu", "--epochs", "3"], ["--hold_images"],
+                                   ["--unfreeze", "2"], ["--resume"]])
+def test_live_image_flags_are_refused_in_head_mode(shapes, tmp_path, capsys, flags):
+    """--mode head trains on cached features: these flags would otherwise do nothing, silently."""
+    assert retrain_main(["train", str(shapes), "--output", str(tmp_path / "m"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert flags[0] in err and "--mode head trains on cached features" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

@@ -149,6 +149,21 @@ def _positive(name: str, value: float) -> None:
         raise UserError(f"{name} must be positive (got {value})")
 
 
+def _refuse_live_flags_in_head_mode(args: argparse.Namespace) -> None:
+    """--mode head trains on cached features: flags for training on live images would be silently dropped."""
+    if args.mode != "head" or args.backbone.lower().startswith("scratch") or any(
+            getattr(args, d) for d in DISTORTION_FLAGS):
+        return
+    given = {"--epochs": args.epochs is not None, "--unfreeze": args.unfreeze != -1,
+             "--train_size": args.train_size is not None, "--finetune_learning_rate": args.finetune_learning_rate
+             is not None, "--finetune_batch_size": args.finetune_batch_size is not None,
+             "--device": args.device != "auto", "--compile": args.compile, "--hold_images": args.hold_images
+             is not None, "--resume": args.resume}
+    if flags := [flag for flag, on in given.items() if on]:
+        raise UserError(f"{', '.join(flags)}: only for training on live images (--mode finetune or auto, a "
+                        "scratch backbone, or distortion flags); --mode head trains on cached features")
+
+
 def config_from_args(args: argparse.Namespace):
     from .api import TrainConfig
     from .augment import Augment
@@ -164,6 +179,7 @@ def config_from_args(args: argparse.Namespace):
             raise UserError(f"--{name} is a percentage in [0, 100)")
     if args.time_budget is not None and args.mode != "auto" and not args.backbone.lower().startswith("scratch"):
         raise UserError("--time_budget applies to --mode auto and to scratch backbones only")
+    _refuse_live_flags_in_head_mode(args)
     augment = None
     if any(getattr(args, d) for d in DISTORTION_FLAGS):
         augment = Augment.from_retrain_flags(0, args.flip_left_right, args.random_crop, args.random_scale,
