@@ -177,6 +177,7 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
     """What `retrain train` does, stage by stage (after api.py builds matrices with feature_matrix)."""
     import onnx
 
+    from retrain.api import usable_splits
     from retrain.backbones import get_backbone
     from retrain.doctor import quick_summary
     from retrain.features import compute_features, feature_matrix
@@ -193,11 +194,11 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
     with meter("extract", len(dataset.samples)):
         features, failures = compute_features(dataset.samples, backbone, cache, workers=2, quiet=True)
     with meter("train", len(dataset.samples)) as info:
-        split = {name: [s for s in dataset.samples if s.split == name and s.digest in features]
-                 for name in ("train", "validation")}
+        split = usable_splits(dataset, features.covers(dataset.samples), failures)
         limit = args.max_in_memory_mb << 20 if args.max_in_memory_mb is not None else None
         kw = {} if limit is None else {"max_in_memory": limit}
-        x = {name: feature_matrix(rows, features, backbone.feature_dim, **kw) for name, rows in split.items()}
+        x = {name: feature_matrix(split[name], features, backbone.feature_dim, **kw)
+             for name in ("train", "validation")}
         info["memory_mapped"] = isinstance(x["train"][0], np.memmap)
         head = train_head(*x["train"], *x["validation"], len(dataset.classes), HeadConfig(steps=args.steps),
                           log=lambda line: None)

@@ -26,7 +26,7 @@ from .features import decoded_batches
 from . import distributed
 from .finetune import EpochHook, FinetuneResult, Network, fit, shard_batches
 from .preprocess import Preprocessing
-from .scan import Sample
+from .scan import SampleTable
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -85,7 +85,7 @@ class DecodedImages:
     content while keeping the scale inference sees.
     """
 
-    def __init__(self, splits: dict[str, list[Sample]], prep: Preprocessing, shift: int, batch_size: int,
+    def __init__(self, splits: dict[str, SampleTable], prep: Preprocessing, shift: int, batch_size: int,
                  seed: int, workers: int, quiet: bool = False):
         self.prep, self.batch_size, self.seed = prep, batch_size, seed
         self.train_size, self.failures = prep.size, {}
@@ -93,20 +93,20 @@ class DecodedImages:
         x, self.train_y = self._decode(splits["train"], stored, workers, quiet)
         self.train_x = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
         self.n_train = len(self.train_x)
-        self.eval = {name: self._decode(splits.get(name, []), prep, workers, quiet) for name in ("validation", "test")}
+        self.eval = {name: self._decode(splits[name], prep, workers, quiet) for name in ("validation", "test")}
 
-    def _decode(self, samples: list[Sample], prep: Preprocessing, workers: int, quiet: bool
+    def _decode(self, samples: SampleTable, prep: Preprocessing, workers: int, quiet: bool
                 ) -> tuple[np.ndarray, np.ndarray]:
         x = np.zeros((len(samples), prep.size, prep.size, 3), np.uint8)
         keep = np.zeros(len(samples), bool)
-        bar = tqdm(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not samples,
+        bar = tqdm(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not len(samples),
                    leave=False)
-        for ok, batch, failed in decoded_batches([s.path for s in samples], prep, 256, workers):
+        for ok, batch, failed in decoded_batches(samples.paths, prep, 256, workers):
             x[ok], keep[ok] = batch, True
-            self.failures |= {samples[i].digest: why for i, why in failed}
+            self.failures |= {samples.digest_hex(i): why for i, why in failed}
             bar.update(len(ok) + len(failed))
         bar.close()
-        return x[keep], np.array([s.label for s in samples], np.int64)[keep]
+        return x[keep], samples.labels.astype(np.int64)[keep]
 
     def count(self, split: str) -> int:
         return self.n_train if split == "train" else len(self.eval[split][1])
@@ -140,7 +140,7 @@ def check_options(cfg: FinetuneConfig, backbone: Backbone) -> None:
                         "random shifts and flips of its own")
 
 
-def train_from_scratch(splits: dict[str, list[Sample]], backbone: Backbone, n_classes: int, cfg: FinetuneConfig,
+def train_from_scratch(splits: dict[str, SampleTable], backbone: Backbone, n_classes: int, cfg: FinetuneConfig,
                        log: Callable[[str], None], *, checkpoint: Path | None = None, resume: bool = False,
                        time_budget: float | None = None, after_epoch: EpochHook | None = None,
                        quiet: bool = False) -> tuple[FinetuneResult, dict[str, str]]:
