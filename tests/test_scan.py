@@ -469,9 +469,9 @@ def test_fingerprint_changes_when_content_or_split_changes(tmp_path):
     # Relabelling in memory, moving a split, or editing a file all change it.
     s0 = ds.samples[0]
     other_split = next(x for x in SPLITS if x != s0.split)
-    moved = Dataset(ds.classes, SampleTable.from_samples([replace(s0, split=other_split)]) + ds.samples[1:])
+    moved = Dataset(ds.classes, SampleTable.from_samples([replace(s0, split=other_split), *ds.samples[1:]]))
     assert moved.fingerprint() != before
-    relabelled = Dataset(ds.classes, SampleTable.from_samples([replace(s0, label=1 - s0.label)]) + ds.samples[1:])
+    relabelled = Dataset(ds.classes, SampleTable.from_samples([replace(s0, label=1 - s0.label), *ds.samples[1:]]))
     assert relabelled.fingerprint() != before
     put(root / "dog" / "img2.jpg", b"edited")
     assert scan_dataset(root).fingerprint() != before
@@ -537,7 +537,7 @@ def test_table_holds_what_the_sample_list_held(photos):
 
 def test_table_is_compact(photos):
     table = scan_dataset(photos).samples
-    assert table.nbytes / len(table) < 100  # a list of Sample objects took ~700 bytes an image
+    assert table.rows is None and table.nbytes / len(table) < 100  # Sample objects took ~700 bytes an image
     assert table.digests.shape == (len(table), 32) and table.digests.dtype == np.uint8
     assert table.labels.dtype == np.int32 and table.splits.dtype == np.int8
 
@@ -556,7 +556,13 @@ def test_table_views_index_like_the_sample_list(photos):
     assert list(ds.samples[np.array([7, 3, 7])]) == [samples[7], samples[3], samples[7]]
     both = ds.split("validation") + ds.split("test")
     assert list(both) == list(ds.split("validation")) + list(ds.split("test"))
-    assert list(SampleTable.from_samples(samples[:5]) + ds.samples[5:]) == samples  # different scans join too
+    assert list(SampleTable.from_samples(samples)) == samples
+    with pytest.raises(ValueError):
+        SampleTable.from_samples(samples[:5]) + ds.samples[5:]  # rows of different scans
+    # Views hold row numbers, not copies of the columns.
+    part = ds.split("train")
+    assert part.columns is ds.samples.columns and part.nbytes - ds.samples.nbytes == 8 * len(part)
+    assert list(part[2:9][np.array([True, False] * 3 + [True])]) == [list(part)[k] for k in (2, 4, 6, 8)]
     wanted = [samples[-1].digest, samples[0].digest, hashlib.sha256(b"absent").hexdigest()]
     hits = [s.path for s, hit in zip(samples, ds.samples.has_digest(wanted)) if hit]
     assert hits == [photos / "cats/copy.png", photos / "cats/img_0003.png", photos / "dogs/copy.png",

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import overload
 
@@ -53,33 +53,72 @@ def digest_keys(digests: Iterable[str]) -> np.ndarray:
     return np.frombuffer(bytes.fromhex("".join(digests)), "S32")
 
 
-class SampleTable(Sequence[Sample]):
-    """Samples as NumPy columns, one row per image.
+@dataclass(frozen=True)
+class Columns:
+    """What a scan found, one row per image, as NumPy arrays (~66 bytes an image in all)."""
+    digests: np.ndarray  # (n, 32) uint8: raw sha256 of the file's bytes
+    labels: np.ndarray  # (n,) int32: index into the dataset's classes
+    splits: np.ndarray  # (n,) int8: index into SPLITS
+    folder: np.ndarray  # (n,) int32: index into `folders`
+    name_starts: np.ndarray  # (n,) int64 and
+    name_lengths: np.ndarray  # (n,) uint16: the file name's bytes in `names`
+    folders: list[Path]
+    names: bytes  # every file name, os.fsencode'd, back to back
 
-    digests (n, 32) uint8 raw sha256; labels int32; splits int8 (index into SPLITS); the path as
-    folder (int32, into the shared `folders` list) plus name_starts (int64) / name_lengths (uint16)
-    into the shared `names` blob of os.fsencode'd file names. table[i] is a Sample, made on
-    demand; table[mask or indices or slice] is a SampleTable of those rows (columns copied,
-    folders and names shared).
+
+class SampleTable(Sequence[Sample]):
+    """Samples as rows of Columns: all of them, or a view of some (their row numbers, 8 bytes a row).
+
+    table[i] is a Sample, made on demand; table[mask or indices or slice] is a view of those
+    rows, sharing the columns, so a dataset's splits cost no second copy. The column properties
+    (digests, labels, splits, keys) are the rows' values: the arrays themselves for a whole table,
+    copies for a view.
     """
 
-    def __init__(self, digests: np.ndarray, labels: np.ndarray, splits: np.ndarray, folder: np.ndarray,
-                 name_starts: np.ndarray, name_lengths: np.ndarray, folders: list[Path], names: bytes):
-        self.digests, self.labels, self.splits = digests, labels, splits
-        self.folder, self.name_starts, self.name_lengths = folder, name_starts, name_lengths
-        self.folders, self.names = folders, names
+    def __init__(self, columns: Columns, rows: np.ndarray | None = None):
+        self.columns, self.rows = columns, rows  # rows: None for every row, in order
 
     @classmethod
     def from_samples(cls, samples: Iterable[Sample]) -> SampleTable:
         """A table of Sample objects (tests, and code that builds samples by hand)."""
         rows = _Rows()
-        for s in samples:
-            rows.add(rows.folder_number(s.path.parent), s.path.name, s.label, SPLITS.index(s.split),
-                     bytes.fromhex(s.digest))
-        return rows.table()
+        for (folder, label, split), run in groupby(samples, key=lambda s: (s.path.parent, s.label, s.split)):
+            run = list(run)
+            rows.add(folder, [s.path.name for s in run], label, SPLITS.index(split),
+                     bytes.fromhex("".join(s.digest for s in run)))
+        return cls(rows.columns())
+
+    def _column(self, values: np.ndarray) -> np.ndarray:
+        return values if self.rows is None else values[self.rows]
+
+    @property
+    def digests(self) -> np.ndarray:
+        return self._column(self.columns.digests)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._column(self.columns.labels)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self._column(self.columns.splits)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """(n,) S32 digests: sortable, searchable, comparable as whole arrays.
+
+        (A single S32 element drops trailing NUL bytes: use digest_hex for one digest.)
+        """
+        return np.ascontiguousarray(self.digests).view("S32").reshape(len(self))
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.columns.labels) if self.rows is None else len(self.rows)
+
+    def _row(self, i: int) -> int:
+        """The column row of this table's i-th sample."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        return int(i % len(self) if self.rows is None else self.rows[i])
 
     @overload
     def __getitem__(self, i: int) -> Sample: ...
@@ -88,41 +127,31 @@ class SampleTable(Sequence[Sample]):
 
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)):
-            if not -len(self) <= i < len(self):
-                raise IndexError(f"sample {i} of {len(self)}")
-            return Sample(self.path(i), int(self.labels[i]), self.digest_hex(i), SPLITS[self.splits[i]])
-        return SampleTable(self.digests[i], self.labels[i], self.splits[i], self.folder[i], self.name_starts[i],
-                           self.name_lengths[i], self.folders, self.names)
+            r, c = self._row(i), self.columns
+            return Sample(self.path(i), int(c.labels[r]), c.digests[r].tobytes().hex(), SPLITS[c.splits[r]])
+        if self.rows is not None:
+            return SampleTable(self.columns, self.rows[i])
+        if isinstance(i, slice):
+            return SampleTable(self.columns, np.arange(*i.indices(len(self))))
+        return SampleTable(self.columns, np.arange(len(self))[i])
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
 
     def __add__(self, other: SampleTable) -> SampleTable:
-        """Rows of both tables (e.g. validation + test), even from different scans."""
-        same = other.folders is self.folders and other.names is self.names
-        folder = other.folder if same else other.folder + len(self.folders)
-        starts = other.name_starts if same else other.name_starts + len(self.names)
-        return SampleTable(np.concatenate([self.digests, other.digests]), np.concatenate([self.labels, other.labels]),
-                           np.concatenate([self.splits, other.splits]), np.concatenate([self.folder, folder]),
-                           np.concatenate([self.name_starts, starts]),
-                           np.concatenate([self.name_lengths, other.name_lengths]),
-                           self.folders if same else self.folders + other.folders,
-                           self.names if same else self.names + other.names)
-
-    @property
-    def keys(self) -> np.ndarray:
-        """(n,) S32 view of the digests: sortable, searchable, comparable as whole arrays.
-
-        (A single S32 element drops trailing NUL bytes: use digest_hex for one digest.)
-        """
-        return np.ascontiguousarray(self.digests).view("S32").reshape(len(self))
+        """Rows of both tables (e.g. validation + test): views of the same scan."""
+        if other.columns is not self.columns:
+            raise ValueError("only rows of the same scan can be joined")
+        every = np.arange(len(self.columns.labels))
+        return SampleTable(self.columns, np.concatenate([self._column(every), other._column(every)]))
 
     def digest_hex(self, i: int) -> str:
-        return self.digests[i].tobytes().hex()
+        return self.columns.digests[self._row(i)].tobytes().hex()
 
     def path(self, i: int) -> Path:
-        start = int(self.name_starts[i])
-        return self.folders[self.folder[i]] / os.fsdecode(self.names[start:start + int(self.name_lengths[i])])
+        r, c = self._row(i), self.columns
+        start = int(c.name_starts[r])
+        return c.folders[c.folder[r]] / os.fsdecode(c.names[start:start + int(c.name_lengths[r])])
 
     @property
     def paths(self) -> Sequence[Path]:
@@ -138,9 +167,11 @@ class SampleTable(Sequence[Sample]):
 
     @property
     def nbytes(self) -> int:
-        """Memory held: the columns and the shared name blob and folders (Path objects estimated at 200 bytes)."""
-        columns = (self.digests, self.labels, self.splits, self.folder, self.name_starts, self.name_lengths)
-        return sum(c.nbytes for c in columns) + len(self.names) + 200 * len(self.folders)
+        """Memory held: the columns, name blob and folders (a Path estimated at 200 bytes), and any row numbers."""
+        c = self.columns
+        arrays = (c.digests, c.labels, c.splits, c.folder, c.name_starts, c.name_lengths)
+        rows = 0 if self.rows is None else self.rows.nbytes
+        return sum(a.nbytes for a in arrays) + len(c.names) + 200 * len(c.folders) + rows
 
 
 class _Paths(Sequence[Path]):
@@ -159,37 +190,52 @@ class _Paths(Sequence[Path]):
 
 
 class _Rows:
-    """A SampleTable's columns while they are being found: appended to compact arrays, not objects."""
+    """Columns while they are being found, a folder of images at a time.
+
+    Each folder adds its names as one bytes object and their lengths as one uint16 array (about
+    17 bytes an image); columns() builds every column once, at its final size.
+    """
 
     def __init__(self):
-        self.folders: list[Path] = []
-        self._folder_numbers: dict[Path, int] = {}
-        self.folder, self.name_starts, self.name_lengths = array("i"), array("q"), array("H")
-        self.labels, self.splits = array("i"), array("b")
-        self.names, self.digests = bytearray(), bytearray()
+        self.folders: list[Path] = []  # one entry per add(): the table's folder column repeats its number
+        self._chunks: list[tuple[int, int, int]] = []  # (images, label, split) per add()
+        self._names: list[bytes] = []
+        self._lengths: list[np.ndarray] = []
+        self._digests: list[bytes] = []  # empty while scanning: the hashes come after the walk
 
-    def folder_number(self, folder: Path) -> int:
-        number = self._folder_numbers.setdefault(folder, len(self.folders))
-        if number == len(self.folders):
-            self.folders.append(folder)
-        return number
+    def add(self, folder: Path, names: list[str], label: int, split: int, digests: bytes | None = None) -> None:
+        """Images `names` of `folder`; `digests` (raw, 32 bytes each) with every add() or with none."""
+        encoded = [os.fsencode(name) for name in names]  # surrogateescape: any bytes a file system allows
+        self.folders.append(folder)
+        self._chunks.append((len(names), label, split))
+        self._names.append(b"".join(encoded))
+        self._lengths.append(np.fromiter(map(len, encoded), np.uint16, len(encoded)))
+        if digests is not None:
+            self._digests.append(digests)
 
-    def add(self, folder: int, name: str, label: int, split: int, digest: bytes = bytes(32)) -> None:
-        """One image; the scan fills in digests (and hash splits) after the walk."""
-        encoded = os.fsencode(name)  # surrogateescape: any bytes a file system allows come back unchanged
-        self.folder.append(folder)
-        self.name_starts.append(len(self.names))
-        self.name_lengths.append(len(encoded))
-        self.names += encoded
-        self.labels.append(label)
-        self.splits.append(split)
-        self.digests += digest
+    def _chunk_array(self) -> np.ndarray:
+        return np.array(self._chunks, np.int64).reshape(-1, 3)
 
-    def table(self) -> SampleTable:
-        digests = np.frombuffer(self.digests, np.uint8).reshape(-1, 32).copy()  # writable: the scan fills it
-        return SampleTable(digests, np.array(self.labels, np.int32), np.array(self.splits, np.int8),
-                           np.array(self.folder, np.int32), np.array(self.name_starts, np.int64),
-                           np.array(self.name_lengths, np.uint16), self.folders, bytes(self.names))
+    def per_label(self, n_labels: int) -> np.ndarray:
+        chunks = self._chunk_array()
+        return np.bincount(chunks[:, 1], weights=chunks[:, 0], minlength=n_labels).astype(np.int64)
+
+    def __len__(self) -> int:
+        return sum(n for n, _, _ in self._chunks)
+
+    def columns(self) -> Columns:
+        chunks = self._chunk_array()
+        images = chunks[:, 0]
+        lengths = np.concatenate([np.zeros(0, np.uint16), *self._lengths])
+        if self._digests:  # given with every add()
+            digests = np.frombuffer(b"".join(self._digests), np.uint8).reshape(-1, 32).copy()
+        else:  # scanning: zeros, filled in as the files are hashed
+            digests = np.zeros((len(lengths), 32), np.uint8)
+        return Columns(digests=digests, labels=np.repeat(chunks[:, 1].astype(np.int32), images),
+                       splits=np.repeat(chunks[:, 2].astype(np.int8), images),
+                       folder=np.repeat(np.arange(len(chunks), dtype=np.int32), images),
+                       name_starts=np.cumsum(lengths, dtype=np.int64) - lengths, name_lengths=lengths,
+                       folders=self.folders, names=b"".join(self._names))
 
 
 @dataclass
@@ -308,8 +354,9 @@ def split_codes(digests: np.ndarray, validation_percentage: float, testing_perce
 
     `digests` is (n, 32) uint8; the first 6 bytes, as a number, modulo 10,000 give a percentage.
     """
-    first = digests[:, :6].astype(np.int64) << (8 * np.arange(5, -1, -1))
-    percent = (first.sum(axis=1) % 10_000) / 100.0
+    padded = np.zeros((len(digests), 8), np.uint8)  # the first 6 bytes as a big-endian number, as
+    padded[:, 2:] = digests[:, :6]                    # int(hexdigest[:12], 16) read them
+    percent = (padded.view(">u8").ravel() % 10_000) / 100.0
     codes = np.full(len(digests), SPLITS.index("train"), np.int8)
     codes[percent < validation_percentage + testing_percentage] = SPLITS.index("test")
     codes[percent < validation_percentage] = SPLITS.index("validation")
@@ -361,16 +408,11 @@ def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -
                         f"{', '.join(unknown)} (training classes: {', '.join(classes)})")
     ignored = 0
     for d in subdirs:
-        label = classes.index(d.name)
         for base, names in walk_folders(d):
-            number = None
-            for name in names:
-                if not is_image_name(name):
-                    ignored += 1
-                    continue
-                if number is None:  # only folders that hold images are kept
-                    number = rows.folder_number(base)
-                rows.add(number, name, label, split)
+            images = [name for name in names if is_image_name(name)]
+            ignored += len(names) - len(images)
+            if images:
+                rows.add(base, images, classes.index(d.name), split)
     return ignored
 
 
@@ -394,8 +436,7 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
                         f"images inside); found {len(classes)}: {', '.join(classes) or 'none'}")
     rows = _Rows()
     ignored = _labelled_files(train_dir, classes, NO_SPLIT, rows)
-    per_class = np.bincount(np.asarray(rows.labels, np.int32), minlength=len(classes))
-    empty = [c for c, n in zip(classes, per_class) if n == 0]
+    empty = [c for c, n in zip(classes, rows.per_label(len(classes))) if n == 0]
     if empty:
         raise UserError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)} "
                         f"(supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -406,28 +447,29 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
     test_pct = 0 if fixed["test"] else testing_percentage
-    samples, skipped = _hashed_samples(rows.table(), val_pct, test_pct, workers, quiet)
+    samples, skipped = _hashed_samples(rows.columns(), val_pct, test_pct, workers, quiet)
     return Dataset(classes, samples, skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]))
 
 
-def _hashed_samples(table: SampleTable, val_pct: float, test_pct: float, workers: int,
+def _hashed_samples(columns: Columns, val_pct: float, test_pct: float, workers: int,
                     quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
-    """Fill in `table`'s digests and hash splits; unreadable files are skipped (dropped, with the reason).
+    """Fill in the digests and hash splits of walked `columns`; unreadable files are skipped, with the reason.
 
-    Streams: digests go straight into the table's array as they arrive, and no per-image
+    Streams: digests go straight into the digest column as they arrive, and no per-image
     object is kept.
     """
-    readable = np.ones(len(table), bool)
+    walked = SampleTable(columns)
+    readable = np.ones(len(walked), bool)
     skipped = []
-    for i, digest in enumerate(_hash_all(table.paths, len(table), workers, quiet)):
+    for i, digest in enumerate(_hash_all(walked.paths, len(walked), workers, quiet)):
         if isinstance(digest, Exception):
             readable[i] = False
-            skipped.append((table.path(i), f"cannot read: {digest.strerror or digest}"))
+            skipped.append((walked.path(i), f"cannot read: {digest.strerror or digest}"))
         else:
-            table.digests[i] = np.frombuffer(digest, np.uint8)
-    by_hash = table.splits == NO_SPLIT
-    table.splits[by_hash] = split_codes(table.digests[by_hash], val_pct, test_pct)
-    return (table if readable.all() else table[readable]), skipped
+            columns.digests[i] = np.frombuffer(digest, np.uint8)
+    by_hash = columns.splits == NO_SPLIT
+    columns.splits[by_hash] = split_codes(columns.digests, val_pct, test_pct)[by_hash]
+    return (walked if readable.all() else walked[readable]), skipped
 
 
 def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4,
@@ -435,7 +477,7 @@ def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers:
     """Scan an evaluation folder whose class folders must be among `classes`."""
     rows = _Rows()
     ignored = _labelled_files(Path(folder), list(classes), SPLITS.index("test"), rows)
-    if not len(rows.labels):
+    if not len(rows):
         raise UserError(f"no images found in the class folders of {folder}")
-    samples, skipped = _hashed_samples(rows.table(), 0, 0, workers, quiet)
+    samples, skipped = _hashed_samples(rows.columns(), 0, 0, workers, quiet)
     return Dataset(list(classes), samples, skipped, ignored, fixed_split=True)
