@@ -84,7 +84,7 @@ def messy_store(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store):
+def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store, monkeypatch):
     reference, corrupt = old_store_reading(messy_store / STORE_FILE, DIM)
     store = FeatureStore(messy_store, DIM)
     assert store.corrupt == corrupt == 1
@@ -95,10 +95,12 @@ def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store
         got = store.get(d)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, v)
-    # The vectorised lookup agrees with the per-digest one, misses included.
+    # The vectorised lookup agrees with the per-digest one, misses included, in blocks or not.
     asked = list(reference) + digests(5, "absent")
     rows = store.rows(digest_keys(asked))
     assert (rows[-5:] == -1).all() and (rows[:-5] >= 0).all()
+    monkeypatch.setattr(features_mod, "LOOKUP_BLOCK", 10)
+    np.testing.assert_array_equal(store.rows(digest_keys(asked)), rows)
     np.testing.assert_array_equal(store.vectors(rows[:-5]), np.stack([reference[d] for d in asked[:-5]]))
 
 
@@ -146,6 +148,7 @@ def _samples(ds: list[str]) -> SampleTable:
 @pytest.mark.parametrize("max_in_memory", [1 << 30, 0])
 def test_feature_matrix_equals_stacking_the_dict(tmp_path, monkeypatch, max_in_memory):
     monkeypatch.setattr(features_mod, "MATRIX_CHUNK_ROWS", 7)  # several blocks
+    monkeypatch.setattr(features_mod, "LOOKUP_BLOCK", 3)  # lookups in blocks too
     ds = digests(40)
     vs = np.random.default_rng(3).standard_normal((40, DIM)).astype(np.float32)
     store = FeatureStore(tmp_path / "store", DIM)

@@ -27,7 +27,7 @@ from .engine import check_engine, open_engine
 from .errors import UserError
 from .doctor import quick_summary
 from .evaluate import Timeline, classification_metrics
-from .features import compute_features, feature_matrix, features_of, inference_session_from
+from .features import compute_features, feature_matrices, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import FinetuneConfig, scratch_defaults
 from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
@@ -169,7 +169,7 @@ def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Bac
                                               quiet=config.quiet, engine=engine)
         split = usable_splits(dataset, features.covers(dataset.samples), failures)
     _log_skipped(dataset, log)
-    return dataset, split, {name: feature_matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+    return dataset, split, feature_matrices(split, features, backbone.feature_dim)
 
 
 def _scan(image_dir: str | Path, config: TrainConfig, stage: _Stages, log: Callable[[str], None]) -> Dataset:
@@ -323,8 +323,8 @@ def _use_tuned_network(fitted: _Fitted, backbone: Backbone, config: TrainConfig)
     session = inference_session_from(fitted.extractor)
     rows = fitted.split["validation"] + fitted.split["test"]
     tuned_features = features_of(session, rows, backbone.prep, workers=config.workers, quiet=config.quiet)
-    fitted.x |= {name: feature_matrix(fitted.split[name], tuned_features, backbone.feature_dim)
-                 for name in ("validation", "test")}
+    fitted.x |= feature_matrices({name: fitted.split[name] for name in ("validation", "test")}, tuned_features,
+                                 backbone.feature_dim)
 
 
 def _accuracy(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from .backbones import Backbone
 from .decode import UnreadableImage, describe, load_image
+from .files import empty_matrix
 from .graphs import extractor_path
 from .preprocess import INPUT_NAME, Preprocessing
 from .scan import SampleTable, digest_keys
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 STORE_FILE = "features.bin"
+# Keys looked up at a time: a lookup's temporaries stay a few MB however many images are asked for
+# (the gathered S32 keys alone would be 32 MB for a million).
+LOOKUP_BLOCK = 65_536
 Batch = tuple[list[int], np.ndarray, list[tuple[int, str]]]  # (indices that decoded, their outputs, [(index, reason)])
 
 
@@ -55,7 +58,10 @@ class FeatureStore:
     appended since the last merge; vectors stay in the file and are read on demand.
     """
 
-    MERGE_EVERY = 65_536  # appended records kept in a dict before they are merged into the arrays
+    # Appended records kept in a dict (~160 bytes each, so ~2.6 MB at most) before they are merged
+    # into the arrays. A merge copies the index (40 bytes a record): filling a store with a million
+    # records merges 61 times, ~2 s in all, against ~7 minutes of extraction.
+    MERGE_EVERY = 16_384
     VERIFY_CHUNK = 16 << 20  # bytes read at a time when checking crcs on open
     GATHER_ROWS = 1024  # vectors copied out of the mapping at a time (5 MB at Lite0's 1280)
 
@@ -104,12 +110,13 @@ class FeatureStore:
         return int(self._rows[i]) if i < len(self._keys) and self._keys[i:i + 1] == key else -1
 
     def rows(self, keys: np.ndarray) -> np.ndarray:
-        """Record numbers for S32 digests (SampleTable.keys, digest_keys), -1 where absent, in one vectorised search."""
+        """Record numbers for S32 digests (SampleTable.keys, digest_keys), -1 where absent: vectorised searches."""
         out = np.full(len(keys), -1, np.int64)
-        if len(self._keys) and len(keys):
-            i = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-            hit = self._keys[i] == keys
-            out[hit] = self._rows[i[hit]]
+        for start in range(0, len(keys) if len(self._keys) else 0, LOOKUP_BLOCK):
+            wanted, found = keys[start:start + LOOKUP_BLOCK], out[start:start + LOOKUP_BLOCK]
+            i = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+            hit = self._keys[i] == wanted
+            found[hit] = self._rows[i[hit]]
         if self._recent:
             for j in np.flatnonzero(out < 0):
                 out[j] = self._recent.get(keys[j:j + 1].tobytes(), -1)  # a slice: keys[j] drops trailing NULs
@@ -314,9 +321,13 @@ class StoreFeatures(Mapping):
         """Store record numbers for S32 digests (SampleTable.keys), -1 where this set has no vector."""
         rows = self.store.rows(keys)
         if not len(self._rows):
-            return np.full(len(keys), -1, np.int64)
-        i = np.minimum(np.searchsorted(self._rows, rows), len(self._rows) - 1)
-        return np.where(self._rows[i] == rows, rows, -1)
+            rows[:] = -1
+            return rows
+        for start in range(0, len(rows), LOOKUP_BLOCK):
+            found = rows[start:start + LOOKUP_BLOCK]  # a view: edited in place
+            i = np.minimum(np.searchsorted(self._rows, found), len(self._rows) - 1)
+            found[self._rows[i] != found] = -1
+        return rows
 
     def covers(self, samples: SampleTable) -> np.ndarray:
         """Boolean mask: which of `samples` have a vector here."""
@@ -353,7 +364,7 @@ def feature_matrix(samples: SampleTable, features: Mapping[str, np.ndarray], dim
     KeyError, as indexing a dict would.
     """
     y = samples.labels.astype(np.int64)
-    x = _empty_matrix(len(samples), dim, max_in_memory,
+    x = empty_matrix(len(samples), dim, max_in_memory,
                       spill_dir or (features.store.folder if isinstance(features, StoreFeatures) else None))
     for start in range(0, len(samples), MATRIX_CHUNK_ROWS):
         chunk = samples[start:start + MATRIX_CHUNK_ROWS]
@@ -361,13 +372,17 @@ def feature_matrix(samples: SampleTable, features: Mapping[str, np.ndarray], dim
     return x, y
 
 
-def _empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None) -> np.ndarray:
-    if n * dim * 4 <= max_in_memory:
-        return np.zeros((n, dim), np.float32)
-    # An unlinked file: the mapping keeps it alive, the OS removes it when the mapping goes.
-    with tempfile.TemporaryFile(prefix="retrain-matrix-", dir=spill_dir) as f:
-        f.truncate(n * dim * 4)
-        return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
+def feature_matrices(splits: Mapping[str, SampleTable], features: Mapping[str, np.ndarray], dim: int, *,
+                     max_in_memory: int = MATRIX_IN_MEMORY_BYTES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """feature_matrix for each split under one budget: all in memory if together they fit, else all memory-mapped.
+
+    One budget for the run rather than one per matrix, so memory held by matrices stays under
+    `max_in_memory` however the images divide into splits (three matrices just under the
+    limit each would hold three times it).
+    """
+    together = sum(len(rows) for rows in splits.values()) * dim * 4
+    limit = max_in_memory if together <= max_in_memory else 0
+    return {name: feature_matrix(rows, features, dim, max_in_memory=limit) for name, rows in splits.items()}
 
 
 def _vectors_of(samples: SampleTable, features: Mapping[str, np.ndarray], out: np.ndarray) -> None:
