@@ -16,6 +16,14 @@ Memory, per stage and for the whole child:
   of memory-mapped files too (page cache the kernel may drop at any time);
 - peak anonymous RSS: RssAnon sampled every 10 ms: the heap, what memory pressure cannot evict.
 
+What grows with N in the train process, by design: the sample table (~66 bytes an image), the
+feature store's index (40 bytes a record) and the splits' row numbers (8 bytes an image), ~115 MB
+at a million images. Peak RSS also counts the pages of the feature store file (4 * dim + 36 bytes
+a record) and of memory-mapped feature matrices (4 * dim bytes a row) that the process has
+touched: page cache, so it grows with N while the anonymous figure stays near flat. The anonymous
+figure includes freed heap that glibc keeps (its mmap threshold rises after large frees);
+MALLOC_MMAP_THRESHOLD_=131072 in the environment shows it without that.
+
 The default backbone is a tiny random CNN (2 convolutions, 256 features) written with onnx.helper,
 so the numbers measure the pipeline (walk, hash, decode, store, matrix, head, CSV) rather than
 EfficientNet's arithmetic; --backbone lite0 (or any .onnx) measures the real thing.

@@ -53,7 +53,7 @@ def digest_keys(digests: Iterable[str]) -> np.ndarray:
     return np.frombuffer(bytes.fromhex("".join(digests)), "S32")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tables compare by identity, not array by array
 class Columns:
     """What a scan found, one row per image, as NumPy arrays (~66 bytes an image in all)."""
     digests: np.ndarray  # (n, 32) uint8: raw sha256 of the file's bytes
