@@ -7,7 +7,7 @@
 For each size N it makes (or reuses) a folder of N generated 32x32 PNGs of coloured shapes in
 10 classes, then runs scan -> extract -> train -> predict in a fresh child process with an
 empty feature cache, so each size's memory is its own: one child for what `retrain train` does
-(scan_dataset + the scan-only checks, compute_features, feature_matrix + train_head, export),
+(scan_dataset + the scan-only checks, compute_features, feature_matrices + train_head, export),
 one for `retrain predict MODEL FOLDER --output predictions.csv` (predict_to_file).
 
 Memory, per stage and for the whole child:
@@ -15,6 +15,14 @@ Memory, per stage and for the whole child:
   /proc/self/clear_refs (a process's peak is the largest of its stages'). It counts resident pages
   of memory-mapped files too (page cache the kernel may drop at any time);
 - peak anonymous RSS: RssAnon sampled every 10 ms: the heap, what memory pressure cannot evict.
+
+What grows with N in the train process, by design: the sample table (~66 bytes an image), the
+feature store's index (40 bytes a record) and the splits' row numbers (8 bytes an image), ~115 MB
+at a million images. Peak RSS also counts the pages of the feature store file (4 * dim + 36 bytes
+a record) and of memory-mapped feature matrices (4 * dim bytes a row) that the process has
+touched: page cache, so it grows with N while the anonymous figure stays near flat. The anonymous
+figure includes freed heap that glibc keeps (its mmap threshold rises after large frees);
+MALLOC_MMAP_THRESHOLD_=131072 in the environment shows it without that.
 
 The default backbone is a tiny random CNN (2 convolutions, 256 features) written with onnx.helper,
 so the numbers measure the pipeline (walk, hash, decode, store, matrix, head, CSV) rather than
@@ -169,17 +177,20 @@ def run_child(args: argparse.Namespace) -> dict:
     """One process's stages on one folder: 'train' (scan, extract, train, export) or 'predict'."""
     meter = StageMeter()
     (train_stages if args.child == "train" else predict_stage)(args, meter)
-    return {"stages": meter.stages, "peak_rss_mb": max([meter.start_peak_mb] + [
-        s["peak_rss_mb"] for s in meter.stages.values()])}  # not ru_maxrss: clear_refs resets it
+    return {"stages": meter.stages,
+            "peak_rss_mb": max([meter.start_peak_mb] + [  # not ru_maxrss: clear_refs resets it
+                s["peak_rss_mb"] for s in meter.stages.values()]),
+            "peak_anon_mb": max(s["peak_anon_mb"] for s in meter.stages.values())}
 
 
 def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
-    """What `retrain train` does, stage by stage (after api.py builds matrices with feature_matrix)."""
+    """What `retrain train` does, stage by stage (the head path of api._features_by_split and train)."""
     import onnx
 
+    from retrain.api import usable_splits
     from retrain.backbones import get_backbone
     from retrain.doctor import quick_summary
-    from retrain.features import compute_features, feature_matrix
+    from retrain.features import compute_features, feature_matrices
     from retrain.graphs import classifier_model, extractor_path, model_metadata
     from retrain.head import HeadConfig, train_head
     from retrain.scan import scan_dataset
@@ -193,11 +204,10 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
     with meter("extract", len(dataset.samples)):
         features, failures = compute_features(dataset.samples, backbone, cache, workers=2, quiet=True)
     with meter("train", len(dataset.samples)) as info:
-        split = {name: [s for s in dataset.samples if s.split == name and s.digest in features]
-                 for name in ("train", "validation")}
+        split = usable_splits(dataset, features.covers(dataset.samples), failures)
         limit = args.max_in_memory_mb << 20 if args.max_in_memory_mb is not None else None
         kw = {} if limit is None else {"max_in_memory": limit}
-        x = {name: feature_matrix(rows, features, backbone.feature_dim, **kw) for name, rows in split.items()}
+        x = feature_matrices(split, features, backbone.feature_dim, **kw)  # test too: evaluate uses it
         info["memory_mapped"] = isinstance(x["train"][0], np.memmap)
         head = train_head(*x["train"], *x["validation"], len(dataset.classes), HeadConfig(steps=args.steps),
                           log=lambda line: None)
@@ -268,8 +278,9 @@ def print_table(results: list[dict]) -> None:
                       f"{s['peak_rss_mb']:>12.1f} {s['peak_anon_mb']:>13.1f}")
         train, predict = r["processes"]["train"], r["processes"]["predict"]
         t = train["stages"]["train"]
-        print(f"{r['n']:>8} peak RSS of the train process {train['peak_rss_mb']:.1f} MB, predict process "
-              f"{predict['peak_rss_mb']:.1f} MB; {t['backbone']} ({t['feature_dim']} features), "
+        print(f"{r['n']:>8} peak RSS (anonymous) of the train process {train['peak_rss_mb']:.1f} MB "
+              f"({train['peak_anon_mb']:.1f} MB), predict process {predict['peak_rss_mb']:.1f} MB "
+              f"({predict['peak_anon_mb']:.1f} MB); {t['backbone']} ({t['feature_dim']} features), "
               f"{t['steps']} head steps, validation accuracy {t['validation_accuracy']:.3f}, "
               f"matrix memory-mapped: {t['memory_mapped']}, predictions rows {predict['stages']['predict']['rows']}")
 

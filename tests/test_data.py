@@ -41,7 +41,7 @@ def test_device_distortions_match_pil_for_the_same_draws():
 
 def test_held_photos_give_reproducible_batches_of_the_training_size(shapes):
     ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
-    splits = {"train": ds.split("train"), "validation": ds.split("validation")}
+    splits = {name: ds.split(name) for name in ("train", "validation", "test")}
     prep = Preprocessing(size=64)
     data = DevicePhotos(splits, Augment(size=48), prep, batch_size=8, seed=3, workers=2, device=torch.device("cpu"))
     first, again, later = (list(data.train_batches(e)) for e in (1, 1, 2))

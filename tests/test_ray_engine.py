@@ -89,7 +89,7 @@ def test_features_match_local_bit_for_bit_and_a_local_rerun_extracts_nothing(clu
                                                    quiet=True, engine=engine)
     assert remote_failures == local_failures and len(local_failures) == 2
     assert sorted(remote) == sorted(local) and len(local) == 48
-    usable = [s for s in samples if s.digest in local]
+    usable = samples[local.covers(samples)]
     assert np.array_equal(feature_matrix(usable, remote, backbone.feature_dim)[0],
                           feature_matrix(usable, local, backbone.feature_dim)[0])
     # Same records in the same order: the driver appends what the workers computed, as a local run does.

@@ -28,7 +28,7 @@ from retrain.features import (STORE_FILE, FeatureStore, StoreFeatures, compute_f
 from retrain.graphs import extractor_path
 from retrain.head import HeadConfig, logits, train_head
 from retrain.predict import load, predict_to_file
-from retrain.scan import Sample, scan_dataset
+from retrain.scan import Sample, SampleTable, digest_keys, scan_dataset
 
 predict_mod = importlib.import_module("retrain.predict")  # the module: `retrain.predict` is also a function
 DIM = 8
@@ -84,7 +84,7 @@ def messy_store(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store):
+def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store, monkeypatch):
     reference, corrupt = old_store_reading(messy_store / STORE_FILE, DIM)
     store = FeatureStore(messy_store, DIM)
     assert store.corrupt == corrupt == 1
@@ -95,10 +95,12 @@ def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store
         got = store.get(d)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, v)
-    # The vectorised lookup agrees with the per-digest one, misses included.
+    # The vectorised lookup agrees with the per-digest one, misses included, in blocks or not.
     asked = list(reference) + digests(5, "absent")
-    rows = store.rows(asked)
+    rows = store.rows(digest_keys(asked))
     assert (rows[-5:] == -1).all() and (rows[:-5] >= 0).all()
+    monkeypatch.setattr(features_mod, "LOOKUP_BLOCK", 10)
+    np.testing.assert_array_equal(store.rows(digest_keys(asked)), rows)
     np.testing.assert_array_equal(store.vectors(rows[:-5]), np.stack([reference[d] for d in asked[:-5]]))
 
 
@@ -109,7 +111,7 @@ def test_appends_after_open_are_found_before_and_after_a_merge(tmp_path, monkeyp
     for i in range(23):
         store.append([(ds[i], vs[i])])
         assert store._recent.keys().__len__() < 5  # merged every 5 appends
-        np.testing.assert_array_equal(store.vectors(store.rows(ds[:i + 1])), vs[:i + 1])
+        np.testing.assert_array_equal(store.vectors(store.rows(digest_keys(ds[:i + 1]))), vs[:i + 1])
     assert len(store) == 23
     store.append([(ds[0], np.zeros(DIM))])  # a later record of a known digest changes nothing
     np.testing.assert_array_equal(store.get(ds[0]), vs[0])
@@ -129,7 +131,7 @@ def test_store_features_is_a_mapping_of_just_the_requested_images(tmp_path):
     ds, vs = digests(6), np.random.default_rng(2).standard_normal((6, DIM)).astype(np.float32)
     store.append(list(zip(ds, vs)))
     wanted = ds[:4]
-    view = StoreFeatures(store, np.frombuffer(bytes.fromhex("".join(wanted)), "S32"), store.rows(wanted))
+    view = StoreFeatures(store, store.rows(digest_keys(wanted + wanted[:1])))  # a repeat counts once
     assert len(view) == 4 and set(view) == set(wanted)
     assert ds[4] not in view and 42 not in view
     np.testing.assert_array_equal(view[ds[2]], vs[2])
@@ -139,19 +141,20 @@ def test_store_features_is_a_mapping_of_just_the_requested_images(tmp_path):
 
 # ---------------------------------------------------------------- feature matrices
 
-def _samples(ds: list[str]) -> list[Sample]:
-    return [Sample(Path(f"/img/{i}.png"), i % 3, d, "train") for i, d in enumerate(ds)]
+def _samples(ds: list[str]) -> SampleTable:
+    return SampleTable.from_samples(Sample(Path(f"/img/{i}.png"), i % 3, d, "train") for i, d in enumerate(ds))
 
 
 @pytest.mark.parametrize("max_in_memory", [1 << 30, 0])
 def test_feature_matrix_equals_stacking_the_dict(tmp_path, monkeypatch, max_in_memory):
     monkeypatch.setattr(features_mod, "MATRIX_CHUNK_ROWS", 7)  # several blocks
+    monkeypatch.setattr(features_mod, "LOOKUP_BLOCK", 3)  # lookups in blocks too
     ds = digests(40)
     vs = np.random.default_rng(3).standard_normal((40, DIM)).astype(np.float32)
     store = FeatureStore(tmp_path / "store", DIM)
     store.append(list(zip(ds, vs)))
     order = _samples([ds[i] for i in [5, 3, 3, 39, 0] + list(range(10, 35))])  # repeats, any order
-    view = StoreFeatures(store, np.frombuffer(bytes.fromhex("".join(ds)), "S32"), store.rows(ds))
+    view = StoreFeatures(store, store.rows(digest_keys(ds)))
     as_dict = dict(zip(ds, vs))
     expected = np.stack([as_dict[s.digest] for s in order]).astype(np.float32)  # what api._matrix built
     for source in (view, as_dict):
@@ -166,8 +169,8 @@ def test_feature_matrix_equals_stacking_the_dict(tmp_path, monkeypatch, max_in_m
 def test_feature_matrix_of_nothing_and_of_a_missing_digest(tmp_path):
     store = FeatureStore(tmp_path, DIM)
     store.append([(digests(1)[0], np.ones(DIM))])
-    view = StoreFeatures(store, np.frombuffer(bytes.fromhex(digests(1)[0]), "S32"), store.rows(digests(1)))
-    x, y = feature_matrix([], view, DIM)
+    view = StoreFeatures(store, store.rows(digest_keys(digests(1))))
+    x, y = feature_matrix(_samples([]), view, DIM)
     assert x.shape == (0, DIM) and y.shape == (0,) and y.dtype == np.int64
     with pytest.raises(KeyError):
         feature_matrix(_samples(digests(2)), view, DIM)
@@ -241,10 +244,10 @@ def test_hashing_pulls_files_lazily(tmp_path):
 
     digests_ = scan_mod._hash_all(paths(), 100, workers=2, quiet=True)
     first = next(digests_)
-    assert first == hashlib.sha256(bytes([0])).hexdigest()
+    assert first == hashlib.sha256(bytes([0])).digest()
     assert len(pulled) <= 4 * 2 + 1  # a bounded window, not one future per file
     rest = list(digests_)
-    assert rest == [hashlib.sha256(bytes([i])).hexdigest() for i in range(1, 100)]
+    assert rest == [hashlib.sha256(bytes([i])).digest() for i in range(1, 100)]
 
 
 # ---------------------------------------------------------------- end to end on generated images

@@ -7,13 +7,16 @@ import os
 import signal
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import retrain.scan as scan_mod
 from retrain.errors import UserError
-from retrain.scan import (Dataset, SPLITS, class_folders, file_digest, find_split_dirs, hash_split,
+from retrain.scan import (Dataset, SPLITS, SampleTable, class_folders, file_digest, find_split_dirs, hash_split,
                           is_hidden, is_image_name, list_images, scan_dataset, scan_labelled_folder)
 
 # Scanning never decodes images, so any distinct bytes behind an image extension will do.
@@ -409,14 +412,14 @@ def test_unreadable_file_is_skipped(tmp_path):
 def test_file_vanishing_between_scan_and_hash(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "imgs", {"cat": 3, "dog": 3})
     victim = root / "dog" / "img1.jpg"
-    real_digest = scan_mod.file_digest
+    real_digest = scan_mod.file_sha256
 
     def flaky_digest(path):
         if Path(path) == victim:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
         return real_digest(path)
 
-    monkeypatch.setattr(scan_mod, "file_digest", flaky_digest)
+    monkeypatch.setattr(scan_mod, "file_sha256", flaky_digest)
     ds = scan_dataset(root)
     assert victim not in {s.path for s in ds.samples}
     assert len(ds.samples) == 5
@@ -466,9 +469,107 @@ def test_fingerprint_changes_when_content_or_split_changes(tmp_path):
     # Relabelling in memory, moving a split, or editing a file all change it.
     s0 = ds.samples[0]
     other_split = next(x for x in SPLITS if x != s0.split)
-    moved = Dataset(ds.classes, [type(s0)(s0.path, s0.label, s0.digest, other_split)] + ds.samples[1:])
+    moved = Dataset(ds.classes, SampleTable.from_samples([replace(s0, split=other_split), *ds.samples[1:]]))
     assert moved.fingerprint() != before
-    relabelled = Dataset(ds.classes, [type(s0)(s0.path, 1 - s0.label, s0.digest, s0.split)] + ds.samples[1:])
+    relabelled = Dataset(ds.classes, SampleTable.from_samples([replace(s0, label=1 - s0.label), *ds.samples[1:]]))
     assert relabelled.fingerprint() != before
     put(root / "dog" / "img2.jpg", b"edited")
     assert scan_dataset(root).fingerprint() != before
+
+
+# ---------------------------------------------------------------- the compact sample table
+
+def old_samples(root: Path, val: float = 10, test: float = 10) -> list[tuple[Path, int, str, str]]:
+    """(path, label, hex digest, split) per image as the Sample-list scan made them: the reference."""
+    rows = []
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    for label, cls in enumerate(classes):
+        for folder, dirs, files in os.walk(root / cls):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder) / name
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                percent = (int(digest[:12], 16) % 10_000) / 100.0
+                split = "validation" if percent < val else "test" if percent < val + test else "train"
+                rows.append((path, label, digest, split))
+    return rows
+
+
+def old_fingerprint(rows: list[tuple[Path, int, str, str]], classes: list[str]) -> str:
+    h = hashlib.sha256()
+    for _, label, digest, split in sorted(rows, key=lambda r: (r[2], r[1], r[3])):
+        h.update(f"{digest}:{classes[label]}:{split}\n".encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """300 generated PNGs in 3 classes, one nested folder, an odd file name, and copies across classes."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        cls = ("cats", "dogs", "ünïcode birds")[i % 3]
+        folder = root / cls / ("nested" if i % 7 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(folder / f"img_{i:04d}.png")
+    for copy in ("cats/copy.png", "dogs/copy.png", "dogs/copy2.png"):  # same bytes: label and split ties
+        (root / copy).write_bytes((root / "cats/img_0003.png").read_bytes())
+    # A name that is not valid UTF-8 (allowed on Linux) must come back byte for byte.
+    with open(os.open(os.fsencode(root / "dogs") + b"/odd\xff.png", os.O_WRONLY | os.O_CREAT), "wb") as f:
+        f.write((root / "dogs/img_0001.png").read_bytes() + b"x")
+    return root
+
+
+def test_table_holds_what_the_sample_list_held(photos):
+    ds = scan_dataset(photos, validation_percentage=20, testing_percentage=15)
+    reference = old_samples(photos, 20, 15)
+    assert isinstance(ds.samples, SampleTable) and len(ds.samples) == len(reference) == 304
+    assert [(s.path, s.label, s.digest, s.split) for s in ds.samples] == reference
+    assert ds.fingerprint() == old_fingerprint(reference, ds.classes)
+    assert ds.counts() == dict(Counter(r[3] for r in reference))
+    # Columns agree with the rows, and with each other.
+    np.testing.assert_array_equal(ds.samples.labels, [r[1] for r in reference])
+    assert [SPLITS[c] for c in ds.samples.splits] == [r[3] for r in reference]
+    assert [ds.samples.digest_hex(i) for i in range(len(reference))] == [r[2] for r in reference]
+    assert list(ds.samples.paths) == [r[0] for r in reference]
+    assert any(os.fsencode(p).endswith(b"odd\xff.png") and p.exists() for p in ds.samples.paths)
+
+
+def test_table_is_compact(photos):
+    table = scan_dataset(photos).samples
+    assert table.rows is None and table.nbytes / len(table) < 100  # Sample objects took ~700 bytes an image
+    assert table.digests.shape == (len(table), 32) and table.digests.dtype == np.uint8
+    assert table.labels.dtype == np.int32 and table.splits.dtype == np.int8
+
+
+def test_table_views_index_like_the_sample_list(photos):
+    ds = scan_dataset(photos)
+    samples = list(ds.samples)
+    for name in SPLITS:
+        part = ds.split(name)
+        assert isinstance(part, SampleTable)
+        assert list(part) == [s for s in samples if s.split == name]
+    assert ds.samples[np.int64(5)] == ds.samples[5] == samples[5] and ds.samples[-1] == samples[-1]
+    with pytest.raises(IndexError):
+        ds.samples[len(samples)]
+    assert list(ds.samples[10:20]) == samples[10:20]
+    assert list(ds.samples[np.array([7, 3, 7])]) == [samples[7], samples[3], samples[7]]
+    both = ds.split("validation") + ds.split("test")
+    assert list(both) == list(ds.split("validation")) + list(ds.split("test"))
+    assert list(SampleTable.from_samples(samples)) == samples
+    with pytest.raises(ValueError):
+        SampleTable.from_samples(samples[:5]) + ds.samples[5:]  # rows of different scans
+    # Views hold row numbers, not copies of the columns.
+    part = ds.split("train")
+    assert part.columns is ds.samples.columns and part.nbytes - ds.samples.nbytes == 8 * len(part)
+    assert list(part[2:9][np.array([True, False] * 3 + [True])]) == [list(part)[k] for k in (2, 4, 6, 8)]
+    wanted = [samples[-1].digest, samples[0].digest, hashlib.sha256(b"absent").hexdigest()]
+    hits = [s.path for s, hit in zip(samples, ds.samples.has_digest(wanted)) if hit]
+    assert hits == [photos / "cats/copy.png", photos / "cats/img_0003.png", photos / "dogs/copy.png",
+                    photos / "dogs/copy2.png", samples[-1].path]  # samples[0] is a copy: all four
+
+
+def test_empty_table():
+    empty = SampleTable.from_samples([])
+    assert len(empty) == 0 and list(empty) == [] and empty.keys.shape == (0,)
+    assert Dataset(["a", "b"], empty).fingerprint() == hashlib.sha256().hexdigest()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Container
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -27,14 +27,14 @@ from .engine import check_engine, open_engine
 from .errors import UserError
 from .doctor import quick_summary
 from .evaluate import Timeline, classification_metrics
-from .features import compute_features, feature_matrix, features_of, inference_session_from
+from .features import compute_features, feature_matrices, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import FinetuneConfig, scratch_defaults
 from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
 from .head import HeadConfig, logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
-from .scan import Dataset, Sample, scan_dataset, scan_labelled_folder
+from .scan import SPLITS, Dataset, SampleTable, scan_dataset, scan_labelled_folder
 
 
 AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
@@ -125,22 +125,26 @@ def _versions() -> dict[str, str]:
         name: installed(name) for name in ("torch", "onnx", "onnxruntime", "numpy", "pillow")}
 
 
-def _usable(dataset: Dataset, features: Container[str], failures: dict[str, str]) -> list[Sample]:
-    """Samples whose content is in `features` (digests); the others join dataset.skipped; every class must survive."""
-    usable = [s for s in dataset.samples if s.digest in features]
-    dataset.skipped += [(s.path, failures.get(s.digest, "no features")) for s in dataset.samples
-                        if s.digest not in features]
-    left = {s.label for s in usable if s.split == "train"}
-    lost = [c for i, c in enumerate(dataset.classes) if i not in left]
+def usable_splits(dataset: Dataset, usable: np.ndarray, failures: dict[str, str]) -> dict[str, SampleTable]:
+    """{split: samples} of the rows where the boolean mask `usable` is set (their content has features or decoded).
+
+    The other rows join dataset.skipped, with their reason from `failures` ({digest: reason});
+    every class must keep a training image.
+    """
+    samples = dataset.samples
+    dataset.skipped += [(samples.path(i), failures.get(samples.digest_hex(i), "no features"))
+                        for i in np.flatnonzero(~usable)]
+    left = np.bincount(samples.labels[usable & samples.split_mask("train")], minlength=len(dataset.classes))
+    lost = [c for c, n in zip(dataset.classes, left) if not n]
     if lost:
         raise UserError(f"no usable training images left for class(es): {', '.join(lost)} "
                         "(see the skipped files above)")
-    return usable
+    return {name: samples[usable & samples.split_mask(name)] for name in SPLITS}
 
 
 def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
     counts = dataset.counts()
-    per_class = np.bincount([s.label for s in dataset.samples], minlength=len(dataset.classes))
+    per_class = np.bincount(dataset.samples.labels, minlength=len(dataset.classes))
     log(f"Found {len(dataset.samples)} images in {len(dataset.classes)} classes "
         f"({', '.join(f'{c}: {n}' for c, n in zip(dataset.classes, per_class))}); "
         f"split train {counts['train']}, validation {counts['validation']}, test {counts['test']}"
@@ -163,10 +167,9 @@ def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Bac
         features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
                                               batch_size=config.batch_size, workers=config.workers,
                                               quiet=config.quiet, engine=engine)
-        samples = _usable(dataset, features, failures)
+        split = usable_splits(dataset, features.covers(dataset.samples), failures)
     _log_skipped(dataset, log)
-    split = {name: [s for s in samples if s.split == name] for name in ("train", "validation", "test")}
-    return dataset, split, {name: feature_matrix(rows, features, backbone.feature_dim) for name, rows in split.items()}
+    return dataset, split, feature_matrices(split, features, backbone.feature_dim)
 
 
 def _scan(image_dir: str | Path, config: TrainConfig, stage: _Stages, log: Callable[[str], None]) -> Dataset:
@@ -198,7 +201,7 @@ def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.n
 class _Fitted:
     """What a training path hands to calibration, evaluation and export."""
     dataset: Dataset
-    split: dict[str, list[Sample]]
+    split: dict[str, SampleTable]
     x: dict[str, tuple[np.ndarray, np.ndarray]]  # validation and test features of the final network
     extractor: onnx.ModelProto
     layers: list[tuple[np.ndarray, np.ndarray]]
@@ -245,7 +248,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     metrics |= {
         "classes": dataset.classes, "backbone": backbone.name, "mode": fitted.mode,
         "num_images": {k: len(v) for k, v in split.items()},
-        "class_counts": {k: {c: sum(s.label == i for s in v) for i, c in enumerate(dataset.classes)}
+        "class_counts": {k: dict(zip(dataset.classes,
+                                     np.bincount(v.labels, minlength=len(dataset.classes)).tolist()))
                          for k, v in split.items()},
         "skipped_files": [{"path": str(p), "reason": why} for p, why in dataset.skipped],
         "calibration": cal.report,
@@ -298,7 +302,7 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
 
     check_options(config.scratch, backbone)  # before the scan: a wrong flag should not cost minutes
     dataset = _scan(image_dir, config, stage, log)
-    split = {name: dataset.split(name) for name in ("train", "validation", "test")}
+    split = {name: dataset.split(name) for name in SPLITS}
     log(f"Mode scratch: {backbone.name} has no pretrained weights, so the whole network trains from random "
         "initialisation" + (f" (--mode {config.mode} does not apply)" if config.mode != "head" else ""))
     with stage("train"):
@@ -306,10 +310,8 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
                                              checkpoint=_checkpoint_path(cache, dataset, config),
                                              resume=config.resume, time_budget=config.time_budget,
                                              after_epoch=timeline.record if timeline else None, quiet=config.quiet)
-    decoded = {s.digest for s in dataset.samples} - failures.keys()
-    samples = _usable(dataset, decoded, failures)
+    split = usable_splits(dataset, ~dataset.samples.has_digest(failures), failures)
     _log_skipped(dataset, log)
-    split = {name: [s for s in samples if s.split == name] for name in split}
     fitted = _Fitted(dataset, split, {}, onnx.ModelProto(), [], "scratch", tuned=tuned)
     _use_tuned_network(fitted, backbone, config)
     return fitted
@@ -321,8 +323,8 @@ def _use_tuned_network(fitted: _Fitted, backbone: Backbone, config: TrainConfig)
     session = inference_session_from(fitted.extractor)
     rows = fitted.split["validation"] + fitted.split["test"]
     tuned_features = features_of(session, rows, backbone.prep, workers=config.workers, quiet=config.quiet)
-    fitted.x |= {name: feature_matrix(fitted.split[name], tuned_features, backbone.feature_dim)
-                 for name in ("validation", "test")}
+    fitted.x |= feature_matrices({name: fitted.split[name] for name in ("validation", "test")}, tuned_features,
+                                 backbone.feature_dim)
 
 
 def _accuracy(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> float:
@@ -378,7 +380,7 @@ def _log_result(metrics: dict, cal: Calibration, n_test: int, log: Callable[[str
 
 
 def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, classes: list[str],
-              split: dict[str, list[Sample]], x_va, y_va, x_te, y_te):
+              split: dict[str, SampleTable], x_va, y_va, x_te, y_te):
     metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None}
     if len(x_va):
         metrics["validation_accuracy"] = float((logits(layers, x_va).argmax(1) == y_va).mean())
@@ -405,7 +407,7 @@ def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: 
     """
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
-    paths = [s.path for s in dataset.samples]
+    paths = dataset.samples.paths
     rows, skipped = [], list(dataset.skipped)
     bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
     for i, probs, error in clf.probabilities_of(paths, workers=workers):

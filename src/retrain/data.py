@@ -28,7 +28,7 @@ from .augment import Augment, Distortion, augment, draw_distortion
 from .decode import UnreadableImage, decode_all, open_rgb
 from .features import decoded_batches
 from .preprocess import Preprocessing
-from .scan import Sample
+from .scan import SampleTable
 
 Batch = tuple["np.ndarray | torch.Tensor", np.ndarray]
 
@@ -46,17 +46,17 @@ def _image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, int(index)])
 
 
-def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: int, epoch: int,
+def train_batches(samples: SampleTable, aug: Augment, batch_size: int, seed: int, epoch: int,
                   workers: int) -> Iterator[Batch]:
     """Shuffled, augmented (uint8 NHWC batch, labels) for one epoch; reproducible from (seed, epoch)."""
 
     def load(i: int) -> np.ndarray | None:
         try:
-            return augment(open_rgb(samples[i].path, aug.size), aug, _image_rng(seed, epoch, i))
+            return augment(open_rgb(samples.path(i), aug.size), aug, _image_rng(seed, epoch, i))
         except UnreadableImage:
             return None
 
-    batches = shard_batches(len(samples), batch_size, seed, epoch)
+    batches, labels = shard_batches(len(samples), batch_size, seed, epoch), samples.labels.astype(np.int64)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         for idx in batches[:3]:
@@ -70,31 +70,31 @@ def train_batches(samples: list[Sample], aug: Augment, batch_size: int, seed: in
             arrays = [f.result() for f in futures]
             keep = [k for k, a in enumerate(arrays) if a is not None]
             if keep:
-                yield (np.stack([arrays[k] for k in keep]),
-                       np.array([samples[idx[k]].label for k in keep], np.int64))
+                yield np.stack([arrays[k] for k in keep]), labels[idx[keep]]
 
 
 class PhotoFiles:
     """Photos decoded afresh every epoch and augmented from full resolution (fine-tuning pretrained backbones)."""
 
-    def __init__(self, splits: dict[str, list[Sample]], aug: Augment, prep: Preprocessing, batch_size: int,
+    def __init__(self, splits: dict[str, SampleTable], aug: Augment, prep: Preprocessing, batch_size: int,
                  seed: int, workers: int):
         self.splits, self.aug, self.prep = splits, aug, prep
         self.batch_size, self.seed, self.workers = batch_size, seed, workers
         self.train_size, self.n_train = aug.size, len(splits["train"])
 
     def count(self, split: str) -> int:
-        return len(self.splits.get(split, []))
+        return len(self.splits[split])
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         return train_batches(self.splits["train"], self.aug, self.batch_size, self.seed, epoch, self.workers)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
         """(uint8 batch, labels) at inference preprocessing (centre crop at prep.size); unreadable files skipped."""
-        samples = self.splits.get(split, [])
-        for ok, batch, _ in decoded_batches([s.path for s in samples], self.prep, 64, self.workers):
+        samples = self.splits[split]
+        labels = samples.labels.astype(np.int64)
+        for ok, batch, _ in decoded_batches(samples.paths, self.prep, 64, self.workers):
             if len(ok):
-                yield batch, np.array([samples[i].label for i in ok], np.int64)
+                yield batch, labels[ok]
 
 
 class DecodedImages:
@@ -105,23 +105,23 @@ class DecodedImages:
     content while keeping the scale inference sees.
     """
 
-    def __init__(self, splits: dict[str, list[Sample]], prep: Preprocessing, shift: int, batch_size: int,
+    def __init__(self, splits: dict[str, SampleTable], prep: Preprocessing, shift: int, batch_size: int,
                  seed: int, workers: int, quiet: bool = False, train_size: int | None = None):
         self.prep, self.batch_size, self.seed = prep, batch_size, seed
         self.train_size, self.failures = train_size or prep.size, {}
         x, self.train_y = self._decode(splits["train"], stored_preprocessing(prep, self.train_size), workers, quiet)
         self.train_x = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge") if shift else x
         self.n_train = len(self.train_x)
-        self.eval = {name: self._decode(splits.get(name, []), prep, workers, quiet) for name in ("validation", "test")}
+        self.eval = {name: self._decode(splits[name], prep, workers, quiet) for name in ("validation", "test")}
 
-    def _decode(self, samples: list[Sample], prep: Preprocessing, workers: int, quiet: bool
+    def _decode(self, samples: SampleTable, prep: Preprocessing, workers: int, quiet: bool
                 ) -> tuple[np.ndarray, np.ndarray]:
         bar = tqdm(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not samples,
                    leave=False)
-        x, failed = decode_all([s.path for s in samples], prep, workers, progress=bar.update)
+        x, failed = decode_all(samples.paths, prep, workers, progress=bar.update)
         bar.close()
-        self.failures |= {samples[i].digest: why for i, why in failed.items()}
-        labels = np.array([s.label for s in samples], np.int64)
+        self.failures |= {samples.digest_hex(i): why for i, why in failed.items()}
+        labels = samples.labels.astype(np.int64)
         if not failed:
             return x, labels
         keep = np.ones(len(samples), bool)
@@ -169,7 +169,7 @@ class DevicePhotos(DecodedImages):
     margin), with the draws PhotoFiles would make for the same (seed, epoch, image).
     """
 
-    def __init__(self, splits: dict[str, list[Sample]], aug: Augment, prep: Preprocessing, batch_size: int,
+    def __init__(self, splits: dict[str, SampleTable], aug: Augment, prep: Preprocessing, batch_size: int,
                  seed: int, workers: int, device: torch.device, quiet: bool = False):
         super().__init__(splits, prep, 0, batch_size, seed, workers, quiet, train_size=aug.size)
         self.aug, self.device = aug, device

@@ -28,22 +28,22 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .decode import describe
-from .features import compute_features, decoded_batches
+from .features import compute_features, decoded_batches, feature_matrix
 from .files import default_cache_dir
 from .head import HeadConfig, predict_proba, train_head
 from .preprocess import Preprocessing
-from .scan import SPLITS, Dataset, Sample, scan_dataset
+from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 
 MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable
 IMBALANCE_RATIO = 4.0  # largest class / smallest class
@@ -167,8 +167,9 @@ def _rel(path: Path, root: Path | None) -> str:
         return str(path)
 
 
-def _entry(s: Sample, dataset: Dataset, root: Path | None) -> Entry:
-    return Entry(_rel(s.path, root), dataset.classes[s.label], s.split)
+def _entry(samples: SampleTable, i: int, classes: list[str], root: Path | None) -> Entry:
+    """Row i as the report names it: made only for images a check reports, not for every image."""
+    return Entry(_rel(samples.path(i), root), classes[samples.labels[i]], SPLITS[samples.splits[i]])
 
 
 def _kind(entries: list[Entry]) -> str:
@@ -182,10 +183,9 @@ def _kind(entries: list[Entry]) -> str:
 # ---------------------------------------------------------------- scan-only checks
 
 def class_counts(dataset: Dataset) -> dict[str, dict[str, int]]:
-    counts = {c: dict.fromkeys(SPLITS, 0) for c in dataset.classes}
-    for s in dataset.samples:
-        counts[dataset.classes[s.label]][s.split] += 1
-    return counts
+    t, n = dataset.samples, len(SPLITS)
+    cells = np.bincount(t.labels.astype(np.int64) * n + t.splits, minlength=len(dataset.classes) * n)
+    return {c: dict(zip(SPLITS, row.tolist())) for c, row in zip(dataset.classes, cells.reshape(-1, n))}
 
 
 def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
@@ -206,14 +206,17 @@ def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
 
 def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[DuplicateGroup]:
     """Groups of samples with identical bytes, most serious kind first."""
-    by_digest: dict[str, list[Sample]] = defaultdict(list)
-    for s in dataset.samples:
-        if s.digest != EMPTY_DIGEST:  # empty files are unreadable, not duplicates
-            by_digest[s.digest].append(s)
+    t = dataset.samples
+    order = np.argsort(t.keys, kind="stable")  # equal digests side by side, each run in scan order
+    ordered = t.keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
     groups = []
-    for digest, members in by_digest.items():
-        if len(members) > 1:
-            entries = [_entry(s, dataset, root) for s in members]
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = order[start:start + size]
+        digest = t.digest_hex(members[0])
+        if digest != EMPTY_DIGEST:  # empty files are unreadable, not duplicates
+            entries = [_entry(t, i, dataset.classes, root) for i in members]
             groups.append(DuplicateGroup(_kind(entries), digest, entries))
     return sorted(groups, key=lambda g: (KINDS.index(g.kind), g.images[0].path))
 
@@ -260,8 +263,9 @@ def huge_images(files: list[ImageFile]) -> list[ImageFile]:
 def unreadable_files(dataset: Dataset, failures: dict[str, str], root: Path | None) -> list[Unreadable]:
     """Files the scan could not read, then files the decoder refused, with the reason."""
     found = [Unreadable(_rel(p, root), why) for p, why in dataset.skipped]
-    return found + [Unreadable(_rel(s.path, root), failures[s.digest])
-                    for s in dataset.samples if s.digest in failures]
+    t = dataset.samples
+    return found + [Unreadable(_rel(t.path(i), root), failures[t.digest_hex(i)])
+                    for i in np.flatnonzero(t.has_digest(failures))]
 
 
 # ---------------------------------------------------------------- near-duplicates
@@ -283,7 +287,7 @@ def _phash(grey: np.ndarray) -> np.ndarray:
     return bits
 
 
-def perceptual_hashes(paths: list[Path], workers: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def perceptual_hashes(paths: Sequence[Path], workers: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n, 256) hash bits, the same for the mirror image, and (n,) decoded?; decoded as training does."""
     n = len(paths)
     plain, mirrored, ok_mask = np.zeros((n, HASH_BITS), bool), np.zeros((n, HASH_BITS), bool), np.zeros(n, bool)
@@ -416,17 +420,19 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
     with timer("scan"):
         dataset = scan_dataset(root, workers=workers + 2, quiet=quiet)
     with timer("headers"):
-        files = [f for f in (read_header(s.path, root) for s in dataset.samples) if f]
+        files = [f for f in (read_header(p, root) for p in dataset.samples.paths) if f]
     net = get_backbone(backbone)
     with timer("features"):
         features, failures = compute_features(dataset.samples, net, Path(cache_dir or default_cache_dir()),
                                               workers=workers, quiet=quiet)
-    usable = [s for s in dataset.samples if s.digest in features]
-    entries = [_entry(s, dataset, root) for s in usable]
-    codes = np.unique([s.digest for s in usable], return_inverse=True)[1].astype(np.int64)  # content ids
+    usable = dataset.samples[features.covers(dataset.samples)]
+
+    def entry(i: int) -> Entry:
+        return _entry(usable, i, dataset.classes, root)
+    codes = np.unique(usable.keys, return_inverse=True)[1].astype(np.int64)  # content ids
     log("Checking for near-duplicates ...")
     with timer("near_duplicates"):
-        near = _near_duplicates(usable, entries, codes, workers)
+        near = _near_duplicates(usable, entry, codes, workers)
     report = Report(
         image_dir=str(root), backbone=net.name, classes=dataset.classes, fixed_split=dataset.fixed_split,
         counts=class_counts(dataset), warnings=count_warnings(class_counts(dataset)), ignored_files=dataset.ignored,
@@ -445,34 +451,33 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
         report.notes.append(f"outliers and mislabels need {MIN_FOR_STATISTICS}+ readable images; "
                             f"found {len(usable)}")
         return report
-    x = np.stack([features[s.digest] for s in usable]).astype(np.float32)
-    y = np.array([s.label for s in usable])
+    x, y = feature_matrix(usable, features, net.feature_dim)
     with timer("outliers"):
-        report.outliers = _outliers(x, codes, entries)
+        report.outliers = _outliers(x, codes, entry)
     log(f"Looking for mislabelled images ({folds}-fold cross-validation) ...")
     with timer("mislabels"):
         report.suspects = _suspects(out_of_fold_probabilities(x, y, codes, len(dataset.classes), folds, seed),
-                                    y, entries, dataset.classes)
+                                    y, entry, dataset.classes)
     return report
 
 
-def _near_duplicates(usable: list[Sample], entries: list[Entry], codes: np.ndarray,
+def _near_duplicates(usable: SampleTable, entry: Callable[[int], Entry], codes: np.ndarray,
                      workers: int) -> list[NearDuplicate]:
     _, first = np.unique(codes, return_index=True)  # decode each distinct content once
-    plain, mirrored, ok = (h[codes] for h in perceptual_hashes([usable[i].path for i in first], workers))
-    return [NearDuplicate(_kind([entries[i], entries[j]]), entries[i], entries[j], d)
-            for i, j, d in near_duplicate_pairs(plain, mirrored, ok, codes)]
+    plain, mirrored, ok = (h[codes] for h in perceptual_hashes(usable[first].paths, workers))
+    pairs = [(entry(i), entry(j), d) for i, j, d in near_duplicate_pairs(plain, mirrored, ok, codes)]
+    return [NearDuplicate(_kind([a, b]), a, b, d) for a, b, d in pairs]
 
 
-def _outliers(x: np.ndarray, codes: np.ndarray, entries: list[Entry]) -> list[Outlier]:
+def _outliers(x: np.ndarray, codes: np.ndarray, entry: Callable[[int], Entry]) -> list[Outlier]:
     nearest = nearest_similarity(x, codes)
     relative = relative_similarity(nearest)
-    return [Outlier(entries[i], round(float(nearest[i]), 4), round(float(relative[i]), 3))
+    return [Outlier(entry(i), round(float(nearest[i]), 4), round(float(relative[i]), 3))
             for i in np.argsort(relative, kind="stable") if relative[i] <= OUTLIER_RATIO]
 
 
-def _suspects(probs: np.ndarray, y: np.ndarray, entries: list[Entry], classes: list[str]) -> list[Suspect]:
-    return [Suspect(entries[i], round(float(probs[i, y[i]]), 4), classes[int(probs[i].argmax())],
+def _suspects(probs: np.ndarray, y: np.ndarray, entry: Callable[[int], Entry], classes: list[str]) -> list[Suspect]:
+    return [Suspect(entry(i), round(float(probs[i, y[i]]), 4), classes[int(probs[i].argmax())],
                     round(float(probs[i].max()), 4)) for i in rank_suspects(probs, y)]
 
 

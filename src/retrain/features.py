@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,14 +26,18 @@ from tqdm import tqdm
 
 from .backbones import Backbone
 from .decode import UnreadableImage, describe, load_image
+from .files import empty_matrix
 from .graphs import extractor_path
 from .preprocess import INPUT_NAME, Preprocessing
-from .scan import Sample
+from .scan import SampleTable, digest_keys
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 STORE_FILE = "features.bin"
+# Keys looked up at a time: a lookup's temporaries stay a few MB however many images are asked for
+# (the gathered S32 keys alone would be 32 MB for a million).
+LOOKUP_BLOCK = 65_536
 Batch = tuple[list[int], np.ndarray, list[tuple[int, str]]]  # (indices that decoded, their outputs, [(index, reason)])
 
 
@@ -55,7 +58,10 @@ class FeatureStore:
     appended since the last merge; vectors stay in the file and are read on demand.
     """
 
-    MERGE_EVERY = 65_536  # appended records kept in a dict before they are merged into the arrays
+    # Appended records kept in a dict (~160 bytes each, so ~2.6 MB at most) before they are merged
+    # into the arrays. A merge copies the index (40 bytes a record): filling a store with a million
+    # records merges 61 times, ~2 s in all, against ~7 minutes of extraction.
+    MERGE_EVERY = 16_384
     VERIFY_CHUNK = 16 << 20  # bytes read at a time when checking crcs on open
     GATHER_ROWS = 1024  # vectors copied out of the mapping at a time (5 MB at Lite0's 1280)
 
@@ -103,20 +109,24 @@ class FeatureStore:
         i = int(np.searchsorted(self._keys, key)[0])
         return int(self._rows[i]) if i < len(self._keys) and self._keys[i:i + 1] == key else -1
 
-    def rows(self, digests: list[str]) -> np.ndarray:
-        """Record numbers for hex digests (-1 where absent), looked up in one vectorised search."""
-        if not digests:
-            return np.zeros(0, np.int64)
-        wanted = np.frombuffer(bytes.fromhex("".join(digests)), "S32")
-        out = np.full(len(wanted), -1, np.int64)
-        if len(self._keys):
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """Record numbers for S32 digests (SampleTable.keys, digest_keys), -1 where absent: vectorised searches."""
+        out = np.full(len(keys), -1, np.int64)
+        for start in range(0, len(keys) if len(self._keys) else 0, LOOKUP_BLOCK):
+            wanted, found = keys[start:start + LOOKUP_BLOCK], out[start:start + LOOKUP_BLOCK]
             i = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
             hit = self._keys[i] == wanted
-            out[hit] = self._rows[i[hit]]
+            found[hit] = self._rows[i[hit]]
         if self._recent:
             for j in np.flatnonzero(out < 0):
-                out[j] = self._recent.get(bytes.fromhex(digests[j]), -1)
+                out[j] = self._recent.get(keys[j:j + 1].tobytes(), -1)  # a slice: keys[j] drops trailing NULs
         return out
+
+    def digests_at(self, rows: np.ndarray) -> Iterator[str]:
+        """Hex digests of the given records, read from the file."""
+        if len(rows):
+            raw = self._records(int(np.max(rows)))["digest"][rows]
+            yield from (bytes(r).hex() for r in raw)
 
     def vectors(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), dim) float32 copies of the given records' vectors, into `out` if given."""
@@ -277,65 +287,73 @@ def reported(batches: Iterator[Batch], paths: Sequence[Path], desc: str, quiet: 
     bar.close()
 
 
-def extract(session: ort.InferenceSession, paths: list[Path], prep: Preprocessing, *, batch_size: int = 32,
+def extract(session: ort.InferenceSession, paths: Sequence[Path], prep: Preprocessing, *, batch_size: int = 32,
             workers: int = 2, desc: str = "Extracting features", quiet: bool = False) -> Iterator[Batch]:
     """Run a feature extractor over image files: yields (indices, (n, D) vectors, [(index, reason)])."""
     return reported(run_model(session, paths, prep, batch_size, workers), paths, desc, quiet)
 
 
-def features_of(session: ort.InferenceSession, samples: list[Sample], prep: Preprocessing, *,
+def features_of(session: ort.InferenceSession, samples: SampleTable, prep: Preprocessing, *,
                 workers: int = 2, quiet: bool = False) -> dict[str, np.ndarray]:
-    """{digest: vector} from an extractor that is not cached (a fine-tuned backbone)."""
-    first = {s.digest: s.path for s in samples}
-    digests, found = list(first), {}
-    for ok, vectors, _ in extract(session, list(first.values()), prep, workers=workers, quiet=quiet,
+    """{digest: vector} from an extractor that is not cached (a fine-tuned backbone); each content decoded once."""
+    _, first = np.unique(samples.keys, return_index=True)
+    distinct, found = samples[np.sort(first)], {}  # sorted: in scan order
+    for ok, vectors, _ in extract(session, distinct.paths, prep, workers=workers, quiet=quiet,
                                   desc="Features (tuned backbone)"):
-        found |= {digests[i]: v for i, v in zip(ok, vectors)}
+        found |= {distinct.digest_hex(i): v for i, v in zip(ok, vectors)}
     return found
 
 
 class StoreFeatures(Mapping):
     """{hex digest: vector} for a set of images, read from a FeatureStore on demand.
 
-    What compute_features returns: it behaves like the dict it replaced, but holds two arrays
-    (sorted digests, record numbers) instead of one NumPy object per image. feature_matrix()
-    reads whole blocks of rows through it without any per-image object.
+    What compute_features returns: it behaves like the dict it replaced, but holds only the
+    set's sorted store record numbers (8 bytes an image); a lookup goes through the store's own
+    index, then checks membership. feature_matrix() reads whole blocks of rows through it
+    without any per-image object.
     """
 
-    def __init__(self, store: FeatureStore, keys: np.ndarray, rows: np.ndarray):
+    def __init__(self, store: FeatureStore, rows: np.ndarray):
         self.store, self.dim = store, store.dim
-        self._keys, self._rows = _first_of_each(keys, rows)
+        self._rows = np.unique(rows)  # sorted, distinct
 
-    def rows_of(self, digests: list[str]) -> np.ndarray:
-        """Store record numbers for hex digests, -1 where this set has no vector."""
-        if not digests or not len(self._keys):
-            return np.full(len(digests), -1, np.int64)
-        wanted = np.frombuffer(bytes.fromhex("".join(digests)), "S32")
-        i = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
-        return np.where(self._keys[i] == wanted, self._rows[i], -1)
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """Store record numbers for S32 digests (SampleTable.keys), -1 where this set has no vector."""
+        rows = self.store.rows(keys)
+        if not len(self._rows):
+            rows[:] = -1
+            return rows
+        for start in range(0, len(rows), LOOKUP_BLOCK):
+            found = rows[start:start + LOOKUP_BLOCK]  # a view: edited in place
+            i = np.minimum(np.searchsorted(self._rows, found), len(self._rows) - 1)
+            found[self._rows[i] != found] = -1
+        return rows
+
+    def covers(self, samples: SampleTable) -> np.ndarray:
+        """Boolean mask: which of `samples` have a vector here."""
+        return self.rows_of(samples.keys) >= 0
 
     def __getitem__(self, digest: str) -> np.ndarray:
-        row = self.rows_of([digest])[0]
+        row = self.rows_of(digest_keys([digest]))[0]
         if row < 0:
             raise KeyError(digest)
         return self.store.vectors(np.array([row]))[0]
 
     def __contains__(self, digest: object) -> bool:
-        return isinstance(digest, str) and self.rows_of([digest])[0] >= 0
+        return isinstance(digest, str) and self.rows_of(digest_keys([digest]))[0] >= 0
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._rows)
 
     def __iter__(self) -> Iterator[str]:
-        raw = self._keys.view(np.uint8).reshape(-1, 32)  # bytes, not S32 scalars (they drop trailing NULs)
-        return (r.tobytes().hex() for r in raw)
+        return self.store.digests_at(self._rows)
 
 
 MATRIX_IN_MEMORY_BYTES = 64 << 20  # bigger feature matrices (12.5k Lite0 vectors) go to a memory-mapped file
 MATRIX_CHUNK_ROWS = 8192  # rows gathered at a time, so building the matrix needs no second copy
 
 
-def feature_matrix(samples: Sequence[Sample], features: Mapping[str, np.ndarray], dim: int, *,
+def feature_matrix(samples: SampleTable, features: Mapping[str, np.ndarray], dim: int, *,
                    max_in_memory: int = MATRIX_IN_MEMORY_BYTES, spill_dir: Path | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Features (N, dim) float32 in sample order and labels (N,) int64, for training or evaluation.
@@ -345,8 +363,8 @@ def feature_matrix(samples: Sequence[Sample], features: Mapping[str, np.ndarray]
     trains out of core and nothing is left behind if the process dies. A missing digest raises
     KeyError, as indexing a dict would.
     """
-    y = np.fromiter((s.label for s in samples), np.int64, len(samples))
-    x = _empty_matrix(len(samples), dim, max_in_memory,
+    y = samples.labels.astype(np.int64)
+    x = empty_matrix(len(samples), dim, max_in_memory,
                       spill_dir or (features.store.folder if isinstance(features, StoreFeatures) else None))
     for start in range(0, len(samples), MATRIX_CHUNK_ROWS):
         chunk = samples[start:start + MATRIX_CHUNK_ROWS]
@@ -354,28 +372,31 @@ def feature_matrix(samples: Sequence[Sample], features: Mapping[str, np.ndarray]
     return x, y
 
 
-def _empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None) -> np.ndarray:
-    if n * dim * 4 <= max_in_memory:
-        return np.zeros((n, dim), np.float32)
-    # An unlinked file: the mapping keeps it alive, the OS removes it when the mapping goes.
-    with tempfile.TemporaryFile(prefix="retrain-matrix-", dir=spill_dir) as f:
-        f.truncate(n * dim * 4)
-        return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
+def feature_matrices(splits: Mapping[str, SampleTable], features: Mapping[str, np.ndarray], dim: int, *,
+                     max_in_memory: int = MATRIX_IN_MEMORY_BYTES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """feature_matrix for each split under one budget: all in memory if together they fit, else all memory-mapped.
+
+    One budget for the run rather than one per matrix, so memory held by matrices stays under
+    `max_in_memory` however the images divide into splits (three matrices just under the
+    limit each would hold three times it).
+    """
+    together = sum(len(rows) for rows in splits.values()) * dim * 4
+    limit = max_in_memory if together <= max_in_memory else 0
+    return {name: feature_matrix(rows, features, dim, max_in_memory=limit) for name, rows in splits.items()}
 
 
-def _vectors_of(samples: Sequence[Sample], features: Mapping[str, np.ndarray], out: np.ndarray) -> None:
+def _vectors_of(samples: SampleTable, features: Mapping[str, np.ndarray], out: np.ndarray) -> None:
     """Fill `out` (len(samples), dim) with the samples' vectors."""
-    digests = [s.digest for s in samples]
     if isinstance(features, StoreFeatures):
-        rows = features.rows_of(digests)
+        rows = features.rows_of(samples.keys)
         if (rows < 0).any():
-            raise KeyError(digests[int(np.argmax(rows < 0))])
+            raise KeyError(samples.digest_hex(int(np.argmax(rows < 0))))
         features.store.vectors(rows, out)
-    else:
-        out[:] = np.stack([features[d] for d in digests])
+    elif len(samples):
+        out[:] = np.stack([features[samples.digest_hex(i)] for i in range(len(samples))])
 
 
-def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: Path,
+def compute_features(samples: SampleTable, backbone: Backbone, cache_dir: Path,
                      store_dir: Path | None = None, *, batch_size: int = 32, workers: int = 2,
                      quiet: bool = False, engine: Engine | None = None) -> tuple[StoreFeatures, dict[str, str]]:
     """Features for every sample's content (from cache or computed), and the reasons for failures.
@@ -388,20 +409,18 @@ def compute_features(samples: Iterable[Sample], backbone: Backbone, cache_dir: P
     if store.corrupt and not quiet:
         print(f"Feature cache: ignored {store.corrupt} damaged record(s); those images are recomputed.",
               file=sys.stderr)
-    samples = samples if isinstance(samples, Sequence) else list(samples)
-    digests = [s.digest for s in samples]
-    keys = np.frombuffer(bytes.fromhex("".join(digests)), "S32")
-    todo = _first_missing(keys, store.rows(digests))
+    keys = samples.keys
+    todo = samples[_first_missing(keys, store.rows(keys))]
     failures: dict[str, str] = {}
     if len(todo):
-        paths, model = [samples[i].path for i in todo], extractor_path(backbone, cache_dir)
+        paths, model = todo.paths, extractor_path(backbone, cache_dir)
         batches = (engine.run(model, paths, backbone.prep, batch_size, workers) if engine
                    else run_model(inference_session(model), paths, backbone.prep, batch_size, workers))
         for ok, vectors, failed in reported(batches, paths, f"Extracting features ({backbone.name})", quiet):
-            failures |= {digests[todo[i]]: why for i, why in failed}
-            store.append([(digests[todo[i]], v) for i, v in zip(ok, vectors)])
-    rows = store.rows(digests)
-    return StoreFeatures(store, keys[rows >= 0], rows[rows >= 0]), failures
+            failures |= {todo.digest_hex(i): why for i, why in failed}
+            store.append([(todo.digest_hex(i), v) for i, v in zip(ok, vectors)])
+    rows = store.rows(keys)
+    return StoreFeatures(store, rows[rows >= 0]), failures
 
 
 def _first_missing(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves a half-written one behind."""
+"""Writing files so that a crash never leaves a half-written one behind; arrays that spill to disk."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,19 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+
+def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = None) -> np.ndarray:
+    """(n, dim) float32 zeros: an ordinary array up to `max_in_memory` bytes, else an np.memmap
+    over an unlinked temporary file in `spill_dir` (default: the system's), which memory pressure can evict."""
+    if n * dim * 4 <= max_in_memory:
+        return np.zeros((n, dim), np.float32)
+    # An unlinked file: the mapping keeps it alive, the OS removes it when the mapping goes.
+    with tempfile.TemporaryFile(prefix="retrain-matrix-", dir=spill_dir) as f:
+        f.truncate(n * dim * 4)
+        return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

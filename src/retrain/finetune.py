@@ -33,7 +33,7 @@ from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
 from .preprocess import Preprocessing, normalize_torch
-from .scan import Sample
+from .scan import SampleTable
 
 MAX_EPOCHS = 200  # the most a time budget can stretch a schedule to
 EpochHook = Callable[[Callable[[], float]], None]  # called after each epoch with a test-accuracy function
@@ -159,9 +159,9 @@ def _load_checkpoint(path: Path) -> dict:
         raise UserError(f"cannot resume from {path}: {e}") from None
 
 
-def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
+def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
              cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Path | None = None,
-             resume: bool = False, after_epoch: EpochHook | None = None, test: list[Sample] | None = None,
+             resume: bool = False, after_epoch: EpochHook | None = None, test: SampleTable | None = None,
              quiet: bool = False) -> FinetuneResult:
     """Fine-tune `backbone` with a head initialised from `head_layers`; returns the best epoch's network."""
     if backbone.torch_network is None:
@@ -171,7 +171,7 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
     size = cfg.train_size or (backbone.prep.size if device.type == "cuda" else CPU_TRAIN_SIZE)
     aug = replace(cfg.augment, size=size) if cfg.augment else Augment(size=size)
     cfg = replace(cfg, batch_size=cfg.batch_size or finetune_batch_size(len(train), device.type == "cuda"))
-    splits = {"train": train, "validation": val, "test": test or []}
+    splits = {"train": train, "validation": val, "test": train[:0] if test is None else test}
     data = _data_source(splits, aug, backbone.prep, cfg, device, log if distributed.is_main() else print_nothing, quiet)
     net = Network(backbone.torch_network(), head_layers)
     trainable = _trainable_stages(net, cfg.unfreeze)
@@ -181,7 +181,7 @@ def finetune(train: list[Sample], val: list[Sample], backbone: Backbone, head_la
                quiet=quiet)
 
 
-def _data_source(splits: dict[str, list[Sample]], aug: Augment, prep: Preprocessing, cfg: FinetuneConfig,
+def _data_source(splits: dict[str, SampleTable], aug: Augment, prep: Preprocessing, cfg: FinetuneConfig,
                  device: torch.device, log: Callable[[str], None], quiet: bool) -> PhotoFiles | DevicePhotos:
     """Photos held decoded on the device (a GPU, when they fit in half its free memory), else read every epoch."""
     workers = cfg.workers or os.cpu_count() or 1

@@ -5,58 +5,269 @@ that class. Hidden files and folders (names starting with '.') are skipped. A fo
 train/ (or training/) with val/ and/or test/ (validation/, testing/) uses that fixed split.
 Otherwise an image's split comes from a hash of its content, as in retrain.py (which hashed
 the file name): adding images never moves existing ones, and exact duplicates share a split.
+
+The samples are held as a SampleTable: NumPy columns (raw digest, label, split, path as a
+folder number and a file name in one shared bytes blob), about 70 bytes an image where a list
+of Sample objects took ~700, so a million images fit in ~70 MB. Sample objects are made on
+demand, one at a time, for code that walks the images.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
+from typing import overload
 
+import numpy as np
 from tqdm import tqdm
 
 from .errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib",
                     ".webp", ".tif", ".tiff"}
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # a SampleTable stores a split as its index here
 SPLIT_DIR_NAMES = {
     "train": ("train", "training"),
     "validation": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
+NO_SPLIT = -1  # while scanning: the split comes from the content hash
 
 
-@dataclass(frozen=True, slots=True)  # slots: no per-sample __dict__ (a million samples are held at once)
+@dataclass(frozen=True, slots=True)  # slots: no per-sample __dict__
 class Sample:
+    """One image: what SampleTable[i] gives."""
     path: Path
     label: int
-    digest: str  # sha256 of the file's bytes
+    digest: str  # sha256 of the file's bytes, hex
     split: str
+
+
+def digest_keys(digests: Iterable[str]) -> np.ndarray:
+    """Hex sha256 digests as (n,) S32 raw keys, the form SampleTable.keys and the feature store use."""
+    return np.frombuffer(bytes.fromhex("".join(digests)), "S32")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tables compare by identity, not array by array
+class Columns:
+    """What a scan found, one row per image, as NumPy arrays (~66 bytes an image in all)."""
+    digests: np.ndarray  # (n, 32) uint8: raw sha256 of the file's bytes
+    labels: np.ndarray  # (n,) int32: index into the dataset's classes
+    splits: np.ndarray  # (n,) int8: index into SPLITS
+    folder: np.ndarray  # (n,) int32: index into `folders`
+    name_starts: np.ndarray  # (n,) int64 and
+    name_lengths: np.ndarray  # (n,) uint16: the file name's bytes in `names`
+    folders: list[Path]
+    names: bytes  # every file name, os.fsencode'd, back to back
+
+
+class SampleTable(Sequence[Sample]):
+    """Samples as rows of Columns: all of them, or a view of some (their row numbers, 8 bytes a row).
+
+    table[i] is a Sample, made on demand; table[mask or indices or slice] is a view of those
+    rows, sharing the columns, so a dataset's splits cost no second copy. The column properties
+    (digests, labels, splits, keys) are the rows' values: the arrays themselves for a whole table,
+    copies for a view.
+    """
+
+    def __init__(self, columns: Columns, rows: np.ndarray | None = None):
+        self.columns, self.rows = columns, rows  # rows: None for every row, in order
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[Sample]) -> SampleTable:
+        """A table of Sample objects (tests, and code that builds samples by hand)."""
+        rows = _Rows()
+        for (folder, label, split), run in groupby(samples, key=lambda s: (s.path.parent, s.label, s.split)):
+            run = list(run)
+            rows.add(folder, [s.path.name for s in run], label, SPLITS.index(split),
+                     bytes.fromhex("".join(s.digest for s in run)))
+        return cls(rows.columns())
+
+    def _column(self, values: np.ndarray) -> np.ndarray:
+        return values if self.rows is None else values[self.rows]
+
+    @property
+    def digests(self) -> np.ndarray:
+        return self._column(self.columns.digests)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._column(self.columns.labels)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self._column(self.columns.splits)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """(n,) S32 digests: sortable, searchable, comparable as whole arrays.
+
+        (A single S32 element drops trailing NUL bytes: use digest_hex for one digest.)
+        """
+        return np.ascontiguousarray(self.digests).view("S32").reshape(len(self))
+
+    def __len__(self) -> int:
+        return len(self.columns.labels) if self.rows is None else len(self.rows)
+
+    def _row(self, i: int) -> int:
+        """The column row of this table's i-th sample."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        return int(i % len(self) if self.rows is None else self.rows[i])
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+    @overload
+    def __getitem__(self, i: slice | np.ndarray) -> SampleTable: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            r, c = self._row(i), self.columns
+            return Sample(self.path(i), int(c.labels[r]), c.digests[r].tobytes().hex(), SPLITS[c.splits[r]])
+        if self.rows is not None:
+            return SampleTable(self.columns, self.rows[i])
+        if isinstance(i, slice):
+            return SampleTable(self.columns, np.arange(*i.indices(len(self))))
+        return SampleTable(self.columns, np.arange(len(self))[i])
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+    def __add__(self, other: SampleTable) -> SampleTable:
+        """Rows of both tables (e.g. validation + test): views of the same scan."""
+        if other.columns is not self.columns:
+            raise ValueError("only rows of the same scan can be joined")
+        every = np.arange(len(self.columns.labels))
+        return SampleTable(self.columns, np.concatenate([self._column(every), other._column(every)]))
+
+    def digest_hex(self, i: int) -> str:
+        return self.columns.digests[self._row(i)].tobytes().hex()
+
+    def path(self, i: int) -> Path:
+        r, c = self._row(i), self.columns
+        start = int(c.name_starts[r])
+        return c.folders[c.folder[r]] / os.fsdecode(c.names[start:start + int(c.name_lengths[r])])
+
+    @property
+    def paths(self) -> Sequence[Path]:
+        """The rows' paths as a lazy sequence: a Path is made when asked for, none is kept."""
+        return _Paths(self)
+
+    def split_mask(self, name: str) -> np.ndarray:
+        return self.splits == SPLITS.index(name)
+
+    def has_digest(self, digests: Iterable[str]) -> np.ndarray:
+        """Boolean mask: rows whose content is one of these hex digests."""
+        return np.isin(self.keys, digest_keys(digests))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the columns, name blob and folders (a Path estimated at 200 bytes), and any row numbers."""
+        c = self.columns
+        arrays = (c.digests, c.labels, c.splits, c.folder, c.name_starts, c.name_lengths)
+        rows = 0 if self.rows is None else self.rows.nbytes
+        return sum(a.nbytes for a in arrays) + len(c.names) + 200 * len(c.folders) + rows
+
+
+class _Paths(Sequence[Path]):
+    def __init__(self, table: SampleTable):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.table.path(j) for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"path {i} of {len(self)}")
+        return self.table.path(i)
+
+
+class _Rows:
+    """Columns while they are being found, a folder of images at a time.
+
+    Each folder adds its names as one bytes object and their lengths as one uint16 array (about
+    17 bytes an image); columns() builds every column once, at its final size.
+    """
+
+    def __init__(self):
+        self.folders: list[Path] = []  # one entry per add(): the table's folder column repeats its number
+        self._chunks: list[tuple[int, int, int]] = []  # (images, label, split) per add()
+        self._names: list[bytes] = []
+        self._lengths: list[np.ndarray] = []
+        self._digests: list[bytes] = []  # empty while scanning: the hashes come after the walk
+
+    def add(self, folder: Path, names: list[str], label: int, split: int, digests: bytes | None = None) -> None:
+        """Images `names` of `folder`; `digests` (raw, 32 bytes each) with every add() or with none."""
+        encoded = [os.fsencode(name) for name in names]  # surrogateescape: any bytes a file system allows
+        self.folders.append(folder)
+        self._chunks.append((len(names), label, split))
+        self._names.append(b"".join(encoded))
+        self._lengths.append(np.fromiter(map(len, encoded), np.uint16, len(encoded)))
+        if digests is not None:
+            self._digests.append(digests)
+
+    def _chunk_array(self) -> np.ndarray:
+        return np.array(self._chunks, np.int64).reshape(-1, 3)
+
+    def per_label(self, n_labels: int) -> np.ndarray:
+        chunks = self._chunk_array()
+        return np.bincount(chunks[:, 1], weights=chunks[:, 0], minlength=n_labels).astype(np.int64)
+
+    def __len__(self) -> int:
+        return sum(n for n, _, _ in self._chunks)
+
+    def columns(self) -> Columns:
+        chunks = self._chunk_array()
+        images = chunks[:, 0]
+        lengths = np.concatenate([np.zeros(0, np.uint16), *self._lengths])
+        if self._digests:  # given with every add()
+            digests = np.frombuffer(b"".join(self._digests), np.uint8).reshape(-1, 32).copy()
+        else:  # scanning: zeros, filled in as the files are hashed
+            digests = np.zeros((len(lengths), 32), np.uint8)
+        return Columns(digests=digests, labels=np.repeat(chunks[:, 1].astype(np.int32), images),
+                       splits=np.repeat(chunks[:, 2].astype(np.int8), images),
+                       folder=np.repeat(np.arange(len(chunks), dtype=np.int32), images),
+                       name_starts=np.cumsum(lengths, dtype=np.int64) - lengths, name_lengths=lengths,
+                       folders=self.folders, names=b"".join(self._names))
 
 
 @dataclass
 class Dataset:
     classes: list[str]
-    samples: list[Sample]
+    samples: SampleTable
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     ignored: int = 0  # non-image files seen in class folders
     fixed_split: bool = False
 
-    def split(self, name: str) -> list[Sample]:
-        return [s for s in self.samples if s.split == name]
+    def split(self, name: str) -> SampleTable:
+        return self.samples[self.samples.split_mask(name)]
 
     def counts(self) -> dict[str, int]:
-        return {name: len(self.split(name)) for name in SPLITS}
+        per_split = np.bincount(self.samples.splits, minlength=len(SPLITS))
+        return {name: int(n) for name, n in zip(SPLITS, per_split)}
 
     def fingerprint(self) -> str:
-        """Hash of (content, label, split) for every sample: identifies the exact training data."""
+        """Hash of (content, label, split) for every sample: identifies the exact training data.
+
+        The formula of the Sample-list days, kept byte for byte (feature caches, checkpoints and
+        models record it): lines "hexdigest:class:split" sorted by (digest, label, split name).
+        """
+        t = self.samples
+        split_order = np.argsort(np.argsort(SPLITS)).astype(np.int8)  # rank of each split's name
+        order = np.lexsort((split_order[t.splits], t.labels, t.keys))
         h = hashlib.sha256()
-        for s in sorted(self.samples, key=lambda s: (s.digest, s.label, s.split)):
-            h.update(f"{s.digest}:{self.classes[s.label]}:{s.split}\n".encode())
+        for start in range(0, len(order), 8192):  # in blocks: one hex string per block, not per row
+            rows = order[start:start + 8192]
+            hexes = t.digests[rows].tobytes().hex()
+            h.update("".join(f"{hexes[64 * k:64 * k + 64]}:{self.classes[t.labels[i]]}:{SPLITS[t.splits[i]]}\n"
+                             for k, i in enumerate(rows)).encode())
         return h.hexdigest()
 
 
@@ -68,17 +279,21 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(name)
 
 
-def walk_files(folder: Path) -> Iterator[tuple[Path, bool]]:
-    """(file, whether it is an image) below `folder`, lazily, sorted within each folder.
+def walk_folders(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, its visible file names sorted) for `folder` and every folder below it, lazily.
 
     Recursive, not following folder links; hidden files and folders are left out.
     """
     for root, dirs, files in os.walk(folder, onerror=None):
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        base = Path(root)  # one per folder: its files' Paths share its parts instead of re-parsing them
-        for name in sorted(files):
-            if not is_hidden(name):
-                yield base / name, is_image_name(name)
+        yield Path(root), sorted(name for name in files if not is_hidden(name))
+
+
+def walk_files(folder: Path) -> Iterator[tuple[Path, bool]]:
+    """(file, whether it is an image) below `folder`, lazily, sorted within each folder."""
+    for base, names in walk_folders(folder):
+        # One Path per folder: its files' Paths share its parts instead of re-parsing them.
+        yield from ((base / name, is_image_name(name)) for name in names)
 
 
 def list_images(folder: Path) -> tuple[list[Path], int]:
@@ -122,33 +337,47 @@ def find_split_dirs(image_dir: Path) -> dict[str, Path]:
     return found
 
 
-def file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h.digest()
+
+
+def file_digest(path: Path) -> str:
+    return file_sha256(path).hex()
+
+
+def split_codes(digests: np.ndarray, validation_percentage: float, testing_percentage: float) -> np.ndarray:
+    """Stable splits from content, as indices into SPLITS: the same bytes always land in the same split.
+
+    `digests` is (n, 32) uint8; the first 6 bytes, as a number, modulo 10,000 give a percentage.
+    """
+    padded = np.zeros((len(digests), 8), np.uint8)  # the first 6 bytes as a big-endian number, as
+    padded[:, 2:] = digests[:, :6]                    # int(hexdigest[:12], 16) read them
+    percent = (padded.view(">u8").ravel() % 10_000) / 100.0
+    codes = np.full(len(digests), SPLITS.index("train"), np.int8)
+    codes[percent < validation_percentage + testing_percentage] = SPLITS.index("test")
+    codes[percent < validation_percentage] = SPLITS.index("validation")
+    return codes
 
 
 def hash_split(digest: str, validation_percentage: float, testing_percentage: float) -> str:
-    """Stable split from content: the same bytes always land in the same split."""
-    percent = (int(digest[:12], 16) % 10_000) / 100.0
-    if percent < validation_percentage:
-        return "validation"
-    if percent < validation_percentage + testing_percentage:
-        return "test"
-    return "train"
+    """split_codes for one hex digest, as a split name."""
+    raw = np.frombuffer(bytes.fromhex(digest), np.uint8).reshape(1, 32)
+    return SPLITS[split_codes(raw, validation_percentage, testing_percentage)[0]]
 
 
-def _safe_digest(path: Path) -> str | OSError:
+def _safe_digest(path: Path) -> bytes | OSError:
     try:
-        return file_digest(path)
+        return file_sha256(path)
     except OSError as e:
         return e
 
 
-def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = False) -> Iterator[str | OSError]:
-    """Digests (or the OSError) in input order, with at most 4 files per worker in flight.
+def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = False) -> Iterator[bytes | OSError]:
+    """Raw digests (or the OSError) in input order, with at most 4 files per worker in flight.
 
     pool.map would submit every file up front: a million pending futures (~0.5 KB each) just
     to hash files one after another.
@@ -167,24 +396,24 @@ def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = Fal
             yield pending.popleft().result()
 
 
-Group = tuple[list[Path], str, str | None]  # (files, class name, fixed split or None)
+def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -> int:
+    """Add the images of one folder of class folders to `rows` (label: index in `classes`); the count of others.
 
-
-def _labelled_files(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[list[Path], str]], int]:
-    """(class names, [(files, class)] per class folder, ignored count) for one folder of class folders."""
+    Raises UserError for a class folder that is not in `classes`.
+    """
     subdirs = class_folders(folder)
-    names = [d.name for d in subdirs]
-    if classes is not None:
-        unknown = sorted(set(names) - set(classes))
-        if unknown:
-            raise UserError(f"{folder} has class folders not in the training classes: "
-                            f"{', '.join(unknown)} (training classes: {', '.join(classes)})")
-    groups, ignored = [], 0
+    unknown = sorted({d.name for d in subdirs} - set(classes))
+    if unknown:
+        raise UserError(f"{folder} has class folders not in the training classes: "
+                        f"{', '.join(unknown)} (training classes: {', '.join(classes)})")
+    ignored = 0
     for d in subdirs:
-        images, other = list_images(d)
-        ignored += other
-        groups.append((images, d.name))
-    return names, groups, ignored
+        for base, names in walk_folders(d):
+            images = [name for name in names if is_image_name(name)]
+            ignored += len(names) - len(images)
+            if images:
+                rows.add(base, images, classes.index(d.name), split)
+    return ignored
 
 
 def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = None,
@@ -201,59 +430,54 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     fixed = {"validation": val_dir and Path(val_dir) or split_dirs.get("validation"),
              "test": test_dir and Path(test_dir) or split_dirs.get("test")}
 
-    classes, train_files, ignored = _labelled_files(train_dir, None)
+    classes = [d.name for d in class_folders(train_dir)]
     if len(classes) < 2:
         raise UserError(f"{train_dir} needs at least 2 class folders (one sub-folder per class, "
                         f"images inside); found {len(classes)}: {', '.join(classes) or 'none'}")
-    per_class = {c: 0 for c in classes}
-    for files, c in train_files:
-        per_class[c] += len(files)
-    empty = [c for c, n in per_class.items() if n == 0]
+    rows = _Rows()
+    ignored = _labelled_files(train_dir, classes, NO_SPLIT, rows)
+    empty = [c for c, n in zip(classes, rows.per_label(len(classes))) if n == 0]
     if empty:
         raise UserError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)} "
                         f"(supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-
-    groups: list[Group] = [(files, c, None) for files, c in train_files]
     for split, folder in fixed.items():
         if folder:
-            _, more, other = _labelled_files(Path(folder), classes)
-            ignored += other
-            groups += [(files, c, split) for files, c in more]
+            ignored += _labelled_files(Path(folder), classes, SPLITS.index(split), rows)
 
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
     test_pct = 0 if fixed["test"] else testing_percentage
-    samples, skipped = _hashed_samples(groups, classes, val_pct, test_pct, workers, quiet)
-    return Dataset(classes, samples, skipped, ignored,
-                   fixed_split=bool(fixed["validation"] or fixed["test"]))
+    samples, skipped = _hashed_samples(rows.columns(), val_pct, test_pct, workers, quiet)
+    return Dataset(classes, samples, skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]))
 
 
-def _hashed_samples(groups: list[Group], classes: list[str], val_pct: float, test_pct: float, workers: int,
-                    quiet: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
-    """Hash (files, class, fixed split or None) groups into samples; unreadable files are skipped.
+def _hashed_samples(columns: Columns, val_pct: float, test_pct: float, workers: int,
+                    quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
+    """Fill in the digests and hash splits of walked `columns`; unreadable files are skipped, with the reason.
 
-    Streams: each file's Sample is made as its digest arrives, and the only per-image objects
-    kept are the Path (shared with the Sample) and the Sample itself.
+    Streams: digests go straight into the digest column as they arrive, and no per-image
+    object is kept.
     """
-    index = {c: i for i, c in enumerate(classes)}
-    entries = ((path, cls, split) for files, cls, split in groups for path in files)
-    digests = _hash_all((path for files, _, _ in groups for path in files),
-                        sum(len(files) for files, _, _ in groups), workers, quiet)
-    samples, skipped = [], []
-    for (path, cls, split), digest in zip(entries, digests):
+    walked = SampleTable(columns)
+    readable = np.ones(len(walked), bool)
+    skipped = []
+    for i, digest in enumerate(_hash_all(walked.paths, len(walked), workers, quiet)):
         if isinstance(digest, Exception):
-            skipped.append((path, f"cannot read: {digest.strerror or digest}"))
+            readable[i] = False
+            skipped.append((walked.path(i), f"cannot read: {digest.strerror or digest}"))
         else:
-            samples.append(Sample(path, index[cls], digest, split or hash_split(digest, val_pct, test_pct)))
-    return samples, skipped
+            columns.digests[i] = np.frombuffer(digest, np.uint8)
+    by_hash = columns.splits == NO_SPLIT
+    columns.splits[by_hash] = split_codes(columns.digests, val_pct, test_pct)[by_hash]
+    return (walked if readable.all() else walked[readable]), skipped
 
 
 def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4,
                          quiet: bool = False) -> Dataset:
     """Scan an evaluation folder whose class folders must be among `classes`."""
-    names, groups, ignored = _labelled_files(Path(folder), classes)
-    if not any(files for files, _ in groups):
+    rows = _Rows()
+    ignored = _labelled_files(Path(folder), list(classes), SPLITS.index("test"), rows)
+    if not len(rows):
         raise UserError(f"no images found in the class folders of {folder}")
-    samples, skipped = _hashed_samples([(files, c, "test") for files, c in groups], list(classes), 0, 0,
-                                       workers, quiet)
+    samples, skipped = _hashed_samples(rows.columns(), 0, 0, workers, quiet)
     return Dataset(list(classes), samples, skipped, ignored, fixed_split=True)

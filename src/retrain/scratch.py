@@ -23,7 +23,7 @@ from .errors import UserError
 from .data import DecodedImages
 from .finetune import EpochHook, FinetuneResult, Network, fit
 from .preprocess import Preprocessing
-from .scan import Sample
+from .scan import SampleTable
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -88,7 +88,7 @@ def check_options(cfg: FinetuneConfig, backbone: Backbone) -> None:
                         "random shifts and flips of its own")
 
 
-def train_from_scratch(splits: dict[str, list[Sample]], backbone: Backbone, n_classes: int, cfg: FinetuneConfig,
+def train_from_scratch(splits: dict[str, SampleTable], backbone: Backbone, n_classes: int, cfg: FinetuneConfig,
                        log: Callable[[str], None], *, checkpoint: Path | None = None, resume: bool = False,
                        time_budget: float | None = None, after_epoch: EpochHook | None = None,
                        quiet: bool = False) -> tuple[FinetuneResult, dict[str, str]]:
