@@ -10,6 +10,8 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import platform
+import re
 import zlib
 from pathlib import Path
 
@@ -386,3 +388,20 @@ def test_cli_predict_output_flag(model_dir, folder_with_bad_files, tmp_path, cap
     captured = capsys.readouterr()
     assert captured.out == ""  # results go to the file, not stdout
     assert "11" in captured.err and str(out) in captured.err
+
+
+def _anon_kb() -> int:
+    return int(re.search(r"^RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="reads /proc and needs glibc's malloc_trim")
+def test_freed_heap_goes_back_to_the_os_between_stages():
+    from retrain.api import release_free_heap
+
+    blocks = [bytes(1000) + i.to_bytes(4, "little") for i in range(150_000)]  # ~150 MB of small heap blocks
+    keep = blocks[-1]  # the heap's top stays in use: a plain free cannot shrink it
+    del blocks
+    before = _anon_kb()
+    release_free_heap()
+    assert before - _anon_kb() > 50_000 and keep  # more than 50 MB returned

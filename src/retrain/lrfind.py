@@ -24,7 +24,7 @@ def lr_sweep(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, low:
              high: float = 1.0, steps: int = 200) -> LrSweep:
     """Sweep learning rates geometrically; stops early once the loss explodes."""
     rng = np.random.default_rng(cfg.seed)
-    x, y = x.astype(np.float32), y.astype(np.int64)
+    x, y = x.astype(np.float32, copy=False), y.astype(np.int64)  # a memory-mapped matrix stays mapped
     layers = _init_layers(x.shape[1], n_classes, cfg, rng)
     opt = _AdamW(layers, low, cfg.weight_decay)
     rates = np.geomspace(low, high, steps)
