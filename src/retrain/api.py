@@ -239,8 +239,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     train_with = _train_on_features if backbone.pretrained else _train_from_scratch
-    if not distributed.is_main():
-        log = lambda msg: None  # noqa: E731  (under torchrun, rank 0 speaks for all)
+    log = distributed.rank0_log(log)
     fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
     distributed.finish()
     if not distributed.is_main():
@@ -398,7 +397,7 @@ def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, cla
               split: dict[str, SampleTable], x_va, y_va, x_te, y_te):
     metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None}
     if len(x_va):
-        metrics["validation_accuracy"] = float((logits(layers, x_va).argmax(1) == y_va).mean())
+        metrics["validation_accuracy"] = _accuracy(layers, x_va, y_va)
     misclassified = []
     if len(x_te):
         probs = softmax(logits(layers, x_te), cal.temperature)

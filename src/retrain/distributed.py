@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def world_size() -> int:
@@ -23,6 +23,15 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def rank0_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` on rank 0; on the other ranks a log that prints nothing (rank 0 speaks for all)."""
+    return log if is_main() else _silent
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def active() -> bool:

@@ -73,10 +73,6 @@ class Network(nn.Module):
                 for m in self.head if isinstance(m, nn.Linear)]
 
 
-def print_nothing(message: str) -> None:
-    """The log of a process that must stay silent (torchrun ranks other than 0)."""
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,7 +168,7 @@ def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_laye
     aug = replace(cfg.augment, size=size) if cfg.augment else Augment(size=size)
     cfg = replace(cfg, batch_size=cfg.batch_size or finetune_batch_size(len(train), device.type == "cuda"))
     splits = {"train": train, "validation": val, "test": train[:0] if test is None else test}
-    data = _data_source(splits, aug, backbone.prep, cfg, device, log if distributed.is_main() else print_nothing, quiet)
+    data = _data_source(splits, aug, backbone.prep, cfg, device, distributed.rank0_log(log), quiet)
     net = Network(backbone.torch_network(), head_layers)
     trainable = _trainable_stages(net, cfg.unfreeze)
     unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
@@ -215,10 +211,10 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     fit (or, with stretch_to_budget, also lengthens to them).
     """
     distributed.init()
-    if not distributed.is_main():  # one voice: rank 0 logs and writes; the others train in silence
-        log, quiet, checkpoint_to_write, after_epoch = print_nothing, True, None, None
-    else:
-        checkpoint_to_write = checkpoint
+    # One voice: rank 0 logs and writes checkpoints; the others train (and resume) in silence.
+    log, checkpoint_to_write = distributed.rank0_log(log), checkpoint if distributed.is_main() else None
+    if not distributed.is_main():
+        quiet, after_epoch = True, None
     device = pick_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     net = net.to(device).to(memory_format=torch.channels_last)

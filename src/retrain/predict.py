@@ -243,7 +243,8 @@ def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
 
 
 def iter_images(items: list[str | os.PathLike]) -> Iterator[Path]:
-    """expand_images, lazily: every item is checked to exist now, folders are walked as consumed."""
+    """Files as given, folders replaced by the image files below them (sorted), lazily: every item is
+    checked to exist now, folders are walked as they are consumed."""
     paths = [Path(item) for item in items]
     for p in paths:
         if not p.exists():
@@ -263,18 +264,7 @@ def _walk_items(paths: list[Path]) -> Iterator[Path]:
 
 def expand_images(items: list[str | os.PathLike]) -> list[Path]:
     """Files as given; folders replaced by the image files below them (sorted)."""
-    from .scan import list_images
-
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            out += list_images(p)[0]
-        elif p.exists():
-            out.append(p)
-        else:
-            raise UserError(f"image not found: {p}")
-    return out
+    return list(iter_images(items))
 
 
 __all__ = ["Classifier", "Prediction", "UnreadableImage", "load", "predict", "predict_to_file"]
