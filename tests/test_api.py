@@ -145,3 +145,21 @@ def test_hymenoptera_accuracy(cache_dir, tmp_path):
     metrics = retrain.evaluate(tmp_path / "hym", root / "val")
     assert metrics["num_images"] == 153
     assert metrics["accuracy"] >= 0.94, metrics["accuracy"]
+
+
+def test_training_identity_ignores_output_and_logging_but_not_training_settings(shapes):
+    from dataclasses import replace
+
+    from retrain.api import TrainConfig, training_identity
+    from retrain.backbones import get_backbone
+    from retrain.head import HeadConfig
+    from retrain.scan import scan_dataset
+
+    ds, net = scan_dataset(shapes, quiet=True), get_backbone("lite0")
+    base = TrainConfig(mode="finetune")
+    same = replace(base, quiet=True, resume=True, workers=1, cache_dir="/elsewhere", unknown_threshold="auto",
+                   finetune=replace(base.finetune, workers=3, compile=True))
+    assert training_identity(same, ds, net) == training_identity(base, ds, net)
+    for other in (replace(base, head=HeadConfig(seed=1)), replace(base, finetune=replace(base.finetune, epochs=2)),
+                  replace(base, mode="auto")):
+        assert training_identity(other, ds, net) != training_identity(base, ds, net)

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from retrain import doctor
 from retrain.cli import retrain_main
-from retrain.doctor import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, diagnose, format_text, quick_summary
+from retrain.doctor import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, diagnose, format_text, quick_summary, split_warnings
 from retrain.scan import scan_dataset
 
 from conftest import draw_shape, shared_dataset
@@ -68,7 +68,19 @@ def test_counts_per_class_and_split(planted):
     assert report.classes == list(CLASSES) and report.fixed_split
     assert {c: n["validation"] for c, n in report.counts.items()} == {"circles": 5, "squares": 5, "stripes": 6}
     assert sum(n["train"] + n["test"] for n in report.counts.values()) == 60 + 4  # three exact copies and one smaller copy
-    assert report.warnings == []
+    assert {c: n["test"] for c, n in report.counts.items()} == {"circles": 2, "squares": 2, "stripes": 2}
+    assert report.warnings == ["the test split has only 6 photos: too few to measure accuracy (a 95% interval "
+                               "spans tens of points); aim for 50+ photos per class"]
+
+
+def test_classes_without_held_out_photos_are_flagged():
+    counts = {"ants": {"train": 20, "validation": 3, "test": 3}, "bees": {"train": 4, "validation": 0, "test": 0}}
+    warnings = split_warnings(counts)
+    assert any(w.startswith("no validation photos of bees:") for w in warnings)
+    assert any(w.startswith("no test photos of bees:") for w in warnings)
+    assert sum("too few to measure" in w for w in warnings) == 2
+    assert split_warnings({"a": {"train": 80, "validation": 10, "test": 10},
+                           "b": {"train": 80, "validation": 10, "test": 10}}) == []
 
 
 def test_exact_duplicates_by_kind(planted):
@@ -107,7 +119,7 @@ def test_text_report_names_every_problem(planted):
     text = format_text(report)
     for needle in ("exact, across classes: 1", "exact, across splits: 1", "exact, within class: 1",
                    "train/circles/leaked.jpg", "s02 small.jpg", "train/squares/c05.jpg",
-                   "squares -> circles", "Summary: 0 warning(s), 0 unreadable, 3 exact and 2 near duplicate(s)"):
+                   "squares -> circles", "Summary: 1 warning(s), 0 unreadable, 3 exact and 2 near duplicate(s)"):
         assert needle in text, needle
 
 
@@ -132,10 +144,11 @@ def test_quick_summary_uses_the_scan_only(planted, monkeypatch):
     dataset = scan_dataset(root, quiet=True)
     monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("quick_summary decoded an image"))
     lines = quick_summary(dataset)
-    assert len(lines) == 4 and lines[-1].startswith("Run `retrain doctor`")
-    assert "two or more classes" in lines[0] and "s01.jpg" in lines[0]
-    assert "leakage" in lines[1] and "c00.jpg" in lines[1]
-    assert "one class" in lines[2]
+    assert len(lines) == 5 and lines[-1].startswith("Run `retrain doctor`")
+    assert "test split has only 6 photos" in lines[0]
+    assert "two or more classes" in lines[1] and "s01.jpg" in lines[1]
+    assert "leakage" in lines[2] and "c00.jpg" in lines[2]
+    assert "one class" in lines[3]
 
 
 def test_quick_summary_few_images_and_imbalance(tmp_path):
@@ -143,11 +156,11 @@ def test_quick_summary_few_images_and_imbalance(tmp_path):
     photo_folder(tmp_path / "d", per_class=40, seed=3, classes=("common",))
     lines = quick_summary(scan_dataset(tmp_path / "d", quiet=True))
     assert lines[0].startswith("Warning: few images (<20) for rare (8)")
-    assert lines[1].startswith("Warning: heavy imbalance: common has 40 images, rare only 8 (5x)")
+    assert any(line.startswith("Warning: heavy imbalance: common has 40 images, rare only 8 (5x)") for line in lines)
 
 
 def test_quick_summary_clean_dataset_says_nothing(tmp_path):
-    assert quick_summary(scan_dataset(photo_folder(tmp_path / "d", per_class=20), quiet=True)) == []
+    assert quick_summary(scan_dataset(photo_folder(tmp_path / "d", per_class=40), quiet=True)) == []
 
 
 def test_empty_files_are_not_reported_as_duplicates(tmp_path):

@@ -14,6 +14,7 @@ from retrain.api import TrainConfig, choose_mode
 from retrain.augment import Augment, augment
 from retrain.backbones import get_backbone
 from retrain.decode import load_image
+from retrain.config import Checkpoint
 from retrain.finetune import FinetuneConfig, Network
 from retrain.head import HeadConfig, softmax
 from retrain.predict import Classifier
@@ -64,7 +65,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     backbone = get_backbone("lite0")
     head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
     logs: list[str] = []
-    whole = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "a.pt")
+    run = {"data": ds.fingerprint()}
+    whole = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, Checkpoint(tmp_path / "a.pt", run))
 
     real_epoch, calls = ft._train_epoch, []
 
@@ -75,10 +77,11 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
         return real_epoch(*a, **k)
     monkeypatch.setattr(ft, "_train_epoch", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
-        ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "b.pt")
+        ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, Checkpoint(tmp_path / "b.pt", run))
     assert (tmp_path / "b.pt").exists()  # the last good checkpoint: after epoch 1
     monkeypatch.setattr(ft, "_train_epoch", real_epoch)
-    resumed = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, tmp_path / "b.pt", resume=True)
+    resumed = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, Checkpoint(tmp_path / "b.pt", run),
+                          resume=True)
     assert any("Resuming after epoch 1" in line for line in logs)
     drop = ("seconds", "images_per_second")
     strip = lambda h: [{k: v for k, v in e.items() if k not in drop} for e in h]  # noqa: E731
@@ -99,13 +102,21 @@ def test_warm_start_is_kept_when_no_epoch_beats_it(shapes, cache_dir, monkeypatc
     assert any("keeping the head trained on cached features" in line for line in logs)
 
 
-def test_damaged_checkpoint_is_a_clear_error(shapes, tmp_path):
+def test_a_damaged_or_foreign_checkpoint_is_named_and_training_starts_afresh(shapes, tmp_path):
     bad = tmp_path / "c.pt"
     bad.write_bytes(b"not a checkpoint")
     ds = scan_dataset(shapes, quiet=True)
     head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
-    with pytest.raises(retrain.errors.UserError, match="cannot resume"):
-        ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, tiny(), print, bad, resume=True)
+    logs: list[str] = []
+    cfg = tiny(epochs=1)
+    ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, cfg, logs.append, Checkpoint(bad, {"run": 1}),
+                resume=True)
+    assert any("cannot resume from" in line and "damaged, starting afresh" in line for line in logs)
+    logs.clear()  # the run rewrote the checkpoint as run 1's: run 2 must not take it
+    ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, cfg, logs.append, Checkpoint(bad, {"run": 2}),
+                resume=True)
+    assert any("is of another run" in line for line in logs)
+    assert not any("Resuming" in line for line in logs)
 
 
 def test_augment_is_reproducible_and_shaped():
@@ -141,7 +152,9 @@ def test_auto_mode_explains_its_choice():
 
 def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache_dir):
     """Label smoothing raises the fine-tuned loss; at equal accuracy the fine-tuned epoch must still win."""
-    model = retrain.train(shapes, config(cache_dir, validation_percentage=30))
+    cfg = config(cache_dir, validation_percentage=20, testing_percentage=0)
+    cfg.finetune = tiny(epochs=3)
+    model = retrain.train(shapes, cfg)
     history = model.metrics["finetune"]["history"]
     assert history[0]["validation_accuracy"] == 1.0  # the warm head is already perfect on validation
     best = model.metrics["finetune"]["best_epoch"]

@@ -60,7 +60,7 @@ def test_report_command_on_another_folder(tmp_path, cache_dir, capsys):
     other = make_dataset(tmp_path / "other", per_class=4, seed=9)
     assert retrain_main(["report", str(tmp_path / "m"), str(other)]) == 0
     html = (tmp_path / "m" / "report.html").read_text()
-    assert "12 images of" in html and str(other) in html
+    assert "N=12" in html and "images of" in html and str(other) in html
     assert retrain_main(["report", str(tmp_path / "nothing")]) == 2
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import retrain.scan as scan_mod
 from retrain.errors import UserError
-from retrain.scan import (Dataset, SPLITS, SampleTable, class_folders, file_digest, find_split_dirs, hash_split,
+from retrain.scan import (Dataset, SPLITS, SampleTable, class_folders, file_digest, find_split_dirs,
                           is_hidden, is_image_name, list_images, scan_dataset, scan_labelled_folder)
 
 # Scanning never decodes images, so any distinct bytes behind an image extension will do.
@@ -252,9 +252,8 @@ def test_training_testing_folders_carve_validation_from_train(tmp_path):
         if s.path.is_relative_to(root / "testing"):
             assert s.split == "test"
         else:  # training images: no test carved out (there is a test folder), only validation
-            assert s.split == hash_split(s.digest, 25, 0)
             assert s.split in ("train", "validation")
-    assert ds.counts()["validation"] > 0
+    assert ds.counts()["validation"] == 20 and ds.counts()["train"] == 60  # 25% of each class
 
 
 def test_val_class_not_in_train_is_an_error(tmp_path):
@@ -298,18 +297,7 @@ def test_scan_labelled_folder(tmp_path):
         scan_labelled_folder(make_dataset(tmp_path / "eval2", {"horse": 1}), ["cat", "dog"])
 
 
-# ---------------------------------------------------------------- hash split
-
-def test_hash_split_is_stable_when_images_are_added(tmp_path):
-    root = make_dataset(tmp_path / "imgs", {"cat": 30, "dog": 30})
-    before = splits_by_path(scan_dataset(root))
-    for i in range(40):
-        put(root / ("cat" if i % 2 else "dog") / f"new{i}.png")
-    put(root / "bird" / "b.jpg")  # even a new class moves nothing
-    after = splits_by_path(scan_dataset(root))
-    assert len(after) == len(before) + 41
-    assert {p: after[p] for p in before} == before
-
+# ---------------------------------------------------------------- split (more in test_split.py)
 
 def test_split_independent_of_name_and_location(tmp_path):
     content = b"the very same bytes"
@@ -336,34 +324,6 @@ def test_exact_duplicates_share_a_split_over_many_files(tmp_path):
     assert len(by_digest) == 60
     assert all(len(v) == 1 for v in by_digest.values())
     assert len({next(iter(v)) for v in by_digest.values()}) == 3  # and all three splits occur
-
-
-def test_hash_split_percentages_roughly_respected():
-    n = 2000
-    digests = [hashlib.sha256(i.to_bytes(4, "little")).hexdigest() for i in range(n)]
-    counts = Counter(hash_split(d, 10, 20) for d in digests)
-    assert abs(counts["validation"] - 0.10 * n) < 60, counts
-    assert abs(counts["test"] - 0.20 * n) < 75, counts
-    assert counts["train"] + counts["validation"] + counts["test"] == n
-    # Zero percentages mean nothing goes there; the split depends on content only.
-    assert {hash_split(d, 0, 0) for d in digests} == {"train"}
-    assert all(hash_split(d, 10, 20) == hash_split(d, 10, 20) for d in digests[:50])
-
-
-def test_hash_split_boundaries():
-    # percent = (int(digest[:12], 16) % 10000) / 100
-    assert hash_split("0" * 64, 10, 10) == "validation"  # 0.00
-    assert hash_split(f"{999:012x}" + "0" * 52, 10, 10) == "validation"  # 9.99
-    assert hash_split(f"{1000:012x}" + "0" * 52, 10, 10) == "test"  # 10.00
-    assert hash_split(f"{2000:012x}" + "0" * 52, 10, 10) == "train"  # 20.00
-    assert hash_split(f"{9999:012x}" + "0" * 52, 10, 10) == "train"  # 99.99
-
-
-def test_growing_validation_percentage_only_moves_images_out_of_train():
-    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(500)]
-    small = {d: hash_split(d, 5, 0) for d in digests}
-    big = {d: hash_split(d, 15, 0) for d in digests}
-    assert all(big[d] == "validation" for d in digests if small[d] == "validation")
 
 
 # ---------------------------------------------------------------- hostile file systems
@@ -479,8 +439,8 @@ def test_fingerprint_changes_when_content_or_split_changes(tmp_path):
 
 # ---------------------------------------------------------------- the compact sample table
 
-def old_samples(root: Path, val: float = 10, test: float = 10) -> list[tuple[Path, int, str, str]]:
-    """(path, label, hex digest, split) per image as the Sample-list scan made them: the reference."""
+def old_samples(root: Path) -> list[tuple[Path, int, str]]:
+    """(path, label, hex digest) per image as the Sample-list scan made them: the reference."""
     rows = []
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     for label, cls in enumerate(classes):
@@ -488,10 +448,7 @@ def old_samples(root: Path, val: float = 10, test: float = 10) -> list[tuple[Pat
             dirs.sort()
             for name in sorted(files):
                 path = Path(folder) / name
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                percent = (int(digest[:12], 16) % 10_000) / 100.0
-                split = "validation" if percent < val else "test" if percent < val + test else "train"
-                rows.append((path, label, digest, split))
+                rows.append((path, label, hashlib.sha256(path.read_bytes()).hexdigest()))
     return rows
 
 
@@ -522,7 +479,8 @@ def photos(tmp_path_factory) -> Path:
 
 def test_table_holds_what_the_sample_list_held(photos):
     ds = scan_dataset(photos, validation_percentage=20, testing_percentage=15)
-    reference = old_samples(photos, 20, 15)
+    # The split is split.py's (tests/test_split.py); the reference takes it from the table.
+    reference = [row + (s.split,) for row, s in zip(old_samples(photos), ds.samples)]
     assert isinstance(ds.samples, SampleTable) and len(ds.samples) == len(reference) == 304
     assert [(s.path, s.label, s.digest, s.split) for s in ds.samples] == reference
     assert ds.fingerprint() == old_fingerprint(reference, ds.classes)

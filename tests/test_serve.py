@@ -317,8 +317,8 @@ def test_train_in_background_while_serving_then_download(client, tmp_path):
 
 def test_training_progress_is_read_from_the_run_output(tmp_path):
     job = Job("j", tmp_path, steps=10)
-    job.read_line("Extracting features (lite0):  50%|█████     | 8/16 [00:01<00:01,  6.00img/s]")
-    job.read_line("\x1b[AFound 16 images in 2 classes")
+    job.read_line("Extracting features (lite0): 8/16 img (50%)")  # progress.Lines, as a piped run prints it
+    job.read_line("Found 16 images in 2 classes")
     job.read_line("retrain: error: no usable training images left for class(es): cats")
     state = job.to_dict()
     assert state["stage"] == "Extracting features (lite0)" and state["progress"] == 0.5
@@ -408,3 +408,17 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_piped_training_run_prints_progress_lines_the_server_reads(tmp_path, monkeypatch, capsys):
+    from retrain.progress import progress
+
+    monkeypatch.setenv("RETRAIN_PROGRESS", "lines")
+    monkeypatch.setenv("RETRAIN_PROGRESS_SECONDS", "0")
+    bar = progress(total=16, desc="Extracting features (lite0)", unit="img")
+    bar.update(8)
+    line = capsys.readouterr().err.strip()
+    assert "\r" not in line
+    job = Job("j", tmp_path, steps=10)
+    job.read_line(line)
+    assert job.to_dict()["stage"] == "Extracting features (lite0)" and job.to_dict()["progress"] == 0.5

@@ -20,22 +20,24 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
+from .progress import progress, say
 from . import __version__, distributed
 from .backbones import DEFAULT_BACKBONE, Backbone, export_torch_network, get_backbone
 from .decode import describe
 from .engine import check_engine, open_engine
 from .errors import UserError
-from .doctor import quick_summary
-from .evaluate import Timeline, classification_metrics
+from .doctor import class_counts, quick_summary
+from .evaluate import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
+                       verdict)
 from .features import compute_features, feature_matrices, features_of, inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
-from .config import FinetuneConfig, scratch_defaults
+from .config import Checkpoint, FinetuneConfig, scratch_defaults
 from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
-from .head import HeadConfig, logits, softmax, train_head
+from .head import OUT_OF_FOLD_MAX_ROWS, HeadConfig, logits, out_of_fold_logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
+from .split import MIN_HELD_OUT
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset, scan_labelled_folder
 
 
@@ -159,25 +161,28 @@ def usable_splits(dataset: Dataset, usable: np.ndarray, failures: dict[str, str]
 
 def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
     counts = dataset.counts()
-    per_class = np.bincount(dataset.samples.labels, minlength=len(dataset.classes))
-    log(f"Found {len(dataset.samples)} images in {len(dataset.classes)} classes "
-        f"({', '.join(f'{c}: {n}' for c, n in zip(dataset.classes, per_class))}); "
-        f"split train {counts['train']}, validation {counts['validation']}, test {counts['test']}"
-        + (" (fixed split folders)" if dataset.fixed_split else " (by content hash)"))
-    for line in quick_summary(dataset):  # counts, imbalance, exact duplicates and leaks: no decoding
+    how = "fixed split folders" if dataset.fixed_split else "stratified by class, stable as photos are added"
+    log(f"Found {len(dataset.samples)} images in {len(dataset.classes)} classes; split train {counts['train']}, "
+        f"validation {counts['validation']}, test {counts['test']} ({how})")
+    log("Per class (train/validation/test): " + ", ".join(
+        f"{c} {row['train']}/{row['validation']}/{row['test']}" for c, row in class_counts(dataset).items()))
+    if dataset.unsplit_classes:
+        log(f"Warning: too few photos to hold any out for {', '.join(dataset.unsplit_classes)} (fewer than "
+            f"{MIN_HELD_OUT}): all of them train, and how well the model knows them is not measured.")
+    for line in quick_summary(dataset):  # counts, missing or tiny splits, exact duplicates and leaks: no decoding
         log(line)
     if dataset.ignored:
         log(f"Ignored {dataset.ignored} file(s) without an image extension in the class folders.")
 
 
 def _log_for(config: TrainConfig) -> Callable[[str], None]:
-    return lambda msg: None if config.quiet else tqdm.write(msg, file=sys.stderr)
+    return lambda msg: None if config.quiet else say(msg)
 
 
 def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path,
                        stage: _Stages, log: Callable[[str], None]):
     """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)})."""
-    dataset = _scan(image_dir, config, stage, log)
+    dataset = _scan(image_dir, config, cache, stage, log)
     with stage("features"), distributed.main_first(), open_engine(config.engine, config.ray_address) as engine:
         features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
                                               batch_size=config.batch_size, workers=config.workers,
@@ -187,12 +192,13 @@ def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Bac
     return dataset, split, feature_matrices(split, features, backbone.feature_dim)
 
 
-def _scan(image_dir: str | Path, config: TrainConfig, stage: _Stages, log: Callable[[str], None]) -> Dataset:
+def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: _Stages,
+          log: Callable[[str], None]) -> Dataset:
     with stage("scan"):
         dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
                                validation_percentage=config.validation_percentage,
                                testing_percentage=config.testing_percentage, workers=config.workers + 2,
-                               quiet=config.quiet)
+                               quiet=config.quiet, split_records=cache / "splits")
         _summarize(dataset, log)
     return dataset
 
@@ -234,6 +240,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     timeline, if given, records test accuracy against training time (for `retrain compare`).
     """
     config = config or TrainConfig()
+    announce = distributed.rank0_log(log or say)  # the result lines: printed even when quiet
     log = log or _log_for(config)
     stage = _Stages()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -247,10 +254,16 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     dataset, split, layers = fitted.dataset, fitted.split, fitted.layers
     (x_va, y_va), (x_te, y_te) = fitted.x["validation"], fitted.x["test"]
     with stage("calibrate"):
-        cal = calibrate(logits(layers, x_va), y_va, logits(layers, x_te), y_te, config.unknown_threshold)
+        z_held, y_held = _held_out_logits(fitted, len(dataset.classes), config)
+        warm_head_kept = fitted.tuned is not None and fitted.tuned.best_epoch == 0
+        smoothed = (config.head if fitted.mode == "head" or warm_head_kept else
+                    config.scratch if fitted.mode == "scratch" else config.finetune).label_smoothing > 0
+        cal = calibrate(z_held, y_held, logits(layers, x_te), y_te, config.unknown_threshold, may_sharpen=smoothed,
+                        seed=config.head.seed)
     with stage("evaluate"):
         metrics, misclassified = _evaluate(layers, cal, dataset.classes, split, x_va, y_va, x_te, y_te)
-    _log_result(metrics, cal, len(y_te), log)
+    metrics["verdict"] = verdict(metrics, dataset.classes, dataset.unsplit_classes)
+    _log_result(metrics, cal, announce)
 
     provenance = {"config": config.to_dict(), "mode": fitted.mode, "image_dir": str(Path(image_dir).resolve()),
                   "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
@@ -285,7 +298,7 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
     if not split["validation"]:
         log("No validation images: early stopping watches training accuracy instead.")
     with stage("train"):
-        bar = tqdm(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
+        bar = progress(total=config.head.steps, desc="Training head", unit="step", disable=config.quiet, leave=False)
         head = train_head(*x["train"], *x["validation"], len(dataset.classes), config.head, log=log,
                           progress=bar.update)
         bar.close()
@@ -300,8 +313,9 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
     log(f"Mode {mode}: {reason}")
     with stage("finetune"):
         ft_config = replace(config.finetune, unfreeze=0) if mode == "head-live" else config.finetune
+        identity = training_identity(config, dataset, backbone)
         fitted.tuned = finetune(split["train"], split["validation"], backbone, head.layers, ft_config, log,
-                                _checkpoint_path(cache, dataset, config), config.resume,
+                                Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
                                 after_epoch=timeline.record if timeline else None, test=split["test"],
                                 quiet=config.quiet)
     fitted.mode = mode
@@ -315,13 +329,14 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
     from .scratch import check_options, train_from_scratch  # imports PyTorch
 
     check_options(config.scratch, backbone)  # before the scan: a wrong flag should not cost minutes
-    dataset = _scan(image_dir, config, stage, log)
+    dataset = _scan(image_dir, config, cache, stage, log)
     split = {name: dataset.split(name) for name in SPLITS}
+    identity = training_identity(config, dataset, backbone)
     log(f"Mode scratch: {backbone.name} has no pretrained weights, so the whole network trains from random "
         "initialisation" + (f" (--mode {config.mode} does not apply)" if config.mode != "head" else ""))
     with stage("train"):
         tuned, failures = train_from_scratch(split, backbone, len(dataset.classes), config.scratch, log,
-                                             checkpoint=_checkpoint_path(cache, dataset, config),
+                                             checkpoint=Checkpoint(_checkpoint_path(cache, identity), identity),
                                              resume=config.resume, time_budget=config.time_budget,
                                              after_epoch=timeline.record if timeline else None, quiet=config.quiet)
     split = usable_splits(dataset, ~dataset.samples.has_digest(failures), failures)
@@ -366,10 +381,25 @@ def choose_mode(config: TrainConfig, n_train: int) -> tuple[str, str]:
                     f"{budget / 60:.0f}-minute budget: training the head on cached features only")
 
 
-def _checkpoint_path(cache: Path, dataset: Dataset, config: TrainConfig) -> Path:
-    """One checkpoint per (data, settings), so --resume finds the run it continues."""
-    key = hashlib.sha256((dataset.fingerprint() + json.dumps(config.to_dict(), sort_keys=True, default=str)
-                          ).encode()).hexdigest()[:16]
+# TrainConfig fields that change where output goes, how it is logged or how fast features are
+# extracted, never the trained network: a run resumed with any of them changed continues the same run.
+NOT_TRAINING = ("val_dir", "test_dir", "cache_dir", "bottleneck_dir", "output_name", "unknown_threshold", "resume",
+                "workers", "batch_size", "engine", "ray_address", "quiet")
+NOT_TRAINING_LIVE = ("workers", "compile", "hold_images")  # FinetuneConfig fields of that kind
+
+
+def training_identity(config: TrainConfig, dataset: Dataset, backbone: Backbone) -> dict:
+    """What makes two runs the same run: the data, the backbone and the settings that shape training."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING}
+    for live in ("finetune", "scratch"):
+        settings[live] = {k: v for k, v in settings[live].items() if k not in NOT_TRAINING_LIVE}
+    return json.loads(json.dumps({"dataset_fingerprint": dataset.fingerprint(), "backbone": backbone.identity,
+                                  "settings": settings}, sort_keys=True, default=str))
+
+
+def _checkpoint_path(cache: Path, identity: dict) -> Path:
+    """One checkpoint per training identity, so the same command with --resume finds the run it continues."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "checkpoints" / f"finetune-{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -383,27 +413,49 @@ def tuned_extractor(tuned, backbone: Backbone) -> onnx.ModelProto:
         return extractor_model(onnx.load(str(path)), backbone.prep)
 
 
-def _log_result(metrics: dict, cal: Calibration, n_test: int, log: Callable[[str], None]) -> None:
-    if metrics["test_accuracy"] is None:
-        log("No test images: the final test accuracy could not be measured.")
-        return
-    log(f"Final test accuracy = {100 * metrics['test_accuracy']:.1f}% (N={n_test})")
-    if "test_ece_after" in cal.report:
-        log(f"Calibration: temperature {cal.temperature:.2f}, test expected calibration error "
-            f"{100 * cal.report['test_ece_before']:.1f}% -> {100 * cal.report['test_ece_after']:.1f}%")
+def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of photos the final model did not train on, for calibration.
+
+    Validation always; for a head on cached features also out-of-fold logits of the training
+    split, many more photos for the price of a few small heads (a fine-tuned network's would
+    need as many fine-tuning runs).
+    """
+    x_va, y_va = fitted.x["validation"]
+    z, y = logits(fitted.layers, x_va), y_va
+    x_tr, y_tr = fitted.x.get("train", (np.empty((0, 0)), np.empty(0)))
+    if fitted.mode == "head" and fitted.head and 0 < len(y_tr) <= OUT_OF_FOLD_MAX_ROWS:
+        z_tr = out_of_fold_logits(np.asarray(x_tr), y_tr, n_classes, config.head, fitted.head.best_step)
+        z, y = np.concatenate([z, z_tr]), np.concatenate([y, y_tr])
+    return z, y.astype(np.int64)
+
+
+def _log_result(metrics: dict, cal: Calibration, log: Callable[[str], None]) -> None:
+    n_val, n_test = metrics["num_validation"], metrics["test"]["num_images"] if metrics["test"] else 0
+    log(f"Final test accuracy = {describe_accuracy(metrics['test_accuracy'], n_test, 'test photos')}")
+    disagree = small_splits_disagree(metrics["validation_accuracy"], n_val, metrics["test_accuracy"], n_test)
+    if disagree:
+        log(disagree)
+    line = f"Calibration: {cal.report['why']}"
+    if cal.report["calibrated"] and "test_ece_after" in cal.report:
+        line += (f"; test expected calibration error {100 * cal.report['test_ece_before']:.1f}% -> "
+                 f"{100 * cal.report['test_ece_after']:.1f}%")
+    log(line)
 
 
 def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, classes: list[str],
               split: dict[str, SampleTable], x_va, y_va, x_te, y_te):
-    metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None}
+    metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None, "num_validation": len(y_va)}
     if len(x_va):
         metrics["validation_accuracy"] = _accuracy(layers, x_va, y_va)
+    metrics["validation_evidence"] = accuracy_evidence(metrics["validation_accuracy"], len(y_va))
+    metrics["test_evidence"] = accuracy_evidence(None, 0)
     misclassified = []
     if len(x_te):
         probs = softmax(logits(layers, x_te), cal.temperature)
         pred = probs.argmax(1)
         metrics["test"] = classification_metrics(y_te, pred, classes)
         metrics["test_accuracy"] = metrics["test"]["accuracy"]
+        metrics["test_evidence"] = accuracy_evidence(metrics["test_accuracy"], len(y_te))
         misclassified = [(str(s.path), classes[s.label], classes[p])
                          for s, p in zip(split["test"], pred) if s.label != p]
         metrics["test_predictions"] = [{"path": str(s.path), "label": int(s.label), "predicted": int(p),
@@ -423,7 +475,7 @@ def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: 
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = dataset.samples.paths
     rows, skipped = [], list(dataset.skipped)
-    bar = tqdm(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
+    bar = progress(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
     for i, probs, error in clf.probabilities_of(paths, workers=workers):
         bar.update(1)
         sample = dataset.samples[i]

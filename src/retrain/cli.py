@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .errors import UserError
 
@@ -229,7 +230,7 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     p.add_argument("--output_labels", default=str(tmp / "output_labels.txt"), help="where to write the labels")
     p.add_argument("--final_tensor_name", default="final_result", help="name of the model's probability output")
     add_training_options(p)
-    args = p.parse_args(argv)
+    args = parse_suggesting(p, argv)
     model = train(args.image_dir, config_from_args(args))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
@@ -475,13 +476,12 @@ def label_image(argv: Sequence[str]) -> int:
     p.add_argument("--min_confidence", "--min-confidence", type=_probability,
                    help="print 'unknown' first when the top probability is below this (default: the model's threshold)")
     compat = p.add_argument_group("accepted for compatibility (the model carries its own preprocessing)")
-    for flag, kind in (("--input_layer", str), ("--output_layer", str), ("--input_height", int),
-                       ("--input_width", int), ("--input_mean", float), ("--input_std", float)):
+    for flag, kind in COMPAT_FLAGS.items():
         compat.add_argument(flag, type=kind)
-    args = p.parse_args(argv)
+    args = parse_suggesting(p, argv, lenient=COMPAT_FLAGS)
     _positive("--top_k", args.top_k)
     if args.graph:
-        clf = load(model_file(args.graph), args.labels)
+        clf = load(onnx_beside(model_file(args.graph)), args.labels)
     else:
         from .files import default_cache_dir
         from .imagenet import imagenet_model_path
@@ -503,6 +503,39 @@ def label_image(argv: Sequence[str]) -> int:
     for label, score in pred.top:
         print(f"{label} {score:.6f}")
     return 0
+
+
+# label_image.py's tensor and preprocessing flags: accepted, and near-miss spellings of them too,
+# since they change nothing (the model carries its input name and its own preprocessing).
+COMPAT_FLAGS = {"--input_layer": str, "--output_layer": str, "--input_height": int, "--input_width": int,
+                "--input_mean": float, "--input_std": float}
+
+
+def parse_suggesting(p: argparse.ArgumentParser, argv: Sequence[str], lenient: Iterable[str] = ()) -> argparse.Namespace:
+    """parse_args, but a misspelt flag is one line naming the flag meant, and a near miss of a
+    `lenient` flag is read as that flag, with a note (course handouts spell `--input_layper`)."""
+    known = [flag for action in p._actions for flag in action.option_strings]
+    fixed = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            if close and close[0] in lenient:
+                print(f"Note: {name} read as {close[0]}", file=sys.stderr)
+                arg = close[0] + eq + value
+            elif close:
+                raise UserError(f"unrecognized flag {name}: did you mean {close[0]}?")
+        fixed.append(arg)
+    return p.parse_args(fixed)
+
+
+def onnx_beside(graph: Path) -> Path:
+    """retrain.py wrote output_graph.pb; a handout's .pb path that does not exist means the .onnx beside it."""
+    onnx_file = graph.with_suffix(".onnx")
+    if graph.suffix == ".pb" and not graph.exists() and onnx_file.is_file():
+        print(f"Note: {graph} does not exist; using {onnx_file} (retrain writes ONNX models)", file=sys.stderr)
+        return onnx_file
+    return graph
 
 
 def compatibility_notes(args: argparse.Namespace, clf) -> list[str]:

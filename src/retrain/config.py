@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .augment import Augment
 
@@ -29,6 +30,13 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a live-image run saves itself after every epoch, and what makes it the same run (checked on --resume)."""
+    path: Path
+    identity: dict
 
 
 def finetune_batch_size(n_train: int, gpu: bool) -> int:

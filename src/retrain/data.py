@@ -21,8 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from .progress import progress
 from . import distributed
 from .augment import Augment, Distortion, augment, draw_distortion
 from .decode import UnreadableImage, decode_all, open_rgb
@@ -116,7 +116,7 @@ class DecodedImages:
 
     def _decode(self, samples: SampleTable, prep: Preprocessing, workers: int, quiet: bool
                 ) -> tuple[np.ndarray, np.ndarray]:
-        bar = tqdm(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not samples,
+        bar = progress(total=len(samples), desc="Decoding into memory", unit="img", disable=quiet or not samples,
                    leave=False)
         x, failed = decode_all(samples.paths, prep, workers, progress=bar.update)
         bar.close()

@@ -41,6 +41,7 @@ from .backbones import DEFAULT_BACKBONE, get_backbone
 from .decode import describe
 from .features import compute_features, decoded_batches, feature_matrix
 from .files import default_cache_dir
+from .evaluate import TOO_FEW_TO_MEASURE
 from .head import HeadConfig, predict_proba, train_head
 from .preprocess import Preprocessing
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
@@ -195,12 +196,28 @@ def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
     if few:
         warnings.append(f"few images (<{MIN_IMAGES}) for {', '.join(few)}: accuracy will be unreliable; "
                         "aim for 50+ per class")
+    warnings += split_warnings(counts)
     if totals:
         big, small = max(totals, key=totals.get), min(totals, key=totals.get)
         if totals[small] and totals[big] / totals[small] >= IMBALANCE_RATIO:
             warnings.append(f"heavy imbalance: {big} has {totals[big]} images, {small} only {totals[small]} "
                             f"({totals[big] / totals[small]:.0f}x); the model will favour the big classes: "
                             "add images to the small ones")
+    return warnings
+
+
+def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
+    """Classes without validation or test photos, and held-out splits too small to measure accuracy on."""
+    warnings = []
+    for split in ("validation", "test"):
+        n = sum(per_split[split] for per_split in counts.values())
+        missing = [c for c, per_split in counts.items() if not per_split[split]]
+        if n and missing:
+            warnings.append(f"no {split} photos of {', '.join(missing)}: {split} accuracy says nothing about "
+                            f"{'them' if len(missing) > 1 else 'it'}; add photos to {'those classes' if len(missing) > 1 else 'that class'}")
+        if 0 < n < TOO_FEW_TO_MEASURE:
+            warnings.append(f"the {split} split has only {n} photos: too few to measure accuracy "
+                            f"(a 95% interval spans tens of points); aim for 50+ photos per class")
     return warnings
 
 
@@ -417,13 +434,14 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
     """Run every check on a folder of class folders (or train/ val/ test/ folders)."""
     log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
     root, timer = Path(image_dir), _Timer()
+    cache = Path(cache_dir or default_cache_dir())
     with timer("scan"):
-        dataset = scan_dataset(root, workers=workers + 2, quiet=quiet)
+        dataset = scan_dataset(root, workers=workers + 2, quiet=quiet, split_records=cache / "splits")
     with timer("headers"):
         files = [f for f in (read_header(p, root) for p in dataset.samples.paths) if f]
     net = get_backbone(backbone)
     with timer("features"):
-        features, failures = compute_features(dataset.samples, net, Path(cache_dir or default_cache_dir()),
+        features, failures = compute_features(dataset.samples, net, cache,
                                               workers=workers, quiet=quiet)
     usable = dataset.samples[features.covers(dataset.samples)]
 
@@ -562,7 +580,7 @@ def _suspect_lines(report: Report) -> list[str]:
 
 def format_text(report: Report) -> str:
     n = sum(sum(c.values()) for c in report.counts.values())
-    split = "fixed split folders" if report.fixed_split else "split by content hash"
+    split = "fixed split folders" if report.fixed_split else "split by class, stable as photos are added"
     outliers, suspects = len(report.outliers or []), len(report.suspects or [])
     out = [f"retrain doctor: {report.image_dir}",
            f"{n} images in {len(report.classes)} classes ({split}); backbone {report.backbone}", "",

@@ -1,10 +1,53 @@
-"""Evaluation metrics: accuracy, per-class precision/recall/F1 and the confusion matrix."""
+"""Evaluation metrics: accuracy with its uncertainty, per-class precision/recall/F1, the confusion matrix."""
 from __future__ import annotations
 
 import time
 from typing import Callable
 
 import numpy as np
+
+TOO_FEW_TO_MEASURE = 10  # held-out photos: below this no accuracy is claimed, only its interval
+INTERVAL_BELOW = 1000  # photos: below this every accuracy shown comes with its 95% interval (+-3 points at 1000)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sound at 0/n and n/n, where the normal one collapses."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def accuracy_evidence(accuracy: float | None, n: int) -> dict:
+    """What a shown accuracy rests on: N, its 95% interval, and whether N is enough to claim a figure."""
+    if accuracy is None or n == 0:
+        return {"accuracy": None, "n": 0, "interval": None, "measurable": False}
+    correct = round(accuracy * n)
+    return {"accuracy": accuracy, "n": n, "interval": list(wilson_interval(correct, n)),
+            "measurable": n >= TOO_FEW_TO_MEASURE}
+
+
+def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos") -> str:
+    """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none."""
+    if accuracy is None or n == 0:
+        return f"not measured: no {photos}"
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    interval = f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%"
+    if n < TOO_FEW_TO_MEASURE:
+        return f"not measurable on {n} {photos} ({round(accuracy * n)}/{n} right; {interval})"
+    if n < INTERVAL_BELOW:
+        return f"{100 * accuracy:.1f}% (N={n}, {interval})"
+    return f"{100 * accuracy:.1f}% (N={n})"
+
+
+def small_splits_disagree(val: float | None, n_val: int, test: float | None, n_test: int) -> str | None:
+    """One line when validation and test accuracy differ only because both are measured on few photos."""
+    if val is None or test is None or min(n_val, n_test) >= 50 or abs(val - test) < 0.1:
+        return None
+    return (f"Validation ({100 * val:.0f}% of {n_val}) and test ({100 * test:.0f}% of {n_test}) disagree because "
+            "both are measured on few photos: neither figure is precise; more photos per class would settle it.")
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
@@ -19,12 +62,14 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         precision = tp / predicted if predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": float(precision), "recall": float(recall),
-                           "f1": float(f1), "support": int(actual)}
+        # No photos of the class: recall and F1 are unknown, not 0 (which reads as a failing class).
+        per_class[name] = {"precision": float(precision), "recall": float(recall) if actual else None,
+                           "f1": float(f1) if actual else None, "support": int(actual)}
     present = [m for m in per_class.values() if m["support"]]
     return {
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else None,
         "num_images": int(len(y_true)),
+        "accuracy_interval": list(wilson_interval(int((y_true == y_pred).sum()), len(y_true))) if len(y_true) else None,
         "macro_f1": float(np.mean([m["f1"] for m in present])) if present else None,
         "per_class": per_class,
         "classes": list(classes),
@@ -36,9 +81,12 @@ def format_metrics(metrics: dict) -> str:
     """A plain-text table of per-class metrics and the confusion matrix."""
     classes = metrics["classes"]
     width = max(8, *(len(c) for c in classes))
-    lines = [f"Accuracy = {100 * metrics['accuracy']:.1f}% (N={metrics['num_images']})", "",
+    lines = [f"Accuracy = {describe_accuracy(metrics['accuracy'], metrics['num_images'])}", "",
              f"{'class':<{width}}  precision  recall     f1  support"]
     for name, m in metrics["per_class"].items():
+        if not m["support"]:
+            lines.append(f"{name:<{width}}  {'no photos of this class':>24}  {0:7d}")
+            continue
         lines.append(f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
     lines += ["", "Confusion matrix (rows: true class, columns: predicted):",
               " " * width + "  " + "  ".join(f"{c[:8]:>8}" for c in classes)]
@@ -63,3 +111,43 @@ class Timeline:
         accuracy = test_accuracy()
         self.points.append((now - self.start - self.excluded, float(accuracy)))
         self.excluded += time.perf_counter() - now
+
+
+def most_confused(confusion: list[list[int]], classes: list[str], top: int = 3) -> list[tuple[str, str, int]]:
+    """(true class, predicted class, photos) for the largest off-diagonal cells."""
+    cm = np.array(confusion)
+    np.fill_diagonal(cm, 0)
+    cells = [(int(cm[i, j]), i, j) for i, j in zip(*np.nonzero(cm))]
+    return [(classes[i], classes[j], n) for n, i, j in sorted(cells, key=lambda c: (-c[0], c[1], c[2]))[:top]]
+
+
+def verdict(metrics: dict, classes: list[str], unsplit_classes: list[str]) -> list[str]:
+    """The report's opening lines for a non-expert: the accuracy and what to compare it with, then what to fix."""
+    test = metrics.get("test")
+    lines = []
+    if test and test["num_images"]:
+        n, support = test["num_images"], [m["support"] for m in test["per_class"].values()]
+        largest = classes[int(np.argmax(support))]
+        baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
+                     f"{100 * max(support) / n:.0f}%")
+        if n < TOO_FEW_TO_MEASURE:
+            lines.append(f"Only {n} test photos: too few to measure accuracy "
+                         f"({describe_accuracy(test['accuracy'], n).split('(', 1)[1]}. Add photos to every class.")
+        else:
+            lines.append(f"Right on {describe_accuracy(test['accuracy'], n)} of test photos the model never "
+                         f"trained on; for comparison, {baselines}.")
+        pairs = most_confused(test["confusion_matrix"], classes)
+        if pairs:
+            lines.append("Most confused: " + "; ".join(f"{t} taken for {p} ({k} photo{'s' * (k > 1)})"
+                                                        for t, p, k in pairs) + ".")
+        missing = [c for c, m in test["per_class"].items() if not m["support"]]
+        if missing:
+            lines.append(f"No test photos of {', '.join(missing)}: how well the model knows "
+                         f"{'them' if len(missing) > 1 else 'it'} is not measured.")
+    else:
+        lines.append("No test photos: the accuracy on new photos is not measured. Add photos, or a test/ folder.")
+    if unsplit_classes:
+        lines.append(f"Too few photos to hold any out for {', '.join(unsplit_classes)}: all were used for training.")
+    disagree = small_splits_disagree(metrics.get("validation_accuracy"), metrics.get("num_validation", 0),
+                                     metrics.get("test_accuracy"), test["num_images"] if test else 0)
+    return lines + ([disagree] if disagree else [])

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 from filelock import FileLock
-from tqdm import tqdm
 
+from .progress import progress, say
 from .backbones import Backbone
 from .decode import UnreadableImage, describe, load_image
 from .files import empty_matrix
@@ -278,10 +278,10 @@ def run_model(session: ort.InferenceSession, paths: Sequence[Path], prep: Prepro
 
 def reported(batches: Iterator[Batch], paths: Sequence[Path], desc: str, quiet: bool) -> Iterator[Batch]:
     """Pass batches through, naming each unreadable file on stderr and advancing a progress bar."""
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet)
+    bar = progress(total=len(paths), desc=desc, unit="img", disable=quiet)
     for ok, outputs, failed in batches:
         for i, why in failed:
-            tqdm.write(f"Skipping {describe(paths[i])}: {why}", file=sys.stderr)
+            say(f"Skipping {describe(paths[i])}: {why}")
         yield ok, outputs, failed
         bar.update(len(ok) + len(failed))
     bar.close()

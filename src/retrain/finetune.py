@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from .progress import progress
 from . import distributed
 from .augment import Augment
-from .config import CPU_TRAIN_SIZE, FinetuneConfig, finetune_batch_size
+from .config import CPU_TRAIN_SIZE, Checkpoint, FinetuneConfig, finetune_batch_size
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
@@ -155,8 +155,27 @@ def _load_checkpoint(path: Path) -> dict:
         raise UserError(f"cannot resume from {path}: {e}") from None
 
 
+def _resumable(checkpoint: Checkpoint | None, resume: bool, log: Callable[[str], None]) -> dict | None:
+    """The saved state to continue from, if asked to resume and the checkpoint is of this very run."""
+    if not resume:
+        return None
+    if checkpoint is None or not checkpoint.path.exists():
+        log("No checkpoint of this run to resume from (same data, backbone and training settings): starting afresh.")
+        return None
+    try:
+        state = _load_checkpoint(checkpoint.path)
+    except UserError as e:
+        log(f"{e}: the checkpoint is damaged, starting afresh.")
+        return None
+    if state.get("identity") != checkpoint.identity:
+        log(f"The checkpoint {checkpoint.path} is of another run (data, backbone or training settings differ): "
+            "starting afresh.")
+        return None
+    return state
+
+
 def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
-             cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Path | None = None,
+             cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Checkpoint | None = None,
              resume: bool = False, after_epoch: EpochHook | None = None, test: SampleTable | None = None,
              quiet: bool = False) -> FinetuneResult:
     """Fine-tune `backbone` with a head initialised from `head_layers`; returns the best epoch's network."""
@@ -200,7 +219,7 @@ def _data_source(splits: dict[str, SampleTable], aug: Augment, prep: Preprocessi
 
 
 def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbone, cfg: FinetuneConfig,
-        log: Callable[[str], None], *, checkpoint: Path | None, resume: bool, warm_start: bool,
+        log: Callable[[str], None], *, checkpoint: Checkpoint | None, resume: bool, warm_start: bool,
         after_epoch: EpochHook | None = None, time_budget: float | None = None, stretch_to_budget: bool = False,
         what: str, detail: str, quiet: bool = False) -> FinetuneResult:
     """The epoch loop shared by fine-tuning and from-scratch training.
@@ -239,8 +258,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     result = FinetuneResult(features=net.features, layers=net.head_layers(), device=device.type,
                             train_size=data.train_size)
     start_epoch, best_key, best_state, stale, warm_key, warm_state = 1, None, None, 0, None, None
-    if resume and checkpoint and checkpoint.exists():
-        state = _load_checkpoint(checkpoint)
+    state = _resumable(checkpoint, resume, log)
+    if state:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -248,10 +267,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         best_key, best_state, stale = tuple(state["best_key"]), state["best_model"], int(state["stale"])
         result.best_epoch, plan["epochs"] = int(state["best_epoch"]), int(state.get("planned_epochs", cfg.epochs))
         warm_key, warm_state = (tuple(state["warm_key"]) if state["warm_key"] else None), state["warm_model"]
-        log(f"Resuming after epoch {start_epoch - 1} from {checkpoint}")
+        log(f"Resuming after epoch {start_epoch - 1} from {checkpoint.path}")
     else:
-        if resume:
-            log("No checkpoint to resume from: starting afresh.")
         # The warm start is the fallback: kept if no fine-tuned epoch beats it on validation.
         checked = validate({"epoch": 0}) if warm_start else None
         if checked:
@@ -280,7 +297,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         if time_budget and epoch == start_epoch == 1:
             _fit_schedule_to_budget(plan, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
         if checkpoint_to_write:
-            _save_checkpoint(checkpoint_to_write, {"model": net.state_dict(), "optimizer": opt.state_dict(),
+            _save_checkpoint(checkpoint_to_write.path, {"identity": checkpoint_to_write.identity,
+                                                        "model": net.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
                                           "best_key": list(best_key), "best_model": best_state, "stale": stale,
                                           "best_epoch": result.best_epoch, "warm_model": warm_state,
@@ -343,7 +361,7 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
     start, seen = time.perf_counter(), 0
     # Summed on the device: reading them every step would make the CPU wait for the GPU each time.
     correct, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
-    bar = tqdm(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step",
+    bar = progress(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step",
                leave=False, disable=quiet)
     for step, (batch, labels) in enumerate(data.train_batches(epoch)):
         x = _to_device(torch.as_tensor(batch), prep, device)

@@ -6,7 +6,7 @@ Early stopping keeps the weights with the best validation accuracy (lower loss b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -153,6 +153,19 @@ def _measured_rows(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray,
     return sample, y[keep]
 
 
+QUIET_CHECKS = 10  # without an accuracy gain, one progress line every this many validation checks
+
+
+def _kept_line(result: HeadResult, cfg: HeadConfig, watched: str, n: int) -> str:
+    """What early stopping kept and why, in one line."""
+    best = next(e for e in result.history if e["step"] == result.best_step)
+    accuracy = best.get(f"{watched}_accuracy", best["train_accuracy"])
+    ending = (f"Early stop at step {result.steps_run}: {watched} accuracy did not improve for {cfg.patience} checks"
+              if result.steps_run < cfg.steps else f"Finished {cfg.steps} steps")
+    return (f"{ending}; keeping the weights of step {result.best_step} ({watched} accuracy "
+            f"{100 * accuracy:.1f}% on {n} photos, the best seen).")
+
+
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                n_classes: int, cfg: HeadConfig, log: Callable[[str], None] = print,
                progress: Callable[[int], None] | None = None) -> HeadResult:
@@ -196,14 +209,44 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
             line += f"; Validation accuracy = {100 * val_acc:.1f}% (N={len(x_val)})"
             key = (val_acc, -val_loss)
         result.history.append(entry)
-        log(line)
-        if best_key is None or key > best_key:
+        improved = best_key is None or key > best_key
+        if best_key is None or key[0] > best_key[0] or len(result.history) % QUIET_CHECKS == 0:
+            log(line)  # a line when accuracy improves, and now and then (a lower loss alone is no news)
+        if improved:
             best_key, stale, result.best_step = key, 0, step
             result.layers = [(w.copy(), b.copy()) for w, b in layers]
         else:
             stale += 1
         result.steps_run = step
         if stale >= cfg.patience:
-            log(f"Early stop at step {step}: no validation improvement since step {result.best_step}.")
             break
+    if result.history:
+            log(_kept_line(result, cfg, watched="validation" if len(x_val) else "training", n=len(x_val) or len(x_seen)))
     return result
+
+
+OUT_OF_FOLD_MAX_ROWS = 20_000  # beyond this the validation split alone is ample evidence for calibration
+
+
+def out_of_fold_logits(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, steps: int,
+                       folds: int = 3) -> np.ndarray:
+    """Logits of each training row from a head that never saw it (k-fold, stratified by class).
+
+    Each fold's head trains for `steps` (the full head's best step) without early stopping, so
+    the k extra heads cost about k x that run's training, a second or two on a few thousand photos.
+    """
+    fold = np.empty(len(y), np.int64)
+    rng = np.random.default_rng([cfg.seed, 2])
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        fold[members] = np.arange(len(members)) % folds
+    out = np.zeros((len(y), n_classes), np.float32)
+    quiet_cfg = replace(cfg, steps=max(1, steps), eval_interval=max(1, steps))
+    none = np.empty((0, x.shape[1]), np.float32)
+    for k in range(folds):
+        held = fold == k
+        if held.all() or not held.any():
+            continue
+        head = train_head(x[~held], y[~held], none, np.empty(0, np.int64), n_classes, quiet_cfg, log=lambda m: None)
+        out[held] = logits(head.layers, x[held])
+    return out

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
+from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
 from .features import inference_session, run_model
@@ -213,7 +213,7 @@ def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os
     k = max(1, min(top_k, len(clf.labels)))
     paths = iter_images(images)  # missing inputs are reported before any file is created
     writer = RowWriter(output, k)
-    bar = tqdm(desc="Predicting", unit="img", disable=quiet)
+    bar = progress(desc="Predicting", unit="img", disable=quiet)
     try:
         for chunk in _chunks(paths, STREAM_CHUNK):
             for pred in clf.predict_paths(chunk, k, batch_size, workers, min_confidence):

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
+from .evaluate import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -174,6 +175,8 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> 
     evaluation, preds, cal = _evaluation(clf, metrics, image_dir)
     sections, pngs = [], {}
 
+    if metrics.get("verdict") and not image_dir:
+        sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in metrics["verdict"])))
     counts = metrics.get("num_images", {})
     per_class = metrics.get("class_counts") or {}
     rows = [[html.escape(c)] + [str(per_class.get(split, {}).get(c, "")) for split in ("train", "validation", "test")]
@@ -194,9 +197,10 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> 
         pngs["confusion_matrix.png"] = confusion_plot(cm, classes)
         acc = evaluation.get("accuracy")
         rows = [[html.escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+                if m["support"] else [html.escape(name), "no test photos", "", "", "0"]
                 for name, m in evaluation["per_class"].items()]
-        sections.append(("Confusion matrix", f"<p>Accuracy <b>{100 * acc:.1f}%</b> on {evaluation['num_images']} "
-                         f"{'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
+        sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(describe_accuracy(acc, evaluation['num_images']))}"
+                         f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
                          + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])))
 
@@ -210,7 +214,8 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> 
     if cal and cal.get("reliability_after"):
         pngs["reliability.png"] = reliability_plot(cal.get("reliability_before", []), cal["reliability_after"],
                                                    cal.get("test_ece_before", float("nan")), cal["test_ece_after"])
-        text = f"<p>Temperature {cal.get('temperature', 1):.3f}. Expected calibration error "
+        text = f"<p>{html.escape(cal['why'])}.</p>" if cal.get("why") else ""
+        text += f"<p>Temperature {cal.get('temperature', 1):.3f}. Expected calibration error "
         if "test_ece_before" in cal:
             text += f"{100 * cal['test_ece_before']:.1f}% before, "
         text += f"{100 * cal['test_ece_after']:.1f}% after temperature scaling.</p>"

@@ -3,8 +3,8 @@
 Layout: IMAGE_DIR/<class>/<images>; images in nested folders below a class folder belong to
 that class. Hidden files and folders (names starting with '.') are skipped. A folder holding
 train/ (or training/) with val/ and/or test/ (validation/, testing/) uses that fixed split.
-Otherwise an image's split comes from a hash of its content, as in retrain.py (which hashed
-the file name): adding images never moves existing ones, and exact duplicates share a split.
+Otherwise the split is carved per class by split.py: stratified, stable as photos are added,
+exact duplicates in one split.
 
 The samples are held as a SampleTable: NumPy columns (raw digest, label, split, path as a
 folder number and a file name in one shared bytes blob), about 70 bytes an image where a list
@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
-from tqdm import tqdm
 
+from .progress import progress
 from .errors import UserError
+from .split import assign_recorded, record_path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib",
                     ".webp", ".tif", ".tiff"}
@@ -36,7 +37,7 @@ SPLIT_DIR_NAMES = {
     "validation": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
-NO_SPLIT = -1  # while scanning: the split comes from the content hash
+NO_SPLIT = -1  # while scanning: the split is carved out of the training folder (split.py)
 
 
 @dataclass(frozen=True, slots=True)  # slots: no per-sample __dict__
@@ -137,6 +138,10 @@ class SampleTable(Sequence[Sample]):
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
+
+    def rows_of(self, mask: np.ndarray) -> np.ndarray:
+        """The column row numbers of the samples where the boolean `mask` is set."""
+        return np.flatnonzero(mask) if self.rows is None else self.rows[mask]
 
     def __add__(self, other: SampleTable) -> SampleTable:
         """Rows of both tables (e.g. validation + test): views of the same scan."""
@@ -245,6 +250,7 @@ class Dataset:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     ignored: int = 0  # non-image files seen in class folders
     fixed_split: bool = False
+    unsplit_classes: list[str] = field(default_factory=list)  # too few photos to hold any out: all train
 
     def split(self, name: str) -> SampleTable:
         return self.samples[self.samples.split_mask(name)]
@@ -349,26 +355,6 @@ def file_digest(path: Path) -> str:
     return file_sha256(path).hex()
 
 
-def split_codes(digests: np.ndarray, validation_percentage: float, testing_percentage: float) -> np.ndarray:
-    """Stable splits from content, as indices into SPLITS: the same bytes always land in the same split.
-
-    `digests` is (n, 32) uint8; the first 6 bytes, as a number, modulo 10,000 give a percentage.
-    """
-    padded = np.zeros((len(digests), 8), np.uint8)  # the first 6 bytes as a big-endian number, as
-    padded[:, 2:] = digests[:, :6]                    # int(hexdigest[:12], 16) read them
-    percent = (padded.view(">u8").ravel() % 10_000) / 100.0
-    codes = np.full(len(digests), SPLITS.index("train"), np.int8)
-    codes[percent < validation_percentage + testing_percentage] = SPLITS.index("test")
-    codes[percent < validation_percentage] = SPLITS.index("validation")
-    return codes
-
-
-def hash_split(digest: str, validation_percentage: float, testing_percentage: float) -> str:
-    """split_codes for one hex digest, as a split name."""
-    raw = np.frombuffer(bytes.fromhex(digest), np.uint8).reshape(1, 32)
-    return SPLITS[split_codes(raw, validation_percentage, testing_percentage)[0]]
-
-
 def _safe_digest(path: Path) -> bytes | OSError:
     try:
         return file_sha256(path)
@@ -383,7 +369,7 @@ def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = Fal
     to hash files one after another.
     """
     with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=total, desc="Hashing images", unit="img", leave=False,
+            progress(total=total, desc="Hashing images", unit="img", leave=False,
                  disable=quiet or total < 200) as bar:
         pending: deque = deque()
         for path in paths:
@@ -418,8 +404,13 @@ def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -
 
 def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = None,
                  test_dir: str | os.PathLike | None = None, validation_percentage: float = 10,
-                 testing_percentage: float = 10, workers: int = 4, quiet: bool = False) -> Dataset:
-    """Scan, hash and split `image_dir`; fixed splits come from split folders or val/test dirs."""
+                 testing_percentage: float = 10, workers: int = 4, quiet: bool = False,
+                 split_records: Path | None = None) -> Dataset:
+    """Scan, hash and split `image_dir`; fixed splits come from split folders or val/test dirs.
+
+    split_records: the folder of split records (see split.py) that keeps every photo's split
+    as photos are added; None splits by the rule alone.
+    """
     image_dir = Path(image_dir)
     if not 0 <= validation_percentage < 100 or not 0 <= testing_percentage < 100 \
             or validation_percentage + testing_percentage >= 100:
@@ -447,13 +438,19 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
     test_pct = 0 if fixed["test"] else testing_percentage
-    samples, skipped = _hashed_samples(rows.columns(), val_pct, test_pct, workers, quiet)
-    return Dataset(classes, samples, skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]))
+    columns = rows.columns()
+    samples, skipped = _hashed_samples(columns, workers, quiet)
+    carved = samples.splits == NO_SPLIT
+    record = split_records and record_path(split_records, train_dir, val_pct, test_pct)
+    codes, too_small = assign_recorded(samples.keys[carved], samples.labels[carved], len(classes),
+                                       val_pct, test_pct, record)
+    columns.splits[samples.rows_of(carved)] = codes
+    return Dataset(classes, samples, skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]),
+                   unsplit_classes=[classes[c] for c in too_small])
 
 
-def _hashed_samples(columns: Columns, val_pct: float, test_pct: float, workers: int,
-                    quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
-    """Fill in the digests and hash splits of walked `columns`; unreadable files are skipped, with the reason.
+def _hashed_samples(columns: Columns, workers: int, quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
+    """Fill in the digests of walked `columns`; the readable rows, and the others with the reason.
 
     Streams: digests go straight into the digest column as they arrive, and no per-image
     object is kept.
@@ -467,8 +464,6 @@ def _hashed_samples(columns: Columns, val_pct: float, test_pct: float, workers: 
             skipped.append((walked.path(i), f"cannot read: {digest.strerror or digest}"))
         else:
             columns.digests[i] = np.frombuffer(digest, np.uint8)
-    by_hash = columns.splits == NO_SPLIT
-    columns.splits[by_hash] = split_codes(columns.digests, val_pct, test_pct)[by_hash]
     return (walked if readable.all() else walked[readable]), skipped
 
 
@@ -479,5 +474,5 @@ def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers:
     ignored = _labelled_files(Path(folder), list(classes), SPLITS.index("test"), rows)
     if not len(rows):
         raise UserError(f"no images found in the class folders of {folder}")
-    samples, skipped = _hashed_samples(rows.columns(), 0, 0, workers, quiet)
+    samples, skipped = _hashed_samples(rows.columns(), workers, quiet)
     return Dataset(list(classes), samples, skipped, ignored, fixed_split=True)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .backbones import Backbone
-from .config import FinetuneConfig, scratch_batch_size, scratch_epochs
+from .config import Checkpoint, FinetuneConfig, scratch_batch_size, scratch_epochs
 from .errors import UserError
 from .data import DecodedImages
 from .finetune import EpochHook, FinetuneResult, Network, fit
@@ -89,7 +89,7 @@ def check_options(cfg: FinetuneConfig, backbone: Backbone) -> None:
 
 
 def train_from_scratch(splits: dict[str, SampleTable], backbone: Backbone, n_classes: int, cfg: FinetuneConfig,
-                       log: Callable[[str], None], *, checkpoint: Path | None = None, resume: bool = False,
+                       log: Callable[[str], None], *, checkpoint: Checkpoint | None = None, resume: bool = False,
                        time_budget: float | None = None, after_epoch: EpochHook | None = None,
                        quiet: bool = False) -> tuple[FinetuneResult, dict[str, str]]:
     """Train `backbone`'s network and a new classifier layer from random weights.

@@ -49,6 +49,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from . import __version__
 from .decode import UnreadableImage, load_image
 from .files import atomic_write_bytes
+from .progress import LINE as PROGRESS_LINE
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load
 from .scan import SPLIT_DIR_NAMES, is_hidden, is_image_name
 
@@ -398,8 +399,6 @@ class Workspace:
 # The training subprocess: `retrain train` itself, at low CPU priority so predictions come first.
 WORKER = ("import os, sys; getattr(os, 'nice', lambda n: 0)(10); "
           "from retrain.cli import retrain_main; sys.exit(retrain_main(sys.argv[1:]))")
-TQDM = re.compile(r"^(?P<stage>[^:]+):\s+\d+%\|.*\|\s*(?P<done>\d+)/(?P<total>\d+)")
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass
@@ -426,12 +425,13 @@ class Job:
                     "download": f"/jobs/{self.id}/model.zip" if self.status == "done" else None}
 
     def read_line(self, line: str) -> None:
-        """Fold one line of `retrain train`'s stderr (a tqdm update or a log line) into the state."""
-        line = ANSI.sub("", line).strip()
-        m = TQDM.match(line)
+        """Fold one line of `retrain train`'s stderr (a progress line or a log line) into the state."""
+        line = line.strip()
+        m = PROGRESS_LINE.match(line)
         with self.lock:
             if m:
-                self.stage, self.progress = m["stage"], int(m["done"]) / max(1, int(m["total"]))
+                total = int(m["total"]) if m["total"] != "?" else 0
+                self.stage, self.progress = m["stage"], int(m["done"]) / total if total else None
             elif line.startswith("retrain: error: "):
                 self.error = line.removeprefix("retrain: error: ")
             elif line:
@@ -471,8 +471,9 @@ class Trainer:
         data = self.workspace.snapshot(job.folder / "data")
         cmd = [sys.executable, "-c", WORKER, "train", str(data), "--output", str(job.folder / "model"),
                "--steps", str(steps), "--workers", "1"]
+        env = os.environ | {"RETRAIN_PROGRESS": "lines", "RETRAIN_PROGRESS_SECONDS": "0.5"}  # parsed by read_line
         job.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE)
+                                       stderr=subprocess.PIPE, env=env)
         self.jobs[job_id] = job
         threading.Thread(target=self._follow, args=(job,), name=f"train-{job_id}", daemon=True).start()
         return job
@@ -506,7 +507,7 @@ class Trainer:
             for name in (MODEL_FILE, LABELS_FILE, METRICS_FILE):
                 z.write(model / name, name)
         metrics = json.loads((model / METRICS_FILE).read_text(encoding="utf-8"))
-        keys = ("classes", "test_accuracy", "validation_accuracy", "num_images", "backbone")
+        keys = ("classes", "test_accuracy", "validation_accuracy", "num_images", "backbone", "verdict")
         return "done", {k: metrics.get(k) for k in keys}
 
     def cancel(self, job_id: str) -> Job:

@@ -124,11 +124,11 @@ function render(job) {
 }
 
 function showResult(job) {
-  const {test_accuracy: test, validation_accuracy: val, classes} = job.result;
-  const [split, acc] = test != null ? ["Test", test] : val != null ? ["Validation", val] : [null, null];
-  $("accuracy").textContent = split
-    ? `${split} accuracy ${(100 * acc).toFixed(1)}% on ${classes.join(", ")}.`
-    : `Trained on ${classes.join(", ")} (too few photos to hold out a test set).`;
+  const {verdict, classes} = job.result;
+  // The verdict carries the evidence (N, the 95% interval, or why no figure can be given).
+  $("accuracy").textContent = verdict && verdict.length
+    ? `Trained on ${classes.join(", ")}. ${verdict.join(" ")}`
+    : `Trained on ${classes.join(", ")}.`;
   $("download").href = job.download;
   $("result").hidden = false;
 }

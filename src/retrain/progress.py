@@ -1,0 +1,78 @@
+"""Progress for people and for logs: a bar on a terminal, a plain line now and then anywhere else.
+
+A bar redrawn with carriage returns turns a log file into fragments (`retrain train > log 2>&1`
+gave a "Training head: 26%" between every line and a bar glued to the final result), so bars
+are drawn only when stderr is a terminal. Elsewhere a stage says "Extracting features: 450/1877
+img (24%)" at most every LINE_SECONDS, which a person can read and a program (the web app's
+training page) can parse. RETRAIN_PROGRESS=bars|lines overrides the choice,
+RETRAIN_PROGRESS_SECONDS the interval.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from types import TracebackType
+
+from tqdm import tqdm
+
+LINE_SECONDS = 10.0
+LINE = re.compile(r"^(?P<stage>[^:]+): (?P<done>\d+)/(?P<total>\d+|\?) ")  # what a plain progress line looks like
+
+
+def bars_wanted() -> bool:
+    mode = os.environ.get("RETRAIN_PROGRESS", "auto")
+    return mode == "bars" or (mode != "lines" and sys.stderr.isatty())
+
+
+class Lines:
+    """tqdm's update/close/set_postfix, printed as a plain line at most every LINE_SECONDS."""
+
+    def __init__(self, total: int | None, desc: str, unit: str):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, 0, ""
+        self.every = float(os.environ.get("RETRAIN_PROGRESS_SECONDS", LINE_SECONDS))
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            print(f"{self.desc}: {self.n}/{self.total or '?'} {self.unit}{share}{self.postfix}", file=sys.stderr,
+                  flush=True)
+
+    def set_postfix(self, **values: str) -> None:
+        self.postfix = "; " + ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Lines:
+        return self
+
+    def __exit__(self, kind: type | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class _Off(Lines):
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def progress(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
+             leave: bool = False) -> tqdm | Lines:
+    """A progress reporter with tqdm's interface: a bar on a terminal, plain lines elsewhere, nothing if disabled."""
+    if disable:
+        return _Off(total, desc, unit)
+    if bars_wanted():
+        return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr)
+    return Lines(total, desc, unit)
+
+
+def say(message: str) -> None:
+    """A log line on stderr that does not break a progress bar being drawn."""
+    if bars_wanted():
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
