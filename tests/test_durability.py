@@ -49,8 +49,8 @@ def train_command(data: Path, out: Path, cache: Path) -> list[str]:
 
 
 def extracted_count(stderr: str) -> int | None:
-    """How many images the run had to extract, from its progress bar ('... | 0/268 [...')."""
-    totals = re.findall(r"Extracting features \(lite0\):[^|]*\|[^|]*\|\s*\d+/(\d+)", stderr)
+    """How many images the run had to extract, from its line 'Features (lite0): 32 ... cached, extracting 268'."""
+    totals = re.findall(r"Features \(lite0\): \d+ distinct images cached, extracting (\d+)", stderr)
     return int(totals[-1]) if totals else None
 
 

@@ -240,7 +240,6 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     timeline, if given, records test accuracy against training time (for `retrain compare`).
     """
     config = config or TrainConfig()
-    announce = distributed.rank0_log(log or say)  # the result lines: printed even when quiet
     log = log or _log_for(config)
     stage = _Stages()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -263,7 +262,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     with stage("evaluate"):
         metrics, misclassified = _evaluate(layers, cal, dataset.classes, split, x_va, y_va, x_te, y_te)
     metrics["verdict"] = verdict(metrics, dataset.classes, dataset.unsplit_classes)
-    _log_result(metrics, cal, announce)
+    for line in result_lines(metrics | {"calibration": cal.report}):
+        log(line)
 
     provenance = {"config": config.to_dict(), "mode": fitted.mode, "image_dir": str(Path(image_dir).resolve()),
                   "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
@@ -429,17 +429,18 @@ def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tu
     return z, y.astype(np.int64)
 
 
-def _log_result(metrics: dict, cal: Calibration, log: Callable[[str], None]) -> None:
+def result_lines(metrics: dict) -> list[str]:
+    """What a run ends with: the test accuracy with its evidence, a tiny-split caveat, what calibration did."""
     n_val, n_test = metrics["num_validation"], metrics["test"]["num_images"] if metrics["test"] else 0
-    log(f"Final test accuracy = {describe_accuracy(metrics['test_accuracy'], n_test, 'test photos')}")
+    lines = [f"Final test accuracy = {describe_accuracy(metrics['test_accuracy'], n_test, 'test photos')}"]
     disagree = small_splits_disagree(metrics["validation_accuracy"], n_val, metrics["test_accuracy"], n_test)
-    if disagree:
-        log(disagree)
-    line = f"Calibration: {cal.report['why']}"
-    if cal.report["calibrated"] and "test_ece_after" in cal.report:
-        line += (f"; test expected calibration error {100 * cal.report['test_ece_before']:.1f}% -> "
-                 f"{100 * cal.report['test_ece_after']:.1f}%")
-    log(line)
+    lines += [disagree] if disagree else []
+    cal = metrics["calibration"]
+    line = f"Calibration: {cal['why']}"
+    if cal["calibrated"] and "test_ece_after" in cal:
+        line += (f"; test expected calibration error {100 * cal['test_ece_before']:.1f}% -> "
+                 f"{100 * cal['test_ece_after']:.1f}%")
+    return lines + [line]
 
 
 def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, classes: list[str],

@@ -20,7 +20,7 @@ from .head import softmax
 
 ECE_BINS = 15
 DEFAULT_FALSE_REJECTION = 0.05  # "auto" threshold: reject about 5% of in-class validation photos
-MIN_EVIDENCE = 50  # held-out predictions needed before a temperature is fitted at all
+MIN_EVIDENCE = 100  # held-out predictions needed before a temperature is fitted at all (54 proved too few)
 CROSS_FITS = 10  # random halvings tried when deciding whether the temperature helps
 CROSS_FIT_ROWS = 10_000  # held-out rows the decision looks at, at most
 MIN_GAIN = 0.9  # kept only if the cross-fitted calibration error falls below 0.9x the uncalibrated one

@@ -204,6 +204,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _after_training(model, args: argparse.Namespace) -> None:
+    if args.quiet:  # quiet drops the narration, never the result
+        from .api import result_lines
+
+        for line in result_lines(model.metrics):
+            print(line, file=sys.stderr)
     if args.print_misclassified_test_images:
         _print_misclassified(model)
     if args.summaries_dir:

@@ -413,6 +413,9 @@ def compute_features(samples: SampleTable, backbone: Backbone, cache_dir: Path,
     todo = samples[_first_missing(keys, store.rows(keys))]
     failures: dict[str, str] = {}
     if len(todo):
+        if not quiet:
+            say(f"Features ({backbone.name}): {len(np.unique(keys)) - len(todo)} distinct images cached, "
+                f"extracting {len(todo)}")
         paths, model = todo.paths, extractor_path(backbone, cache_dir)
         batches = (engine.run(model, paths, backbone.prep, batch_size, workers) if engine
                    else run_model(inference_session(model), paths, backbone.prep, batch_size, workers))
