@@ -37,6 +37,7 @@ from .calibrate import Calibration, calibrate
 from .head import HeadConfig, logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset, scan_labelled_folder
+from .validate import check_train
 
 
 AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
@@ -76,6 +77,7 @@ class TrainConfig:
         if self.mode not in ("head", "finetune", "auto"):
             raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
         check_engine(self.engine, self.ray_address)
+        check_train(self)  # NaN, inf, negative or absurd numbers: refused before any work
 
 
 @dataclass

@@ -41,6 +41,7 @@ from .backbones import DEFAULT_BACKBONE, get_backbone
 from .decode import describe
 from .features import compute_features, decoded_batches, feature_matrix
 from .files import default_cache_dir
+from .guards import open_regular
 from .head import HeadConfig, predict_proba, train_head
 from .preprocess import Preprocessing
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
@@ -240,7 +241,7 @@ def quick_summary(dataset: Dataset) -> list[str]:
 def read_header(path: Path, root: Path | None = None) -> ImageFile | None:
     """Format, mode and size from the file header (no pixels decoded); None if it does not open."""
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:
             return ImageFile(_rel(path, root), img.format or "unknown", img.mode, img.width, img.height,
                              bool(getattr(img, "is_animated", False)))
     except Exception:  # any hostile file: the decode pass reports it with the decoder's reason

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import UserError
+from .guards import open_regular, read_failure
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib",
                     ".webp", ".tif", ".tiff"}
@@ -317,7 +318,19 @@ def class_folders(image_dir: Path) -> list[Path]:
         entries = sorted(image_dir.iterdir(), key=lambda p: p.name)
     except PermissionError:
         raise UserError(f"cannot read folder {image_dir}: permission denied") from None
-    return [p for p in entries if p.is_dir() and not is_hidden(p.name)]
+    folders = [p for p in entries if p.is_dir() and not is_hidden(p.name)]
+    for folder in folders:
+        _check_class_name(folder)
+    return folders
+
+
+def _check_class_name(folder: Path) -> None:
+    """A class name goes into labels.txt, metrics.json and the model's metadata, all UTF-8: refuse one that is not."""
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir gave undecodable bytes as surrogates
+        raise UserError(f"class folder name {os.fsencode(folder.name)!r} in {folder.parent} is not valid UTF-8: "
+                        "rename it (class names become the model's labels)") from None
 
 
 def find_split_dirs(image_dir: Path) -> dict[str, Path]:
@@ -339,7 +352,7 @@ def find_split_dirs(image_dir: Path) -> dict[str, Path]:
 
 def file_sha256(path: Path) -> bytes:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # never a pipe or a device: they would block or never end
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.digest()
@@ -464,7 +477,7 @@ def _hashed_samples(columns: Columns, val_pct: float, test_pct: float, workers: 
     for i, digest in enumerate(_hash_all(walked.paths, len(walked), workers, quiet)):
         if isinstance(digest, Exception):
             readable[i] = False
-            skipped.append((walked.path(i), f"cannot read: {digest.strerror or digest}"))
+            skipped.append((walked.path(i), read_failure(digest)))
         else:
             columns.digests[i] = np.frombuffer(digest, np.uint8)
     by_hash = columns.splits == NO_SPLIT
