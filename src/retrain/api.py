@@ -36,6 +36,7 @@ from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_pa
 from .calibrate import Calibration, calibrate
 from .head import HeadConfig, logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
+from .outputs import os_error_message, write_model_dir
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset, scan_labelled_folder
 from .validate import check_train
 
@@ -88,17 +89,27 @@ class TrainedModel:
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
 
     def save(self, output_dir: str | Path, report: bool = True) -> Path:
-        """Write model.onnx, labels.txt, metrics.json and (unless report=False) report.html into `output_dir`."""
-        out = Path(output_dir)
-        self.save_files(out / MODEL_FILE, out / LABELS_FILE)
+        """Write model.onnx, labels.txt, metrics.json and (unless report=False) report.html into `output_dir`.
+
+        All or nothing (outputs.write_model_dir): a full or read-only disk leaves the previous model whole.
+        """
+        return write_model_dir(output_dir, lambda out: self._write_into(out, report))
+
+    def _write_into(self, out: Path, report: bool) -> None:
+        self._write_files(out / MODEL_FILE, out / LABELS_FILE)
         atomic_write_json(out / METRICS_FILE, self.metrics)
         if report:
             from .report import write_report
 
             write_report(out)
-        return out
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
+        try:
+            self._write_files(graph, labels)
+        except OSError as e:  # a full, read-only or forbidden disk: one line naming the path
+            raise UserError(os_error_message(e, "write")) from None
+
+    def _write_files(self, graph: str | Path, labels: str | Path) -> None:
         atomic_write_bytes(graph, self.model.SerializeToString())
         atomic_write_text(labels, "".join(f"{c}\n" for c in self.classes))
 

@@ -33,8 +33,7 @@ def _refusal(st: os.stat_result, max_bytes: int) -> UnsafeFile | None:
     if not stat.S_ISREG(st.st_mode):
         return UnsafeFile(errno.EINVAL, "not a regular file")
     if st.st_size > max_bytes:
-        return UnsafeFile(errno.EFBIG, f"file is {st.st_size / (1 << 20):,.0f} MiB, over the "
-                                       f"{max_bytes / (1 << 20):,.0f} MiB limit for an image")
+        return UnsafeFile(errno.EFBIG, f"file is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit for an image")
     return None
 
 

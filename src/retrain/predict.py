@@ -191,6 +191,8 @@ class RowWriter:
 
     def __init__(self, path: str | os.PathLike, top_k: int):
         self.path, self.top_k, self.format = Path(path), top_k, output_format(path)
+        if self.path.is_dir():  # found now, not by the rename after every image is classified
+            raise UserError(f"--output {self.path} is a folder: give a file name ending in .csv or .jsonl")
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.partial, "w", encoding="utf-8", newline="")
