@@ -10,6 +10,7 @@ import errno
 import http.client
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -253,27 +254,32 @@ def test_diverging_cli_run_writes_no_model(photos, tiny, cache, tmp_path, capsys
     assert not (tmp_path / "m" / "model.onnx").exists()
 
 
-NUMERIC_FLAGS = {  # flag -> (kind, a value that passes)
+NUMERIC_FLAGS = {  # flag -> the type argparse converts it to
     "--learning_rate": float, "--weight_decay": float, "--validation_percentage": float,
     "--testing_percentage": float, "--how_many_training_steps": int, "--train_batch_size": int,
     "--hidden_units": int, "--eval_step_interval": int, "--seed": int, "--workers": int,
+    "--epochs": int, "--unfreeze": int, "--train_size": int, "--finetune_batch_size": int,
+    "--finetune_learning_rate": float, "--time_budget": float,
 }
-floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e-320, 1e308]))
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-320, 1e308]))
 ints = st.one_of(st.integers(-10, 10), st.integers(-2 ** 70, 2 ** 70))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(sorted(NUMERIC_FLAGS)), st.one_of(floats, ints), min_size=1, max_size=3))
 def test_fuzzed_numeric_flags_give_a_config_or_one_line_error(tmp_path, capsys, values):
-    """Any numbers on the CLI: either refused in one line naming a flag, or valid all the way to the scan."""
-    flags = []
-    for flag, value in values.items():
-        if NUMERIC_FLAGS[flag] is int and isinstance(value, float):
-            value = int(value) if np.isfinite(value) else 0
-        flags.append(f"{flag}={value!r}")  # '=': a negative value must not read as an option
+    """Any numbers on the CLI: either refused in one line naming a flag, or valid all the way to the scan
+    (the image folder is missing, so a run that gets past the numbers ends there). NaN, infinite or
+    negative values (but --unfreeze -1) must always be refused."""
+    given = {flag: (int(v) if math.isfinite(v) else 0) if NUMERIC_FLAGS[flag] is int and isinstance(v, float) else v
+             for flag, v in values.items()}
+    flags = ["--mode=auto"] + [f"{flag}={v!r}" for flag, v in given.items()]  # auto: every flag applies; '=': '-1'
     code, err = run_cli(capsys, "train", tmp_path / "no-such-folder", "--output", tmp_path / "m", *flags)
     line = assert_one_line_error(code, err)
     assert "image folder not found" in line or "must be" in line or "leave images for training" in line, line
+    if [f for f, v in given.items() if not math.isfinite(v) or v < (-1 if f == "--unfreeze" else 0)]:
+        assert "image folder not found" not in line and any(f in line for f in given), line
 
 
 # ---------------------------------------------------------------- 3. outputs never destroy user files
@@ -603,3 +609,26 @@ def test_import_idx_refuses_a_pipe_instead_of_waiting(tmp_path, capsys):
     with deadline(10):
         code, err = run_cli(capsys, "import-idx", tmp_path / "images.idx", tmp_path / "labels.idx", tmp_path / "out")
     assert_one_line_error(code, err, "cannot read IDX file", "a named pipe, not a regular file")
+
+
+def test_fine_tuning_that_diverges_stops_and_writes_no_model(photos, cache, tmp_path, monkeypatch, capsys):
+    """From-scratch and fine-tuning share one epoch loop: an epoch whose loss is NaN ends the run."""
+    import retrain.finetune as finetune_mod
+
+    real = finetune_mod._train_epoch
+    monkeypatch.setattr(finetune_mod, "_train_epoch", lambda *a, **k: real(*a, **k) | {"train_loss": float("nan")})
+    code, err = run_cli(capsys, "train", photos, "--output", tmp_path / "m", "--backbone", "scratch-small",
+                        "--epochs", "3", "--cache_dir", cache, "--quiet")
+    assert_one_line_error(code, err, "training diverged at epoch 1", "lower --finetune_learning_rate")
+    assert not (tmp_path / "m" / "model.onnx").exists()
+
+
+def test_feature_cache_on_a_read_only_disk_is_a_one_line_error(photos, tiny, tmp_path, monkeypatch, capsys):
+    import retrain.features as features_mod
+
+    def read_only(self, items):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path))
+    monkeypatch.setattr(features_mod.FeatureStore, "append", read_only)
+    code, err = run_cli(capsys, "train", photos, "--output", tmp_path / "m", "--backbone", tiny, "--quiet",
+                        "--cache_dir", tmp_path / "cache")
+    assert_one_line_error(code, err, f"cannot use {tmp_path / 'cache'}", "Read-only file system", "write elsewhere")
