@@ -12,6 +12,8 @@ from typing import Any, Callable
 import numpy as np
 from filelock import FileLock
 
+from .guards import file_sha256
+
 
 def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = None) -> np.ndarray:
     """(n, dim) float32 zeros: an ordinary array up to `max_in_memory` bytes, else an np.memmap
@@ -100,14 +102,11 @@ def _damage(path: Path, check: Callable[[Path], str | None]) -> str | None:
     except (OSError, ValueError):  # no digest yet: a cache from before digests, or a build killed between files
         problem = check(path)
         if problem is None:
-            atomic_write_text(_digest_path(path), _file_sha256(path))
+            atomic_write_text(_digest_path(path), _hex_digest(path))
         return problem
-    return None if _file_sha256(path) == expected else "its SHA-256 does not match the one recorded when it was built"
+    return None if _hex_digest(path) == expected else "its SHA-256 does not match the one recorded when it was built"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _hex_digest(path: Path) -> str:
+    return file_sha256(path, max_bytes=1 << 40).hex()  # a cached network may be far bigger than any photo
+

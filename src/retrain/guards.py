@@ -8,6 +8,7 @@ reason the scan and the decoder report as they report any unreadable file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from typing import BinaryIO
@@ -63,6 +64,15 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None = None) -> Binar
     except BaseException:
         os.close(fd)
         raise
+
+
+def file_sha256(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The SHA-256 of a regular file's bytes, read a MiB at a time (never a pipe, a device or an endless file)."""
+    h = hashlib.sha256()
+    with open_regular(path, max_bytes) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
 
 
 def read_failure(e: OSError) -> str:

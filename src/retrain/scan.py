@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import UserError
-from .guards import open_regular, read_failure
+from .guards import file_sha256, read_failure  # file_sha256: never a pipe or a device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib",
                     ".webp", ".tif", ".tiff"}
@@ -348,14 +348,6 @@ def find_split_dirs(image_dir: Path) -> dict[str, Path]:
         raise UserError(f"{image_dir} mixes split folders ({', '.join(f.name for f in found.values())}) with "
                         f"other folders ({', '.join(others)}): give the train folder's path, or move them")
     return found
-
-
-def file_sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open_regular(path) as f:  # never a pipe or a device: they would block or never end
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 def file_digest(path: Path) -> str:
