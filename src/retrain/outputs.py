@@ -88,13 +88,14 @@ def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str |
 
 
 def _probe_writable(folder: Path) -> None:
-    """Create `folder` and a scratch file in it now, so a read-only or forbidden place fails before training."""
+    """A scratch file in `folder`, or in its nearest existing parent, now: a read-only or forbidden place fails
+    before training, and a run that fails later leaves no empty folder behind."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        e.filename = e.filename or str(folder)
+        e.filename = str(folder)
         raise UserError(os_error_message(e, "write to")) from None
 
 
