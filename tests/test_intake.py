@@ -16,11 +16,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 from PIL import Image
 
 import retrain
+import retrain.decode as decode_mod
 import retrain.scan as scan_mod
 from retrain.api import TrainConfig
 from retrain.cli import retrain_main
@@ -190,14 +190,14 @@ def test_file_unreadable_for_permissions_mid_run_is_skipped(tmp_path, cache_dir,
     """chmod 000 does not stop root (test_scan covers it for other users): the open fails instead."""
     root = hostile_folder(tmp_path / "d")
     victim = new_photo(root / DOG / "잠긴 사진.jpg")
-    real_open = PIL.Image.open
+    real_open = decode_mod.open_regular  # how the decoder opens every file (the scan's hashing has its own)
 
-    def guarded_open(fp, *a, **k):
-        if isinstance(fp, (str, os.PathLike)) and Path(fp) == victim:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(fp))
-        return real_open(fp, *a, **k)
+    def guarded_open(path, *a, **k):
+        if Path(path) == victim:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *a, **k)
 
-    monkeypatch.setattr(PIL.Image, "open", guarded_open)
+    monkeypatch.setattr(decode_mod, "open_regular", guarded_open)
     model = retrain.train(root, quick(cache_dir))
     skipped = {Path(s["path"]).name: s["reason"] for s in model.metrics["skipped_files"]}
     assert skipped["잠긴 사진.jpg"] == "cannot read: Permission denied"

@@ -386,7 +386,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(model_dir, tmp_path):
         conn.endheaders()
         conn.send(body[:100])  # the request is in flight: headers and part of the body sent
         deadline = time.monotonic() + 10
-        while get_json(port, "/metrics")["predict"]["in_flight"] != 1:
+        while get_json(port, "/metrics")["receiving_bodies"] != 1:  # its body is being read
             assert time.monotonic() < deadline, "request never reached the handler"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)

@@ -38,7 +38,9 @@ from .calibrate import Calibration, calibrate
 from .head import OUT_OF_FOLD_MAX_ROWS, HeadConfig, logits, out_of_fold_logits, softmax, train_head
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
 from .split import MIN_HELD_OUT
+from .outputs import os_error_message, write_model_dir
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset, scan_labelled_folder
+from .validate import check_train
 
 
 AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
@@ -78,6 +80,7 @@ class TrainConfig:
         if self.mode not in ("head", "finetune", "auto"):
             raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
         check_engine(self.engine, self.ray_address)
+        check_train(self)  # NaN, inf, negative or absurd numbers: refused before any work
 
 
 @dataclass
@@ -88,17 +91,27 @@ class TrainedModel:
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
 
     def save(self, output_dir: str | Path, report: bool = True) -> Path:
-        """Write model.onnx, labels.txt, metrics.json and (unless report=False) report.html into `output_dir`."""
-        out = Path(output_dir)
-        self.save_files(out / MODEL_FILE, out / LABELS_FILE)
+        """Write model.onnx, labels.txt, metrics.json and (unless report=False) report.html into `output_dir`.
+
+        All or nothing (outputs.write_model_dir): a full or read-only disk leaves the previous model whole.
+        """
+        return write_model_dir(output_dir, lambda out: self._write_into(out, report))
+
+    def _write_into(self, out: Path, report: bool) -> None:
+        self._write_files(out / MODEL_FILE, out / LABELS_FILE)
         atomic_write_json(out / METRICS_FILE, self.metrics)
         if report:
             from .report import write_report
 
             write_report(out)
-        return out
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
+        try:
+            self._write_files(graph, labels)
+        except OSError as e:  # a full, read-only or forbidden disk: one line naming the path
+            raise UserError(os_error_message(e, "write")) from None
+
+    def _write_files(self, graph: str | Path, labels: str | Path) -> None:
         atomic_write_bytes(graph, self.model.SerializeToString())
         atomic_write_text(labels, "".join(f"{c}\n" for c in self.classes))
 

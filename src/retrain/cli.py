@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
+import os
 import sys
 import tempfile
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .errors import UserError
+from .outputs import check_output_dir, check_output_file, os_error_message
 
 SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare")
 
@@ -236,7 +240,10 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     p.add_argument("--final_tensor_name", default="final_result", help="name of the model's probability output")
     add_training_options(p)
     args = parse_suggesting(p, argv)
-    model = train(args.image_dir, config_from_args(args))
+    config = config_from_args(args)
+    for flag in ("output_graph", "output_labels"):  # before training: a wrong path must not cost the run
+        check_output_file(getattr(args, flag), f"--{flag}", _inputs(args))
+    model = train(args.image_dir, config)
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
     model.save_files(args.output_graph, args.output_labels)
@@ -245,10 +252,17 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     return 0
 
 
+def _inputs(args: argparse.Namespace) -> list[str | None]:
+    """The image folders a run reads: no output may be written inside them."""
+    return [args.image_dir, args.val_dir, args.test_dir]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
-    model = train(args.image_dir, config_from_args(args))
+    config = config_from_args(args)
+    check_output_dir(args.output, _inputs(args), args.overwrite)  # before training, not after it
+    model = train(args.image_dir, config)
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
     out = model.save(args.output)
@@ -384,6 +398,8 @@ def modern_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("image_dir")
     t.add_argument("--output", "-o", required=True, help="model directory to write")
+    t.add_argument("--overwrite", action="store_true",
+                   help="write into --output even if it holds files retrain did not write")
     add_training_options(t)
     t.set_defaults(run=cmd_train)
     pr = sub.add_parser("predict", help="classify images with a model", allow_abbrev=False)
@@ -560,17 +576,35 @@ def compatibility_notes(args: argparse.Namespace, clf) -> list[str]:
     return notes
 
 
+# OSErrors that a user's paths, disks or ports cause: one line, not a traceback.
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
+               errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EADDRINUSE,
+               errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE, errno.ENXIO}
+
+
+def _debug() -> bool:
+    """RETRAIN_DEBUG=1: show the traceback of a user error too (for bug reports)."""
+    return os.environ.get("RETRAIN_DEBUG", "") not in ("", "0")
+
+
 def _run(fn: Callable[[], int], prog: str) -> int:
     try:
         return fn()
     except UserError as e:
+        if _debug():
+            traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `retrain predict ... | head`
+        return 0
+    except OSError as e:
+        if e.errno not in USER_ERRNOS or _debug():
+            raise
+        print(f"{prog}: error: {os_error_message(e, 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; finished feature extraction is kept in the cache.", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `retrain predict ... | head`
-        return 0
 
 
 def retrain_main(argv: Sequence[str] | None = None) -> int:

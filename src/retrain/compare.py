@@ -23,6 +23,7 @@ from .errors import UserError
 from .evaluate import Timeline
 from .files import atomic_write_bytes, atomic_write_text, default_cache_dir
 from .graphs import extractor_path
+from .guards import open_regular
 from .scan import walk_files
 
 SMALL_IMAGE_SIDE = 48  # images at most this size (shorter side) get scratch-small, bigger ones scratch-color
@@ -55,7 +56,7 @@ def default_models(image_dir: str | Path) -> list[str]:
     sides = []
     for path in images:  # reads headers only, and no file's hash: this must not cost a scan
         try:
-            with Image.open(path) as img:
+            with open_regular(path) as f, Image.open(f) as img:
                 sides.append(min(img.size))
         except OSError:
             continue

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .augment import Augment
+from .validate import FINETUNE_RULES, check
 
 CPU_TRAIN_SIZE = 160  # fine-tuning resolution on the CPU: ~3x cheaper per image than 224
 
@@ -27,6 +28,9 @@ class FinetuneConfig:
     hold_images: bool | None = None  # decode once, distort on the device; None: on a GPU, when they fit
     workers: int = 0  # decode threads; 0: one per CPU core
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check("FinetuneConfig", self, FINETUNE_RULES)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .guards import open_regular
 
 CLASS_NAMES = {
     "fashion": ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -23,7 +24,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (MNIST format), gzip-compressed or not, into a numpy array."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open_regular(path, max_bytes=4 << 30) as f:  # not a pipe or device: they would block or never end
+            raw = f.read()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as e:

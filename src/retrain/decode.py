@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context, shared_memory
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .guards import UnsafeFile, open_regular, read_failure
 from .preprocess import Preprocessing, fit_to_square
 
 # Pixels we agree to decode after JPEG draft scaling: a 12-megapixel photo is 12e6;
@@ -25,14 +27,16 @@ class UnreadableImage(Exception):
     """The file is not an image we can decode; the message says why."""
 
 
-def _open(source: str | os.PathLike | bytes) -> Image.Image:
+def _open(source: str | os.PathLike | bytes, files: ExitStack) -> Image.Image:
+    """The image at `source`; a file opened here is closed by `files` (PIL leaves a given file open)."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise UnreadableImage("empty file (0 bytes)")
         return Image.open(io.BytesIO(source))
-    if os.path.getsize(source) == 0:
+    f = files.enter_context(open_regular(source))  # never a pipe, a device or an endless file
+    if os.fstat(f.fileno()).st_size == 0:
         raise UnreadableImage("empty file (0 bytes)")
-    return Image.open(source)
+    return Image.open(f)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -59,9 +63,9 @@ def open_rgb(source: str | os.PathLike | bytes, min_side: int) -> Image.Image:
     (draft mode) that keeps both sides >= `min_side`. Raises UnreadableImage with a reason.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ExitStack() as files:
             warnings.simplefilter("ignore")  # PIL warns on odd-but-readable files; we judge by result
-            img = _open(source)
+            img = _open(source, files)
             with img:
                 img.draft("RGB", (min_side, min_side))  # JPEG only: decode at 1/2, 1/4, 1/8 scale
                 w, h = img.size
@@ -78,8 +82,8 @@ def open_rgb(source: str | os.PathLike | bytes, min_side: int) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise UnreadableImage("not a recognised image format") from None
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:  # vanished since the scan
-        raise UnreadableImage(f"cannot read: {e.strerror or e}") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError, UnsafeFile) as e:  # vanished since the scan
+        raise UnreadableImage(read_failure(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"cannot decode: {e}") from None
     except (MemoryError, RecursionError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:

@@ -42,6 +42,7 @@ from .decode import describe
 from .features import compute_features, decoded_batches, feature_matrix
 from .files import default_cache_dir
 from .evaluate import TOO_FEW_TO_MEASURE
+from .guards import open_regular
 from .head import HeadConfig, predict_proba, train_head
 from .preprocess import Preprocessing
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
@@ -257,7 +258,7 @@ def quick_summary(dataset: Dataset) -> list[str]:
 def read_header(path: Path, root: Path | None = None) -> ImageFile | None:
     """Format, mode and size from the file header (no pixels decoded); None if it does not open."""
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:
             return ImageFile(_rel(path, root), img.format or "unknown", img.mode, img.width, img.height,
                              bool(getattr(img, "is_animated", False)))
     except Exception:  # any hostile file: the decode pass reports it with the decoder's reason

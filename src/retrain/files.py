@@ -1,13 +1,18 @@
 """Writing files so that a crash never leaves a half-written one behind; arrays that spill to disk."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+from filelock import FileLock
+
+from .guards import file_sha256
 
 
 def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = None) -> np.ndarray:
@@ -24,21 +29,29 @@ def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        e.filename = str(path)  # the file asked for (messages name it), not a temporary name
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(path)
         raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # A file name that is not UTF-8 reaches us with surrogates (os.fsdecode): written as a \udcff
+    # escape, which is what JSON spells it, instead of failing the whole write.
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -51,3 +64,49 @@ def default_cache_dir() -> Path:
         return Path(os.environ["RETRAIN_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "retrain"
+
+
+def cached_file(path: Path, build: Callable[[], bytes], check: Callable[[Path], str | None]) -> Path:
+    """`path`, built once by `build()` and verified on every later use; rebuilt, with a one-line note, if damaged.
+
+    The SHA-256 of what was written is kept beside it (PATH.sha256). A file from before that
+    existed is judged by `check` (None if sound, else why not) and then gets its digest. Without
+    this, one flipped byte in a cached backbone was a protobuf error on every run until the user
+    found and deleted the file.
+    """
+    if _damage(path, check) is None:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # one process builds; the others wait, then find it sound
+        damage = _damage(path, check)
+        if damage is None:
+            return path
+        if path.exists():
+            print(f"Note: the cached {path.name} is damaged ({damage}): rebuilding it.", file=sys.stderr)
+        data = build()
+        atomic_write_bytes(path, data)
+        atomic_write_text(_digest_path(path), hashlib.sha256(data).hexdigest())
+    return path
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _damage(path: Path, check: Callable[[Path], str | None]) -> str | None:
+    """None if `path` is sound; "missing" or why it is damaged otherwise."""
+    if not path.is_file():
+        return "missing"
+    try:
+        expected = _digest_path(path).read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):  # no digest yet: a cache from before digests, or a build killed between files
+        problem = check(path)
+        if problem is None:
+            atomic_write_text(_digest_path(path), _hex_digest(path))
+        return problem
+    return None if _hex_digest(path) == expected else "its SHA-256 does not match the one recorded when it was built"
+
+
+def _hex_digest(path: Path) -> str:
+    return file_sha256(path, max_bytes=1 << 40).hex()  # a cached network may be far bigger than any photo
+

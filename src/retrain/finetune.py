@@ -32,6 +32,7 @@ from .config import CPU_TRAIN_SIZE, Checkpoint, FinetuneConfig, finetune_batch_s
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
+from .head import Diverged
 from .preprocess import Preprocessing, normalize_torch
 from .scan import SampleTable
 
@@ -283,6 +284,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     while epoch <= plan["epochs"]:
         entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, plan["epochs"], device, backbone.prep,
                              quiet)
+        if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
+            raise Diverged(f"epoch {epoch}", cfg.learning_rate, cfg.weight_decay, "--finetune_learning_rate")
         checked = validate(entry)
         key, entry = checked if checked else ((entry["train_accuracy"], -entry["train_loss"]), entry)
         result.history.append(entry)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from filelock import FileLock
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from .backbones import Backbone
-from .files import atomic_write_bytes
+from .files import cached_file
 from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, Preprocessing, normalizer_graph
 
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
@@ -27,22 +26,28 @@ def _matching(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def extractor_path(backbone: Backbone, cache_dir: Path) -> Path:
-    """The backbone's feature extractor (uint8 NHWC image -> features) as ONNX, built once."""
+    """The backbone's feature extractor (uint8 NHWC image -> features) as ONNX, built once, verified on use."""
     path = Path(cache_dir) / "backbones" / f"{backbone.identity}.onnx"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():  # another process built it while we waited
-            return path
-        raw = path.with_suffix(f".network.{os.getpid()}.onnx")
-        try:
-            backbone.write_network(raw)
-            network = onnx.load(str(raw))
-        finally:
-            raw.unlink(missing_ok=True)
-        atomic_write_bytes(path, extractor_model(network, backbone.prep).SerializeToString())
-    return path
+    return cached_file(path, lambda: _build_extractor(backbone, path), onnx_problem)
+
+
+def _build_extractor(backbone: Backbone, path: Path) -> bytes:
+    raw = path.with_suffix(f".network.{os.getpid()}.onnx")
+    try:
+        backbone.write_network(raw)
+        network = onnx.load(str(raw))
+    finally:
+        raw.unlink(missing_ok=True)
+    return extractor_model(network, backbone.prep).SerializeToString()
+
+
+def onnx_problem(path: Path) -> str | None:
+    """None if `path` parses as an ONNX model with a graph, else why not (the check for cached models)."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError and friends
+        return f"not a valid ONNX file: {type(e).__name__}"
+    return None if len(model.graph.node) else "an ONNX file without a graph"
 
 
 def extractor_model(network: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:

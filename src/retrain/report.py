@@ -25,6 +25,7 @@ from .evaluate import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .guards import open_regular  # noqa: E402
 from .predict import METRICS_FILE, MODEL_FILE, Classifier  # noqa: E402
 
 REPORT_FILE = "report.html"
@@ -128,7 +129,9 @@ def saliency_png(image: np.ndarray, heat: np.ndarray, title: str) -> bytes:
 
 def _thumbnail(path: str, side: int = 128) -> str:
     try:
-        img = Image.open(path)
+        with open_regular(path) as f:
+            img = Image.open(f)
+            img.load()
         img.thumbnail((side, side))
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=80)

@@ -28,6 +28,7 @@ import numpy as np
 from .progress import progress
 from .errors import UserError
 from .split import assign_recorded, record_path
+from .guards import file_sha256, read_failure  # file_sha256: never a pipe or a device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib",
                     ".webp", ".tif", ".tiff"}
@@ -323,7 +324,19 @@ def class_folders(image_dir: Path) -> list[Path]:
         entries = sorted(image_dir.iterdir(), key=lambda p: p.name)
     except PermissionError:
         raise UserError(f"cannot read folder {image_dir}: permission denied") from None
-    return [p for p in entries if p.is_dir() and not is_hidden(p.name)]
+    folders = [p for p in entries if p.is_dir() and not is_hidden(p.name)]
+    for folder in folders:
+        _check_class_name(folder)
+    return folders
+
+
+def _check_class_name(folder: Path) -> None:
+    """A class name goes into labels.txt, metrics.json and the model's metadata, all UTF-8: refuse one that is not."""
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir gave undecodable bytes as surrogates
+        raise UserError(f"class folder name {os.fsencode(folder.name)!r} in {folder.parent} is not valid UTF-8: "
+                        "rename it (class names become the model's labels)") from None
 
 
 def find_split_dirs(image_dir: Path) -> dict[str, Path]:
@@ -341,14 +354,6 @@ def find_split_dirs(image_dir: Path) -> dict[str, Path]:
         raise UserError(f"{image_dir} mixes split folders ({', '.join(f.name for f in found.values())}) with "
                         f"other folders ({', '.join(others)}): give the train folder's path, or move them")
     return found
-
-
-def file_sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 def file_digest(path: Path) -> str:
@@ -461,7 +466,7 @@ def _hashed_samples(columns: Columns, workers: int, quiet: bool) -> tuple[Sample
     for i, digest in enumerate(_hash_all(walked.paths, len(walked), workers, quiet)):
         if isinstance(digest, Exception):
             readable[i] = False
-            skipped.append((walked.path(i), f"cannot read: {digest.strerror or digest}"))
+            skipped.append((walked.path(i), read_failure(digest)))
         else:
             columns.digests[i] = np.frombuffer(digest, np.uint8)
     return (walked if readable.all() else walked[readable]), skipped

@@ -9,7 +9,9 @@ Safe by default: binds 127.0.0.1 and then answers only loopback Host names and s
 writes (no DNS rebinding or cross-site uploads); request bodies over `max_upload_bytes` get 413;
 images are recognised by their bytes, never their name, and decoded under decode.py's pixel
 limit; no name from a request becomes a path except a class name that passed `class_name`;
-at most `max_queue` predict requests are admitted, the rest get 503 with Retry-After.
+at most `max_queue` predict requests are admitted, the rest get 503 with Retry-After; stalled,
+greedy and vanishing clients are handled in connections.py (header and body deadlines, a queue
+slot only once the body is complete, connections per client capped).
 """
 from __future__ import annotations
 
@@ -45,9 +47,12 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.requests import ClientDisconnect
 
 from . import __version__
+from .connections import CompleteBody, guarded_protocol
 from .decode import UnreadableImage, load_image
+from .errors import UserError
 from .files import atomic_write_bytes
 from .progress import LINE as PROGRESS_LINE
 from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load
@@ -76,6 +81,9 @@ class ServeConfig:
     max_workspace_bytes: int = 2 << 30  # training photos kept in the workspace, all classes
     jobs_kept: int = 3  # finished training runs whose model.zip stays downloadable
     workspace_parent: str | None = None  # default: the system temp folder
+    header_timeout_s: float = 10.0  # a connection's request headers must be complete within this
+    body_timeout_s: float = 30.0  # and then its body: 32 MiB in 30 s needs ~9 Mbit/s
+    max_connections_per_client: int = 64  # open connections from one client address
 
 
 class ApiError(Exception):
@@ -213,6 +221,7 @@ class Metrics:
         self.counts: dict[str, dict[str, int]] = {}
         self.latency: dict[str, deque[float]] = {}
         self.window = window
+        self.gauges = {"receiving_bodies": 0}  # requests whose body is still arriving (CompleteBody counts them)
 
     def record(self, route: str, status: int, seconds: float) -> None:
         by_status = self.counts.setdefault(route, {})
@@ -226,7 +235,7 @@ class Metrics:
             lat[route] = {"count": len(ms), "mean": round(float(ms.mean()), 2),
                           **{f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 90, 99)}}
         return {"uptime_s": round(time.time() - self.started, 1), "requests": self.counts,
-                "latency_ms": lat}
+                "latency_ms": lat} | self.gauges
 
 
 def _json_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -597,6 +606,8 @@ def create_app(model: Classifier | str | os.PathLike, config: ServeConfig | None
     _add_training_routes(app)
     _add_pages(app)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=config.max_upload_bytes)
+    app.add_middleware(CompleteBody, max_bytes=config.max_upload_bytes, timeout_s=config.body_timeout_s,
+                       gauges=metrics.gauges)
     app.add_middleware(Guard, config=config)
     app.add_middleware(Observe, metrics=metrics)  # added last: outermost, so it sees every refusal
     return app
@@ -611,6 +622,11 @@ def _add_error_handlers(app: FastAPI, config: ServeConfig) -> None:
     async def http_error(request: Request, e: StarletteHTTPException):
         message = too_large(config) if e.status_code == 413 else str(e.detail)
         return _json_response(e.status_code, message, getattr(e, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def went_away(request: Request, e: ClientDisconnect):  # nobody is listening: one line, no traceback
+        logging.getLogger("retrain.serve").info("client disconnected during %s", request.url.path)
+        return _json_response(499, "client disconnected")
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, e: Exception):  # a bug: say so in JSON, keep the traceback in the log
@@ -640,7 +656,8 @@ def _add_prediction_routes(app: FastAPI) -> None:
               summary="Classify one or several images (multipart file parts named 'files')")
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:
         state = _state(request)
-        state.gate.enter(state.config.retry_after_s)  # before the body is read: refusing is cheap
+        # The body is complete already (CompleteBody): a slow sender never holds one of the queue's slots.
+        state.gate.enter(state.config.retry_after_s)
         try:
             uploads = await read_uploads(request, state.config.max_files)
             checked = await asyncio.gather(*(state.in_threads(check_image, name, data, state.clf.prep)
@@ -742,6 +759,7 @@ def serve(model: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 
 
     clf = load(model) if model else _imagenet()
     config = config or ServeConfig()
+    check_port_free(host, port)
     if not is_loopback(host):
         config.allowed_hosts = None
         print(f"Warning: listening on {host}: anyone who can reach this machine can classify and train.",
@@ -750,8 +768,23 @@ def serve(model: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 
           f"(training page /train, API /openapi.json)", file=sys.stderr)
     # In-flight requests finish on SIGTERM; a client that never finishes cannot hold shutdown forever.
     uvicorn.run(create_app(clf, config), host=host, port=port, timeout_graceful_shutdown=30,
-                access_log=False, server_header=False)
+                access_log=False, server_header=False,
+                http=guarded_protocol(config.header_timeout_s, config.max_connections_per_client))
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A one-line error now for a port in use or an address not on this machine (uvicorn logs and exits 1)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)"
+                        ) from None
 
 
 def _url_host(host: str) -> str:

@@ -1,0 +1,135 @@
+"""Where trained models are written, checked before training so that no output destroys the user's files.
+
+`retrain train --output DIR` used to replace whatever report.html or labels.txt the user kept in DIR,
+and `--output photos/ants` wrote report PNGs into a class folder that the next run trained on. Now:
+- DIR must be new, empty, or a folder retrain wrote (it holds MARKER), unless the user says --overwrite;
+- no output may lie inside an image folder;
+- an output that is an existing file (for a folder) or a folder (for a file) is refused;
+all before any work. The model's files are written into a staging folder inside DIR and renamed
+into place only when every one is complete, so a full or read-only disk leaves the previous model
+whole and a one-line message naming the path.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import UserError
+from .files import atomic_write_json
+
+MARKER = ".retrain-output"  # a JSON note of what retrain wrote here: its presence makes the folder retrain's
+_LEGACY_METRICS = "metrics.json"  # model folders written before MARKER existed hold one with a "provenance" key
+
+
+def os_error_message(e: OSError, doing: str, what: str | os.PathLike | None = None) -> str:
+    """'cannot write PATH: No space left on device (what to do)', for the errors a user causes.
+
+    `what` names the path when the one in the error is an internal temporary name."""
+    what = what or e.filename or "?"
+    hints = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+             errno.EROFS: "the file system is read-only: write elsewhere",
+             errno.EACCES: "check the permissions or write elsewhere", errno.EPERM: "check the permissions"}
+    hint = hints.get(e.errno)
+    return f"cannot {doing} {what}: {e.strerror or e}" + (f" ({hint})" if hint else "")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _refuse_inside_inputs(path: Path, flag: str, inputs: Iterable[str | os.PathLike | None]) -> None:
+    for folder in inputs:
+        if folder and _inside(path, Path(folder)):
+            raise UserError(f"{flag} {path} is inside the image folder {folder}: the next scan would read "
+                            "the outputs as photos; write it somewhere else")
+
+
+def written_by_retrain(folder: Path) -> bool:
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        return "provenance" in json.loads((folder / _LEGACY_METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool,
+                     flag: str = "--output") -> None:
+    """Refuse, before any work, a model folder that would destroy user files or land among the photos."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is an existing file: give the path of a folder for the model")
+    _refuse_inside_inputs(out, flag, inputs)
+    if out.is_dir() and not overwrite and not written_by_retrain(out):
+        theirs = sorted(p.name for p in out.iterdir())
+        if theirs:
+            raise UserError(f"{flag} {out} already holds files retrain did not write ({', '.join(theirs[:4])}"
+                            f"{', ...' if len(theirs) > 4 else ''}): give a new or empty folder, or add --overwrite "
+                            "to replace model.onnx, labels.txt, metrics.json and report.html there")
+    _probe_writable(out)
+
+
+def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse, before any work, a file output that names a folder, sits in a file's place, or lies among the photos."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name, e.g. {path / 'output_graph.onnx'}")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    _refuse_inside_inputs(path, flag, inputs)
+    _probe_writable(path.parent)
+
+
+def _probe_writable(folder: Path) -> None:
+    """A scratch file in `folder`, or in its nearest existing parent, now: a read-only or forbidden place fails
+    before training, and a run that fails later leaves no empty folder behind."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        e.filename = str(folder)
+        raise UserError(os_error_message(e, "write to")) from None
+
+
+def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run `write(staging)` in a staging folder inside `out`, then rename every file it made into `out`.
+
+    A failure part-way (a full disk, a read-only mount) removes the staging folder and leaves the
+    previous model in `out` untouched; the UserError names the path and what to do.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".retrain-staging-", dir=out))
+    except OSError as e:
+        raise UserError(os_error_message(e, "write the model to")) from None
+    try:
+        names = _stage(staging, write, out)
+        try:
+            for name in names:  # renames within one folder: no space needed, each one atomic
+                os.replace(staging / name, out / name)
+        except OSError as e:
+            raise UserError(os_error_message(e, "move the model into", out)) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]:
+    """Every file of the model written into `staging`, MARKER last; their names, MARKER last."""
+    try:
+        write(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        atomic_write_json(staging / MARKER, {"written_by": "retrain", "files": names})
+    except OSError as e:
+        raise UserError(os_error_message(e, "write the model to", out) + "; the folder's previous contents are "
+                        "unchanged") from None
+    return [*names, MARKER]
