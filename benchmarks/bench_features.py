@@ -17,7 +17,8 @@ import numpy as np
 
 from retrain.backbones import get_backbone
 from retrain.decode import UnreadableImage, load_image
-from retrain.features import compute_features, inference_session
+from retrain.features import compute_features
+from retrain.runtime import inference_session
 from retrain.files import default_cache_dir
 from retrain.graphs import extractor_path
 from retrain.scan import scan_dataset

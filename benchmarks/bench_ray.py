@@ -44,7 +44,7 @@ def extraction(samples, backbone, store: Path, engine=None) -> float:
 
 def prediction(model: Path, folder: Path, out: Path, n: int, engine=None) -> float:
     """Images per second of predict_to_file over the folder."""
-    from retrain.predict import load, predict_to_file
+    from retrain.prediction import load, predict_to_file
 
     start = time.perf_counter()
     assert predict_to_file(load(model, engine=engine), [folder], out, top_k=3).rows == n

@@ -190,7 +190,7 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
 
     from retrain.api import release_free_heap, usable_splits
     from retrain.backbones import get_backbone
-    from retrain.doctor import quick_summary
+    from retrain.checks import quick_summary
     from retrain.features import compute_features, feature_matrices
     from retrain.graphs import classifier_model, extractor_path, model_metadata
     from retrain.head import HeadConfig, train_head
@@ -223,7 +223,7 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
 
 def predict_stage(args: argparse.Namespace, meter: StageMeter) -> None:
     """What `retrain predict MODEL FOLDER --output predictions.csv --top-k 3` does."""
-    from retrain.predict import predict_to_file
+    from retrain.prediction import predict_to_file
 
     work = Path(args.work)
     with meter("predict", args.n) as info:

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from retrain.decode import load_image
-from retrain.predict import load
+from retrain.prediction import load
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 BOUNDARY = "benchboundary"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.doctor import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, Report, diagnose, format_text
+from retrain.checks import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS
+from retrain.doctor import Report, diagnose, format_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DUPLICATES, CROSS_CLASS, LEAKS, FLIP_SHARE = 5, 3, 3, 0.05

@@ -10,9 +10,10 @@ import pytest
 
 import retrain
 from retrain import features as features_mod
+from retrain import runtime as runtime_mod
 from retrain.api import TrainConfig
 from retrain.head import HeadConfig, predict_proba
-from retrain.predict import Classifier
+from retrain.prediction import Classifier
 
 from conftest import draw_shape, make_dataset, shared_dataset
 
@@ -102,8 +103,8 @@ def test_cache_reuse_rename_and_replace(shapes, cache_dir, monkeypatch):
     # A replaced photo under the same name is recomputed, never served stale.
     draw_shape("circles", np.random.default_rng(7), 90).save(shapes / "circles" / "renamed.jpg")
     seen = []
-    real_batches = features_mod.decoded_batches
-    monkeypatch.setattr(features_mod, "decoded_batches",
+    real_batches = runtime_mod.decoded_batches
+    monkeypatch.setattr(runtime_mod, "decoded_batches",
                         lambda paths, *a, **k: seen.extend(paths) or real_batches(paths, *a, **k))
     retrain.train(shapes, quick_config(cache_dir))
     assert [p.name for p in seen] == ["renamed.jpg"]

@@ -13,7 +13,7 @@ from retrain.errors import UserError
 from retrain.graphs import extractor_path
 from retrain.head import HeadConfig
 from retrain.imagenet import imagenet_labels, imagenet_model_path
-from retrain.predict import Classifier
+from retrain.prediction import Classifier
 
 from conftest import shared_dataset
 

@@ -9,7 +9,7 @@ from retrain.api import TrainConfig
 from retrain.calibrate import auto_threshold, calibrate, fit_temperature, nll, reliability
 from retrain.cli import label_image_main
 from retrain.head import HeadConfig, softmax
-from retrain.predict import Classifier
+from retrain.prediction import Classifier
 
 from conftest import draw_shape, make_dataset
 

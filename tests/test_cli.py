@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -182,3 +181,13 @@ def test_live_image_flags_are_refused_in_head_mode(shapes, tmp_path, capsys, fla
     err = capsys.readouterr().err
     assert flags[0] in err and "--mode head trains on cached features" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_help_imports_neither_onnx_runtime_nor_torch():
+    """`retrain --help` reads its defaults from config.py; the heavy libraries load only for real work."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "retrain", "--help"], capture_output=True,
+                          text=True, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "retrain.cli" in imported and "retrain.config" in imported
+    assert not imported & {"onnx", "onnxruntime", "torch"}, imported & {"onnx", "onnxruntime", "torch"}
+    assert "usage: retrain" in done.stdout

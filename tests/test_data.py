@@ -11,7 +11,7 @@ from retrain.augment import Augment, apply_distortion, draw_distortion
 from retrain.data import DevicePhotos, distort, held_bytes
 from retrain.preprocess import Preprocessing
 from retrain.scan import scan_dataset
-from retrain.predict import Classifier
+from retrain.prediction import Classifier
 from test_finetune import assert_onnx_matches_network, config
 
 

@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 
 from retrain import doctor
 from retrain.cli import retrain_main
-from retrain.doctor import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, diagnose, format_text, quick_summary, split_warnings
+from retrain.checks import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, quick_summary, split_warnings
+from retrain.doctor import diagnose, format_text
 from retrain.scan import scan_dataset
 
 from conftest import draw_shape, shared_dataset

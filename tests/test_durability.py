@@ -20,7 +20,7 @@ import pytest
 
 import retrain
 from retrain.backbones import get_backbone
-from retrain.features import STORE_FILE, FeatureStore
+from retrain.store import STORE_FILE, FeatureStore
 from retrain.files import atomic_write_bytes
 from retrain.graphs import extractor_path
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain.features import STORE_FILE, FeatureStore, decoded_batches
+from retrain.runtime import decoded_batches
+from retrain.store import STORE_FILE, FeatureStore
 from retrain.preprocess import Preprocessing
 
 DIM = 16
@@ -289,7 +290,7 @@ def test_decoded_batches_no_paths(tmp_path):
 
 def test_decoded_batches_is_lazy_and_bounded(tmp_path, monkeypatch):
     # Only `prefetch` batches may be decoded ahead of the consumer.
-    import retrain.features as features
+    import retrain.runtime as features
     calls = []
 
     def fake_load(path, prep):

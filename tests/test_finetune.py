@@ -17,7 +17,7 @@ from retrain.decode import load_image
 from retrain.config import Checkpoint
 from retrain.finetune import FinetuneConfig, Network
 from retrain.head import HeadConfig, softmax
-from retrain.predict import Classifier
+from retrain.prediction import Classifier
 from retrain.preprocess import normalize_torch
 from retrain.scan import scan_dataset
 

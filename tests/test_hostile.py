@@ -38,7 +38,7 @@ from retrain.errors import UserError
 from retrain.graphs import extractor_path
 from retrain.head import Diverged, HeadConfig, train_head
 from retrain.outputs import MARKER
-from retrain.predict import load
+from retrain.prediction import load
 from retrain.scan import scan_dataset
 from retrain.serve import ServeConfig, create_app
 

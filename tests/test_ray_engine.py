@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 
 import retrain
-import retrain.features as features_mod
+import retrain.runtime as runtime_mod
 from retrain.api import TrainConfig
 from retrain.backbones import get_backbone
 from retrain.cli import retrain_main
 from retrain.engine import RayEngine
 from retrain.errors import UserError
-from retrain.features import STORE_FILE, compute_features, feature_matrix
+from retrain.features import compute_features, feature_matrix
+from retrain.store import STORE_FILE
 from retrain.head import HeadConfig
-from retrain.predict import load, predict_to_file
+from retrain.prediction import load, predict_to_file
 from retrain.scan import scan_dataset
 
 from conftest import make_dataset
@@ -71,8 +72,8 @@ def tiny(tmp_path_factory) -> Path:
 def decoded_on_rerun(monkeypatch) -> list[str]:
     """Names of the files later runs decode (spied on in this process: the local engine)."""
     seen: list[str] = []
-    real = features_mod.decoded_batches
-    monkeypatch.setattr(features_mod, "decoded_batches",
+    real = runtime_mod.decoded_batches
+    monkeypatch.setattr(runtime_mod, "decoded_batches",
                         lambda paths, *a, **k: seen.extend(p.name for p in paths) or real(paths, *a, **k))
     return seen
 
@@ -159,7 +160,7 @@ def test_engine_ray_without_ray_installed_is_one_clear_line(data, tmp_path, monk
 
 
 def test_the_local_path_never_imports_ray():
-    code = ("import sys, retrain.api, retrain.cli, retrain.engine, retrain.predict; "
+    code = ("import sys, retrain.api, retrain.cli, retrain.engine, retrain.prediction; "
             "from retrain.engine import open_engine\n"
             "with open_engine('local') as engine: assert engine is None\n"
             "print('ray' in sys.modules)")

@@ -20,19 +20,21 @@ import pytest
 
 import retrain
 import retrain.features as features_mod
+import retrain.store as store_mod
 import retrain.head as head_mod
 import retrain.scan as scan_mod
 from retrain.api import TrainConfig
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
-from retrain.features import (STORE_FILE, FeatureStore, StoreFeatures, compute_features, extract,
-                              feature_matrix, inference_session)
+from retrain.features import compute_features, feature_matrix
+from retrain.runtime import extract, inference_session
+from retrain.store import STORE_FILE, FeatureStore, StoreFeatures
 from retrain.graphs import extractor_path
 from retrain.head import HeadConfig, logits, train_head
-from retrain.predict import load, predict_to_file
+from retrain.prediction import load, predict_to_file
 from retrain.scan import Sample, SampleTable, digest_keys, scan_dataset
 
-predict_mod = importlib.import_module("retrain.predict")  # the module: `retrain.predict` is also a function
+predict_mod = importlib.import_module("retrain.prediction")
 DIM = 8
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
 
@@ -101,7 +103,7 @@ def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store
     asked = list(reference) + digests(5, "absent")
     rows = store.rows(digest_keys(asked))
     assert (rows[-5:] == -1).all() and (rows[:-5] >= 0).all()
-    monkeypatch.setattr(features_mod, "LOOKUP_BLOCK", 10)
+    monkeypatch.setattr(store_mod, "LOOKUP_BLOCK", 10)
     np.testing.assert_array_equal(store.rows(digest_keys(asked)), rows)
     np.testing.assert_array_equal(store.vectors(rows[:-5]), np.stack([reference[d] for d in asked[:-5]]))
 
@@ -150,7 +152,7 @@ def _samples(ds: list[str]) -> SampleTable:
 @pytest.mark.parametrize("max_in_memory", [1 << 30, 0])
 def test_feature_matrix_equals_stacking_the_dict(tmp_path, monkeypatch, max_in_memory):
     monkeypatch.setattr(features_mod, "MATRIX_CHUNK_ROWS", 7)  # several blocks
-    monkeypatch.setattr(features_mod, "LOOKUP_BLOCK", 3)  # lookups in blocks too
+    monkeypatch.setattr(store_mod, "LOOKUP_BLOCK", 3)  # lookups in blocks too
     ds = digests(40)
     vs = np.random.default_rng(3).standard_normal((40, DIM)).astype(np.float32)
     store = FeatureStore(tmp_path / "store", DIM)

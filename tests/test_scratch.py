@@ -17,7 +17,7 @@ from retrain.cli import retrain_main as main
 from retrain.compare import Run, comparison_table, default_models
 from retrain.config import scratch_defaults
 from retrain.errors import UserError
-from retrain.predict import Classifier
+from retrain.prediction import Classifier
 
 from conftest import draw_shape, make_dataset
 from test_finetune import assert_onnx_matches_network

@@ -23,7 +23,7 @@ import retrain
 from retrain.api import TrainConfig
 from retrain.cli import retrain_main
 from retrain.head import HeadConfig
-from retrain.predict import load
+from retrain.prediction import load
 from retrain.serve import STATIC, ApiError, Batcher, Job, ServeConfig, create_app
 
 from conftest import draw_shape, make_dataset

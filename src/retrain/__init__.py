@@ -1,6 +1,23 @@
-"""retrain: a folder of labelled photos in, an accurate ONNX image classifier out, offline."""
+"""retrain: a folder of labelled photos in, an accurate ONNX image classifier out, offline.
+
+The Python API (retrain.train, retrain.load, retrain.predict, retrain.evaluate, TrainConfig,
+HeadConfig, TrainedModel) is loaded on first use, so `retrain --help` and the modules that need
+none of it do not pay for ONNX Runtime and PyTorch.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .api import HeadConfig, TrainConfig, TrainedModel, evaluate, load, predict, train  # noqa: E402
+_API = {"train": "api", "TrainConfig": "api", "TrainedModel": "api", "evaluate": "api", "HeadConfig": "head",
+        "load": "prediction", "predict": "prediction"}
+__all__ = [*_API, "__version__"]
 
-__all__ = ["HeadConfig", "TrainConfig", "TrainedModel", "evaluate", "load", "predict", "train", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'retrain' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -10,10 +10,9 @@ import hashlib
 import json
 import platform
 import tempfile
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -23,64 +22,30 @@ import onnx
 
 from .progress import progress, say
 from . import __version__, distributed
-from .backbones import DEFAULT_BACKBONE, Backbone, export_torch_network, get_backbone
+from .backbones import Backbone, export_torch_network, get_backbone
 from .decode import describe
-from .engine import check_engine, open_engine
+from .engine import open_engine
 from .errors import UserError
-from .doctor import class_counts, quick_summary
-from .evaluate import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
+from .checks import class_counts, quick_summary
+from .evaluation import evaluate_folder as evaluate  # noqa: F401 (the API's evaluate)
+from .evaluation import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
                        verdict)
-from .features import compute_features, feature_matrices, features_of, inference_session_from
+from .features import compute_features, feature_matrices, features_of
+from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
-from .config import Checkpoint, FinetuneConfig, scratch_defaults
-from .graphs import OUTPUT_NAME, classifier_model, extractor_model, extractor_path, model_metadata
+from .config import Checkpoint, HeadConfig, TrainConfig  # noqa: F401 (HeadConfig: part of the API)
+from .graphs import classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
-from .head import OUT_OF_FOLD_MAX_ROWS, HeadConfig, logits, out_of_fold_logits, softmax, train_head
-from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load, predict
+from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, train_head
+from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE, load, predict
 from .split import MIN_HELD_OUT
 from .outputs import os_error_message, write_model_dir
-from .scan import SPLITS, Dataset, SampleTable, scan_dataset, scan_labelled_folder
-from .validate import check_train
+from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 
 
 AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
 CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
 GPU_IMAGES_PER_SECOND = 1000.0  # Lite0 at 224 px, batch 32, on an H200: 930-1,260 measured (4,470 at batch 256)
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = DEFAULT_BACKBONE
-    head: HeadConfig = field(default_factory=HeadConfig)
-    validation_percentage: float = 10.0
-    testing_percentage: float = 10.0
-    val_dir: str | None = None
-    test_dir: str | None = None
-    cache_dir: str | None = None  # backbones and (unless bottleneck_dir) features
-    bottleneck_dir: str | None = None
-    input_mean: float | None = None  # ONNX-file backbones only
-    input_std: float | None = None
-    output_name: str = OUTPUT_NAME
-    unknown_threshold: float | str | None = None  # baked into the model: a probability, "auto" or None (off)
-    mode: str = "head"  # head (cached features), finetune, or auto (decides from data size and time budget)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    scratch: FinetuneConfig = field(default_factory=scratch_defaults)  # backbones with random weights
-    time_budget: float | None = None  # seconds: --mode auto's choice, and the length of from-scratch training
-    resume: bool = False  # continue an interrupted fine-tuning run
-    workers: int = 2  # decode threads
-    batch_size: int = 32  # images per backbone call
-    engine: str = "local"  # where cached features are extracted: local (this process) or ray (a Ray cluster)
-    ray_address: str | None = None  # engine ray: the cluster to attach to (default: start or find a local one)
-    quiet: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("head", "finetune", "auto"):
-            raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
-        check_engine(self.engine, self.ray_address)
-        check_train(self)  # NaN, inf, negative or absurd numbers: refused before any work
 
 
 @dataclass
@@ -476,37 +441,6 @@ def _evaluate(layers: list[tuple[np.ndarray, np.ndarray]], cal: Calibration, cla
                                         "confidence": float(c)}
                                        for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
     return metrics, misclassified
-
-
-def evaluate(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,
-             with_predictions: bool = False) -> dict:
-    """Run the exported model over a folder of class folders and compute its metrics.
-
-    with_predictions adds `predictions`: per image its path, label, predicted index, confidence
-    and all class probabilities (for reports).
-    """
-    clf = model if isinstance(model, Classifier) else load(model)
-    dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
-    paths = dataset.samples.paths
-    rows, skipped = [], list(dataset.skipped)
-    bar = progress(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
-    for i, probs, error in clf.probabilities_of(paths, workers=workers):
-        bar.update(1)
-        sample = dataset.samples[i]
-        if error:
-            skipped.append((sample.path, error))
-            continue
-        rows.append({"path": str(sample.path), "label": sample.label, "predicted": int(probs.argmax()),
-                     "confidence": float(probs.max()), "probabilities": probs.tolist()})
-    bar.close()
-    if not rows:
-        raise UserError(f"none of the images in {image_dir} could be read")
-    metrics = classification_metrics(np.array([r["label"] for r in rows]), np.array([r["predicted"] for r in rows]),
-                                     clf.labels)
-    metrics["skipped_files"] = [{"path": str(p), "reason": why} for p, why in skipped]
-    if with_predictions:
-        metrics["predictions"] = rows
-    return metrics
 
 
 __all__ = ["TrainConfig", "TrainedModel", "HeadConfig", "train", "evaluate", "load", "predict"]

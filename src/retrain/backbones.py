@@ -19,7 +19,6 @@ import numpy as np
 from .errors import UserError
 from .preprocess import FEATURES_NAME, PIXELS_NAME, Preprocessing
 
-DEFAULT_BACKBONE = "lite0"
 ONNX_OPSET = 17
 EXPORT_VERSION = 1  # bump when the exported network changes for the same weights
 
@@ -157,7 +156,7 @@ def lite2() -> Backbone:
 # ---- From random weights: the baselines of `retrain compare` ----
 
 def _scratch(name: str) -> Backbone:
-    from .scratch import ARCHITECTURES, build_features  # imports PyTorch: only for these backbones
+    from .networks import ARCHITECTURES, build_features  # imports PyTorch: only for these backbones
 
     prep = ARCHITECTURES[name][0]
 

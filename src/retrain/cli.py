@@ -48,9 +48,9 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
-    from .api import TrainConfig
+    from .config import TrainConfig
     from .config import CPU_TRAIN_SIZE, FinetuneConfig, scratch_defaults
-    from .head import HeadConfig
+    from .config import HeadConfig
 
     t, h = TrainConfig(), HeadConfig()
     g = p.add_argument_group("model")
@@ -170,10 +170,10 @@ def _refuse_live_flags_in_head_mode(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .api import TrainConfig
+    from .config import TrainConfig
     from .augment import Augment
     from .config import FinetuneConfig, scratch_defaults
-    from .head import HeadConfig
+    from .config import HeadConfig
 
     for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers",
                  "epochs", "finetune_learning_rate", "finetune_batch_size", "time_budget"):
@@ -273,7 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import open_engine
-    from .predict import load
+    from .prediction import load
 
     _positive("--top-k", args.top_k)
     with open_engine(args.engine, args.ray_address) as engine:
@@ -281,10 +281,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace, clf) -> int:
-    from .predict import expand_images
+    from .prediction import expand_images
 
     if args.output:  # streamed: one row per image as it comes, folders walked lazily
-        from .predict import predict_to_file
+        from .prediction import predict_to_file
 
         done = predict_to_file(clf, args.images, args.output, args.top_k, args.min_confidence, quiet=False)
         print(f"Wrote {done.rows} predictions ({done.failures} unreadable) to {done.path}", file=sys.stderr)
@@ -308,7 +308,7 @@ def _predict(args: argparse.Namespace, clf) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import evaluate
-    from .evaluate import format_metrics
+    from .evaluation import format_metrics
 
     metrics = evaluate(args.model, args.image_dir)
     if args.json:
@@ -328,8 +328,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .api import TrainConfig, head_training_data
-    from .head import HeadConfig
+    from .api import head_training_data
+    from .config import HeadConfig, TrainConfig
     from .lrfind import lr_sweep, plot_sweep
 
     cfg = TrainConfig(backbone=args.backbone, cache_dir=args.cache_dir, quiet=args.quiet,
@@ -342,7 +342,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .api import TrainConfig
+    from .config import TrainConfig
     from .compare import compare, comparison_table, default_models
 
     for name in ("time_budget", "workers"):
@@ -486,7 +486,7 @@ def modern_parser() -> argparse.ArgumentParser:
 
 def label_image(argv: Sequence[str]) -> int:
     """`label_image --graph=G --labels=L --image=I`: top-5 `label score` lines, best first."""
-    from .predict import load, model_file
+    from .prediction import load, model_file
 
     p = _parser("label_image", "Classify one image with a retrained model (label_image.py-compatible flags). "
                                "Without --graph: the bundled ImageNet classifier.")

@@ -17,10 +17,11 @@ from typing import Callable
 
 from PIL import Image
 
-from .api import TrainConfig, train
+from .api import train
+from .config import TrainConfig
 from .backbones import get_backbone
 from .errors import UserError
-from .evaluate import Timeline
+from .evaluation import Timeline
 from .files import atomic_write_bytes, atomic_write_text, default_cache_dir
 from .graphs import extractor_path
 from .guards import open_regular

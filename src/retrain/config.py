@@ -1,12 +1,21 @@
-"""Training settings for live-image training, kept apart from finetune.py so that reading them does not import PyTorch."""
+"""Every training setting, with its default, in one place: the head, live-image training, the whole run.
+
+Kept apart from the stages so that reading a setting (the command line builds its parsers and
+help from these defaults) imports neither ONNX Runtime nor PyTorch. Every config checks its
+numbers where it is made (validate.py), so the API refuses what the command line refuses.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .augment import Augment
-from .validate import FINETUNE_RULES, check
+from .errors import UserError
+from .validate import FINETUNE_RULES, HEAD_RULES, check, check_engine, check_train
 
+DEFAULT_BACKBONE = "lite0"
+OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
+MODES = ("head", "finetune", "auto")
 CPU_TRAIN_SIZE = 160  # fine-tuning resolution on the CPU: ~3x cheaper per image than 224
 
 
@@ -67,3 +76,55 @@ def scratch_epochs(n_train: int) -> int:
 def scratch_batch_size(n_train: int) -> int:
     """128, but at least ~20 steps per epoch on small data (16 images per batch at the least)."""
     return max(16, min(128, n_train // 20))
+
+
+@dataclass
+class HeadConfig:
+    steps: int = 4000  # most optimisation steps; early stopping usually ends sooner
+    learning_rate: float = 0.003
+    batch_size: int = 100
+    hidden_units: int = 0  # 0: a single softmax layer
+    dropout: float = 0.2  # before the hidden layer's output layer only
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.0
+    eval_interval: int = 50  # steps between validation checks (and progress lines)
+    patience: int = 20  # validation checks without improvement before stopping
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check("HeadConfig", self, HEAD_RULES)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    head: HeadConfig = field(default_factory=HeadConfig)
+    validation_percentage: float = 10.0
+    testing_percentage: float = 10.0
+    val_dir: str | None = None
+    test_dir: str | None = None
+    cache_dir: str | None = None  # backbones and (unless bottleneck_dir) features
+    bottleneck_dir: str | None = None
+    input_mean: float | None = None  # ONNX-file backbones only
+    input_std: float | None = None
+    output_name: str = OUTPUT_NAME
+    unknown_threshold: float | str | None = None  # baked into the model: a probability, "auto" or None (off)
+    mode: str = "head"  # head (cached features), finetune, or auto (decides from data size and time budget)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    scratch: FinetuneConfig = field(default_factory=scratch_defaults)  # backbones with random weights
+    time_budget: float | None = None  # seconds: --mode auto's choice, and the length of from-scratch training
+    resume: bool = False  # continue an interrupted fine-tuning run
+    workers: int = 2  # decode threads
+    batch_size: int = 32  # images per backbone call
+    engine: str = "local"  # where cached features are extracted: local (this process) or ray (a Ray cluster)
+    ray_address: str | None = None  # engine ray: the cluster to attach to (default: start or find a local one)
+    quiet: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
+        check_engine(self.engine, self.ray_address)
+        check_train(self)  # NaN, inf, negative or absurd numbers: refused before any work

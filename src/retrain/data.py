@@ -26,7 +26,7 @@ from .progress import progress
 from . import distributed
 from .augment import Augment, Distortion, augment, draw_distortion
 from .decode import UnreadableImage, decode_all, open_rgb
-from .features import decoded_batches
+from .runtime import decoded_batches
 from .preprocess import Preprocessing
 from .scan import SampleTable
 

@@ -1,8 +1,8 @@
 """`retrain doctor`: what is wrong with a folder of labelled photos, before you train on it.
 
 Each check is one function returning plain data; `diagnose` runs them in order of cost and
-`format_text` / `Report.to_dict` present the result. The scan-only checks (`quick_summary`)
-are what `retrain train` prints.
+`format_text` / `Report.to_dict` present the result. The scan-only checks live in checks.py
+(`quick_summary` is what `retrain train` prints).
 
 | check | needs | how |
 |---|---|---|
@@ -25,7 +25,6 @@ outliers and mislabels.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from collections import Counter
@@ -37,18 +36,18 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .backbones import DEFAULT_BACKBONE, get_backbone
-from .decode import describe
-from .features import compute_features, decoded_batches, feature_matrix
+from .backbones import get_backbone
+from .config import DEFAULT_BACKBONE, HeadConfig
+from .checks import (ACROSS_SPLITS, IMBALANCE_RATIO, KINDS, MEANING, MIN_IMAGES, DuplicateGroup, Entry, entry_at,
+                     duplicate_kind, display_path, class_counts, count_warnings, exact_duplicates)
+from .features import compute_features, feature_matrix
+from .runtime import decoded_batches
 from .files import default_cache_dir
-from .evaluate import TOO_FEW_TO_MEASURE
 from .guards import open_regular
-from .head import HeadConfig, predict_proba, train_head
+from .head import predict_proba, train_head
 from .preprocess import Preprocessing
-from .scan import SPLITS, Dataset, SampleTable, scan_dataset
+from .scan import Dataset, SampleTable, scan_dataset
 
-MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable
-IMBALANCE_RATIO = 4.0  # largest class / smallest class
 TINY_SIDE = 32  # pixels, shorter side
 HUGE_PIXELS = 50_000_000  # slow to decode; over 64 MP after JPEG draft scaling they are refused
 RARE_FORMAT_SHARE = 0.05  # a format under this share of the files has its files listed
@@ -64,27 +63,11 @@ OUTLIER_RATIO = 0.6
 MIN_FOR_STATISTICS = 20  # images needed before outliers and mislabels mean anything
 FOLDS = 5
 OOF_EPOCHS = 60  # head training per fold, in passes over the training folds
-EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 BLOCK = 512  # rows per block of the pairwise computations: memory stays O(BLOCK * N)
 
-ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS = "across classes", "across splits", "within class"
-KINDS = (ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS)  # most serious first
-MEANING = {
-    ACROSS_CLASSES: "the same photo under two or more classes (it cannot be both)",
-    ACROSS_SPLITS: "the same photo in two splits (leakage: validation/test accuracy is inflated)",
-    WITHIN_CLASS: "the same photo more than once in one class (it counts double)",
-}
 
 
 # ---------------------------------------------------------------- plain data
-
-@dataclass
-class Entry:
-    """One image as the report names it."""
-    path: str  # relative to the image folder
-    label: str
-    split: str
-
 
 @dataclass
 class ImageFile:
@@ -100,13 +83,6 @@ class ImageFile:
 class Unreadable:
     path: str
     reason: str
-
-
-@dataclass
-class DuplicateGroup:
-    kind: str  # one of KINDS
-    digest: str
-    images: list[Entry]
 
 
 @dataclass
@@ -160,106 +136,13 @@ class Report:
         return asdict(self)
 
 
-def _rel(path: Path, root: Path | None) -> str:
-    if root is None:
-        return describe(path)
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:  # a --val_dir elsewhere
-        return str(path)
-
-
-def _entry(samples: SampleTable, i: int, classes: list[str], root: Path | None) -> Entry:
-    """Row i as the report names it: made only for images a check reports, not for every image."""
-    return Entry(_rel(samples.path(i), root), classes[samples.labels[i]], SPLITS[samples.splits[i]])
-
-
-def _kind(entries: list[Entry]) -> str:
-    if len({e.label for e in entries}) > 1:
-        return ACROSS_CLASSES
-    if len({e.split for e in entries}) > 1:
-        return ACROSS_SPLITS
-    return WITHIN_CLASS
-
-
-# ---------------------------------------------------------------- scan-only checks
-
-def class_counts(dataset: Dataset) -> dict[str, dict[str, int]]:
-    t, n = dataset.samples, len(SPLITS)
-    cells = np.bincount(t.labels.astype(np.int64) * n + t.splits, minlength=len(dataset.classes) * n)
-    return {c: dict(zip(SPLITS, row.tolist())) for c, row in zip(dataset.classes, cells.reshape(-1, n))}
-
-
-def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
-    totals = {c: sum(per_split.values()) for c, per_split in counts.items()}
-    warnings = []
-    few = [f"{c} ({n})" for c, n in totals.items() if n < MIN_IMAGES]
-    if few:
-        warnings.append(f"few images (<{MIN_IMAGES}) for {', '.join(few)}: accuracy will be unreliable; "
-                        "aim for 50+ per class")
-    warnings += split_warnings(counts)
-    if totals:
-        big, small = max(totals, key=totals.get), min(totals, key=totals.get)
-        if totals[small] and totals[big] / totals[small] >= IMBALANCE_RATIO:
-            warnings.append(f"heavy imbalance: {big} has {totals[big]} images, {small} only {totals[small]} "
-                            f"({totals[big] / totals[small]:.0f}x); the model will favour the big classes: "
-                            "add images to the small ones")
-    return warnings
-
-
-def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
-    """Classes without validation or test photos, and held-out splits too small to measure accuracy on."""
-    warnings = []
-    for split in ("validation", "test"):
-        n = sum(per_split[split] for per_split in counts.values())
-        missing = [c for c, per_split in counts.items() if not per_split[split]]
-        if n and missing:
-            warnings.append(f"no {split} photos of {', '.join(missing)}: {split} accuracy says nothing about "
-                            f"{'them' if len(missing) > 1 else 'it'}; add photos to {'those classes' if len(missing) > 1 else 'that class'}")
-        if 0 < n < TOO_FEW_TO_MEASURE:
-            warnings.append(f"the {split} split has only {n} photos: too few to measure accuracy "
-                            f"(a 95% interval spans tens of points); aim for 50+ photos per class")
-    return warnings
-
-
-def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[DuplicateGroup]:
-    """Groups of samples with identical bytes, most serious kind first."""
-    t = dataset.samples
-    order = np.argsort(t.keys, kind="stable")  # equal digests side by side, each run in scan order
-    ordered = t.keys[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    sizes = np.diff(np.r_[starts, len(order)])
-    groups = []
-    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-        members = order[start:start + size]
-        digest = t.digest_hex(members[0])
-        if digest != EMPTY_DIGEST:  # empty files are unreadable, not duplicates
-            entries = [_entry(t, i, dataset.classes, root) for i in members]
-            groups.append(DuplicateGroup(_kind(entries), digest, entries))
-    return sorted(groups, key=lambda g: (KINDS.index(g.kind), g.images[0].path))
-
-
-def quick_summary(dataset: Dataset) -> list[str]:
-    """The checks that need only the scan (no image is decoded), as short lines for `retrain train`."""
-    lines = [f"Warning: {w}" for w in count_warnings(class_counts(dataset))]
-    groups = exact_duplicates(dataset)
-    for kind in KINDS:
-        of_kind = [g for g in groups if g.kind == kind]
-        if of_kind:
-            example = " = ".join(e.path for e in of_kind[0].images[:2])
-            lines.append(f"Warning: {len(of_kind)} exact duplicate(s), {MEANING[kind]}; e.g. {example}")
-    if lines:
-        lines.append("Run `retrain doctor` on the folder for the full list, near-duplicates and suspected mislabels.")
-    return lines
-
-
 # ---------------------------------------------------------------- file checks
 
 def read_header(path: Path, root: Path | None = None) -> ImageFile | None:
     """Format, mode and size from the file header (no pixels decoded); None if it does not open."""
     try:
         with open_regular(path) as f, Image.open(f) as img:
-            return ImageFile(_rel(path, root), img.format or "unknown", img.mode, img.width, img.height,
+            return ImageFile(display_path(path, root), img.format or "unknown", img.mode, img.width, img.height,
                              bool(getattr(img, "is_animated", False)))
     except Exception:  # any hostile file: the decode pass reports it with the decoder's reason
         return None
@@ -280,9 +163,9 @@ def huge_images(files: list[ImageFile]) -> list[ImageFile]:
 
 def unreadable_files(dataset: Dataset, failures: dict[str, str], root: Path | None) -> list[Unreadable]:
     """Files the scan could not read, then files the decoder refused, with the reason."""
-    found = [Unreadable(_rel(p, root), why) for p, why in dataset.skipped]
+    found = [Unreadable(display_path(p, root), why) for p, why in dataset.skipped]
     t = dataset.samples
-    return found + [Unreadable(_rel(t.path(i), root), failures[t.digest_hex(i)])
+    return found + [Unreadable(display_path(t.path(i), root), failures[t.digest_hex(i)])
                     for i in np.flatnonzero(t.has_digest(failures))]
 
 
@@ -447,7 +330,7 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
     usable = dataset.samples[features.covers(dataset.samples)]
 
     def entry(i: int) -> Entry:
-        return _entry(usable, i, dataset.classes, root)
+        return entry_at(usable, i, dataset.classes, root)
     codes = np.unique(usable.keys, return_inverse=True)[1].astype(np.int64)  # content ids
     log("Checking for near-duplicates ...")
     with timer("near_duplicates"):
@@ -485,7 +368,7 @@ def _near_duplicates(usable: SampleTable, entry: Callable[[int], Entry], codes: 
     _, first = np.unique(codes, return_index=True)  # decode each distinct content once
     plain, mirrored, ok = (h[codes] for h in perceptual_hashes(usable[first].paths, workers))
     pairs = [(entry(i), entry(j), d) for i, j, d in near_duplicate_pairs(plain, mirrored, ok, codes)]
-    return [NearDuplicate(_kind([a, b]), a, b, d) for a, b, d in pairs]
+    return [NearDuplicate(duplicate_kind([a, b]), a, b, d) for a, b, d in pairs]
 
 
 def _outliers(x: np.ndarray, codes: np.ndarray, entry: Callable[[int], Entry]) -> list[Outlier]:

@@ -1,7 +1,7 @@
 """Where decoding and ONNX inference run: in this process (local, the default) or on a Ray cluster.
 
 The Ray engine (issue #8, past one machine) splits the image paths into chunks of whole batches
-and hands them, a bounded window at a time, to Ray tasks; each runs features.run_model on its
+and hands them, a bounded window at a time, to Ray tasks; each runs runtime.run_model on its
 chunk with an ONNX Runtime session kept in its worker process: the same decoding, preprocessing
 and model as a local run, on the same batch boundaries, so the numbers are bitwise the same.
 The driver gets the batches back in input order and does everything else itself (feature store
@@ -17,7 +17,6 @@ travels through Ray's object store, so the cache folder need not be shared.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -25,12 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from .errors import UserError
-from .features import Batch, inference_session, run_model
+from .validate import check_engine
+from .runtime import Batch, inference_session, run_model
 from .preprocess import Preprocessing
 
-ENGINES = ("local", "ray")
-RAY_REQUIREMENT = "ray==2.60.0"  # the pin of pyproject.toml's `ray` extra
 CHUNK_BATCHES = 8  # batches per task: amortises its ~ms of overhead, small enough to balance the load
 CALLS_PER_SLOT = 2  # chunks in flight per CPU slot: one running, one queued, so no worker waits for the driver
 
@@ -38,18 +35,7 @@ CALLS_PER_SLOT = 2  # chunks in flight per CPU slot: one running, one queued, so
 class Engine(Protocol):
     def run(self, model: Path, paths: Sequence[Path], prep: Preprocessing, batch_size: int,
             workers: int) -> Iterator[Batch]:
-        """What features.run_model yields for `paths` through the ONNX file `model`, in order."""
-
-
-def check_engine(name: str, ray_address: str | None) -> None:
-    """Refuse a bad engine choice before any work starts (scanning a big folder takes a while)."""
-    if name not in ENGINES:
-        raise UserError(f"unknown engine '{name}': choose {' or '.join(ENGINES)}")
-    if ray_address and name != "ray":
-        raise UserError("--ray_address applies to --engine ray only")
-    if name == "ray" and importlib.util.find_spec("ray") is None:  # without importing it (a second)
-        raise UserError(f"--engine ray needs Ray, which is not installed: pip install 'retrain[ray]' "
-                        f"(installs {RAY_REQUIREMENT})")
+        """What runtime.run_model yields for `paths` through the ONNX file `model`, in order."""
 
 
 @contextmanager
@@ -68,7 +54,7 @@ _SESSION: dict[str, object] = {}  # in a Ray worker process: the last model's se
 
 def _run_chunk(model: list, prep: Preprocessing, threads: int, paths: list[str], batch_size: int,
                workers: int) -> list[Batch]:
-    """A Ray task: features.run_model over one chunk of paths.
+    """A Ray task: runtime.run_model over one chunk of paths.
 
     The model comes as [ObjectRef] (nested, so Ray does not fetch it for every chunk) and its
     session is kept in the worker process, which Ray reuses for the next chunk: per-chunk cost

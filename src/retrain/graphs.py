@@ -10,10 +10,10 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from .backbones import Backbone
+from .config import OUTPUT_NAME
 from .files import cached_file
 from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, Preprocessing, normalizer_graph
 
-OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
 UNKNOWN_NAME = "unknown"  # (N,) bool: top probability below the model's unknown threshold
 
 

@@ -13,24 +13,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import empty_matrix
-from .validate import HEAD_RULES, check
-
-
-@dataclass
-class HeadConfig:
-    steps: int = 4000  # most optimisation steps; early stopping usually ends sooner
-    learning_rate: float = 0.003
-    batch_size: int = 100
-    hidden_units: int = 0  # 0: a single softmax layer
-    dropout: float = 0.2  # before the hidden layer's output layer only
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    eval_interval: int = 50  # steps between validation checks (and progress lines)
-    patience: int = 20  # validation checks without improvement before stopping
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check("HeadConfig", self, HEAD_RULES)
+from .config import HeadConfig
 
 
 class Diverged(UserError):

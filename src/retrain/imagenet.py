@@ -5,7 +5,8 @@ from pathlib import Path
 
 import onnx
 
-from .backbones import DEFAULT_BACKBONE, get_backbone
+from .backbones import get_backbone
+from .config import DEFAULT_BACKBONE
 from .files import cached_file
 from .graphs import classifier_model, extractor_path, model_metadata, onnx_problem
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .head import HeadConfig, _AdamW, _forward_backward, _init_layers, _measure
+from .config import HeadConfig
+from .head import _AdamW, _forward_backward, _init_layers, _measure
 
 
 @dataclass

@@ -21,12 +21,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
-from .evaluate import describe_accuracy  # noqa: E402
+from .evaluation import describe_accuracy, evaluate_folder  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from .guards import open_regular  # noqa: E402
-from .predict import METRICS_FILE, MODEL_FILE, Classifier  # noqa: E402
+from .prediction import METRICS_FILE, MODEL_FILE, Classifier  # noqa: E402
 
 REPORT_FILE = "report.html"
 MISTAKES_SHOWN = 12
@@ -144,9 +144,7 @@ def _evaluation(clf: Classifier, metrics: dict, image_dir: str | Path | None) ->
     """(confusion/per-class metrics, predictions with confidence, calibration report) to show."""
     if image_dir is None:
         return metrics.get("test") or {}, metrics.get("test_predictions") or [], metrics.get("calibration")
-    from .api import evaluate
-
-    evaluation = evaluate(clf, image_dir, quiet=True, with_predictions=True)
+    evaluation = evaluate_folder(clf, image_dir, quiet=True, with_predictions=True)
     preds = evaluation.pop("predictions")
     if not preds:
         return evaluation, [], None

@@ -55,7 +55,7 @@ from .decode import UnreadableImage, load_image
 from .errors import UserError
 from .files import atomic_write_bytes
 from .progress import LINE as PROGRESS_LINE
-from .predict import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load
+from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load
 from .scan import SPLIT_DIR_NAMES, is_hidden, is_image_name
 
 STATIC = Path(__file__).parent / "static"

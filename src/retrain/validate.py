@@ -7,6 +7,7 @@ its command-line flag, raised before any work is done.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -17,6 +18,8 @@ from .errors import UserError
 # 1280 features x 16,384 units x 4 bytes = 84 MB of weights, 336 MB with AdamW's two moments.
 MAX_HIDDEN_UNITS = 16_384
 MAX_SEED = 2 ** 32 - 1  # what torch, NumPy and Python's random all accept
+ENGINES = ("local", "ray")
+RAY_REQUIREMENT = "ray==2.60.0"  # the pin of pyproject.toml's `ray` extra
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,14 @@ def check_train(config: Any) -> None:
     threshold = config.unknown_threshold
     if threshold is not None and threshold != "auto" and Rule("--unknown_threshold", 0, 1).problem(threshold):
         raise UserError(f"--unknown_threshold must be a probability in [0, 1] or 'auto'; got {threshold!r}")
+
+
+def check_engine(name: str, ray_address: str | None) -> None:
+    """Refuse a bad engine choice before any work starts (scanning a big folder takes a while)."""
+    if name not in ENGINES:
+        raise UserError(f"unknown engine '{name}': choose {' or '.join(ENGINES)}")
+    if ray_address and name != "ray":
+        raise UserError("--ray_address applies to --engine ray only")
+    if name == "ray" and importlib.util.find_spec("ray") is None:  # without importing it (a second)
+        raise UserError(f"--engine ray needs Ray, which is not installed: pip install 'retrain[ray]' "
+                        f"(installs {RAY_REQUIREMENT})")

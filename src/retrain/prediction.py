@@ -14,7 +14,7 @@ import numpy as np
 from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
-from .features import inference_session, run_model
+from .runtime import inference_session, run_model
 from .guards import open_regular
 from .preprocess import INPUT_NAME, Preprocessing
 

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .errors import UserError
+from .prediction import Classifier, load
+from .progress import progress
+from .scan import scan_labelled_folder
 
 TOO_FEW_TO_MEASURE = 10  # held-out photos: below this no accuracy is claimed, only its interval
 INTERVAL_BELOW = 1000  # photos: below this every accuracy shown comes with its 95% interval (+-3 points at 1000)
@@ -151,3 +157,34 @@ def verdict(metrics: dict, classes: list[str], unsplit_classes: list[str]) -> li
     disagree = small_splits_disagree(metrics.get("validation_accuracy"), metrics.get("num_validation", 0),
                                      metrics.get("test_accuracy"), test["num_images"] if test else 0)
     return lines + ([disagree] if disagree else [])
+
+
+def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,
+                    with_predictions: bool = False) -> dict:
+    """Run the exported model over a folder of class folders and compute its metrics.
+
+    with_predictions adds `predictions`: per image its path, label, predicted index, confidence
+    and all class probabilities (for reports).
+    """
+    clf = model if isinstance(model, Classifier) else load(model)
+    dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
+    paths = dataset.samples.paths
+    rows, skipped = [], list(dataset.skipped)
+    bar = progress(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
+    for i, probs, error in clf.probabilities_of(paths, workers=workers):
+        bar.update(1)
+        sample = dataset.samples[i]
+        if error:
+            skipped.append((sample.path, error))
+            continue
+        rows.append({"path": str(sample.path), "label": sample.label, "predicted": int(probs.argmax()),
+                     "confidence": float(probs.max()), "probabilities": probs.tolist()})
+    bar.close()
+    if not rows:
+        raise UserError(f"none of the images in {image_dir} could be read")
+    metrics = classification_metrics(np.array([r["label"] for r in rows]), np.array([r["predicted"] for r in rows]),
+                                     clf.labels)
+    metrics["skipped_files"] = [{"path": str(p), "reason": why} for p, why in skipped]
+    if with_predictions:
+        metrics["predictions"] = rows
+    return metrics

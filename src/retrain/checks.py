@@ -1,0 +1,134 @@
+"""Checks that need only the scan (no image decoded): counts, missing or tiny splits, exact duplicates.
+
+`retrain train` prints them before it extracts anything; `retrain doctor` (doctor.py) adds the
+checks that decode images or need features.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .decode import describe
+from .evaluation import TOO_FEW_TO_MEASURE
+from .scan import SPLITS, Dataset, SampleTable
+
+MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable
+IMBALANCE_RATIO = 4.0  # largest class / smallest class
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS = "across classes", "across splits", "within class"
+KINDS = (ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS)  # most serious first
+MEANING = {
+    ACROSS_CLASSES: "the same photo under two or more classes (it cannot be both)",
+    ACROSS_SPLITS: "the same photo in two splits (leakage: validation/test accuracy is inflated)",
+    WITHIN_CLASS: "the same photo more than once in one class (it counts double)",
+}
+
+
+
+@dataclass
+class Entry:
+    """One image as the report names it."""
+    path: str  # relative to the image folder
+    label: str
+    split: str
+
+
+@dataclass
+class DuplicateGroup:
+    kind: str  # one of KINDS
+    digest: str
+    images: list[Entry]
+
+
+def display_path(path: Path, root: Path | None) -> str:
+    if root is None:
+        return describe(path)
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # a --val_dir elsewhere
+        return str(path)
+
+
+def entry_at(samples: SampleTable, i: int, classes: list[str], root: Path | None) -> Entry:
+    """Row i as the report names it: made only for images a check reports, not for every image."""
+    return Entry(display_path(samples.path(i), root), classes[samples.labels[i]], SPLITS[samples.splits[i]])
+
+
+def duplicate_kind(entries: list[Entry]) -> str:
+    if len({e.label for e in entries}) > 1:
+        return ACROSS_CLASSES
+    if len({e.split for e in entries}) > 1:
+        return ACROSS_SPLITS
+    return WITHIN_CLASS
+
+
+def class_counts(dataset: Dataset) -> dict[str, dict[str, int]]:
+    t, n = dataset.samples, len(SPLITS)
+    cells = np.bincount(t.labels.astype(np.int64) * n + t.splits, minlength=len(dataset.classes) * n)
+    return {c: dict(zip(SPLITS, row.tolist())) for c, row in zip(dataset.classes, cells.reshape(-1, n))}
+
+
+def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
+    totals = {c: sum(per_split.values()) for c, per_split in counts.items()}
+    warnings = []
+    few = [f"{c} ({n})" for c, n in totals.items() if n < MIN_IMAGES]
+    if few:
+        warnings.append(f"few images (<{MIN_IMAGES}) for {', '.join(few)}: accuracy will be unreliable; "
+                        "aim for 50+ per class")
+    warnings += split_warnings(counts)
+    if totals:
+        big, small = max(totals, key=totals.get), min(totals, key=totals.get)
+        if totals[small] and totals[big] / totals[small] >= IMBALANCE_RATIO:
+            warnings.append(f"heavy imbalance: {big} has {totals[big]} images, {small} only {totals[small]} "
+                            f"({totals[big] / totals[small]:.0f}x); the model will favour the big classes: "
+                            "add images to the small ones")
+    return warnings
+
+
+def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
+    """Classes without validation or test photos, and held-out splits too small to measure accuracy on."""
+    warnings = []
+    for split in ("validation", "test"):
+        n = sum(per_split[split] for per_split in counts.values())
+        missing = [c for c, per_split in counts.items() if not per_split[split]]
+        if n and missing:
+            warnings.append(f"no {split} photos of {', '.join(missing)}: {split} accuracy says nothing about "
+                            f"{'them' if len(missing) > 1 else 'it'}; add photos to {'those classes' if len(missing) > 1 else 'that class'}")
+        if 0 < n < TOO_FEW_TO_MEASURE:
+            warnings.append(f"the {split} split has only {n} photos: too few to measure accuracy "
+                            f"(a 95% interval spans tens of points); aim for 50+ photos per class")
+    return warnings
+
+
+def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[DuplicateGroup]:
+    """Groups of samples with identical bytes, most serious kind first."""
+    t = dataset.samples
+    order = np.argsort(t.keys, kind="stable")  # equal digests side by side, each run in scan order
+    ordered = t.keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    groups = []
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = order[start:start + size]
+        digest = t.digest_hex(members[0])
+        if digest != EMPTY_DIGEST:  # empty files are unreadable, not duplicates
+            entries = [entry_at(t, i, dataset.classes, root) for i in members]
+            groups.append(DuplicateGroup(duplicate_kind(entries), digest, entries))
+    return sorted(groups, key=lambda g: (KINDS.index(g.kind), g.images[0].path))
+
+
+def quick_summary(dataset: Dataset) -> list[str]:
+    """The checks that need only the scan (no image is decoded), as short lines for `retrain train`."""
+    lines = [f"Warning: {w}" for w in count_warnings(class_counts(dataset))]
+    groups = exact_duplicates(dataset)
+    for kind in KINDS:
+        of_kind = [g for g in groups if g.kind == kind]
+        if of_kind:
+            example = " = ".join(e.path for e in of_kind[0].images[:2])
+            lines.append(f"Warning: {len(of_kind)} exact duplicate(s), {MEANING[kind]}; e.g. {example}")
+    if lines:
+        lines.append("Run `retrain doctor` on the folder for the full list, near-duplicates and suspected mislabels.")
+    return lines
