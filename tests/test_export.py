@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +14,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageOps
+from PIL import Image
 
 import retrain
 from retrain.api import TrainConfig
 from retrain.cli import label_image_main, retrain_main
+from retrain.decode import open_rgb
 from retrain.export import ANY_SIZE_FILE, REPORT_FILE
 from retrain.graphs import any_size_model
 from retrain.head import HeadConfig
@@ -144,9 +149,8 @@ def test_geometry_graph_is_fit_to_square_in_onnx(size):
 
 
 def decoded(path: Path) -> np.ndarray:
-    """What a user's own code hands the any-size model: the whole photo, decoded, upright, RGB."""
-    with Image.open(path) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    """What a user's own code hands the any-size model: the whole photo (no JPEG draft scaling), upright, RGB."""
+    return np.asarray(open_rgb(path, sys.maxsize))
 
 
 def real_photos() -> list[Path]:
@@ -186,3 +190,23 @@ def test_any_size_and_ort_files_classify_like_model_onnx(exported):
         anywhere = ort.InferenceSession(str(exported / name), providers=["CPUExecutionProvider"])
         got = np.concatenate([anywhere.run(None, {IMAGE_NAME: decoded(p)})[0] for p in photos])
         assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 0.02, name
+
+
+ORT_WEB = os.environ.get("RETRAIN_ORT_WEB", "")  # a folder where `npm install onnxruntime-web` was run
+
+
+@pytest.mark.skipif(not (shutil.which("node") and (Path(ORT_WEB) / "node_modules" / "onnxruntime-web").is_dir()),
+                    reason="needs node and RETRAIN_ORT_WEB=DIR, a folder where `npm install onnxruntime-web` ran")
+def test_any_size_int8_model_runs_in_onnxruntime_web(exported, tmp_path):
+    """The browser's runtime (WebAssembly backend, run by Node) gives Python's probabilities."""
+    model = exported / ANY_SIZE_FILE
+    python = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for path in real_photos()[::10]:
+        image = decoded(path)
+        image.tofile(tmp_path / "image.raw")
+        web = subprocess.run(["node", str(Path(__file__).with_name("ort_web_run.mjs")), ORT_WEB, str(model), IMAGE_NAME,
+                              str(tmp_path / "image.raw"), ",".join(map(str, image.shape))],
+                             capture_output=True, text=True, timeout=120, check=True)
+        expected = python.run(None, {IMAGE_NAME: image})[0][0]
+        got = np.array(json.loads(web.stdout))
+        assert got.argmax() == expected.argmax() and np.abs(got - expected).max() < 0.01, path

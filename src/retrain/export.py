@@ -146,7 +146,7 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
     fp32_session, int8_session = source.session, inference_session(quantized.SerializeToString())
     log("Measuring accuracy and speed of both models on the same photos ...")
     accuracy, images, agreement = compare_accuracy(fp32_session, int8_session, dataset, source, config.workers)
-    speed = compare_speed({"fp32": fp32_session, "int8": int8_session}, calibration)
+    speed = compare_speed({"fp32": ort_runner(fp32_session), "int8": ort_runner(int8_session)}, calibration)
     report = Int8Report(
         fp32=Measured(source.path.stat().st_size, speed["fp32"], accuracy["fp32"]),
         int8=Measured(quantized.ByteSize(), speed["int8"], accuracy["int8"]),
@@ -320,24 +320,28 @@ def compare_accuracy(fp32: ort.InferenceSession, int8: ort.InferenceSession, dat
     return accuracy, images, agree / total
 
 
-def compare_speed(sessions: dict[str, ort.InferenceSession], images: np.ndarray,
+def ort_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], object]:
+    return lambda batch: session.run(None, {INPUT_NAME: batch})
+
+
+def compare_speed(runners: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
                   batches: tuple[int, ...] = SPEED_BATCHES, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """{name: {"batch_B": images/s}}: median over `rounds`, the sessions taking turns so that
-    other load on the machine falls on both alike."""
-    out: dict[str, dict[str, float]] = {name: {} for name in sessions}
+    """{name: {"batch_B": images/s}} of each runner (uint8 (B, S, S, 3) images -> anything): median
+    over `rounds`, the runners taking turns so that other load on the machine falls on all alike."""
+    out: dict[str, dict[str, float]] = {name: {} for name in runners}
     for size in batches:
         batch = np.resize(images, (size, *images.shape[1:]))  # repeats photos when there are fewer
         calls = max(1, 32 // size)  # about 32 images a timing
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for name, session in sessions.items():  # warm-up
-            session.run(None, {INPUT_NAME: batch})
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for run in runners.values():  # warm-up
+            run(batch)
         for _ in range(rounds):
-            for name, session in sessions.items():
+            for name, run in runners.items():
                 start = time.perf_counter()
                 for _ in range(calls):
-                    session.run(None, {INPUT_NAME: batch})
+                    run(batch)
                 times[name].append(time.perf_counter() - start)
-        for name in sessions:
+        for name in runners:
             out[name][f"batch_{size}"] = round(size * calls / statistics.median(times[name]), 1)
     return out
 
