@@ -78,7 +78,8 @@ def whole_photo(path: Path) -> np.ndarray:
 def agreement(clf: Classifier, any_size: ort.InferenceSession, paths: list[Path]) -> dict[str, dict]:
     """The any-size model against `retrain predict`, fed the whole photo (as users would) and fed the decode
     retrain itself makes (JPEG draft scaling for photos over twice the resize target: isolates the graph)."""
-    decoders = {"whole photo": whole_photo, "retrain's decode": lambda p: np.asarray(open_rgb(p, clf.prep.resize_target()))}
+    decoders = {"the whole photo": whole_photo,
+                "retrain's own decode": lambda p: np.asarray(open_rgb(p, clf.prep.resize_target()))}
     agree, diffs = {k: 0 for k in decoders}, {k: [] for k in decoders}
     for i, probs, error in clf.probabilities_of(paths):
         if error:
@@ -125,7 +126,7 @@ def bench(name: str, cache_dir: str, work: Path, agreement_photos: int) -> None:
         paths = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, agreement_photos).astype(int))]
     anywhere = inference_session(any_size_model(model, clf.prep).SerializeToString())
     for fed, a in agreement(clf, anywhere, paths).items():
-        print(f"any size fed the {fed} vs retrain predict (N={a['n']} of {len(dataset.samples)}): same top-1 "
+        print(f"any size fed {fed} vs retrain predict (N={a['n']} of {len(dataset.samples)}): same top-1 "
               f"{100 * a['top1']:.2f}%, probabilities within 0.02 {100 * a['within_0.02']:.2f}%, largest difference "
               f"{a['max_diff']:.4f}", flush=True)
 

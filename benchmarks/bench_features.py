@@ -113,7 +113,8 @@ def main() -> None:
     alone = (before + after) / 2
     print(f"images: {n} ({len(found)} distinct contents), backbone {backbone.name}, {os.cpu_count()} cores")
     print(f"model only, random batches of 32: {alone:.1f} images/s (before {before:.1f}, after {after:.1f})")
-    print(f"cold scan+hash+decode+extract: {cold:.2f} s = {n / cold:.1f} images/s = {n / cold / alone:.2f} of model only")
+    print(f"cold scan+hash+decode+extract: {cold:.2f} s = {n / cold:.1f} images/s = "
+          f"{n / cold / alone:.2f} of model only")
     print(f"decode+extract with ONNX Runtime threads spinning: {n / spinning:.1f} images/s = "
           f"{n / spinning / alone:.2f} of model only")
     print(f"naive PyTorch loop (PIL decode, eager network, one image at a time; {args.torch_images} photos): "

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare", "export")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare",
+               "export")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
@@ -399,7 +400,7 @@ def add_export_parser(sub) -> None:
     ex.add_argument("--calibration_images", "--calibration-images", type=int, default=CALIBRATION_IMAGES,
                     help="training photos to calibrate int8 activations on")
     ex.add_argument("--image_dir", "--image-dir",
-                    help="the model's training folder, if it moved (default: recorded in the model)")
+                    help="the model's training folder, if it has moved (none: the folder recorded in the model)")
     ex.add_argument("--any_size", "--any-size", action="store_true",
                     help="also write model_any_size.onnx: input one decoded RGB image of any size, resized and "
                          "cropped inside the model")

@@ -73,7 +73,7 @@ class Int8Report:
     top1_agreement: float  # fraction of those photos both models give the same label
     calibration_images: int
     tolerance: float
-    cpu: list[str]  # the CPU's integer dot-product instructions (VNNI runs int8 fastest)
+    cpu: list[str]  # AVX2 / AVX-512 VNNI / BF16 flags: which int8 kernels ONNX Runtime could choose
 
     def drops(self) -> dict[str, float]:
         """Accuracy points lost per split (negative: the int8 model is more accurate)."""
@@ -128,7 +128,9 @@ def _check_output(out: Path, source_dir: Path, overwrite: bool) -> Path:
         raise UserError(f"--output {out} is the model's own directory: choose another, the source stays as it is")
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file: give a directory")
-    taken = [n for n in (MODEL_FILE, ANY_SIZE_FILE, REPORT_FILE) if (out / n).exists()]
+    ours = (MODEL_FILE, ANY_SIZE_FILE, *(Path(n).with_suffix(".ort").name for n in (MODEL_FILE, ANY_SIZE_FILE)),
+            LABELS_FILE, REPORT_FILE)
+    taken = [n for n in ours if (out / n).exists()]
     if taken and not overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: choose another --output or add --overwrite")
     return out
