@@ -60,6 +60,7 @@ def shape_photos(folder: Path, n: int = 6) -> list[Path]:
 def test_int8_model_is_smaller_with_the_same_interface_and_metadata(model_dir, exported):
     fp32, int8 = onnx.load(str(model_dir / "model.onnx")), onnx.load(str(exported / "model.onnx"))
     assert (exported / "model.onnx").stat().st_size <= (model_dir / "model.onnx").stat().st_size / 3
+    assert [p.name for p in exported.parent.iterdir()] == ["int8"]  # built beside it, renamed whole
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
     for a, b in ((fp32.graph.input, int8.graph.input), (fp32.graph.output, int8.graph.output)):
         assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]

@@ -115,12 +115,30 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, config: Expo
         blobs = {name: m.SerializeToString() for name, m in files.items()}
         if config.ort:
             blobs |= {Path(name).with_suffix(".ort").name: ort_format(data, Path(tmp)) for name, data in blobs.items()}
-    for name, data in blobs.items():
-        atomic_write_bytes(out / name, data)
-    atomic_write_text(out / LABELS_FILE, "".join(f"{c}\n" for c in source.labels))
     report["files"] = {name: len(data) for name, data in blobs.items()}
-    atomic_write_json(out / REPORT_FILE, report)
+    _write(out, blobs, source.labels, report)
     return report
+
+
+def _write(out: Path, blobs: dict[str, bytes], labels: list[str], report: dict) -> None:
+    """A new directory appears whole (built beside it, then renamed); into an existing one
+    (--overwrite, or an empty folder) each file is replaced atomically."""
+    target = out
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, data in blobs.items():
+            atomic_write_bytes(target / name, data)
+        atomic_write_text(target / LABELS_FILE, "".join(f"{c}\n" for c in labels))
+        atomic_write_json(target / REPORT_FILE, report)
+        if target != out:
+            target.chmod(0o755)  # mkdtemp makes it private; a model directory is not
+            os.rename(target, out)
+    except BaseException:
+        if target != out:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 def _check_output(out: Path, source_dir: Path, overwrite: bool) -> Path:
@@ -222,10 +240,14 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray, tmp: Path) -> onnx
     optimized = basic_optimized(model, tmp)
     fp32_parts = _upstream(optimized.graph, PIXELS_NAME) + _downstream(optimized.graph, FEATURES_NAME)
     target = tmp / "int8.onnx"
-    with _quiet():
-        quantize_static(optimized, str(target), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=fp32_parts)
+    try:
+        with _quiet():
+            quantize_static(optimized, str(target), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=fp32_parts)
+    except Exception as e:  # the quantizer raises assorted types for graphs it cannot handle
+        raise UserError(f"ONNX Runtime could not quantize this model: {str(e).splitlines()[0] if str(e) else e!r}"
+                        ) from None
     quantized = tidy_opsets(onnx.load(str(target)))
     _keep_interface(quantized, model, calibration=len(calibration))
     return quantized
