@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Sequence
 from .errors import UserError
 from .outputs import check_output_dir, check_output_file, os_error_message
 
-SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare")
+SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare",
+               "export")
 
 RETIRED_FLAGS = {
     "--tfhub_module": "use --backbone (lite0, lite1, lite2, or the path of an ONNX feature extractor)",
@@ -390,6 +391,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportConfig, export
+
+    _positive("--calibration_images", args.calibration_images)
+    if args.tolerance < 0:
+        raise UserError(f"--tolerance is in accuracy points, 0 or more (got {args.tolerance})")
+    config = ExportConfig(int8=args.int8, any_size=args.any_size, ort=args.ort, tolerance=args.tolerance,
+                          calibration_images=args.calibration_images, image_dir=args.image_dir,
+                          overwrite=args.overwrite)
+    report = export(args.model, args.output, config)
+    print(f"Wrote {', '.join(report['files'])}, labels.txt and export.json to {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    from .export import CALIBRATION_IMAGES, DEFAULT_TOLERANCE
+
+    ex = sub.add_parser("export", help="a smaller (--int8), any-size-input (--any-size) or mobile (--ort) copy "
+                        "of a model", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("model", help="model directory (or its model.onnx)")
+    ex.add_argument("--output", "-o", required=True, help="directory to write the exported model into")
+    ex.add_argument("--int8", action="store_true",
+                    help="quantize to int8, calibrated on the model's training photos; refused if accuracy falls "
+                         "by more than --tolerance")
+    ex.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                    help="accuracy points the int8 model may lose on validation or test")
+    ex.add_argument("--calibration_images", "--calibration-images", type=int, default=CALIBRATION_IMAGES,
+                    help="training photos to calibrate int8 activations on")
+    ex.add_argument("--image_dir", "--image-dir",
+                    help="the model's training folder, if it has moved (none: the folder recorded in the model)")
+    ex.add_argument("--any_size", "--any-size", action="store_true",
+                    help="also write model_any_size.onnx: input one decoded RGB image of any size, resized and "
+                         "cropped inside the model")
+    ex.add_argument("--ort", action="store_true", help="also write each model as .ort, ONNX Runtime's mobile format")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    ex.set_defaults(run=cmd_export)
+
+
 def modern_parser() -> argparse.ArgumentParser:
     p = _parser("retrain", "Turn a folder of labelled photos into an image classifier, offline. "
                            "The classic form `retrain --image_dir=DIR` also works.")
@@ -481,6 +520,7 @@ def modern_parser() -> argparse.ArgumentParser:
     dr.add_argument("--workers", type=int, default=2, help="image decoding threads")
     dr.add_argument("--quiet", action="store_true", help="no progress bars")
     dr.set_defaults(run=cmd_doctor)
+    add_export_parser(sub)
     return p
 
 

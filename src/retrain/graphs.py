@@ -12,7 +12,8 @@ from onnx import TensorProto, compose, helper, numpy_helper
 from .backbones import Backbone
 from .config import OUTPUT_NAME
 from .files import cached_file
-from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME, Preprocessing, normalizer_graph
+from .preprocess import (FEATURES_NAME, IMAGE_NAME, INPUT_NAME, PIXELS_NAME, Preprocessing, geometry_graph,
+                         normalizer_graph)
 
 UNKNOWN_NAME = "unknown"  # (N,) bool: top probability below the model's unknown threshold
 
@@ -23,6 +24,19 @@ def _matching(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
     return model
+
+
+def tidy_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep one entry per opset domain: merge_models repeats them, and ONNX Runtime's quantizer
+    refuses a model that lists the default domain more than once."""
+    unique = {o.domain: o for o in model.opset_import}
+    del model.opset_import[:]
+    model.opset_import.extend(unique.values())
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def extractor_path(backbone: Backbone, cache_dir: Path) -> Path:
@@ -52,8 +66,7 @@ def onnx_problem(path: Path) -> str | None:
 
 def extractor_model(network: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:
     """Put the normaliser in front of a network (pixels -> features): uint8 image -> features."""
-    opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
-    prefix = _matching(normalizer_graph(prep, opset), network)
+    prefix = _matching(normalizer_graph(prep, default_opset(network)), network)
     merged = compose.merge_models(prefix, network, io_map=[(PIXELS_NAME, PIXELS_NAME)])
     onnx.checker.check_model(merged)
     return merged
@@ -118,5 +131,25 @@ def classifier_model(extractor: onnx.ModelProto, layers: list[tuple[np.ndarray, 
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name = "retrain"
+    tidy_opsets(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def any_size_model(classifier: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:
+    """The classifier behind `geometry_graph`: input one decoded uint8 RGB `image` (H, W, 3) of any size,
+    outputs and metadata as the classifier's (with a batch of one)."""
+    classifier = tidy_opsets(onnx.ModelProto.FromString(classifier.SerializeToString()))
+    prefix = _matching(geometry_graph(prep, default_opset(classifier)), classifier)
+    model = compose.merge_models(prefix, classifier, io_map=[(INPUT_NAME, INPUT_NAME)])
+    del model.metadata_props[:]
+    for entry in classifier.metadata_props:
+        value = entry.value
+        if entry.key == "retrain:input":
+            value = (f"uint8 RGB, HWC, any size: one decoded image '{IMAGE_NAME}'; the shorter-side resize and "
+                     f"{prep.size}x{prep.size} centre crop happen inside (see retrain:preprocessing)")
+        model.metadata_props.append(onnx.StringStringEntryProto(key=entry.key, value=value))
+    model.producer_name = classifier.producer_name
+    tidy_opsets(model)
     onnx.checker.check_model(model)
     return model

@@ -1,0 +1,213 @@
+"""`retrain export`: the int8 model (interface, tolerance), the any-size model, the .ort file."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import retrain
+from retrain.api import TrainConfig
+from retrain.cli import label_image_main, retrain_main
+from retrain.decode import open_rgb
+from retrain.export import ANY_SIZE_FILE, REPORT_FILE
+from retrain.graphs import any_size_model
+from retrain.head import HeadConfig
+from retrain.imagenet import imagenet_model_path
+from retrain.prediction import load
+from retrain.preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing, fit_to_square, geometry_graph
+from retrain.serve import ServeConfig, create_app
+
+from conftest import draw_shape, make_dataset, shared_dataset
+
+
+@pytest.fixture(scope="module")
+def model_dir(cache_dir, tmp_path_factory) -> Path:
+    """A shapes classifier on the real Lite0 backbone, with validation and test photos."""
+    data = make_dataset(tmp_path_factory.mktemp("export-data") / "shapes", per_class=24)
+    config = TrainConfig(cache_dir=str(cache_dir), quiet=True, validation_percentage=20, testing_percentage=20,
+                         head=HeadConfig(steps=200, seed=0))
+    return retrain.train(data, config).save(tmp_path_factory.mktemp("export-model") / "model", report=False)
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "int8"
+    assert retrain_main(["export", str(model_dir), "--int8", "--any-size", "--ort", "--output", str(out)]) == 0
+    return out
+
+
+def shape_photos(folder: Path, n: int = 6) -> list[Path]:
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(n):
+        kind = ("circles", "squares", "stripes")[i % 3]
+        paths.append(folder / f"{kind}_{i}.png")
+        draw_shape(kind, rng, int(rng.integers(70, 200))).save(paths[-1])
+    return paths
+
+
+def test_int8_model_is_smaller_with_the_same_interface_and_metadata(model_dir, exported):
+    fp32, int8 = onnx.load(str(model_dir / "model.onnx")), onnx.load(str(exported / "model.onnx"))
+    assert (exported / "model.onnx").stat().st_size <= (model_dir / "model.onnx").stat().st_size / 3
+    assert [p.name for p in exported.parent.iterdir()] == ["int8"]  # built beside it, renamed whole
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    for a, b in ((fp32.graph.input, int8.graph.input), (fp32.graph.output, int8.graph.output)):
+        assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]
+    meta32, meta8 = ({p.key: p.value for p in m.metadata_props} for m in (fp32, int8))
+    assert meta8.pop("retrain:quantization")
+    assert meta8 == meta32
+    report = json.loads((exported / REPORT_FILE).read_text())["int8"]
+    assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"] / 3
+    assert set(report["int8"]["accuracy"]) == {"validation", "test"}
+    assert all(v > 0 for v in report["int8"]["images_per_second"].values())
+
+
+def test_predict_label_image_evaluate_and_serve_take_the_int8_model(model_dir, exported, tmp_path, capsys):
+    photos = shape_photos(tmp_path)
+    fp32 = {p.path: p.top[0][0] for p in retrain.predict(model_dir, photos)}
+    int8 = {p.path: p.top[0][0] for p in retrain.predict(exported, photos)}
+    assert int8 == fp32 and set(int8.values()) == {"circles", "squares", "stripes"}
+
+    assert label_image_main(["--graph", str(exported / "model.onnx"), "--image", str(photos[0])]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[0] == fp32[str(photos[0])]
+
+    data = photos[0].parent.parent / "evaluate"
+    for p in photos:
+        (data / p.stem.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        (data / p.stem.split("_")[0] / p.name).write_bytes(p.read_bytes())
+    truth = np.mean([fp32[str(p)] == p.stem.split("_")[0] for p in photos])
+    assert retrain.evaluate(exported, data, quiet=True)["accuracy"] == pytest.approx(truth)
+
+    with TestClient(create_app(load(exported), ServeConfig(workspace_parent=str(tmp_path))),
+                    base_url="http://127.0.0.1") as client:
+        reply = client.post("/predict", files=[("files", ("a.png", photos[1].read_bytes(), "image/png"))])
+    assert reply.status_code == 200
+    assert reply.json()["results"][0]["predictions"][0]["label"] == fp32[str(photos[1])]
+
+
+def test_int8_past_the_tolerance_is_refused_with_numbers_and_nothing_written(model_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    import retrain.export as export_module
+
+    real_quantize = export_module.quantize
+
+    def always_first_class(model, calibration, tmp):  # a "quantized" model that lost everything
+        broken = real_quantize(model, calibration, tmp)
+        bias = next(t for t in broken.graph.initializer if t.name == "head_b0")
+        values = onnx.numpy_helper.to_array(bias).copy()
+        values[0] += 1e4
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, "head_b0"))
+        return broken
+
+    monkeypatch.setattr(export_module, "quantize", always_first_class)
+    out = tmp_path / "out"
+    assert retrain_main(["export", str(model_dir), "--int8", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "over the 0.5-point tolerance" in err and "Traceback" not in err
+    assert re.search(r"validation: fp32 \d+\.\d%, int8 \d+\.\d%; test: fp32", err)
+    assert not out.exists()
+
+
+def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, capsys):
+    cases = [
+        (["export", str(model_dir), "--output", str(tmp_path / "x")], "nothing to export"),
+        (["export", str(model_dir), "--ort", "--output", str(model_dir)], "the model's own directory"),
+        (["export", str(model_dir), "--ort", "--output", str(exported)], "already holds model.onnx"),
+        (["export", str(model_dir), "--int8", "--image_dir", str(tmp_path / "gone"), "--output", str(tmp_path / "y")],
+         "are not at"),
+    ]
+    for argv, message in cases:
+        assert retrain_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("size", [(37, 53), (150, 150), (640, 90), (1, 300), (700, 523)])
+def test_geometry_graph_is_fit_to_square_in_onnx(size):
+    """The in-graph resize and crop give PIL's pixels (off by at most one grey level from rounding)."""
+    prep = Preprocessing()
+    rng = np.random.default_rng(sum(size))
+    base = draw_shape("circles", rng, 64).resize(size, Image.Resampling.BICUBIC)
+    noisy = np.clip(np.asarray(base, np.int16) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255)
+    image = np.ascontiguousarray(noisy.astype(np.uint8))
+    session = ort.InferenceSession(geometry_graph(prep, 17).SerializeToString(), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {IMAGE_NAME: image})[0][0].astype(int)
+    pil = fit_to_square(Image.fromarray(image), prep).astype(int)
+    assert np.abs(ours - pil).max() <= 1
+    assert np.mean(ours != pil) < 0.01
+
+
+def decoded(path: Path) -> np.ndarray:
+    """What a user's own code hands the any-size model: the whole photo (no JPEG draft scaling), upright, RGB."""
+    return np.asarray(open_rgb(path, sys.maxsize))
+
+
+def real_photos() -> list[Path]:
+    """Photos of many sizes: 500x375-ish JPEGs, 100x100 hands (upscaled), 92-640 px hands."""
+    photos = sorted((shared_dataset("hymenoptera") / "val" / "bees").glob("*.jpg"))[:25]
+    photos += sorted((shared_dataset("sign_language_digits") / "3").iterdir())[:10]
+    photos += sorted((shared_dataset("rock_paper_scissors") / "testing" / "rock").iterdir())[:15]
+    return photos
+
+
+def test_any_size_model_agrees_with_retrain_predict_on_real_photos(cache_dir):
+    """ImageNet's 1000 classes: a sharp test of probabilities."""
+    clf = load(imagenet_model_path(cache_dir))
+    model = any_size_model(onnx.load(str(clf.path)), clf.prep)
+    assert [i.name for i in model.graph.input] == [IMAGE_NAME]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    photos = real_photos()
+    agree, worst = 0, 0.0
+    for path, pred in zip(photos, clf.probabilities_of(photos)):
+        probs = session.run(None, {IMAGE_NAME: decoded(path)})[0][0]
+        agree += int(probs.argmax() == pred[1].argmax())
+        worst = max(worst, float(np.abs(probs - pred[1]).max()))
+    assert agree / len(photos) >= 0.995 and worst <= 0.02, (agree, len(photos), worst)
+
+
+def test_any_size_and_ort_files_classify_like_model_onnx(exported):
+    photos = real_photos()[:12]
+    onnx_session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    clf = load(exported)
+    batch = np.stack([fit_to_square(Image.fromarray(decoded(p)), clf.prep) for p in photos])
+    expected = onnx_session.run(None, {INPUT_NAME: batch})[0]
+    mobile = ort.InferenceSession(str(exported / "model.ort"), providers=["CPUExecutionProvider"])
+    assert mobile.get_modelmeta().custom_metadata_map["retrain:labels"] == json.dumps(clf.labels)
+    got = mobile.run(None, {INPUT_NAME: batch})[0]
+    assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 1e-4
+    for name in (ANY_SIZE_FILE, "model_any_size.ort"):
+        anywhere = ort.InferenceSession(str(exported / name), providers=["CPUExecutionProvider"])
+        got = np.concatenate([anywhere.run(None, {IMAGE_NAME: decoded(p)})[0] for p in photos])
+        assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 0.02, name
+
+
+ORT_WEB = os.environ.get("RETRAIN_ORT_WEB", "")  # a folder where `npm install onnxruntime-web` was run
+
+
+@pytest.mark.skipif(not (shutil.which("node") and (Path(ORT_WEB) / "node_modules" / "onnxruntime-web").is_dir()),
+                    reason="needs node and RETRAIN_ORT_WEB=DIR, a folder where `npm install onnxruntime-web` ran")
+def test_any_size_int8_model_runs_in_onnxruntime_web(exported, tmp_path):
+    """The browser's runtime (WebAssembly backend, run by Node) gives Python's probabilities."""
+    model = exported / ANY_SIZE_FILE
+    python = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for path in real_photos()[::10]:
+        image = decoded(path)
+        image.tofile(tmp_path / "image.raw")
+        web = subprocess.run(["node", str(Path(__file__).with_name("ort_web_run.mjs")), ORT_WEB, str(model), IMAGE_NAME,
+                              str(tmp_path / "image.raw"), ",".join(map(str, image.shape))],
+                             capture_output=True, text=True, timeout=120, check=True)
+        expected = python.run(None, {IMAGE_NAME: image})[0][0]
+        got = np.array(json.loads(web.stdout))
+        assert got.argmax() == expected.argmax() and np.abs(got - expected).max() < 0.01, path
