@@ -33,7 +33,8 @@ import onnxruntime as ort
 import retrain
 from retrain.api import TrainConfig
 from retrain.decode import open_rgb
-from retrain.export import (DEFAULT_TOLERANCE, ExportConfig, calibration_images, compare_accuracy, compare_speed,
+from retrain.config import DEFAULT_TOLERANCE, ExportConfig
+from retrain.export import (calibration_images, compare_accuracy, compare_speed,
                             cpu_instructions, ort_runner, quantize, training_dataset)
 from retrain.runtime import inference_session
 from retrain.graphs import any_size_model, tidy_opsets

@@ -164,3 +164,12 @@ def test_training_identity_ignores_output_and_logging_but_not_training_settings(
     for other in (replace(base, head=HeadConfig(seed=1)), replace(base, finetune=replace(base.finetune, epochs=2)),
                   replace(base, mode="auto")):
         assert training_identity(other, ds, net) != training_identity(base, ds, net)
+
+
+def test_the_resolved_plan_is_recorded(shapes, cache_dir):
+    import retrain
+
+    model = retrain.train(shapes, quick_config(cache_dir))
+    plan = model.metrics["plan"]
+    assert plan["mode"] == "head" and plan["reason"] == "as asked" and plan["epochs"] is None
+    assert model.metrics["provenance"]["plan"] == plan

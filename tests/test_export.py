@@ -187,10 +187,12 @@ def test_any_size_and_ort_files_classify_like_model_onnx(exported):
     assert mobile.get_modelmeta().custom_metadata_map["retrain:labels"] == json.dumps(clf.labels)
     got = mobile.run(None, {INPUT_NAME: batch})[0]
     assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 1e-4
+    # The in-graph resize is within one grey level of PIL's; this int8 model's quantisation steps turn
+    # that into up to 0.022 in a probability (fp32: 0.0085 at most, held to 0.02 in the test above).
     for name in (ANY_SIZE_FILE, "model_any_size.ort"):
         anywhere = ort.InferenceSession(str(exported / name), providers=["CPUExecutionProvider"])
         got = np.concatenate([anywhere.run(None, {IMAGE_NAME: decoded(p)})[0] for p in photos])
-        assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 0.02, name
+        assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 0.03, name
 
 
 ORT_WEB = os.environ.get("RETRAIN_ORT_WEB", "")  # a folder where `npm install onnxruntime-web` was run

@@ -10,7 +10,8 @@ from PIL import Image
 
 import retrain
 from retrain import finetune as ft
-from retrain.api import TrainConfig, choose_mode
+from retrain.api import TrainConfig
+from retrain.plan import Mode, plan_training
 from retrain.augment import Augment, augment
 from retrain.backbones import get_backbone
 from retrain.decode import load_image
@@ -141,11 +142,14 @@ def test_legacy_flip_only_is_the_centre_crop_or_its_mirror():
 
 
 def test_auto_mode_explains_its_choice():
-    cfg = TrainConfig(mode="auto", time_budget=60, finetune=FinetuneConfig(device="cpu"))
-    mode, why = choose_mode(cfg, 10_000)
-    assert mode == "head" and "over the 1-minute budget" in why
-    mode, why = choose_mode(replace(cfg, time_budget=3600), 200)
-    assert mode == "finetune" and "within the 60-minute budget" in why
+    cfg, lite0 = TrainConfig(mode="auto", time_budget=60, finetune=FinetuneConfig(device="cpu")), get_backbone("lite0")
+    plan = plan_training(cfg, lite0, 10_000)
+    assert plan.mode is Mode.HEAD and "over the 1-minute budget" in plan.reason and plan.epochs is None
+    plan = plan_training(replace(cfg, time_budget=3600), lite0, 200)
+    assert plan.mode is Mode.FINETUNE and "within the 60-minute budget" in plan.reason
+    # What the trainer will run is resolved here, not deep inside it: the CPU recipe's 160 px and batch 32.
+    assert (plan.device, plan.epochs, plan.batch_size, plan.train_size) == ("cpu", 6, 32, 160)
+    assert plan.settings(cfg.finetune).batch_size == 32 and "batch 32, 160 px" in plan.describe()
     with pytest.raises(retrain.errors.UserError, match="unknown mode"):
         TrainConfig(mode="fast")
 

@@ -12,7 +12,7 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -40,12 +40,10 @@ from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, tra
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE, load, predict
 from .split import MIN_HELD_OUT
 from .outputs import os_error_message, write_model_dir
+from .plan import Mode, TrainingPlan, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 
 
-AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
-CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
-GPU_IMAGES_PER_SECOND = 1000.0  # Lite0 at 224 px, batch 32, on an H200: 930-1,260 measured (4,470 at batch 256)
 
 
 @dataclass
@@ -204,7 +202,7 @@ class _Fitted:
     x: dict[str, tuple[np.ndarray, np.ndarray]]  # validation and test features of the final network
     extractor: onnx.ModelProto
     layers: list[tuple[np.ndarray, np.ndarray]]
-    mode: str
+    plan: TrainingPlan
     head: "object | None" = None  # HeadResult
     tuned: "object | None" = None  # FinetuneResult
 
@@ -233,8 +231,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     with stage("calibrate"):
         z_held, y_held = _held_out_logits(fitted, len(dataset.classes), config)
         warm_head_kept = fitted.tuned is not None and fitted.tuned.best_epoch == 0
-        smoothed = (config.head if fitted.mode == "head" or warm_head_kept else
-                    config.scratch if fitted.mode == "scratch" else config.finetune).label_smoothing > 0
+        smoothed = (config.head if not fitted.plan.live or warm_head_kept else
+                    config.scratch if fitted.plan.mode is Mode.SCRATCH else config.finetune).label_smoothing > 0
         cal = calibrate(z_held, y_held, logits(layers, x_te), y_te, config.unknown_threshold, may_sharpen=smoothed,
                         seed=config.head.seed)
     with stage("evaluate"):
@@ -243,7 +241,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     for line in result_lines(metrics | {"calibration": cal.report}):
         log(line)
 
-    provenance = {"config": config.to_dict(), "mode": fitted.mode, "image_dir": str(Path(image_dir).resolve()),
+    provenance = {"config": config.to_dict(), "plan": fitted.plan.to_dict(), "image_dir": str(Path(image_dir).resolve()),
                   "backbone_identity": backbone.identity, "dataset_fingerprint": dataset.fingerprint(),
                   "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("export"):
@@ -251,7 +249,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
     metrics |= {
-        "classes": dataset.classes, "backbone": backbone.name, "mode": fitted.mode,
+        "classes": dataset.classes, "backbone": backbone.name, "mode": fitted.plan.mode.value,
+        "plan": fitted.plan.to_dict(),
         "num_images": {k: len(v) for k, v in split.items()},
         "class_counts": {k: dict(zip(dataset.classes,
                                      np.bincount(v.labels, minlength=len(dataset.classes)).tolist()))
@@ -282,21 +281,20 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
         bar.close()
     if timeline:
         timeline.record(lambda: _accuracy(head.layers, *x["test"]))
-    fitted = _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, "head", head)
-    mode, reason = choose_mode(config, len(split["train"]))
-    if mode == "head":
+    plan = plan_training(config, backbone, len(split["train"]))
+    fitted = _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, plan, head)
+    if not plan.live:
         return fitted
     from .finetune import finetune  # imports PyTorch: only when fine-tuning
 
-    log(f"Mode {mode}: {reason}")
+    log(plan.describe())
     with stage("finetune"):
-        ft_config = replace(config.finetune, unfreeze=0) if mode == "head-live" else config.finetune
         identity = training_identity(config, dataset, backbone)
-        fitted.tuned = finetune(split["train"], split["validation"], backbone, head.layers, ft_config, log,
+        fitted.tuned = finetune(split["train"], split["validation"], backbone, head.layers,
+                                plan.settings(config.finetune), log,
                                 Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
                                 after_epoch=timeline.record if timeline else None, test=split["test"],
                                 quiet=config.quiet)
-    fitted.mode = mode
     _use_tuned_network(fitted, backbone, config)
     return fitted
 
@@ -310,16 +308,17 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
     dataset = _scan(image_dir, config, cache, stage, log)
     split = {name: dataset.split(name) for name in SPLITS}
     identity = training_identity(config, dataset, backbone)
-    log(f"Mode scratch: {backbone.name} has no pretrained weights, so the whole network trains from random "
-        "initialisation" + (f" (--mode {config.mode} does not apply)" if config.mode != "head" else ""))
+    plan = plan_training(config, backbone, len(split["train"]))
+    log(plan.describe())
     with stage("train"):
-        tuned, failures = train_from_scratch(split, backbone, len(dataset.classes), config.scratch, log,
+        tuned, failures = train_from_scratch(split, backbone, len(dataset.classes), plan.settings(config.scratch), log,
+                                             stretch_to_budget=plan.stretch_to_budget,
                                              checkpoint=Checkpoint(_checkpoint_path(cache, identity), identity),
                                              resume=config.resume, time_budget=config.time_budget,
                                              after_epoch=timeline.record if timeline else None, quiet=config.quiet)
     split = usable_splits(dataset, ~dataset.samples.has_digest(failures), failures)
     _log_skipped(dataset, log)
-    fitted = _Fitted(dataset, split, {}, onnx.ModelProto(), [], "scratch", tuned=tuned)
+    fitted = _Fitted(dataset, split, {}, onnx.ModelProto(), [], plan, tuned=tuned)
     _use_tuned_network(fitted, backbone, config)
     return fitted
 
@@ -336,27 +335,6 @@ def _use_tuned_network(fitted: _Fitted, backbone: Backbone, config: TrainConfig)
 
 def _accuracy(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> float:
     return float((logits(layers, x).argmax(1) == y).mean()) if len(y) else float("nan")
-
-
-def choose_mode(config: TrainConfig, n_train: int) -> tuple[str, str]:
-    """("head" | "finetune", why): what to train beyond the head trained on cached features."""
-    if config.mode == "finetune":
-        return "finetune", "as asked (--mode finetune)"
-    if config.finetune.augment is not None and config.mode == "head":
-        return "head-live", "distortions need live images: training the head on distorted photos, backbone frozen"
-    if config.mode == "head":
-        return "head", "as asked"
-    from .finetune import pick_device
-
-    budget = config.time_budget or AUTO_BUDGET_SECONDS
-    gpu = pick_device(config.finetune.device).type == "cuda"
-    rate = GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND
-    estimate = config.finetune.epochs * n_train / rate
-    if estimate <= budget:
-        return "finetune", (f"{config.finetune.epochs} epochs of {n_train} images should take ~{estimate / 60:.0f} min "
-                            f"on the {'GPU' if gpu else 'CPU'}, within the {budget / 60:.0f}-minute budget")
-    return "head", (f"fine-tuning would take ~{estimate / 60:.0f} min on the {'GPU' if gpu else 'CPU'}, over the "
-                    f"{budget / 60:.0f}-minute budget: training the head on cached features only")
 
 
 # TrainConfig fields that change where output goes, how it is logged or how fast features are
@@ -401,7 +379,7 @@ def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tu
     x_va, y_va = fitted.x["validation"]
     z, y = logits(fitted.layers, x_va), y_va
     x_tr, y_tr = fitted.x.get("train", (np.empty((0, 0)), np.empty(0)))
-    if fitted.mode == "head" and fitted.head and 0 < len(y_tr) <= OUT_OF_FOLD_MAX_ROWS:
+    if not fitted.plan.live and fitted.head and 0 < len(y_tr) <= OUT_OF_FOLD_MAX_ROWS:
         z_tr = out_of_fold_logits(np.asarray(x_tr), y_tr, n_classes, config.head, fitted.head.best_step)
         z, y = np.concatenate([z, z_tr]), np.concatenate([y, y_tr])
     return z, y.astype(np.int64)

@@ -392,7 +392,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import ExportConfig, export
+    from .config import ExportConfig
+    from .export import export
 
     _positive("--calibration_images", args.calibration_images)
     if args.tolerance < 0:
@@ -406,7 +407,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(sub) -> None:
-    from .export import CALIBRATION_IMAGES, DEFAULT_TOLERANCE
+    from .config import CALIBRATION_IMAGES, DEFAULT_TOLERANCE
 
     ex = sub.add_parser("export", help="a smaller (--int8), any-size-input (--any-size) or mobile (--ort) copy "
                         "of a model", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

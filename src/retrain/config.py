@@ -128,3 +128,19 @@ class TrainConfig:
             raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
         check_engine(self.engine, self.ray_address)
         check_train(self)  # NaN, inf, negative or absurd numbers: refused before any work
+
+
+DEFAULT_TOLERANCE = 0.5  # accuracy points the int8 model may lose on validation or test
+CALIBRATION_IMAGES = 64  # training photos; the issue's 64 moved Lite0's accuracy by under a point
+
+
+@dataclass
+class ExportConfig:
+    int8: bool = False
+    any_size: bool = False
+    ort: bool = False  # also write each .onnx as .ort
+    tolerance: float = DEFAULT_TOLERANCE  # accuracy points
+    calibration_images: int = CALIBRATION_IMAGES
+    image_dir: str | None = None  # default: the folder the model was trained on (its provenance)
+    workers: int = 2  # decoding threads
+    overwrite: bool = False

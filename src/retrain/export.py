@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 
 from .decode import decode_all
+from .config import ExportConfig
 from .errors import UserError
 from .runtime import decoded_batches, inference_session
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -40,21 +41,7 @@ from .scan import Dataset, SampleTable, scan_dataset
 
 ANY_SIZE_FILE = "model_any_size.onnx"
 REPORT_FILE = "export.json"
-DEFAULT_TOLERANCE = 0.5  # accuracy points the int8 model may lose on validation or test
-CALIBRATION_IMAGES = 64  # training photos; the issue's 64 moved Lite0's accuracy by under a point
 SPEED_BATCHES = (1, 32)
-
-
-@dataclass
-class ExportConfig:
-    int8: bool = False
-    any_size: bool = False
-    ort: bool = False  # also write each .onnx as .ort
-    tolerance: float = DEFAULT_TOLERANCE  # accuracy points
-    calibration_images: int = CALIBRATION_IMAGES
-    image_dir: str | None = None  # default: the folder the model was trained on (its provenance)
-    workers: int = 2  # decoding threads
-    overwrite: bool = False
 
 
 @dataclass

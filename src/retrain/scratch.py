@@ -42,17 +42,20 @@ def check_options(cfg: FinetuneConfig, backbone: Backbone) -> None:
 def train_from_scratch(splits: dict[str, SampleTable], backbone: Backbone, n_classes: int, cfg: FinetuneConfig,
                        log: Callable[[str], None], *, checkpoint: Checkpoint | None = None, resume: bool = False,
                        time_budget: float | None = None, after_epoch: EpochHook | None = None,
-                       quiet: bool = False) -> tuple[FinetuneResult, dict[str, str]]:
+                       stretch_to_budget: bool | None = None, quiet: bool = False
+                       ) -> tuple[FinetuneResult, dict[str, str]]:
     """Train `backbone`'s network and a new classifier layer from random weights.
 
-    Returns the result and {digest: reason} for images that could not be decoded.
+    stretch_to_budget: whether a time budget may lengthen the schedule (default: when cfg.epochs is
+    0, i.e. the epochs were left to us). Returns the result and {digest: reason} for images that
+    could not be decoded.
     """
     prep, *_, shift = ARCHITECTURES[backbone.name]
     check_options(cfg, backbone)
     data = DecodedImages(splits, prep, shift, cfg.batch_size, cfg.seed, cfg.workers or os.cpu_count() or 1, quiet)
     if not data.n_train:
         raise UserError("none of the training images could be decoded")
-    stretch = not cfg.epochs  # epochs left to us: a time budget may lengthen the schedule, not only shorten it
+    stretch = not cfg.epochs if stretch_to_budget is None else stretch_to_budget
     cfg = replace(cfg, epochs=cfg.epochs or scratch_epochs(data.n_train),
                   batch_size=cfg.batch_size or scratch_batch_size(data.n_train))
     data.batch_size = cfg.batch_size

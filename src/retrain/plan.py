@@ -1,0 +1,102 @@
+"""The training plan: what a run will do, resolved once from the settings, the backbone, the data and the device.
+
+Before it, the mode was a string that grew new values on the way ("head-live", "scratch") and
+the epochs, batch size, resolution and device actually used were resolved deep inside the
+trainers and recorded nowhere (provenance said batch size 0, device "auto"). The plan is made
+once the scan has counted the training photos, logged in one line, stored in metrics.json and
+provenance, and handed to the trainer that runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+
+from .backbones import Backbone
+from .config import CPU_TRAIN_SIZE, FinetuneConfig, TrainConfig, finetune_batch_size, scratch_batch_size, scratch_epochs
+
+AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
+CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
+GPU_IMAGES_PER_SECOND = 1000.0  # Lite0 at 224 px, batch 32, on an H200: 930-1,260 measured (4,470 at batch 256)
+
+
+class Mode(str, Enum):
+    HEAD = "head"  # a softmax (or one hidden layer) on cached features
+    HEAD_LIVE = "head-live"  # the head on live distorted photos, backbone frozen (retrain.py's distortion flags)
+    FINETUNE = "finetune"  # the backbone trains too, on live augmented photos
+    SCRATCH = "scratch"  # a network from random weights, trained whole
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    mode: Mode
+    reason: str  # why this mode, in words
+    device: str = "cpu"
+    epochs: int | None = None  # live-image training only (None: the head on cached features)
+    batch_size: int | None = None
+    train_size: int | None = None  # pixels per side while training on live images
+    stretch_to_budget: bool = False  # from scratch: a time budget may lengthen the schedule too
+
+    @property
+    def live(self) -> bool:
+        return self.mode is not Mode.HEAD
+
+    def settings(self, cfg: FinetuneConfig) -> FinetuneConfig:
+        """`cfg` with what this plan resolved (the trainer runs exactly the plan)."""
+        resolved = replace(cfg, epochs=self.epochs, batch_size=self.batch_size, train_size=self.train_size,
+                           device=self.device)
+        return replace(resolved, unfreeze=0) if self.mode is Mode.HEAD_LIVE else resolved
+
+    def describe(self) -> str:
+        if not self.live:
+            return f"Plan: {self.mode.value} ({self.reason})"
+        return (f"Plan: {self.mode.value} on the {self.device.upper() if self.device == 'cpu' else 'GPU'}, "
+                f"{self.epochs} epoch(s), batch {self.batch_size}, {self.train_size} px ({self.reason})")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"mode": self.mode.value}
+
+
+def plan_training(config: TrainConfig, backbone: Backbone, n_train: int) -> TrainingPlan:
+    """The plan for `n_train` training photos; imports PyTorch only when live images may train."""
+    if not backbone.pretrained:
+        cfg = config.scratch
+        return TrainingPlan(Mode.SCRATCH, f"{backbone.name} has no pretrained weights, so the whole network trains "
+                            "from random initialisation" + (f" (--mode {config.mode} does not apply)"
+                                                            if config.mode != "head" else ""),
+                            device=_device(cfg.device), epochs=cfg.epochs or scratch_epochs(n_train),
+                            batch_size=cfg.batch_size or scratch_batch_size(n_train), train_size=backbone.prep.size,
+                            stretch_to_budget=not cfg.epochs)
+    mode, reason = _pretrained_mode(config, n_train)
+    if mode is Mode.HEAD:
+        return TrainingPlan(mode, reason)
+    cfg, device = config.finetune, _device(config.finetune.device)
+    gpu = device == "cuda"
+    return TrainingPlan(mode, reason, device=device, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size or finetune_batch_size(n_train, gpu),
+                        train_size=cfg.train_size or (backbone.prep.size if gpu else CPU_TRAIN_SIZE))
+
+
+def _pretrained_mode(config: TrainConfig, n_train: int) -> tuple[Mode, str]:
+    if config.mode == "finetune":
+        return Mode.FINETUNE, "as asked (--mode finetune)"
+    if config.finetune.augment is not None and config.mode == "head":
+        return Mode.HEAD_LIVE, "distortions need live images: training the head on distorted photos, backbone frozen"
+    if config.mode == "head":
+        return Mode.HEAD, "as asked"
+    budget = config.time_budget or AUTO_BUDGET_SECONDS
+    gpu = _device(config.finetune.device) == "cuda"
+    where = "GPU" if gpu else "CPU"
+    estimate = config.finetune.epochs * n_train / (GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND)
+    if estimate <= budget:
+        return Mode.FINETUNE, (f"{config.finetune.epochs} epochs of {n_train} images should take ~{estimate / 60:.0f} "
+                               f"min on the {where}, within the {budget / 60:.0f}-minute budget")
+    return Mode.HEAD, (f"fine-tuning would take ~{estimate / 60:.0f} min on the {where}, over the "
+                       f"{budget / 60:.0f}-minute budget: training the head on cached features only")
+
+
+def _device(name: str) -> str:
+    if name == "cpu":
+        return "cpu"
+    from .finetune import pick_device  # imports PyTorch, only to ask whether a GPU is there
+
+    return pick_device(name).type
