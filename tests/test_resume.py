@@ -50,7 +50,10 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
 def test_interrupted_fine_tuning_resumes_to_the_same_metrics(uninterrupted, tmp_path, sig):
     data, whole = uninterrupted
     cache, out = tmp_path / "cache", tmp_path / "model"
-    run = subprocess.Popen(command(data, out, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell that runs the suite in the background starts it with SIGINT ignored, and children inherit
+    # that: give the run the default action, as a terminal's Ctrl-C would find it.
+    run = subprocess.Popen(command(data, out, cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_checkpoint(run, cache)
     run.send_signal(sig)
     _, stderr = run.communicate(timeout=120)
