@@ -188,7 +188,7 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
     """What `retrain train` does, stage by stage (the head path of api._features_by_split and train)."""
     import onnx
 
-    from retrain.api import release_free_heap, usable_splits
+    from retrain.pipeline import release_free_heap, usable_splits
     from retrain.backbones import get_backbone
     from retrain.checks import quick_summary
     from retrain.features import compute_features, feature_matrices

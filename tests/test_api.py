@@ -151,7 +151,8 @@ def test_hymenoptera_accuracy(cache_dir, tmp_path):
 def test_training_identity_ignores_output_and_logging_but_not_training_settings(shapes):
     from dataclasses import replace
 
-    from retrain.api import TrainConfig, training_identity
+    from retrain.config import TrainConfig
+    from retrain.pipeline import training_identity
     from retrain.backbones import get_backbone
     from retrain.head import HeadConfig
     from retrain.scan import scan_dataset

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import retrain
-import retrain.api as api_mod
+import retrain.pipeline as api_mod
 import retrain.guards as guards
 from retrain.api import TrainConfig
 from retrain.cli import retrain_main

@@ -18,7 +18,7 @@ LAYERS = [
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),
     ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "report",
                 "summaries", "imagenet", "lrfind", "checks", "export", "datasets"}),
-    ("pipeline", {"api", "plan"}),
+    ("pipeline", {"api", "pipeline", "plan"}),
     ("applications", {"doctor", "compare", "serve", "cli", "__main__", "__init__"}),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -399,7 +399,7 @@ def _anon_kb() -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
                     reason="reads /proc and needs glibc's malloc_trim")
 def test_freed_heap_goes_back_to_the_os_between_stages():
-    from retrain.api import release_free_heap
+    from retrain.pipeline import release_free_heap
 
     blocks = [bytes(1000) + i.to_bytes(4, "little") for i in range(150_000)]  # ~150 MB of small heap blocks
     keep = blocks[-1]  # the heap's top stays in use: a plain free cannot shrink it

@@ -10,8 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_API = {"train": "api", "TrainConfig": "api", "TrainedModel": "api", "evaluate": "api", "HeadConfig": "head",
-        "load": "prediction", "predict": "prediction"}
+_API = {"train": "api", "TrainConfig": "api", "TrainedModel": "api", "evaluate": "api", "HeadConfig": "api",
+        "load": "api", "predict": "api"}
 __all__ = [*_API, "__version__"]
 
 

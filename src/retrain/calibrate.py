@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .head import softmax
+from .head import nll, softmax
 
 ECE_BINS = 15
 DEFAULT_FALSE_REJECTION = 0.05  # "auto" threshold: reject about 5% of in-class validation photos
@@ -24,14 +24,6 @@ MIN_EVIDENCE = 100  # held-out predictions needed before a temperature is fitted
 CROSS_FITS = 10  # random halvings tried when deciding whether the temperature helps
 CROSS_FIT_ROWS = 10_000  # held-out rows the decision looks at, at most
 MIN_GAIN = 0.9  # kept only if the cross-fitted calibration error falls below 0.9x the uncalibrated one
-
-
-def nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    """Mean negative log-likelihood of labels y under softmax(z / T)."""
-    zt = z / temperature
-    zt = zt - zt.max(axis=1, keepdims=True)
-    log_p = zt - np.log(np.exp(zt).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(y)), y].mean())
 
 
 def fit_temperature(z: np.ndarray, y: np.ndarray, may_sharpen: bool = True) -> float:

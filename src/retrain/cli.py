@@ -210,7 +210,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _after_training(model, args: argparse.Namespace) -> None:
     if args.quiet:  # quiet drops the narration, never the result
-        from .api import result_lines
+        from .pipeline import result_lines
 
         for line in result_lines(model.metrics):
             print(line, file=sys.stderr)
@@ -230,7 +230,7 @@ def _print_misclassified(model) -> None:
 
 def legacy_retrain(argv: Sequence[str]) -> int:
     """`retrain --image_dir=DIR`, with TensorFlow Hub retrain.py's flags."""
-    from .api import train
+    from .pipeline import train
 
     tmp = Path(tempfile.gettempdir())
     p = _parser("retrain", "Retrain a classifier on a folder of class folders (retrain.py-compatible flags). "
@@ -259,7 +259,7 @@ def _inputs(args: argparse.Namespace) -> list[str | None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .api import train
+    from .pipeline import train
 
     config = config_from_args(args)
     check_output_dir(args.output, _inputs(args), args.overwrite)  # before training, not after it
@@ -308,7 +308,7 @@ def _predict(args: argparse.Namespace, clf) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .api import evaluate
+    from .evaluation import evaluate_folder as evaluate
     from .evaluation import format_metrics
 
     metrics = evaluate(args.model, args.image_dir)
@@ -329,7 +329,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .api import head_training_data
+    from .pipeline import head_training_data
     from .config import HeadConfig, TrainConfig
     from .lrfind import lr_sweep, plot_sweep
 

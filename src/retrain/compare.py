@@ -17,7 +17,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .api import train
+from .pipeline import train
 from .config import TrainConfig
 from .backbones import get_backbone
 from .errors import UserError

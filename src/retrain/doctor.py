@@ -26,7 +26,6 @@ outliers and mislabels.
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from .files import default_cache_dir
 from .guards import open_regular
 from .head import predict_proba, train_head
 from .preprocess import Preprocessing
+from .progress import Stopwatch
 from .scan import Dataset, SampleTable, scan_dataset
 
 TINY_SIDE = 32  # pixels, shorter side
@@ -301,23 +301,12 @@ def rank_suspects(probs: np.ndarray, y: np.ndarray) -> list[int]:
 
 # ---------------------------------------------------------------- the whole examination
 
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
-
-
 def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_dir: str | Path | None = None,
              workers: int = 2, folds: int = FOLDS, seed: int = 0, quiet: bool = False,
              log: Callable[[str], None] | None = None) -> Report:
     """Run every check on a folder of class folders (or train/ val/ test/ folders)."""
     log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
-    root, timer = Path(image_dir), _Timer()
+    root, timer = Path(image_dir), Stopwatch()
     cache = Path(cache_dir or default_cache_dir())
     with timer("scan"):
         dataset = scan_dataset(root, workers=workers + 2, quiet=quiet, split_records=cache / "splits")

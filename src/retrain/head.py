@@ -94,9 +94,15 @@ CHUNK_ROWS = 65_536  # rows per block in logits(); up to this many rows, results
 
 def _measure(layers, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     z = logits([(w, b) for w, b in layers], x)
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float((z.argmax(1) == y).mean()), float(-log_p[np.arange(len(y)), y].mean())
+    return float((z.argmax(1) == y).mean()), nll(z, y)
+
+
+def nll(z: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of labels y under softmax(z / T)."""
+    zt = z / temperature
+    zt = zt - zt.max(axis=1, keepdims=True)
+    log_p = zt - np.log(np.exp(zt).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
 
 
 def logits(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:

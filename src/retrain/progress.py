@@ -13,6 +13,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from tqdm import tqdm
@@ -76,3 +78,22 @@ def say(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+class Stopwatch:
+    """Wall seconds per named stage, added up over repeats, for metrics.json and doctor's report.
+
+    after: called when each stage ends, inside its time (training hands freed heap back there).
+    """
+
+    def __init__(self, after: Callable[[], None] | None = None):
+        self.seconds: dict[str, float] = {}
+        self.after = after
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.after:
+            self.after()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
