@@ -173,6 +173,21 @@ def test_label_image_without_graph_uses_imagenet(cache_dir, capsys):
     assert "bee" in names
 
 
+def test_cache_dir_means_the_same_in_label_image(cache_dir, tmp_path, monkeypatch, capsys):
+    """--cache_dir is accepted by every command that reads the cache; here the bundled model is built there."""
+    monkeypatch.setenv("RETRAIN_CACHE", str(cache_dir))  # restored after the test, whatever the command sets
+    bee = sorted((shared_dataset("hymenoptera") / "val" / "bees").iterdir())[0]
+    assert label_image_main([f"--image={bee}", f"--cache_dir={tmp_path / 'other'}"]) == 0
+    assert list((tmp_path / "other" / "backbones").glob("*.onnx"))
+    assert "bee" in capsys.readouterr().out
+
+
+def test_help_gives_each_default_once():
+    for command in (["train", "--help"], ["doctor", "--help"], ["serve", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "retrain", *command], capture_output=True, text=True).stdout
+        assert "(default: None)" not in out and out.count("--cache_dir CACHE_DIR, --cache-dir") == 1, command
+
+
 @pytest.mark.parametrize("flags", [["--compile"], ["--device", "cpu", "--epochs", "3"], ["--hold_images"],
                                    ["--unfreeze", "2"], ["--resume"]])
 def test_live_image_flags_are_refused_in_head_mode(shapes, tmp_path, capsys, flags):

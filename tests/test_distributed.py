@@ -15,6 +15,8 @@ from retrain.data import shard_batches
 
 from test_scratch import small_gray_dataset
 
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 

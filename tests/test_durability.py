@@ -26,6 +26,8 @@ from retrain.graphs import extractor_path
 
 from conftest import draw_shape, make_dataset
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 LITE0 = get_backbone("lite0")
 
 

@@ -29,6 +29,8 @@ from retrain.scan import scan_dataset
 
 from conftest import make_dataset
 
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
 BATCH = 4  # small batches: the 50 images make several Ray chunks (8 batches each), so order is tested
 

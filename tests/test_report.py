@@ -98,4 +98,6 @@ def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, cache_dir, chr
     images = check_in_browser(chromium, report, tmp_path / f"{name}.png")
     assert all(images[s] >= 1 for s in ("learning-curves", "confusion-matrix", "worst-mistakes", "calibration"))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["calibration"]["test_ece_after"] >= 0
+    cal = metrics["calibration"]
+    assert cal["test_ece_after"] <= cal["test_ece_before"]  # a temperature is kept only when it helps
+    assert metrics["verdict"][0].startswith("Right on ") and f"N={metrics['num_images']['test']}" in metrics["verdict"][0]

@@ -16,6 +16,8 @@ from retrain.serve import ServeConfig, create_app
 from conftest import draw_shape
 from test_serve import free_port, model_dir  # noqa: F401  (model_dir: the module's trained model fixture)
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):  # noqa: F811

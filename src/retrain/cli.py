@@ -42,9 +42,31 @@ class _Retired(argparse.Action):
         parser.error(f"{option_string} is not supported: {RETIRED_FLAGS[option_string]}")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not when the help already gives it in words, nor an empty one (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, formatter_class=_Help)
+
+
+def add_cache_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--cache_dir, spelt and meant the same in every command that reads the cache."""
+    p.add_argument("--cache_dir", "--cache-dir", help="cache for backbones, features, split records and checkpoints "
+                                                      "(default: $RETRAIN_CACHE, else ~/.cache/retrain)")
+
+
+def use_cache_dir(cache_dir: str | None) -> None:
+    """For commands that reach the cache only through defaults (the bundled ImageNet model, serve's training
+    runs): --cache_dir DIR means RETRAIN_CACHE=DIR for this process and the ones it starts."""
+    if cache_dir:
+        os.environ["RETRAIN_CACHE"] = cache_dir
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
@@ -63,12 +85,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input_mean", "--input-mean", type=float, help="pixel mean for an ONNX-file backbone (default 127.5)")
     g.add_argument("--input_std", "--input-std", type=float, help="pixel std for an ONNX-file backbone (default 127.5)")
     g = p.add_argument_group("data")
-    g.add_argument("--testing_percentage", "--testing-percentage", type=float, default=t.testing_percentage)
-    g.add_argument("--validation_percentage", "--validation-percentage", type=float, default=t.validation_percentage)
+    g.add_argument("--testing_percentage", "--testing-percentage", type=float, default=t.testing_percentage,
+                   help="percent of each class held out for the test, unless there is a test folder")
+    g.add_argument("--validation_percentage", "--validation-percentage", type=float, default=t.validation_percentage,
+                   help="percent of each class held out for validation, unless there is a validation folder")
     g.add_argument("--val_dir", "--val-dir", help="fixed validation folder (class folders) instead of a hash split")
     g.add_argument("--test_dir", "--test-dir", help="fixed test folder (class folders) instead of a hash split")
     g.add_argument("--bottleneck_dir", "--bottleneck-dir", help="feature cache folder (default: CACHE/features)")
-    g.add_argument("--cache_dir", "--cache-dir", help="cache for backbones and features (default: ~/.cache/retrain)")
+    add_cache_option(g)
     g.add_argument("--workers", type=int, default=t.workers, help="image decoding threads")
     g = p.add_argument_group("training")
     g.add_argument("--how_many_training_steps", "--steps", type=int, default=h.steps,
@@ -78,10 +102,10 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight_decay", "--weight-decay", type=float, default=h.weight_decay)
     g.add_argument("--eval_step_interval", "--eval-step-interval", type=int, default=h.eval_interval,
                    help="steps between validation checks")
-    g.add_argument("--seed", type=int, default=h.seed)
+    g.add_argument("--seed", type=int, default=h.seed, help="random seed of head training, fine-tuning and augmentation")
     g.add_argument("--unknown_threshold", "--unknown-threshold", type=_threshold, default=None,
                    help="flag photos whose calibrated top probability is below this as unknown; "
-                        "'auto' picks the value that rejects ~5%% of validation photos (default: off)")
+                        "'auto' picks the value that rejects ~5%% of held-out photos (default: off)")
     g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
     g.add_argument("--summaries_dir", "--summaries-dir", help="write TensorBoard summaries (per-step scalars) here")
     g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
@@ -374,6 +398,7 @@ def cmd_import_idx(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeConfig, serve
 
+    use_cache_dir(args.cache_dir)
     for name in ("port", "max_upload_mb", "max_queue", "max_batch"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     config = ServeConfig(max_upload_bytes=args.max_upload_mb << 20, max_queue=args.max_queue,
@@ -410,7 +435,7 @@ def add_export_parser(sub) -> None:
     from .config import CALIBRATION_IMAGES, DEFAULT_TOLERANCE
 
     ex = sub.add_parser("export", help="a smaller (--int8), any-size-input (--any-size) or mobile (--ort) copy "
-                        "of a model", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "of a model", allow_abbrev=False, formatter_class=_Help)
     ex.add_argument("model", help="model directory (or its model.onnx)")
     ex.add_argument("--output", "-o", required=True, help="directory to write the exported model into")
     ex.add_argument("--int8", action="store_true",
@@ -435,8 +460,8 @@ def modern_parser() -> argparse.ArgumentParser:
                            "The classic form `retrain --image_dir=DIR` also works.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model directory from IMAGE_DIR", allow_abbrev=False,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("image_dir")
+                       formatter_class=_Help)
+    t.add_argument("image_dir", help="folder of class folders (or of train/, val/, test/ folders)")
     t.add_argument("--output", "-o", required=True, help="model directory to write")
     t.add_argument("--overwrite", action="store_true",
                    help="write into --output even if it holds files retrain did not write")
@@ -471,13 +496,13 @@ def modern_parser() -> argparse.ArgumentParser:
     lf.add_argument("--plot", default="lr_find.png", help="where to save the loss curve (PNG)")
     lf.add_argument("--backbone", default="lite0")
     lf.add_argument("--hidden_units", "--hidden-units", type=int, default=0)
-    lf.add_argument("--cache_dir", "--cache-dir")
+    add_cache_option(lf)
     lf.add_argument("--seed", type=int, default=0)
     lf.add_argument("--quiet", action="store_true")
     lf.set_defaults(run=cmd_lr_find)
     cp = sub.add_parser("compare", help="train from-scratch and transfer models on the same split; accuracy "
                         "against wall time as a table and a plot", allow_abbrev=False,
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_Help)
     cp.add_argument("image_dir")
     cp.add_argument("--models", help="comma-separated backbones, a +finetune suffix fine-tunes a pretrained one "
                                      "(default: scratch-small for images of 48 px or less, else scratch-color; "
@@ -489,7 +514,7 @@ def modern_parser() -> argparse.ArgumentParser:
     cp.add_argument("--test_dir", "--test-dir")
     cp.add_argument("--validation_percentage", "--validation-percentage", type=float, default=10.0)
     cp.add_argument("--testing_percentage", "--testing-percentage", type=float, default=10.0)
-    cp.add_argument("--cache_dir", "--cache-dir")
+    add_cache_option(cp)
     cp.add_argument("--workers", type=int, default=2)
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--quiet", action="store_true")
@@ -503,21 +528,22 @@ def modern_parser() -> argparse.ArgumentParser:
     ix.add_argument("--limit-per-class", type=int, help="keep at most this many images per class")
     ix.set_defaults(run=cmd_import_idx)
     sv = sub.add_parser("serve", help="HTTP API and web pages to try a model and to train new ones",
-                        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        allow_abbrev=False, formatter_class=_Help)
     sv.add_argument("model", nargs="?", help="model directory or .onnx file (default: the bundled ImageNet classifier)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes "
                                                         "prediction and training to the network")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    add_cache_option(sv)
     sv.add_argument("--max-upload-mb", type=int, default=32, help="largest request body, MiB")
     sv.add_argument("--max-queue", type=int, default=16, help="predict requests admitted at once; more get 503")
     sv.add_argument("--max-batch", type=int, default=16, help="most images per ONNX Runtime call (1: no batching)")
     sv.set_defaults(run=cmd_serve)
     dr = sub.add_parser("doctor", help="check IMAGE_DIR for unreadable files, duplicates, leakage and mislabels",
-                        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        allow_abbrev=False, formatter_class=_Help)
     dr.add_argument("image_dir")
     dr.add_argument("--json", action="store_true", help="the full report as one JSON object")
     dr.add_argument("--backbone", default="lite0", help="feature extractor for outliers and mislabels")
-    dr.add_argument("--cache_dir", "--cache-dir", help="cache for backbones and features (default: ~/.cache/retrain)")
+    add_cache_option(dr)
     dr.add_argument("--workers", type=int, default=2, help="image decoding threads")
     dr.add_argument("--quiet", action="store_true", help="no progress bars")
     dr.set_defaults(run=cmd_doctor)
@@ -537,11 +563,13 @@ def label_image(argv: Sequence[str]) -> int:
     p.add_argument("--top_k", "--top-k", type=int, default=5)
     p.add_argument("--min_confidence", "--min-confidence", type=_probability,
                    help="print 'unknown' first when the top probability is below this (default: the model's threshold)")
+    add_cache_option(p)
     compat = p.add_argument_group("accepted for compatibility (the model carries its own preprocessing)")
     for flag, kind in COMPAT_FLAGS.items():
         compat.add_argument(flag, type=kind)
     args = parse_suggesting(p, argv, lenient=COMPAT_FLAGS)
     _positive("--top_k", args.top_k)
+    use_cache_dir(args.cache_dir)
     if args.graph:
         clf = load(onnx_beside(model_file(args.graph)), args.labels)
     else:
