@@ -197,22 +197,13 @@ def test_a_labels_file_that_is_a_pipe_is_refused_not_waited_on(model_dir, tmp_pa
 
 # ---------------------------------------------------------------- 2. numbers, validated before any work
 
-BAD_NUMBERS = [
-    (["--learning_rate", "nan"], "--learning_rate"),
-    (["--learning_rate", "inf"], "--learning_rate"),
-    (["--learning_rate", "-0.1"], "--learning_rate"),
-    (["--learning_rate", "0"], "--learning_rate"),
-    (["--weight_decay", "nan"], "--weight_decay"),
-    (["--weight_decay", "-1"], "--weight_decay"),
-    (["--how_many_training_steps", "0"], "--how_many_training_steps"),
-    (["--train_batch_size", "-3"], "--train_batch_size"),
-    (["--hidden_units", "1000000000"], "--hidden_units"),
-    (["--eval_step_interval", "0"], "--eval_step_interval"),
-    (["--validation_percentage", "nan"], "--validation_percentage"),
-    (["--testing_percentage", "100"], "--testing_percentage"),
+# Each flag with values it must refuse; the error must name the flag.
+BAD_VALUES = {"--learning_rate": ["nan", "inf", "-0.1", "0"], "--weight_decay": ["nan", "-1"],
+              "--how_many_training_steps": ["0"], "--train_batch_size": ["-3"], "--hidden_units": ["1000000000"],
+              "--eval_step_interval": ["0"], "--validation_percentage": ["nan"], "--testing_percentage": ["100"],
+              "--seed": ["-1"], "--workers": ["0"]}
+BAD_NUMBERS = [([flag, value], flag) for flag, values in BAD_VALUES.items() for value in values] + [
     (["--validation_percentage", "60", "--testing_percentage", "40"], "leave images for training"),
-    (["--seed", "-1"], "--seed"),
-    (["--workers", "0"], "--workers"),
     (["--input_std", "0", "--backbone", "x.onnx"], "--input_std"),
     (["--mode", "finetune", "--finetune_learning_rate", "nan"], "--finetune_learning_rate"),
     (["--mode", "finetune", "--epochs", "-2"], "--epochs"),
