@@ -33,6 +33,7 @@ from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
 from .head import Diverged
+from .stopping import EarlyStopping
 from .preprocess import Preprocessing, normalize_torch
 from .scan import SampleTable
 
@@ -258,14 +259,15 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
 
     result = FinetuneResult(features=net.features, layers=net.head_layers(), device=device.type,
                             train_size=data.train_size)
-    start_epoch, best_key, best_state, stale, warm_key, warm_state = 1, None, None, 0, None, None
+    start_epoch, stopping, best_state, warm_key, warm_state = 1, EarlyStopping(cfg.patience), None, None, None
     state = _resumable(checkpoint, resume, log)
     if state:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, result.history = int(state["epoch"]) + 1, list(state["history"])
-        best_key, best_state, stale = tuple(state["best_key"]), state["best_model"], int(state["stale"])
+        stopping = EarlyStopping(cfg.patience, tuple(state["best_key"]), int(state["stale"]))
+        best_state = state["best_model"]
         result.best_epoch, plan["epochs"] = int(state["best_epoch"]), int(state.get("planned_epochs", cfg.epochs))
         warm_key, warm_state = (tuple(state["warm_key"]) if state["warm_key"] else None), state["warm_model"]
         log(f"Resuming after epoch {start_epoch - 1} from {checkpoint.path}")
@@ -293,29 +295,27 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
             f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
                                             f"(N={data.count('validation')})" if "validation_accuracy" in entry else "")
             + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
-        if best_key is None or key > best_key:
-            best_key, stale, result.best_epoch, best_state = key, 0, epoch, _cpu_state(net)
-        else:
-            stale += 1
+        if stopping.improved(key):
+            result.best_epoch, best_state = epoch, _cpu_state(net)
         if time_budget and epoch == start_epoch == 1:
             _fit_schedule_to_budget(plan, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
         if checkpoint_to_write:
             _save_checkpoint(checkpoint_to_write.path, {"identity": checkpoint_to_write.identity,
                                                         "model": net.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
-                                          "best_key": list(best_key), "best_model": best_state, "stale": stale,
+                                          "best_key": list(stopping.best), "best_model": best_state, "stale": stopping.stale,
                                           "best_epoch": result.best_epoch, "warm_model": warm_state,
                                           "warm_key": list(warm_key) if warm_key else [],
                                           "planned_epochs": plan["epochs"]})
         if after_epoch:
             after_epoch(lambda: _accuracy(net, data, backbone.prep, device, "test"))
-        if cfg.patience is not None and stale >= cfg.patience:
+        if stopping.should_stop:
             log(f"Early stop after epoch {epoch}: no validation improvement since epoch {result.best_epoch}.")
             break
         epoch += 1
     # Accuracy alone decides here: the warm head trained without label smoothing, so its validation
     # loss is not comparable with the fine-tuned network's, and a tie must not undo the fine-tuning.
-    if warm_key is not None and (best_key is None or warm_key[0] > best_key[0]):
+    if warm_key is not None and (stopping.best is None or warm_key[0] > stopping.best[0]):
         log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
         best_state, result.best_epoch = warm_state, 0
     if best_state is not None:

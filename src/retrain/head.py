@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import empty_matrix
+from .stopping import EarlyStopping
 from .config import HeadConfig
 
 
@@ -191,7 +192,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     opt = _AdamW(layers, cfg.learning_rate, cfg.weight_decay)
     batch = min(cfg.batch_size, len(x_train))
     result = HeadResult(layers=[(w.copy(), b.copy()) for w, b in layers])
-    best_key, stale, order, pos = None, 0, rng.permutation(len(x_train)), 0
+    stopping, order, pos = EarlyStopping(cfg.patience), rng.permutation(len(x_train)), 0
     for step in range(1, cfg.steps + 1):
         if pos + batch > len(order):
             order, pos = rng.permutation(len(x_train)), 0
@@ -217,16 +218,12 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
             line += f"; Validation accuracy = {100 * val_acc:.1f}% (N={len(x_val)})"
             key = (val_acc, -val_loss)
         result.history.append(entry)
-        improved = best_key is None or key > best_key
-        if best_key is None or key[0] > best_key[0] or len(result.history) % QUIET_CHECKS == 0:
+        if stopping.best is None or key[0] > stopping.best[0] or len(result.history) % QUIET_CHECKS == 0:
             log(line)  # a line when accuracy improves, and now and then (a lower loss alone is no news)
-        if improved:
-            best_key, stale, result.best_step = key, 0, step
-            result.layers = [(w.copy(), b.copy()) for w, b in layers]
-        else:
-            stale += 1
+        if stopping.improved(key):
+            result.best_step, result.layers = step, [(w.copy(), b.copy()) for w, b in layers]
         result.steps_run = step
-        if stale >= cfg.patience:
+        if stopping.should_stop:
             break
     if result.history:
         log(_kept_line(result, cfg, watched="validation" if len(x_val) else "training", n=len(x_val) or len(x_seen)))
