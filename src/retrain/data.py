@@ -14,14 +14,13 @@ training device, int64 labels).
 """
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .prefetch import batched, ordered_map
 from .progress import progress
 from . import distributed
 from .augment import Augment, Distortion, augment, draw_distortion
@@ -57,20 +56,12 @@ def train_batches(samples: SampleTable, aug: Augment, batch_size: int, seed: int
             return None
 
     batches, labels = shard_batches(len(samples), batch_size, seed, epoch), samples.labels.astype(np.int64)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for idx in batches[:3]:
-            pending.append((idx, [pool.submit(load, i) for i in idx]))
-        for ahead in batches[3:] + [None] * 3:
-            if not pending:
-                break
-            idx, futures = pending.popleft()
-            if ahead is not None:
-                pending.append((ahead, [pool.submit(load, i) for i in ahead]))
-            arrays = [f.result() for f in futures]
-            keep = [k for k, a in enumerate(arrays) if a is not None]
-            if keep:
-                yield np.stack([arrays[k] for k in keep]), labels[idx[keep]]
+    order = (int(i) for idx in batches for i in idx)
+    loaded = ordered_map(load, order, workers, ahead=3 * batch_size)  # three batches ahead of the trainer
+    for idx, arrays in zip(batches, batched(loaded, [len(idx) for idx in batches])):
+        keep = [k for k, a in enumerate(arrays) if a is not None]
+        if keep:
+            yield np.stack([arrays[k] for k in keep]), labels[idx[keep]]
 
 
 class PhotoFiles:

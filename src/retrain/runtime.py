@@ -8,15 +8,14 @@ compute the same numbers.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .decode import UnreadableImage, describe, load_image
+from .prefetch import batched, ordered_map
 from .preprocess import INPUT_NAME, Preprocessing
 from .progress import progress, say
 
@@ -62,24 +61,13 @@ def decoded_batches(paths: Sequence[Path], prep: Preprocessing, batch_size: int,
         except UnreadableImage as e:
             return i, None, str(e)
 
-    starts = iter(range(0, len(paths), batch_size))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-
-        def submit_next() -> None:
-            start = next(starts, None)
-            if start is not None:
-                pending.append([pool.submit(decode, i) for i in range(start, min(start + batch_size, len(paths)))])
-
-        for _ in range(prefetch):
-            submit_next()
-        while pending:
-            results = [f.result() for f in pending.popleft()]
-            submit_next()
-            ok = [(i, a) for i, a, _ in results if a is not None]
-            failed = [(i, why) for i, _, why in results if why is not None]
-            batch = np.stack([a for _, a in ok]) if ok else np.zeros((0, prep.size, prep.size, 3), np.uint8)
-            yield [i for i, _ in ok], batch, failed
+    sizes = [min(batch_size, len(paths) - start) for start in range(0, len(paths), batch_size)]
+    decoded = ordered_map(decode, range(len(paths)), workers, ahead=prefetch * batch_size)
+    for results in batched(decoded, sizes):
+        ok = [(i, a) for i, a, _ in results if a is not None]
+        failed = [(i, why) for i, _, why in results if why is not None]
+        batch = np.stack([a for _, a in ok]) if ok else np.zeros((0, prep.size, prep.size, 3), np.uint8)
+        yield [i for i, _ in ok], batch, failed
 
 
 def run_model(session: ort.InferenceSession, paths: Sequence[Path], prep: Preprocessing, batch_size: int,

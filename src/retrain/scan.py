@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import overload
 
 import numpy as np
 
+from .prefetch import ordered_map
 from .progress import progress
 from .errors import UserError
 from .split import assign_recorded, record_path
@@ -373,18 +372,10 @@ def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = Fal
     pool.map would submit every file up front: a million pending futures (~0.5 KB each) just
     to hash files one after another.
     """
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            progress(total=total, desc="Hashing images", unit="img", leave=False,
-                 disable=quiet or total < 200) as bar:
-        pending: deque = deque()
-        for path in paths:
-            pending.append(pool.submit(_safe_digest, path))
-            if len(pending) >= 4 * workers:
-                bar.update()
-                yield pending.popleft().result()
-        while pending:
+    with progress(total=total, desc="Hashing images", unit="img", leave=False, disable=quiet or total < 200) as bar:
+        for digest in ordered_map(_safe_digest, paths, workers, ahead=4 * workers):
             bar.update()
-            yield pending.popleft().result()
+            yield digest
 
 
 def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -> int:
