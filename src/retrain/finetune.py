@@ -157,23 +157,57 @@ def _load_checkpoint(path: Path) -> dict:
         raise UserError(f"cannot resume from {path}: {e}") from None
 
 
-def _resumable(checkpoint: Checkpoint | None, resume: bool, log: Callable[[str], None]) -> dict | None:
-    """The saved state to continue from, if asked to resume and the checkpoint is of this very run."""
+@dataclass
+class FitState:
+    """What the epoch loop carries from one epoch to the next. With the network's, optimiser's and
+    schedule's own state it is the checkpoint, so --resume continues exactly where a run stopped."""
+    planned_epochs: int
+    stopping: EarlyStopping
+    epoch: int = 0  # the last finished epoch
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_model: dict | None = None
+    warm_key: tuple | None = None  # the network before the first epoch: (validation key, weights)
+    warm_model: dict | None = None
+    model: dict | None = None  # these three only when loaded from a checkpoint
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+
+    def to_checkpoint(self, identity: dict, net: nn.Module, opt, sched) -> dict:
+        """Plain containers and tensors only: torch.load(weights_only=True) reads it back."""
+        return {"identity": identity, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": self.epoch, "planned_epochs": self.planned_epochs,
+                "history": self.history, "best_key": list(self.stopping.best or []), "stale": self.stopping.stale,
+                "best_epoch": self.best_epoch, "best_model": self.best_model,
+                "warm_key": list(self.warm_key or []), "warm_model": self.warm_model}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, patience: int | None) -> FitState:
+        return cls(planned_epochs=int(saved["planned_epochs"]), epoch=int(saved["epoch"]),
+                   stopping=EarlyStopping(patience, tuple(saved["best_key"]) or None, int(saved["stale"])),
+                   history=list(saved["history"]), best_epoch=int(saved["best_epoch"]), best_model=saved["best_model"],
+                   warm_key=tuple(saved["warm_key"]) or None, warm_model=saved["warm_model"], model=saved["model"],
+                   optimizer=saved["optimizer"], scheduler=saved["scheduler"])
+
+
+def _resumed_state(checkpoint: Checkpoint | None, resume: bool, cfg: FinetuneConfig,
+                   log: Callable[[str], None]) -> FitState | None:
+    """The state to continue from, if asked to resume and the checkpoint is of this very run."""
     if not resume:
         return None
     if checkpoint is None or not checkpoint.path.exists():
         log("No checkpoint of this run to resume from (same data, backbone and training settings): starting afresh.")
         return None
     try:
-        state = _load_checkpoint(checkpoint.path)
+        saved = _load_checkpoint(checkpoint.path)
     except UserError as e:
         log(f"{e}: the checkpoint is damaged, starting afresh.")
         return None
-    if state.get("identity") != checkpoint.identity:
+    if saved.get("identity") != checkpoint.identity:
         log(f"The checkpoint {checkpoint.path} is of another run (data, backbone or training settings differ): "
             "starting afresh.")
         return None
-    return state
+    return FitState.from_checkpoint(saved, cfg.patience)
 
 
 def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
@@ -246,8 +280,10 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         groups.append({"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     steps_per_epoch = max(1, data.n_train // cfg.batch_size)
-    plan = {"epochs": cfg.epochs}  # the LR schedule reads it, so a time budget can shorten it
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(lambda: plan["epochs"] * steps_per_epoch,
+    resumed = _resumed_state(checkpoint, resume, cfg, log)
+    state = resumed or FitState(planned_epochs=cfg.epochs, stopping=EarlyStopping(cfg.patience))
+    # The LR schedule reads the state's planned epochs, so a time budget can change them.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(lambda: state.planned_epochs * steps_per_epoch,
                                                              cfg.warmup_fraction))
     model = net
     if distributed.active():
@@ -257,83 +293,70 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     model = torch.compile(model) if cfg.compile else model
     validate = lambda entry: _validate(net, data, backbone.prep, device, entry)  # noqa: E731
 
-    result = FinetuneResult(features=net.features, layers=net.head_layers(), device=device.type,
-                            train_size=data.train_size)
-    start_epoch, stopping, best_state, warm_key, warm_state = 1, EarlyStopping(cfg.patience), None, None, None
-    state = _resumable(checkpoint, resume, log)
-    if state:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, result.history = int(state["epoch"]) + 1, list(state["history"])
-        stopping = EarlyStopping(cfg.patience, tuple(state["best_key"]), int(state["stale"]))
-        best_state = state["best_model"]
-        result.best_epoch, plan["epochs"] = int(state["best_epoch"]), int(state.get("planned_epochs", cfg.epochs))
-        warm_key, warm_state = (tuple(state["warm_key"]) if state["warm_key"] else None), state["warm_model"]
-        log(f"Resuming after epoch {start_epoch - 1} from {checkpoint.path}")
+    if resumed:
+        net.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        log(f"Resuming after epoch {state.epoch} from {checkpoint.path}")
     else:
         # The warm start is the fallback: kept if no fine-tuned epoch beats it on validation.
         checked = validate({"epoch": 0}) if warm_start else None
         if checked:
-            (warm_key, entry), warm_state = checked, _cpu_state(net)
-            result.history.append(entry)
+            (state.warm_key, entry), state.warm_model = checked, _cpu_state(net)
+            state.history.append(entry)
             log(f"Before fine-tuning: Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
                 f"(N={data.count('validation')})")
 
     log(f"{what} on {device.type} at {data.train_size} px: {detail}, "
-        f"{plan['epochs']} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
-    started, epoch = time.perf_counter(), start_epoch
-    while epoch <= plan["epochs"]:
-        entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, plan["epochs"], device, backbone.prep,
-                             quiet)
+        f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
+    started, first = time.perf_counter(), state.epoch + 1
+    while state.epoch < state.planned_epochs:
+        epoch = state.epoch + 1
+        entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
+                             backbone.prep, quiet)
         if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
             raise Diverged(f"epoch {epoch}", cfg.learning_rate, cfg.weight_decay, "--finetune_learning_rate")
         checked = validate(entry)
         key, entry = checked if checked else ((entry["train_accuracy"], -entry["train_loss"]), entry)
-        result.history.append(entry)
-        log(f"Epoch {epoch}/{plan['epochs']}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
+        state.history.append(entry)
+        state.epoch = epoch
+        log(f"Epoch {epoch}/{state.planned_epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
             f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
                                             f"(N={data.count('validation')})" if "validation_accuracy" in entry else "")
             + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
-        if stopping.improved(key):
-            result.best_epoch, best_state = epoch, _cpu_state(net)
-        if time_budget and epoch == start_epoch == 1:
-            _fit_schedule_to_budget(plan, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
+        if state.stopping.improved(key):
+            state.best_epoch, state.best_model = epoch, _cpu_state(net)
+        if time_budget and epoch == first == 1:
+            _fit_schedule_to_budget(state, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
         if checkpoint_to_write:
-            _save_checkpoint(checkpoint_to_write.path, {"identity": checkpoint_to_write.identity,
-                                                        "model": net.state_dict(), "optimizer": opt.state_dict(),
-                                          "scheduler": sched.state_dict(), "epoch": epoch, "history": result.history,
-                                          "best_key": list(stopping.best), "best_model": best_state, "stale": stopping.stale,
-                                          "best_epoch": result.best_epoch, "warm_model": warm_state,
-                                          "warm_key": list(warm_key) if warm_key else [],
-                                          "planned_epochs": plan["epochs"]})
+            _save_checkpoint(checkpoint_to_write.path, state.to_checkpoint(checkpoint_to_write.identity, net, opt, sched))
         if after_epoch:
             after_epoch(lambda: _accuracy(net, data, backbone.prep, device, "test"))
-        if stopping.should_stop:
-            log(f"Early stop after epoch {epoch}: no validation improvement since epoch {result.best_epoch}.")
+        if state.stopping.should_stop:
+            log(f"Early stop after epoch {epoch}: no validation improvement since epoch {state.best_epoch}.")
             break
-        epoch += 1
     # Accuracy alone decides here: the warm head trained without label smoothing, so its validation
     # loss is not comparable with the fine-tuned network's, and a tie must not undo the fine-tuning.
-    if warm_key is not None and (stopping.best is None or warm_key[0] > stopping.best[0]):
+    best_model = state.best_model
+    if state.warm_key is not None and (state.stopping.best is None or state.warm_key[0] > state.stopping.best[0]):
         log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
-        best_state, result.best_epoch = warm_state, 0
-    if best_state is not None:
-        net.load_state_dict(best_state)
+        best_model, state.best_epoch = state.warm_model, 0
+    if best_model is not None:
+        net.load_state_dict(best_model)
     net.eval().cpu().to(memory_format=torch.contiguous_format)
-    result.features, result.layers = net.features, net.head_layers()
-    return result
+    return FinetuneResult(features=net.features, layers=net.head_layers(), history=state.history,
+                          best_epoch=state.best_epoch, device=device.type, train_size=data.train_size)
 
 
-def _fit_schedule_to_budget(plan: dict, epoch: int, seconds: float, budget: float, stretch: bool,
+def _fit_schedule_to_budget(state: FitState, epoch: int, seconds: float, budget: float, stretch: bool,
                             log: Callable[[str], None]) -> None:
     """Set the planned epochs to what the budget allows at the first epoch's pace (only shorten unless stretch)."""
     pace = max(seconds / epoch, 1e-9)
     affordable = min(MAX_EPOCHS, max(epoch, int(budget / pace)))
-    if affordable < plan["epochs"] or (stretch and affordable > plan["epochs"]):
+    if affordable < state.planned_epochs or (stretch and affordable > state.planned_epochs):
         log(f"Time budget {budget / 60:.1f} min at {pace:.1f} s per epoch: the schedule now ends after "
-            f"epoch {affordable} (planned {plan['epochs']}).")
-        plan["epochs"] = affordable
+            f"epoch {affordable} (planned {state.planned_epochs}).")
+        state.planned_epochs = affordable
 
 
 def _cpu_state(net: nn.Module) -> dict:
