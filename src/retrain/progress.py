@@ -23,6 +23,13 @@ LINE_SECONDS = 10.0
 LINE = re.compile(r"^(?P<stage>[^:]+): (?P<done>\d+)/(?P<total>\d+|\?) ")  # what a plain progress line looks like
 
 
+def _seconds(text: str) -> float:
+    try:
+        return max(0.0, float(text))
+    except ValueError:  # unset or not a number: the default
+        return LINE_SECONDS
+
+
 def bars_wanted() -> bool:
     mode = os.environ.get("RETRAIN_PROGRESS", "auto")
     return mode == "bars" or (mode != "lines" and sys.stderr.isatty())
@@ -33,7 +40,7 @@ class Lines:
 
     def __init__(self, total: int | None, desc: str, unit: str):
         self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, 0, ""
-        self.every = float(os.environ.get("RETRAIN_PROGRESS_SECONDS", LINE_SECONDS))
+        self.every = _seconds(os.environ.get("RETRAIN_PROGRESS_SECONDS", ""))
         self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:

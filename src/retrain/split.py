@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .files import atomic_write_bytes
 
@@ -137,7 +137,7 @@ def assign_recorded(keys: np.ndarray, labels: np.ndarray, n_classes: int, valida
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path) + ".lock", timeout=60)
         lock.acquire()
-    except OSError:
+    except (OSError, Timeout):  # an unwritable cache, or a run holding the record for over a minute
         return assign(keys, labels, n_classes, validation_percentage, testing_percentage, SplitRecord.load(path))
     try:
         record = SplitRecord.load(path)
