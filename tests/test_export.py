@@ -177,22 +177,43 @@ def test_any_size_model_agrees_with_retrain_predict_on_real_photos(cache_dir):
     assert agree / len(photos) >= 0.995 and worst <= 0.02, (agree, len(photos), worst)
 
 
-def test_any_size_and_ort_files_classify_like_model_onnx(exported):
-    photos = real_photos()[:12]
-    onnx_session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+def int8_expected(exported: Path, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 model.onnx's probabilities on the photos as retrain's Python pipeline crops them, and that batch."""
     clf = load(exported)
     batch = np.stack([fit_to_square(Image.fromarray(decoded(p)), clf.prep) for p in photos])
-    expected = onnx_session.run(None, {INPUT_NAME: batch})[0]
+    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {INPUT_NAME: batch})[0], batch
+
+
+def any_size_probabilities(exported: Path, name: str, photos: list[Path]) -> np.ndarray:
+    session = ort.InferenceSession(str(exported / name), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {IMAGE_NAME: decoded(p)})[0] for p in photos])
+
+
+def test_ort_file_classifies_like_model_onnx(exported):
+    expected, batch = int8_expected(exported, real_photos()[:12])
     mobile = ort.InferenceSession(str(exported / "model.ort"), providers=["CPUExecutionProvider"])
-    assert mobile.get_modelmeta().custom_metadata_map["retrain:labels"] == json.dumps(clf.labels)
+    assert mobile.get_modelmeta().custom_metadata_map["retrain:labels"] == json.dumps(load(exported).labels)
     got = mobile.run(None, {INPUT_NAME: batch})[0]
     assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 1e-4
-    # The in-graph resize is within one grey level of PIL's; this int8 model's quantisation steps turn
-    # that into up to 0.022 in a probability (fp32: 0.0085 at most, held to 0.02 in the test above).
-    for name in (ANY_SIZE_FILE, "model_any_size.ort"):
-        anywhere = ort.InferenceSession(str(exported / name), providers=["CPUExecutionProvider"])
-        got = np.concatenate([anywhere.run(None, {IMAGE_NAME: decoded(p)})[0] for p in photos])
-        assert (got.argmax(1) == expected.argmax(1)).all() and np.abs(got - expected).max() < 0.03, name
+
+
+@pytest.mark.parametrize("name", [ANY_SIZE_FILE, "model_any_size.ort"])
+def test_int8_any_size_files_agree_with_model_onnx_on_top_1(exported, name):
+    photos = real_photos()[:12]
+    expected, _ = int8_expected(exported, photos)
+    assert (any_size_probabilities(exported, name, photos).argmax(1) == expected.argmax(1)).all()
+
+
+# Not met yet, kept at the issue's bound: the in-graph resize is within one grey level of PIL's, and
+# the int8 model's quantisation steps turn that into up to 0.022 in a probability on these photos
+# (the fp32 any-size model stays within 0.02: test_any_size_model_agrees_with_retrain_predict_on_real_photos).
+@pytest.mark.xfail(strict=True, reason="int8 + any-size: probabilities differ by up to 0.022 (> 0.02)")
+@pytest.mark.parametrize("name", [ANY_SIZE_FILE, "model_any_size.ort"])
+def test_int8_any_size_files_agree_with_model_onnx_within_0_02(exported, name):
+    photos = real_photos()[:12]
+    expected, _ = int8_expected(exported, photos)
+    assert np.abs(any_size_probabilities(exported, name, photos) - expected).max() < 0.02
 
 
 ORT_WEB = os.environ.get("RETRAIN_ORT_WEB", "")  # a folder where `npm install onnxruntime-web` was run

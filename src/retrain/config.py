@@ -57,6 +57,17 @@ def finetune_batch_size(n_train: int, gpu: bool) -> int:
     return max(32, min(256, n_train // 100)) if gpu else 32
 
 
+def finetune_geometry(cfg: FinetuneConfig, backbone_size: int, n_train: int, gpu: bool) -> tuple[int, int]:
+    """(train_size, batch_size) as given, else the recipe's: the backbone's size on a GPU, 160 px on the CPU."""
+    return (cfg.train_size or (backbone_size if gpu else CPU_TRAIN_SIZE),
+            cfg.batch_size or finetune_batch_size(n_train, gpu))
+
+
+def scratch_schedule(cfg: FinetuneConfig, n_train: int) -> tuple[int, int]:
+    """(epochs, batch_size) as given, else chosen from the data size."""
+    return cfg.epochs or scratch_epochs(n_train), cfg.batch_size or scratch_batch_size(n_train)
+
+
 def scratch_defaults() -> FinetuneConfig:
     """The recipe for networks trained from random weights (one-cycle, larger batches and rates).
 

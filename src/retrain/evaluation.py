@@ -137,8 +137,10 @@ def verdict(metrics: dict, classes: list[str], unsplit_classes: list[str]) -> li
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
-            lines.append(f"Only {n} test photos: too few to measure accuracy "
-                         f"({describe_accuracy(test['accuracy'], n).split('(', 1)[1]}. Add photos to every class.")
+            right = round(test["accuracy"] * n)
+            lo, hi = wilson_interval(right, n)
+            lines.append(f"Only {n} test photos: too few to measure accuracy ({right}/{n} right; 95% CI "
+                         f"{100 * lo:.0f}-{100 * hi:.0f}%). Add photos to every class.")
         else:
             lines.append(f"Right on {describe_accuracy(test['accuracy'], n)} of test photos the model never "
                          f"trained on; for comparison, {baselines}.")

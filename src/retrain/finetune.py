@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .progress import progress
 from . import distributed
 from .augment import Augment
-from .config import CPU_TRAIN_SIZE, Checkpoint, FinetuneConfig, finetune_batch_size
+from .config import CPU_TRAIN_SIZE, Checkpoint, FinetuneConfig, finetune_geometry
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
@@ -219,9 +219,9 @@ def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_laye
         raise UserError(f"backbone {backbone.name} has no PyTorch network to fine-tune; use --mode head")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    size = cfg.train_size or (backbone.prep.size if device.type == "cuda" else CPU_TRAIN_SIZE)
+    size, batch_size = finetune_geometry(cfg, backbone.prep.size, len(train), device.type == "cuda")
     aug = replace(cfg.augment, size=size) if cfg.augment else Augment(size=size)
-    cfg = replace(cfg, batch_size=cfg.batch_size or finetune_batch_size(len(train), device.type == "cuda"))
+    cfg = replace(cfg, batch_size=batch_size)
     splits = {"train": train, "validation": val, "test": train[:0] if test is None else test}
     data = _data_source(splits, aug, backbone.prep, cfg, device, distributed.rank0_log(log), quiet)
     net = Network(backbone.torch_network(), head_layers)

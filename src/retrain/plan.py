@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
 from .backbones import Backbone
-from .config import CPU_TRAIN_SIZE, FinetuneConfig, TrainConfig, finetune_batch_size, scratch_batch_size, scratch_epochs
+from .config import FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
 
 AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
 CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
@@ -60,20 +60,19 @@ def plan_training(config: TrainConfig, backbone: Backbone, n_train: int) -> Trai
     """The plan for `n_train` training photos; imports PyTorch only when live images may train."""
     if not backbone.pretrained:
         cfg = config.scratch
+        epochs, batch_size = scratch_schedule(cfg, n_train)
         return TrainingPlan(Mode.SCRATCH, f"{backbone.name} has no pretrained weights, so the whole network trains "
                             "from random initialisation" + (f" (--mode {config.mode} does not apply)"
                                                             if config.mode != "head" else ""),
-                            device=_device(cfg.device), epochs=cfg.epochs or scratch_epochs(n_train),
-                            batch_size=cfg.batch_size or scratch_batch_size(n_train), train_size=backbone.prep.size,
+                            device=_device(cfg.device), epochs=epochs, batch_size=batch_size,
+                            train_size=backbone.prep.size,
                             stretch_to_budget=not cfg.epochs)
     mode, reason = _pretrained_mode(config, n_train)
     if mode is Mode.HEAD:
         return TrainingPlan(mode, reason)
     cfg, device = config.finetune, _device(config.finetune.device)
-    gpu = device == "cuda"
-    return TrainingPlan(mode, reason, device=device, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size or finetune_batch_size(n_train, gpu),
-                        train_size=cfg.train_size or (backbone.prep.size if gpu else CPU_TRAIN_SIZE))
+    train_size, batch_size = finetune_geometry(cfg, backbone.prep.size, n_train, device == "cuda")
+    return TrainingPlan(mode, reason, device=device, epochs=cfg.epochs, batch_size=batch_size, train_size=train_size)
 
 
 def _pretrained_mode(config: TrainConfig, n_train: int) -> tuple[Mode, str]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .backbones import Backbone
-from .config import Checkpoint, FinetuneConfig, scratch_batch_size, scratch_epochs
+from .config import Checkpoint, FinetuneConfig, scratch_schedule
 from .errors import UserError
 from .data import DecodedImages
 from .finetune import EpochHook, FinetuneResult, Network, fit
@@ -56,8 +56,8 @@ def train_from_scratch(splits: dict[str, SampleTable], backbone: Backbone, n_cla
     if not data.n_train:
         raise UserError("none of the training images could be decoded")
     stretch = not cfg.epochs if stretch_to_budget is None else stretch_to_budget
-    cfg = replace(cfg, epochs=cfg.epochs or scratch_epochs(data.n_train),
-                  batch_size=cfg.batch_size or scratch_batch_size(data.n_train))
+    epochs, batch_size = scratch_schedule(cfg, data.n_train)
+    cfg = replace(cfg, epochs=epochs, batch_size=batch_size)
     data.batch_size = cfg.batch_size
     torch.manual_seed(cfg.seed)
     features = backbone.torch_network()

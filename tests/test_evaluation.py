@@ -1,0 +1,46 @@
+"""Accuracy with its evidence: Wilson intervals, the words a small N gets, the verdict, per-class rows."""
+import numpy as np
+import pytest
+
+from retrain.evaluation import classification_metrics, describe_accuracy, format_metrics, verdict, wilson_interval
+
+
+def test_wilson_interval_is_sound_at_the_edges():
+    lo, hi = wilson_interval(5, 5)
+    assert hi == 1.0 and 0.5 < lo < 0.6  # 5/5 right still leaves room for a 57% classifier
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(900, 1000)
+    assert lo == pytest.approx(0.880, abs=0.002) and hi == pytest.approx(0.917, abs=0.002)
+
+
+def test_a_tiny_split_gets_words_not_a_figure():
+    assert describe_accuracy(1.0, 5, "test photos").startswith("not measurable on 5 test photos (5/5 right; 95% CI")
+    assert describe_accuracy(0.9, 200) == "90.0% (N=200, 95% CI 85-93%)"
+    assert describe_accuracy(None, 0) == "not measured: no photos"
+
+
+def metrics(y_true, y_pred, classes=("ants", "bees")):
+    return {"test": classification_metrics(np.array(y_true), np.array(y_pred), list(classes)),
+            "test_accuracy": float(np.mean(np.array(y_true) == np.array(y_pred))),
+            "validation_accuracy": None, "num_validation": 0}
+
+
+def test_verdict_compares_with_chance_and_the_largest_class():
+    m = metrics([0] * 30 + [1] * 10, [0] * 30 + [1] * 6 + [0] * 4)
+    lines = verdict(m, ["ants", "bees"], [])
+    assert lines[0].startswith("Right on 90.0% (N=40, 95% CI") and "always answering 'ants' 75%" in lines[0]
+    assert lines[1] == "Most confused: bees taken for ants (4 photos)."
+
+
+def test_verdict_names_tiny_splits_and_classes_without_test_photos():
+    lines = verdict(metrics([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]), ["ants", "bees"], ["wasps"])
+    assert lines[0] == ("Only 6 test photos: too few to measure accuracy (5/6 right; 95% CI 44-97%). "
+                        "Add photos to every class.")
+    assert any(line.startswith("No test photos of bees") for line in lines)
+    assert any("all were used for training" in line and "wasps" in line for line in lines)
+
+
+def test_a_class_without_support_has_no_recall_not_zero():
+    m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 1]), ["ants", "bees"])
+    assert m["per_class"]["bees"]["recall"] is None and m["per_class"]["bees"]["f1"] is None
+    assert "no photos of this class" in format_metrics(m)
