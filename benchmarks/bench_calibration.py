@@ -71,7 +71,7 @@ def unknown_rate(dataset: str, held_out: str) -> None:
     root = SHARED / dataset
     with tempfile.TemporaryDirectory() as tmp:
         data, held = without_class(root, held_out, Path(tmp) / "data")
-        model = retrain.train(data, TrainConfig(quiet=True, unknown_threshold="auto"))
+        model = retrain.train(data, TrainConfig(quiet=True, unknown_threshold="auto", mode="head"))
         model.save(Path(tmp) / "model", report=False)
         c = model.metrics["calibration"]
         preds = retrain.predict(Path(tmp) / "model", held)
@@ -95,11 +95,11 @@ def main() -> None:
         if not root.is_dir():
             print(f"{name}: not present")
             continue
-        results.append(report(f"{name} (full)", retrain.train(root, TrainConfig(quiet=True)).metrics))
+        results.append(report(f"{name} (full)", retrain.train(root, TrainConfig(quiet=True, mode="head")).metrics))
         for seed in range(args.draws):
             with tempfile.TemporaryDirectory() as tmp:
                 folder = small_folder(root, SMALL[name], seed, Path(tmp) / "small")
-                config = TrainConfig(quiet=True, cache_dir=None)
+                config = TrainConfig(quiet=True, cache_dir=None, mode="head")
                 metrics = retrain.train(folder, config).metrics
                 results.append(report(f"{name} {SMALL[name]}/class #{seed}", metrics))
     print(f"test ECE after <= before in {sum(results)} of {len(results)} runs")

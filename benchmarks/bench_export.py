@@ -94,7 +94,7 @@ def agreement(clf: Classifier, any_size: ort.InferenceSession, paths: list[Path]
 
 
 def bench(name: str, cache_dir: str, work: Path, agreement_photos: int) -> None:
-    model_dir = retrain.train(SHARED / name, TrainConfig(cache_dir=cache_dir, quiet=True)).save(work / name,
+    model_dir = retrain.train(SHARED / name, TrainConfig(cache_dir=cache_dir, quiet=True, mode="head")).save(work / name,
                                                                                                   report=False)
     clf = load(model_dir)
     model = tidy_opsets(onnx.load(str(clf.path)))

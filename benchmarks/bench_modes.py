@@ -24,7 +24,7 @@ from retrain.config import FinetuneConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MODES = {
-    "head": TrainConfig(quiet=True),
+    "head": TrainConfig(quiet=True, mode="head"),
     "finetune": TrainConfig(quiet=True, mode="finetune"),
     "top3": TrainConfig(quiet=True, mode="finetune", finetune=FinetuneConfig(unfreeze=3)),
 }

@@ -170,7 +170,9 @@ def test_training_identity_ignores_output_and_logging_but_not_training_settings(
 def test_the_resolved_plan_is_recorded(shapes, cache_dir):
     import retrain
 
-    model = retrain.train(shapes, quick_config(cache_dir))
-    plan = model.metrics["plan"]
-    assert plan["mode"] == "head" and plan["reason"] == "as asked" and plan["epochs"] is None
+    model = retrain.train(shapes, quick_config(cache_dir))  # the default run, on a handful of validation photos
+    plan, n_val = model.metrics["plan"], model.metrics["num_validation"]
+    assert plan["mode"] == "head" and plan["epochs"] is None and 0 < n_val < 50
+    assert plan["reason"].startswith(f"not fine-tuning: {n_val} validation photos are too few to tell a gain from")
     assert model.metrics["provenance"]["plan"] == plan
+    assert retrain.train(shapes, quick_config(cache_dir, mode="head")).metrics["plan"]["reason"] == "as asked"

@@ -192,7 +192,7 @@ def test_help_gives_each_default_once():
                                    ["--unfreeze", "2"], ["--resume"]])
 def test_live_image_flags_are_refused_in_head_mode(shapes, tmp_path, capsys, flags):
     """--mode head trains on cached features: these flags would otherwise do nothing, silently."""
-    assert retrain_main(["train", str(shapes), "--output", str(tmp_path / "m"), *flags]) == 2
+    assert retrain_main(["train", str(shapes), "--output", str(tmp_path / "m"), "--mode", "head", *flags]) == 2
     err = capsys.readouterr().err
     assert flags[0] in err and "--mode head trains on cached features" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()

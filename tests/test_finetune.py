@@ -11,7 +11,6 @@ from PIL import Image
 import retrain
 from retrain import finetune as ft
 from retrain.api import TrainConfig
-from retrain.plan import Mode, plan_training
 from retrain.augment import Augment, augment
 from retrain.backbones import get_backbone
 from retrain.decode import load_image
@@ -139,19 +138,6 @@ def test_legacy_flip_only_is_the_centre_crop_or_its_mirror():
     outs = [augment(img, aug, np.random.default_rng(i)) for i in range(8)]
     assert all(np.array_equal(o, centre) or np.array_equal(o, centre[:, ::-1]) for o in outs)
     assert any(np.array_equal(o, centre[:, ::-1]) for o in outs)
-
-
-def test_auto_mode_explains_its_choice():
-    cfg, lite0 = TrainConfig(mode="auto", time_budget=60, finetune=FinetuneConfig(device="cpu")), get_backbone("lite0")
-    plan = plan_training(cfg, lite0, 10_000)
-    assert plan.mode is Mode.HEAD and "over the 1-minute budget" in plan.reason and plan.epochs is None
-    plan = plan_training(replace(cfg, time_budget=3600), lite0, 200)
-    assert plan.mode is Mode.FINETUNE and "within the 60-minute budget" in plan.reason
-    # What the trainer will run is resolved here, not deep inside it: the CPU recipe's 160 px and batch 32.
-    assert (plan.device, plan.epochs, plan.batch_size, plan.train_size) == ("cpu", 6, 32, 160)
-    assert plan.settings(cfg.finetune).batch_size == 32 and "batch 32, 160 px" in plan.describe()
-    with pytest.raises(retrain.errors.UserError, match="unknown mode"):
-        TrainConfig(mode="fast")
 
 
 def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache_dir):

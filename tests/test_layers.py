@@ -18,7 +18,7 @@ LAYERS = [
                      "validate", "outputs", "distributed", "split", "connections"}),
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),
     ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "report",
-                "summaries", "imagenet", "lrfind", "checks", "export", "datasets"}),
+                "summaries", "imagenet", "lrfind", "checks", "export", "datasets", "tuned"}),
     ("pipeline", {"api", "pipeline", "plan"}),
     ("applications", {"doctor", "compare", "serve", "cli", "__main__", "__init__"}),
 ]

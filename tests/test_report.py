@@ -90,7 +90,8 @@ def test_tensorboard_summaries(tmp_path, cache_dir):
 ])
 def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, cache_dir, chromium):
     root = shared_dataset(name)
-    model = retrain.train(root / train_dir, TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto"))
+    model = retrain.train(root / train_dir, TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto",
+                                                     mode="head"))
     out = model.save(tmp_path / name, report=False)
     from retrain.report import write_report
 

@@ -72,7 +72,7 @@ def use_cache_dir(cache_dir: str | None) -> None:
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
     from .config import TrainConfig
-    from .config import CPU_TRAIN_SIZE, FinetuneConfig, scratch_defaults
+    from .config import AUTO_BUDGET_SECONDS, CPU_TRAIN_SIZE, FinetuneConfig, scratch_defaults
     from .config import HeadConfig
 
     t, h = TrainConfig(), HeadConfig()
@@ -109,13 +109,15 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
     g.add_argument("--summaries_dir", "--summaries-dir", help="write TensorBoard summaries (per-step scalars) here")
     g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
-    g = p.add_argument_group("fine-tuning (--mode finetune) and scratch backbones")
+    g = p.add_argument_group("fine-tuning (the default run, --mode finetune) and scratch backbones")
     f, s = FinetuneConfig(), scratch_defaults()
     g.add_argument("--mode", choices=["head", "finetune", "auto"], default=t.mode,
-                   help="head: softmax on cached features (fast); finetune: also train the backbone on live "
-                        "images; auto: fine-tune when it fits --time_budget")
+                   help="auto: save the head's model at once, then fine-tune within --time_budget and keep the "
+                        "result only if it beats the head on validation; head: softmax on cached features only "
+                        "(the instant path); finetune: always fine-tune")
     g.add_argument("--time_budget", "--time-budget", type=float,
-                   help="minutes --mode auto may spend (default 20); for scratch backbones, the training time to fit")
+                   help=f"minutes --mode auto may fine-tune (default {AUTO_BUDGET_SECONDS // 60}); for scratch "
+                        "backbones, the training time to fit")
     g.add_argument("--epochs", type=int, help=f"default {f.epochs}; scratch backbones: chosen from the data size")
     g.add_argument("--unfreeze", type=int, default=f.unfreeze,
                    help="backbone stages to train, counted from the top (-1: all, 0: none)")
@@ -268,13 +270,23 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     config = config_from_args(args)
     for flag in ("output_graph", "output_labels"):  # before training: a wrong path must not cost the run
         check_output_file(getattr(args, flag), f"--{flag}", _inputs(args))
-    model = train(args.image_dir, config)
+    model = train(args.image_dir, config, publish=_announced(
+        lambda m: m.save_files(args.output_graph, args.output_labels), args.output_graph))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
     model.save_files(args.output_graph, args.output_labels)
     _after_training(model, args)
     print(f"Saved the model to {args.output_graph} and its labels to {args.output_labels}", file=sys.stderr)
     return 0
+
+
+def _announced(save, where: str):
+    """The default run's first model (the head) saved the moment it exists, saying so."""
+    def publish(model) -> None:
+        save(model)
+        print(f"Saved a first model (the head on cached features) to {where}; fine-tuning now tries to beat it "
+              "and replaces it only if it does (Ctrl-C keeps the best model so far).", file=sys.stderr)
+    return publish
 
 
 def _inputs(args: argparse.Namespace) -> list[str | None]:
@@ -287,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_output_dir(args.output, _inputs(args), args.overwrite)  # before training, not after it
-    model = train(args.image_dir, config)
+    model = train(args.image_dir, config, publish=_announced(lambda m: m.save(args.output), args.output))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
     out = model.save(args.output)

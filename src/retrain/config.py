@@ -16,6 +16,7 @@ from .validate import FINETUNE_RULES, HEAD_RULES, check, check_engine, check_tra
 DEFAULT_BACKBONE = "lite0"
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
 MODES = ("head", "finetune", "auto")
+AUTO_BUDGET_SECONDS = 10 * 60  # fine-tuning in the default run without --time_budget: see the README for why
 CPU_TRAIN_SIZE = 160  # fine-tuning resolution on the CPU: ~3x cheaper per image than 224
 
 
@@ -120,10 +121,12 @@ class TrainConfig:
     input_std: float | None = None
     output_name: str = OUTPUT_NAME
     unknown_threshold: float | str | None = None  # baked into the model: a probability, "auto" or None (off)
-    mode: str = "head"  # head (cached features), finetune, or auto (decides from data size and time budget)
+    # auto (the default): the head's model first, then fine-tuning within time_budget where a gain can show;
+    # head: cached features only (the instant path); finetune: fine-tune whatever the data
+    mode: str = "auto"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     scratch: FinetuneConfig = field(default_factory=scratch_defaults)  # backbones with random weights
-    time_budget: float | None = None  # seconds: --mode auto's choice, and the length of from-scratch training
+    time_budget: float | None = None  # seconds of fine-tuning in mode auto (None: AUTO_BUDGET_SECONDS), or scratch
     resume: bool = False  # continue an interrupted fine-tuning run
     workers: int = 2  # decode threads
     batch_size: int = 32  # images per backbone call

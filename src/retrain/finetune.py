@@ -50,6 +50,7 @@ class FinetuneResult:
     best_epoch: int = 0
     device: str = "cpu"
     train_size: int = CPU_TRAIN_SIZE
+    interrupted: bool = False  # Ctrl-C ended it early (an anytime run): the best epoch so far, not the full run
 
 
 class Network(nn.Module):
@@ -172,6 +173,7 @@ class FitState:
     model: dict | None = None  # these three only when loaded from a checkpoint
     optimizer: dict | None = None
     scheduler: dict | None = None
+    interrupted: bool = False  # not saved: a resumed run is not interrupted
 
     def to_checkpoint(self, identity: dict, net: nn.Module, opt, sched) -> dict:
         """Plain containers and tensors only: torch.load(weights_only=True) reads it back."""
@@ -213,7 +215,7 @@ def _resumed_state(checkpoint: Checkpoint | None, resume: bool, cfg: FinetuneCon
 def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
              cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Checkpoint | None = None,
              resume: bool = False, after_epoch: EpochHook | None = None, test: SampleTable | None = None,
-             quiet: bool = False) -> FinetuneResult:
+             quiet: bool = False, time_budget: float | None = None, anytime: bool = False) -> FinetuneResult:
     """Fine-tune `backbone` with a head initialised from `head_layers`; returns the best epoch's network."""
     if backbone.torch_network is None:
         raise UserError(f"backbone {backbone.name} has no PyTorch network to fine-tune; use --mode head")
@@ -229,7 +231,7 @@ def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_laye
     unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
     return fit(net, trainable, data, backbone, cfg, log, checkpoint=checkpoint, resume=resume, warm_start=True,
                after_epoch=after_epoch, what=f"Fine-tuning {backbone.name}", detail=f"{unfrozen} unfrozen",
-               quiet=quiet)
+               quiet=quiet, time_budget=time_budget, anytime=anytime)
 
 
 def _data_source(splits: dict[str, SampleTable], aug: Augment, prep: Preprocessing, cfg: FinetuneConfig,
@@ -257,13 +259,15 @@ def _data_source(splits: dict[str, SampleTable], aug: Augment, prep: Preprocessi
 def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbone, cfg: FinetuneConfig,
         log: Callable[[str], None], *, checkpoint: Checkpoint | None, resume: bool, warm_start: bool,
         after_epoch: EpochHook | None = None, time_budget: float | None = None, stretch_to_budget: bool = False,
-        what: str, detail: str, quiet: bool = False) -> FinetuneResult:
+        what: str, detail: str, quiet: bool = False, anytime: bool = False) -> FinetuneResult:
     """The epoch loop shared by fine-tuning and from-scratch training.
 
     trainable None: every layer trains, BatchNorm statistics included (random initialisation has no
     statistics worth keeping). warm_start: the network before the first epoch is a candidate too.
     time_budget: seconds of epochs; after the first epoch the schedule shortens to the epochs that
-    fit (or, with stretch_to_budget, also lengthens to them).
+    fit (or, with stretch_to_budget, also lengthens to them), and no epoch starts that would end
+    past it. anytime: a better model than the warm start is all that may replace it (a tie keeps the
+    warm start), and Ctrl-C ends the loop like an early stop, keeping the best epoch so far.
     """
     distributed.init()
     # One voice: rank 0 logs and writes checkpoints; the others train (and resume) in silence.
@@ -310,42 +314,63 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     log(f"{what} on {device.type} at {data.train_size} px: {detail}, "
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
     started, first = time.perf_counter(), state.epoch + 1
-    while state.epoch < state.planned_epochs:
-        epoch = state.epoch + 1
-        entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
-                             backbone.prep, quiet)
-        if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
-            raise Diverged(f"epoch {epoch}", cfg.learning_rate, cfg.weight_decay, "--finetune_learning_rate")
-        checked = validate(entry)
-        key, entry = checked if checked else ((entry["train_accuracy"], -entry["train_loss"]), entry)
-        state.history.append(entry)
-        state.epoch = epoch
-        log(f"Epoch {epoch}/{state.planned_epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
-            f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
-                                            f"(N={data.count('validation')})" if "validation_accuracy" in entry else "")
-            + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
-        if state.stopping.improved(key):
-            state.best_epoch, state.best_model = epoch, _cpu_state(net)
-        if time_budget and epoch == first == 1:
-            _fit_schedule_to_budget(state, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
-        if checkpoint_to_write:
-            _save_checkpoint(checkpoint_to_write.path, state.to_checkpoint(checkpoint_to_write.identity, net, opt, sched))
-        if after_epoch:
-            after_epoch(lambda: _accuracy(net, data, backbone.prep, device, "test"))
-        if state.stopping.should_stop:
-            log(f"Early stop after epoch {epoch}: no validation improvement since epoch {state.best_epoch}.")
-            break
+    try:
+        while state.epoch < state.planned_epochs:
+            epoch = state.epoch + 1
+            deadline = started + time_budget if time_budget else None
+            entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
+                                 backbone.prep, quiet, deadline)
+            if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
+                raise Diverged(f"epoch {epoch}", cfg.learning_rate, cfg.weight_decay, "--finetune_learning_rate")
+            checked = validate(entry)
+            key, entry = checked if checked else ((entry["train_accuracy"], -entry["train_loss"]), entry)
+            state.history.append(entry)
+            state.epoch = epoch
+            log(f"Epoch {epoch}/{state.planned_epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
+                f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
+                                                f"(N={data.count('validation')})" if "validation_accuracy" in entry else "")
+                + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
+            if state.stopping.improved(key):
+                state.best_epoch, state.best_model = epoch, _cpu_state(net)
+            if time_budget and epoch == first == 1:
+                _fit_schedule_to_budget(state, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
+            if checkpoint_to_write:
+                _save_checkpoint(checkpoint_to_write.path, state.to_checkpoint(checkpoint_to_write.identity, net, opt, sched))
+            if after_epoch:
+                after_epoch(lambda: _accuracy(net, data, backbone.prep, device, "test"))
+            if state.stopping.should_stop:
+                log(f"Early stop after epoch {epoch}: no validation improvement since epoch {state.best_epoch}.")
+                break
+            if entry.get("cut_short") or time_budget and _budget_spent(state, first, time.perf_counter() - started,
+                                                                        time_budget):
+                log(f"Time budget of {time_budget / 60:.1f} min spent " +
+                    (f"during epoch {epoch}: it ended there." if entry.get("cut_short") else f"after epoch {epoch}."))
+                break
+    except KeyboardInterrupt:
+        if not anytime:
+            raise
+        state.interrupted = True
+        log(f"Interrupted (Ctrl-C) after {state.epoch} finished epoch(s): keeping the best network so far.")
     # Accuracy alone decides here: the warm head trained without label smoothing, so its validation
-    # loss is not comparable with the fine-tuned network's, and a tie must not undo the fine-tuning.
+    # loss is not comparable with the fine-tuned network's. A tie keeps the fine-tuning when it was
+    # asked for, and the head when fine-tuning is only a try at improving it (anytime).
     best_model = state.best_model
-    if state.warm_key is not None and (state.stopping.best is None or state.warm_key[0] > state.stopping.best[0]):
+    if state.warm_key is not None and (state.stopping.best is None or state.warm_key[0] > state.stopping.best[0]
+                                       or (anytime and state.warm_key[0] == state.stopping.best[0])):
         log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
         best_model, state.best_epoch = state.warm_model, 0
     if best_model is not None:
         net.load_state_dict(best_model)
     net.eval().cpu().to(memory_format=torch.contiguous_format)
     return FinetuneResult(features=net.features, layers=net.head_layers(), history=state.history,
-                          best_epoch=state.best_epoch, device=device.type, train_size=data.train_size)
+                          best_epoch=state.best_epoch, device=device.type, train_size=data.train_size,
+                          interrupted=state.interrupted)
+
+
+def _budget_spent(state: FitState, first: int, seconds: float, budget: float) -> bool:
+    """Whether another epoch at this run's pace would end past the budget."""
+    pace = seconds / max(1, state.epoch - first + 1)
+    return state.epoch < state.planned_epochs and seconds + pace > budget
 
 
 def _fit_schedule_to_budget(state: FitState, epoch: int, seconds: float, budget: float, stretch: bool,
@@ -382,9 +407,10 @@ def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
 
 
 def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
-                 device: torch.device, prep: Preprocessing, quiet: bool = False) -> dict:
+                 device: torch.device, prep: Preprocessing, quiet: bool = False, deadline: float | None = None) -> dict:
+    """One pass over the training photos; at `deadline` (perf_counter seconds) it ends after the current step."""
     _set_train_mode(net, trainable)
-    start, seen = time.perf_counter(), 0
+    start, seen, cut_short = time.perf_counter(), 0, False
     # Summed on the device: reading them every step would make the CPU wait for the GPU each time.
     correct, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
     bar = progress(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step",
@@ -405,9 +431,13 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
         bar.update(1)
         if not quiet and step % 10 == 0:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
+        if deadline and time.perf_counter() > deadline:
+            cut_short = step + 1 < max(1, data.n_train // cfg.batch_size)
+            break
     bar.close()
     correct, loss_sum = int(correct), float(loss_sum)
     secs = time.perf_counter() - start
     seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)
     return {"epoch": epoch, "train_accuracy": correct / max(1, seen), "train_loss": loss_sum / max(1, seen),
-            "seconds": round(secs, 2), "images_per_second": seen / secs if secs else 0.0}
+            "seconds": round(secs, 2), "images_per_second": seen / secs if secs else 0.0} | (
+        {"cut_short": True} if cut_short else {})

@@ -15,9 +15,12 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .errors import UserError
 from .files import atomic_write_json
@@ -114,8 +117,9 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     try:
         names = _stage(staging, write, out)
         try:
-            for name in names:  # renames within one folder: no space needed, each one atomic
-                os.replace(staging / name, out / name)
+            with interrupts_deferred():  # Ctrl-C between two renames would pair a new model with old labels
+                for name in names:  # renames within one folder: no space needed, each one atomic
+                    os.replace(staging / name, out / name)
         except OSError as e:
             raise UserError(os_error_message(e, "move the model into", out)) from None
     finally:
@@ -133,3 +137,20 @@ def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]
         raise UserError(os_error_message(e, "write the model to", out) + "; the folder's previous contents are "
                         "unchanged") from None
     return [*names, MARKER]
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends, then raise it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # only the main thread may set handlers; an ignored or custom SIGINT is not ours to change
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -38,9 +37,10 @@ from .calibrate import Calibration, calibrate
 from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
-from .outputs import os_error_message, write_model_dir
+from .outputs import interrupts_deferred, os_error_message, write_model_dir
 from .plan import Mode, TrainingPlan, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
+from .tuned import TunedRecord, TunedRun, identity_key, load_tuned, save_tuned, tuned_path
 
 
 
@@ -69,7 +69,8 @@ class TrainedModel:
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
         try:
-            self._write_files(graph, labels)
+            with interrupts_deferred():  # the graph and its labels are replaced together or not at all
+                self._write_files(graph, labels)
         except OSError as e:  # a full, read-only or forbidden disk: one line naming the path
             raise UserError(os_error_message(e, "write")) from None
 
@@ -171,17 +172,24 @@ def _log_skipped(dataset: Dataset, log: Callable[[str], None]) -> None:
             (" ..." if len(dataset.skipped) > 5 else ""))
 
 
-def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Training-split features, labels and class names, as train() would use them (for lr-find)."""
+def feature_splits(image_dir: str | Path, config: TrainConfig) -> tuple[list[str], dict[str, tuple[np.ndarray,
+                                                                                          np.ndarray]]]:
+    """Class names and {split: (features, labels)} exactly as train() would use them (lr-find, benchmarks)."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     dataset, _, x = _features_by_split(image_dir, config, backbone, cache, Stopwatch(), _log_for(config))
-    return *x["train"], dataset.classes
+    return dataset.classes, x
 
 
-@dataclass
+def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Training-split features, labels and class names, as train() would use them (for lr-find)."""
+    classes, x = feature_splits(image_dir, config)
+    return *x["train"], classes
+
+
+@dataclass(frozen=True)
 class _Fitted:
-    """What a training path hands to calibration, evaluation and export."""
+    """What a training path hands to calibration, evaluation and export (a later stage makes a new one)."""
     dataset: Dataset
     split: dict[str, SampleTable]
     x: dict[str, tuple[np.ndarray, np.ndarray]]  # validation and test features of the final network
@@ -189,17 +197,19 @@ class _Fitted:
     layers: list[tuple[np.ndarray, np.ndarray]]
     plan: TrainingPlan
     head: "object | None" = None  # HeadResult
-    tuned: "object | None" = None  # FinetuneResult
+    tuned: "TunedRecord | None" = None  # or a FinetuneResult (the same fields)
 
 
 def train(image_dir: str | Path, config: TrainConfig | None = None,
-          log: Callable[[str], None] | None = None, timeline: Timeline | None = None) -> TrainedModel | None:
+          log: Callable[[str], None] | None = None, timeline: Timeline | None = None,
+          publish: Callable[[TrainedModel], None] | None = None) -> TrainedModel | None:
     """Train a classifier on a folder of class folders; returns the model and its metrics.
 
     The stages in order: scan -> features (cached) -> head -> network (fine-tuned or from scratch,
     as the plan says) -> calibrate -> evaluate -> export. Under torchrun every process calls this;
     rank 0 gets the model, the others None. timeline, if given, records test accuracy against
-    training time (for `retrain compare`).
+    training time (for `retrain compare`). publish, if given, receives the head's model as soon as
+    it exists when the default run goes on to fine-tune (its first usable model).
     """
     config = config or TrainConfig()
     log = distributed.rank0_log(log or _log_for(config))
@@ -208,14 +218,24 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     train_with = _train_on_features if backbone.pretrained else _train_from_scratch
     fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
+    if fitted.plan.mode in (Mode.FINETUNE, Mode.HEAD_LIVE):
+        finish = lambda f, announce: _finished(image_dir, f, config, backbone, stage, log, announce)  # noqa: E731
+        fitted = _fine_tune(fitted, config, backbone, cache, stage, log, timeline,
+                            publish=(lambda f: publish(finish(f, False))) if publish else None)
     distributed.finish()
     if not distributed.is_main():
         return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
+    return _finished(image_dir, fitted, config, backbone, stage, log)
+
+
+def _finished(image_dir: str | Path, fitted: _Fitted, config: TrainConfig, backbone: Backbone, stage: Stopwatch,
+              log: Callable[[str], None], announce: bool = True) -> TrainedModel:
+    """Calibrate, evaluate and export: the trained network becomes a TrainedModel."""
     with stage("calibrate"):
         cal = _calibrate(fitted, config)
     with stage("evaluate"):
         metrics, misclassified = _evaluate(fitted, cal)
-    for line in result_lines(metrics | {"calibration": cal.report}):
+    for line in result_lines(metrics | {"calibration": cal.report}) if announce else ():
         log(line)
     provenance = _provenance(image_dir, config, backbone, fitted)
     with stage("export"):
@@ -223,7 +243,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
                                  model_metadata(backbone, fitted.dataset.classes, provenance),
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
-    metrics |= _run_record(fitted, backbone, cal) | {"seconds": stage.seconds, "provenance": provenance}
+    metrics |= _run_record(fitted, backbone, cal) | {"seconds": dict(stage.seconds), "provenance": provenance}
     return TrainedModel(model, fitted.dataset.classes, metrics, misclassified)
 
 
@@ -278,22 +298,64 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
         bar.close()
     if timeline:
         timeline.record(lambda: _accuracy(head.layers, *x["test"]))
-    plan = plan_training(config, backbone, len(split["train"]))
-    fitted = _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, plan, head)
-    if not plan.live:
-        return fitted
+    x_va, y_va = x["validation"]
+    plan = plan_training(config, backbone, len(split["train"]),
+                         (_accuracy(head.layers, x_va, y_va) if len(y_va) else None, len(y_va)))
+    if plan.mode is Mode.HEAD and config.mode == "auto":
+        log(plan.describe())
+    return _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, plan, head)
+
+
+def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
+               log: Callable[[str], None], timeline: Timeline | None,
+               publish: Callable[[_Fitted], None] | None) -> _Fitted:
+    """The network fine-tuned on live images from the head's warm start, or the same run's from the cache.
+
+    An anytime plan (the default) first publishes the head's model, keeps the head unless a
+    fine-tuned epoch beats it on validation, lets Ctrl-C end fine-tuning with the best so far, and
+    caches a finished run so that the same command on the same folder reuses it.
+    """
     from .finetune import finetune  # imports PyTorch: only when fine-tuning
 
+    plan, split = fitted.plan, fitted.split
+    identity = training_identity(config, fitted.dataset, backbone)
+    stored = tuned_path(cache, identity)
+    head_only = replace(fitted, plan=TrainingPlan(Mode.HEAD, "the first model: the head on cached features"))
+    cached = load_tuned(stored, identity) if plan.anytime else None
+    if cached and (cached.extractor is None or all(len(cached.x[k][1]) == len(split[k]) for k in cached.x)):
+        log(f"Reusing the fine-tuning of an identical earlier run (same photos and settings): {stored}")
+        return _after_tuning(fitted, head_only, cached)
+    if plan.anytime and publish and distributed.is_main():
+        publish(head_only)
     log(plan.describe())
     with stage("finetune"):
-        identity = training_identity(config, dataset, backbone)
-        fitted.tuned = finetune(split["train"], split["validation"], backbone, head.layers,
-                                plan.settings(config.finetune), log,
-                                Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
-                                after_epoch=timeline.record if timeline else None, test=split["test"],
-                                quiet=config.quiet)
-    _use_tuned_network(fitted, backbone, config)
-    return fitted
+        tuned = finetune(split["train"], split["validation"], backbone, fitted.layers, plan.settings(config.finetune),
+                         log, Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
+                         after_epoch=timeline.record if timeline else None, test=split["test"], quiet=config.quiet,
+                         time_budget=plan.time_budget, anytime=plan.anytime)
+    record = TunedRecord(tuned.history, tuned.best_epoch, tuned.device, tuned.train_size, tuned.interrupted)
+    if plan.anytime and tuned.best_epoch == 0:  # the head stays: the very model published first
+        run = TunedRun(None, fitted.layers, {}, record)
+    else:
+        extractor = tuned_extractor(tuned, backbone)
+        run = TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config), record)
+    if plan.anytime and not tuned.interrupted:
+        save_tuned(stored, run, identity)
+    return _after_tuning(fitted, head_only, run)
+
+
+def _after_tuning(fitted: _Fitted, head_only: _Fitted, run: TunedRun) -> _Fitted:
+    """The fine-tuned network, or (no network: no epoch beat it) the head's model with the attempt on record."""
+    if run.extractor is None:
+        return replace(head_only, plan=replace(fitted.plan, mode=Mode.HEAD, reason=_kept_head(run.record)),
+                       tuned=run.record)
+    return _with_network(fitted, run)
+
+
+def _kept_head(record: TunedRecord) -> str:
+    epochs = len(record.history) - 1  # the first entry is the warm start
+    why = "interrupted (Ctrl-C) before any" if record.interrupted else "no"
+    return f"{why} fine-tuned epoch beat the head on validation ({epochs} epoch(s) run): the head's model is kept"
 
 
 def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
@@ -315,19 +377,24 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
                                              after_epoch=timeline.record if timeline else None, quiet=config.quiet)
     split = usable_splits(dataset, ~dataset.samples.has_digest(failures), failures)
     _log_skipped(dataset, log)
-    fitted = _Fitted(dataset, split, {}, onnx.ModelProto(), [], plan, tuned=tuned)
-    _use_tuned_network(fitted, backbone, config)
-    return fitted
+    extractor = tuned_extractor(tuned, backbone)
+    record = TunedRecord(tuned.history, tuned.best_epoch, tuned.device, tuned.train_size)
+    fitted = _Fitted(dataset, split, {}, extractor, tuned.layers, plan)
+    return _with_network(fitted, TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config),
+                                          record))
 
 
-def _use_tuned_network(fitted: _Fitted, backbone: Backbone, config: TrainConfig) -> None:
-    """Export the trained network and recompute validation and test features through the exported ONNX."""
-    fitted.extractor, fitted.layers = tuned_extractor(fitted.tuned, backbone), fitted.tuned.layers
-    session = inference_session_from(fitted.extractor)
-    rows = fitted.split["validation"] + fitted.split["test"]
-    tuned_features = features_of(session, rows, backbone.prep, workers=config.workers, quiet=config.quiet)
-    fitted.x |= feature_matrices({name: fitted.split[name] for name in ("validation", "test")}, tuned_features,
-                                 backbone.feature_dim)
+def _with_network(fitted: _Fitted, run: TunedRun) -> _Fitted:
+    return replace(fitted, extractor=run.extractor, layers=run.layers, x=fitted.x | run.x, tuned=run.record)
+
+
+def _features_through(extractor: onnx.ModelProto, split: dict[str, SampleTable], backbone: Backbone,
+                      config: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Validation and test features through a trained network's exported ONNX (what the model will compute)."""
+    rows = split["validation"] + split["test"]
+    features = features_of(inference_session_from(extractor), rows, backbone.prep, workers=config.workers,
+                           quiet=config.quiet)
+    return feature_matrices({name: split[name] for name in ("validation", "test")}, features, backbone.feature_dim)
 
 
 def _accuracy(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> float:
@@ -352,8 +419,7 @@ def training_identity(config: TrainConfig, dataset: Dataset, backbone: Backbone)
 
 def _checkpoint_path(cache: Path, identity: dict) -> Path:
     """One checkpoint per training identity, so the same command with --resume finds the run it continues."""
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / "checkpoints" / f"finetune-{key}.pt"
+    path = cache / "checkpoints" / f"finetune-{identity_key(identity)}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
 from .backbones import Backbone
-from .config import FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
+from .config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
 
-AUTO_BUDGET_SECONDS = 20 * 60  # --mode auto without --time_budget
 CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
+MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
+NEAR_PERFECT = 0.99  # validation accuracy of the head past which fine-tuning has nothing left to show
 GPU_IMAGES_PER_SECOND = 1000.0  # Lite0 at 224 px, batch 32, on an H200: 930-1,260 measured (4,470 at batch 256)
 
 
@@ -35,6 +36,8 @@ class TrainingPlan:
     batch_size: int | None = None
     train_size: int | None = None  # pixels per side while training on live images
     stretch_to_budget: bool = False  # from scratch: a time budget may lengthen the schedule too
+    time_budget: float | None = None  # seconds the live-image training may take
+    anytime: bool = False  # the head's model is saved first; fine-tuning may only replace it with a better one
 
     @property
     def live(self) -> bool:
@@ -56,18 +59,25 @@ class TrainingPlan:
         return asdict(self) | {"mode": self.mode.value}
 
 
-def plan_training(config: TrainConfig, backbone: Backbone, n_train: int) -> TrainingPlan:
-    """The plan for `n_train` training photos; imports PyTorch only when live images may train."""
+def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,
+                  head_validation: tuple[float | None, int] = (None, 0)) -> TrainingPlan:
+    """The plan for `n_train` training photos; imports PyTorch only when live images may train.
+
+    head_validation: (accuracy, photos) of the head on cached features, which the default run
+    (mode auto) weighs before spending its time budget on fine-tuning.
+    """
     if not backbone.pretrained:
         cfg = config.scratch
         epochs, batch_size = scratch_schedule(cfg, n_train)
         return TrainingPlan(Mode.SCRATCH, f"{backbone.name} has no pretrained weights, so the whole network trains "
                             "from random initialisation" + (f" (--mode {config.mode} does not apply)"
-                                                            if config.mode != "head" else ""),
+                                                            if config.mode == "finetune" else ""),
                             device=_device(cfg.device), epochs=epochs, batch_size=batch_size,
                             train_size=backbone.prep.size,
                             stretch_to_budget=not cfg.epochs)
-    mode, reason = _pretrained_mode(config, n_train)
+    if config.mode == "auto" and config.finetune.augment is None:  # distortions: the head on live photos
+        return _anytime_plan(config, backbone, n_train, *head_validation)
+    mode, reason = _pretrained_mode(config)
     if mode is Mode.HEAD:
         return TrainingPlan(mode, reason)
     cfg, device = config.finetune, _device(config.finetune.device)
@@ -75,22 +85,39 @@ def plan_training(config: TrainConfig, backbone: Backbone, n_train: int) -> Trai
     return TrainingPlan(mode, reason, device=device, epochs=cfg.epochs, batch_size=batch_size, train_size=train_size)
 
 
-def _pretrained_mode(config: TrainConfig, n_train: int) -> tuple[Mode, str]:
+def _pretrained_mode(config: TrainConfig) -> tuple[Mode, str]:
     if config.mode == "finetune":
         return Mode.FINETUNE, "as asked (--mode finetune)"
-    if config.finetune.augment is not None and config.mode == "head":
+    if config.finetune.augment is not None:
         return Mode.HEAD_LIVE, "distortions need live images: training the head on distorted photos, backbone frozen"
-    if config.mode == "head":
-        return Mode.HEAD, "as asked"
+    return Mode.HEAD, "as asked"
+
+
+def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_accuracy: float | None,
+                  n_val: int) -> TrainingPlan:
+    """The default: keep the head's model, and fine-tune within the budget only where a gain can show."""
     budget = config.time_budget or AUTO_BUDGET_SECONDS
-    gpu = _device(config.finetune.device) == "cuda"
-    where = "GPU" if gpu else "CPU"
-    estimate = config.finetune.epochs * n_train / (GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND)
-    if estimate <= budget:
-        return Mode.FINETUNE, (f"{config.finetune.epochs} epochs of {n_train} images should take ~{estimate / 60:.0f} "
-                               f"min on the {where}, within the {budget / 60:.0f}-minute budget")
-    return Mode.HEAD, (f"fine-tuning would take ~{estimate / 60:.0f} min on the {where}, over the "
-                       f"{budget / 60:.0f}-minute budget: training the head on cached features only")
+    if backbone.torch_network is None:
+        return TrainingPlan(Mode.HEAD, f"{backbone.name} has no PyTorch network to fine-tune")
+    if n_val < MIN_VALIDATION:
+        return TrainingPlan(Mode.HEAD, f"not fine-tuning: {n_val} validation photos are too few to tell a gain from "
+                            f"noise (it needs {MIN_VALIDATION}; --validation_percentage holds out more)")
+    if head_accuracy is not None and head_accuracy >= NEAR_PERFECT:
+        return TrainingPlan(Mode.HEAD, f"not fine-tuning: the head is already {100 * head_accuracy:.1f}% right on "
+                            f"{n_val} validation photos")
+    cfg, device = config.finetune, _device(config.finetune.device)
+    gpu = device == "cuda"
+    epoch_seconds = n_train / (GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND)
+    epochs = min(cfg.epochs, int(budget / epoch_seconds))
+    if epochs < 1:
+        return TrainingPlan(Mode.HEAD, f"not fine-tuning: one epoch of {n_train} photos would take "
+                            f"~{epoch_seconds / 60:.0f} min, over the {budget / 60:.0f}-minute budget (--time_budget)")
+    train_size, batch_size = finetune_geometry(cfg, backbone.prep.size, n_train, gpu)
+    return TrainingPlan(Mode.FINETUNE, (
+        f"head: {100 * (head_accuracy or 0):.1f}% on {n_val} validation photos; fine-tuning for up to "
+        f"~{min(budget, epochs * epoch_seconds) / 60:.0f} min to improve it ({epochs} epoch(s) on the "
+        f"{'GPU' if gpu else 'CPU'}), kept only if it does better on validation; Ctrl-C keeps the best model so far"),
+        device=device, epochs=epochs, batch_size=batch_size, train_size=train_size, time_budget=budget, anytime=True)
 
 
 def _device(name: str) -> str:

@@ -1,0 +1,88 @@
+"""Fine-tuned networks kept in the cache, so the same command on the same folder fine-tunes once.
+
+A finished (not interrupted) fine-tuning run stores what evaluation and export need afterwards:
+the network as an ONNX extractor, the head's layers, the validation and test features through
+that network, and the run's record (history, best epoch); or, where no fine-tuned epoch beat
+the head, the record alone (the head is retrained from cached features in a second). The key is the run's training identity
+(the data's fingerprint, the backbone, the settings that shape training), so a changed folder or
+setting has another key and fine-tunes afresh: the split of the new photos may hold photos the
+cached network trained on, so starting from it would make validation lie.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+RECORD, ARRAYS, NETWORK = "record.json", "arrays.npz", "network.onnx"
+
+
+@dataclass(frozen=True)
+class TunedRecord:
+    """What metrics.json says of a fine-tuning run (FinetuneResult has the same fields, and the network)."""
+    history: list[dict]
+    best_epoch: int
+    device: str
+    train_size: int
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class TunedRun:
+    extractor: onnx.ModelProto | None  # uint8 image -> features through the tuned network; None: the head stayed
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    x: dict[str, tuple[np.ndarray, np.ndarray]]  # validation and test features through it, with labels
+    record: TunedRecord
+
+
+def identity_key(identity: dict) -> str:
+    """A short name for a training identity (checkpoints and cached networks are filed under it)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tuned_path(cache: Path, identity: dict) -> Path:
+    return cache / "tuned" / identity_key(identity)
+
+
+def save_tuned(path: Path, run: TunedRun, identity: dict) -> None:
+    """Write the run into a folder beside `path`, then rename it into place (a crash leaves no half entry)."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        if run.extractor is not None:
+            onnx.save(run.extractor, str(staging / NETWORK))
+        arrays = {f"w{i}": w for i, (w, _) in enumerate(run.layers)} | {f"b{i}": b for i, (_, b) in enumerate(run.layers)}
+        for split, (x, y) in run.x.items():
+            arrays |= {f"x_{split}": x, f"y_{split}": y}
+        np.savez(staging / ARRAYS, **arrays)
+        record = {"identity": identity, "layers": len(run.layers), "splits": sorted(run.x),
+                  "network": run.extractor is not None, "run": run.record.__dict__}
+        (staging / RECORD).write_text(json.dumps(record, default=str), encoding="utf-8")
+        os.replace(staging, path)
+    except OSError:  # a full or read-only cache, or another process stored the same run first: not needed
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tuned(path: Path, identity: dict) -> TunedRun | None:
+    """The cached run of this identity; None when there is none, or it is damaged or of another run."""
+    try:
+        record = json.loads((path / RECORD).read_text(encoding="utf-8"))
+        if record.get("identity") != identity:
+            return None
+        with np.load(path / ARRAYS) as arrays:
+            layers = [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(int(record["layers"]))]
+            x = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in record["splits"]}
+        network = onnx.load(str(path / NETWORK)) if record["network"] else None
+        return TunedRun(network, layers, x, TunedRecord(**record["run"]))
+    except (OSError, ValueError, KeyError, TypeError, DecodeError):  # missing, damaged or of an older layout
+        return None

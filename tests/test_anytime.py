@@ -1,0 +1,115 @@
+"""The default run end to end: the head's model on disk first, fine-tuning that may only improve it,
+Ctrl-C at several moments leaving a complete model at least as good as the head on validation, and
+a rerun that reuses the fine-tuned network. Real `python -m retrain train` processes on real photos.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
+PER_CLASS = 170  # 17 validation photos a class: 51 in all, just over what the plan needs to fine-tune
+HEAD_LINE = re.compile(r"Plan: finetune \(head: ([\d.]+)% on (\d+) validation photos")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """A rock_paper_scissors subset on which the head is good but not perfect, so fine-tuning has a go."""
+    source = shared_dataset("rock_paper_scissors") / "training"
+    root = tmp_path_factory.mktemp("anytime") / "photos"
+    for cls in ("paper", "rock", "scissors"):
+        (root / cls).mkdir(parents=True)
+        for path in sorted((source / cls).iterdir())[:PER_CLASS]:
+            shutil.copy(path, root / cls / path.name)
+    return root
+
+
+def start(photos: Path, out: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
+    env = os.environ | {"RETRAIN_CACHE": str(cache_dir), "RETRAIN_PROGRESS": "lines"}
+    return subprocess.Popen([sys.executable, "-m", "retrain", "train", str(photos), "--output", str(out),
+                             "--time_budget", "1", *extra], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+
+
+def read_until(proc: subprocess.Popen, marker: str, seen: list[str]) -> None:
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"the run ended before printing {marker!r}:\n{''.join(seen)}")
+
+
+def head_accuracy(lines: list[str]) -> float:
+    found = [HEAD_LINE.search(line) for line in lines]
+    match = next((m for m in found if m), None)
+    assert match, "".join(lines)
+    return float(match.group(1)) / 100
+
+
+def assert_complete_model(out: Path, photos: Path) -> dict:
+    """model.onnx, labels.txt and metrics.json of one run, and the model classifies a photo."""
+    from retrain.prediction import load
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = (out / "labels.txt").read_text().split()
+    assert labels == metrics["classes"] == ["paper", "rock", "scissors"]
+    prediction = next(load(out).predict_paths([next((photos / "rock").iterdir())], top_k=3))
+    assert prediction.error is None and sorted(label for label, _ in prediction.top) == labels
+    assert abs(sum(p for _, p in prediction.top) - 1) < 1e-4
+    assert not [p for p in out.iterdir() if p.name.startswith(".retrain-staging")]
+    return metrics
+
+
+@pytest.mark.parametrize("marker, delay", [
+    ("Saved a first model", 0.0),  # while fine-tuning starts up
+    ("Fine-tuning lite0 on", 4.0),  # in the middle of the first epoch
+    ("Epoch 1/", 0.0),  # after an epoch: in the next one, or while the final model is written
+])
+def test_ctrl_c_at_any_moment_leaves_a_complete_model_at_least_as_good_as_the_head(
+        photos, cache_dir, tmp_path, marker, delay):
+    out, seen = tmp_path / "model", []
+    proc = start(photos, out, cache_dir)
+    try:
+        read_until(proc, marker, seen)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        seen += proc.stderr.readlines()
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    log = "".join(seen)
+    assert code in (0, 130), log
+    assert "Traceback" not in log
+    metrics = assert_complete_model(out, photos)
+    assert metrics["validation_accuracy"] >= head_accuracy(seen) - 1e-9, log
+
+
+def test_a_rerun_reuses_the_fine_tuned_network(photos, cache_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run = subprocess.run  # the whole run, to its end, twice
+    env = os.environ | {"RETRAIN_CACHE": str(cache_dir), "RETRAIN_PROGRESS": "lines"}
+    cmd = [sys.executable, "-m", "retrain", "train", str(photos), "--time_budget", "0.5", "--output"]
+    one = run(cmd + [str(first)], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    assert "Fine-tuning lite0" in one.stderr and "Reusing the network" not in one.stderr
+    two = run(cmd + [str(second)], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert "Reusing the network fine-tuned by an identical earlier run" in two.stderr
+    assert "Fine-tuning lite0" not in two.stderr and "Saved a first model" not in two.stderr
+    a, b = assert_complete_model(first, photos), assert_complete_model(second, photos)
+    for key in ("validation_accuracy", "test_accuracy", "mode"):
+        assert a[key] == b[key]
+    assert a["validation_accuracy"] >= head_accuracy(one.stderr.splitlines())

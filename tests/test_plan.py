@@ -1,0 +1,60 @@
+"""plan.py: what the default (anytime) run decides before spending its time budget, and why."""
+from __future__ import annotations
+
+import pytest
+
+from retrain.backbones import get_backbone
+from retrain.errors import UserError
+from retrain.config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig
+from retrain.plan import CPU_IMAGES_PER_SECOND, MIN_VALIDATION, NEAR_PERFECT, Mode, plan_training
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return get_backbone("lite0")
+
+
+def cpu(**kw) -> TrainConfig:
+    return TrainConfig(finetune=FinetuneConfig(device="cpu"), **kw)
+
+
+def test_the_default_run_is_anytime_and_fine_tunes_where_a_gain_can_show(lite0):
+    assert TrainConfig().mode == "auto"
+    plan = plan_training(cpu(), lite0, 1000, (0.9, 200))
+    assert plan.mode is Mode.FINETUNE and plan.anytime and plan.live
+    assert plan.time_budget == AUTO_BUDGET_SECONDS
+    assert "90.0% on 200 validation photos" in plan.reason and "Ctrl-C keeps the best model" in plan.reason
+
+
+def test_too_few_validation_photos_to_see_a_gain_keeps_the_head(lite0):
+    plan = plan_training(cpu(), lite0, 1000, (0.8, MIN_VALIDATION - 1))
+    assert plan.mode is Mode.HEAD and not plan.live
+    assert f"{MIN_VALIDATION - 1} validation photos are too few" in plan.reason
+
+
+def test_a_near_perfect_head_keeps_the_head(lite0):
+    plan = plan_training(cpu(), lite0, 1000, (NEAR_PERFECT, 500))
+    assert plan.mode is Mode.HEAD and "already 99.0% right on 500 validation photos" in plan.reason
+
+
+def test_the_budget_bounds_the_epochs(lite0):
+    epoch_seconds = 3000 / CPU_IMAGES_PER_SECOND
+    plan = plan_training(cpu(time_budget=2.5 * epoch_seconds), lite0, 3000, (0.9, 300))
+    assert plan.mode is Mode.FINETUNE and plan.epochs == 2
+    plan = plan_training(cpu(time_budget=0.5 * epoch_seconds), lite0, 3000, (0.9, 300))
+    assert plan.mode is Mode.HEAD and "over the" in plan.reason and "--time_budget" in plan.reason
+
+
+def test_what_the_trainer_runs_is_resolved_in_the_plan(lite0):
+    cfg = cpu(time_budget=3600)
+    plan = plan_training(cfg, lite0, 200, (0.9, 60))
+    assert (plan.device, plan.epochs, plan.batch_size, plan.train_size) == ("cpu", 6, 32, 160)
+    assert plan.settings(cfg.finetune).batch_size == 32 and "batch 32, 160 px" in plan.describe()
+    with pytest.raises(UserError, match="unknown mode"):
+        TrainConfig(mode="fast")
+
+
+def test_explicit_modes_are_not_second_guessed(lite0):
+    assert plan_training(cpu(mode="head"), lite0, 1000, (0.5, 500)).mode is Mode.HEAD
+    tuned = plan_training(cpu(mode="finetune"), lite0, 1000, (0.999, 10))
+    assert tuned.mode is Mode.FINETUNE and not tuned.anytime

@@ -1,0 +1,54 @@
+"""tuned.py: a finished fine-tuning run cached under its training identity, and nothing else read back."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from retrain.tuned import TunedRecord, TunedRun, load_tuned, save_tuned, tuned_path
+
+
+def tiny_run(seed: int = 0) -> TunedRun:
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    layers = [(rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32))]
+    x = {"validation": (rng.normal(size=(5, 4)).astype(np.float32), np.arange(5) % 3),
+         "test": (rng.normal(size=(2, 4)).astype(np.float32), np.array([0, 2]))}
+    return TunedRun(helper.make_model(graph), layers, x, TunedRecord([{"epoch": 0}, {"epoch": 1}], 1, "cpu", 160))
+
+
+def test_round_trip(tmp_path):
+    run, identity = tiny_run(), {"dataset_fingerprint": "abc", "settings": {"epochs": 6}}
+    path = tuned_path(tmp_path, identity)
+    save_tuned(path, run, identity)
+    back = load_tuned(path, identity)
+    assert back is not None and back.record == run.record
+    assert onnx.helper.printable_graph(back.extractor.graph) == onnx.helper.printable_graph(run.extractor.graph)
+    np.testing.assert_array_equal(back.layers[0][0], run.layers[0][0])
+    for split in ("validation", "test"):
+        np.testing.assert_array_equal(back.x[split][0], run.x[split][0])
+        np.testing.assert_array_equal(back.x[split][1], run.x[split][1])
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging folder left behind
+
+
+def test_another_identity_or_a_damaged_entry_reads_as_none(tmp_path):
+    identity = {"dataset_fingerprint": "abc"}
+    path = tuned_path(tmp_path, identity)
+    assert load_tuned(path, identity) is None  # nothing cached yet
+    save_tuned(path, tiny_run(), identity)
+    other = {"dataset_fingerprint": "abd"}
+    assert tuned_path(tmp_path, other) != path
+    assert load_tuned(path, other) is None  # same folder, another run's record
+    (path / "network.onnx").write_bytes(b"\x00garbage")
+    assert load_tuned(path, identity) is None
+    (path / "record.json").write_text("{not json")
+    assert load_tuned(path, identity) is None
+
+
+def test_an_unwritable_cache_is_not_an_error(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    save_tuned(tuned_path(blocker, {"a": 1}), tiny_run(), {"a": 1})  # fine-tuning's result must not be lost to it
+    assert blocker.read_text().startswith("a file")
