@@ -21,7 +21,7 @@ from conftest import shared_dataset
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 PER_CLASS = 170  # 17 validation photos a class: 51 in all, just over what the plan needs to fine-tune
-HEAD_LINE = re.compile(r"Plan: finetune \(head: ([\d.]+)% on (\d+) validation photos")
+HEAD_LINE = re.compile(r"^Plan: finetune .*\(head: ([\d.]+)% on (\d+) validation photos")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_ctrl_c_at_any_moment_leaves_a_complete_model_at_least_as_good_as_the_he
     assert code in (0, 130), log
     assert "Traceback" not in log
     metrics = assert_complete_model(out, photos)
-    assert metrics["validation_accuracy"] >= head_accuracy(seen) - 1e-9, log
+    assert metrics["validation_accuracy"] >= head_accuracy(seen) - 0.0005, log  # printed to 0.1 points
 
 
 def test_a_rerun_reuses_the_fine_tuned_network(photos, cache_dir, tmp_path):
@@ -104,12 +104,12 @@ def test_a_rerun_reuses_the_fine_tuned_network(photos, cache_dir, tmp_path):
     cmd = [sys.executable, "-m", "retrain", "train", str(photos), "--time_budget", "0.5", "--output"]
     one = run(cmd + [str(first)], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr
-    assert "Fine-tuning lite0" in one.stderr and "Reusing the network" not in one.stderr
+    assert "Fine-tuning lite0" in one.stderr and "Reusing" not in one.stderr
     two = run(cmd + [str(second)], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr
-    assert "Reusing the network fine-tuned by an identical earlier run" in two.stderr
+    assert "Reusing the fine-tuning of an identical earlier run" in two.stderr
     assert "Fine-tuning lite0" not in two.stderr and "Saved a first model" not in two.stderr
     a, b = assert_complete_model(first, photos), assert_complete_model(second, photos)
     for key in ("validation_accuracy", "test_accuracy", "mode"):
         assert a[key] == b[key]
-    assert a["validation_accuracy"] >= head_accuracy(one.stderr.splitlines())
+    assert a["validation_accuracy"] >= head_accuracy(one.stderr.splitlines()) - 0.0005

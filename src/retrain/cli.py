@@ -684,7 +684,8 @@ def _run(fn: Callable[[], int], prog: str) -> int:
         print(f"{prog}: error: {os_error_message(e, 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; finished feature extraction is kept in the cache.", file=sys.stderr)
+        print(f"\n{prog}: interrupted; a model saved before this is complete, and finished feature extraction is "
+              "kept in the cache.", file=sys.stderr)
         return 130
 
 

@@ -325,9 +325,9 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: 
     if cached and (cached.extractor is None or all(len(cached.x[k][1]) == len(split[k]) for k in cached.x)):
         log(f"Reusing the fine-tuning of an identical earlier run (same photos and settings): {stored}")
         return _after_tuning(fitted, head_only, cached)
+    log(plan.describe())
     if plan.anytime and publish and distributed.is_main():
         publish(head_only)
-    log(plan.describe())
     with stage("finetune"):
         tuned = finetune(split["train"], split["validation"], backbone, fitted.layers, plan.settings(config.finetune),
                          log, Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
