@@ -39,7 +39,7 @@ $(DEMO)/fashion/train: $(FMNIST)/train-images-idx3-ubyte.gz | setup
 
 demo: setup $(DEMO)/fashion/train
 	$(BIN)/retrain --image_dir=$(DEMO)/fashion --output_graph=$(DEMO)/output_graph.onnx \
-		--output_labels=$(DEMO)/output_labels.txt
+		--output_labels=$(DEMO)/output_labels.txt --time_budget 1  # the default run, fine-tuning for a minute
 	@echo "--- label_image on a test image of a sneaker:"
 	$(BIN)/label_image --graph=$(DEMO)/output_graph.onnx --labels=$(DEMO)/output_labels.txt \
 		--input_layer=Placeholder --output_layer=final_result \
