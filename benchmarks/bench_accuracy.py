@@ -29,7 +29,7 @@ def run(name: str, backbone: str) -> tuple[float, int, float]:
         return m["accuracy"], m["num_images"], time.perf_counter() - start
     folder = {"rps": SHARED / "rock_paper_scissors", "signs": SHARED / "sign_language_digits"}[name]
     model = retrain.train(folder, cfg)
-    return model.metrics["test_accuracy"], model.metrics["num_images"]["test"], time.perf_counter() - start
+    return model.metrics.test_accuracy, model.metrics.num_images["test"], time.perf_counter() - start
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ def _head_layers(onnx_path):
 def test_same_seed_same_model(shapes, cache_dir):
     a = retrain.train(shapes, quick_config(cache_dir))
     b = retrain.train(shapes, quick_config(cache_dir))
-    assert a.metrics["head"]["history"] == b.metrics["head"]["history"]
+    assert a.metrics.head.history == b.metrics.head.history
     assert _inits(a.model) == _inits(b.model)
 
 
@@ -87,7 +87,7 @@ def test_hidden_layer_head(shapes, cache_dir):
     cfg.head.hidden_units = 32
     model = retrain.train(shapes, cfg)
     assert sum(1 for t in model.model.graph.initializer if t.name.startswith("head_w")) == 2
-    assert model.metrics["validation_accuracy"] is not None
+    assert model.metrics.validation_accuracy is not None
 
 
 def test_cache_reuse_rename_and_replace(shapes, cache_dir, monkeypatch):
@@ -114,7 +114,7 @@ def test_bad_files_are_skipped_and_named(shapes, cache_dir):
     (shapes / "squares" / "notes.jpg").write_text("<html>not an image</html>")
     (shapes / "squares" / "empty.png").write_bytes(b"")
     model = retrain.train(shapes, quick_config(cache_dir))
-    skipped = {item["path"].rsplit("/", 1)[-1]: item["reason"] for item in model.metrics["skipped_files"]}
+    skipped = {item.path.rsplit("/", 1)[-1]: item.reason for item in model.metrics.skipped_files}
     assert set(skipped) == {"notes.jpg", "empty.png"}
     assert "empty" in skipped["empty.png"]
 
@@ -171,6 +171,6 @@ def test_the_resolved_plan_is_recorded(shapes, cache_dir):
     import retrain
 
     model = retrain.train(shapes, quick_config(cache_dir))
-    plan = model.metrics["plan"]
+    plan = model.metrics.plan
     assert plan["mode"] == "head" and plan["reason"] == "as asked" and plan["epochs"] is None
-    assert model.metrics["provenance"]["plan"] == plan
+    assert model.metrics.provenance["plan"] == plan

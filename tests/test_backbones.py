@@ -90,7 +90,7 @@ def test_onnx_file_backbone_trains_and_exports(shapes, cache_dir, tmp_path):
     cfg = TrainConfig(backbone=str(onnx_path), input_mean=128, input_std=64, cache_dir=str(cache_dir),
                       quiet=True, head=HeadConfig(steps=200))
     model = retrain.train(shapes, cfg)
-    assert model.metrics["backbone"] == "onnx:mynet.onnx"
+    assert model.metrics.backbone == "onnx:mynet.onnx"
     model.save(tmp_path / "m")
     clf = Classifier(tmp_path / "m" / "model.onnx")
     assert (clf.prep.size, clf.prep.mean, clf.prep.std) == (64, 128.0, 64.0)

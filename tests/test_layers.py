@@ -17,7 +17,7 @@ LAYERS = [
                      "prefetch",
                      "validate", "outputs", "distributed", "split", "connections"}),
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),
-    ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "report",
+    ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "metrics", "report",
                 "summaries", "imagenet", "lrfind", "checks", "export", "datasets"}),
     ("pipeline", {"api", "pipeline", "plan"}),
     ("applications", {"doctor", "compare", "serve", "cli", "__main__", "__init__"}),

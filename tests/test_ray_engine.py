@@ -115,14 +115,14 @@ def test_train_with_the_ray_engine_reports_skipped_files_and_leaves_the_cache_fo
         cluster, data, tiny, tmp_path, monkeypatch):
     on_ray = retrain.train(data, _config(tiny, tmp_path / "cache", engine="ray", ray_address=cluster))
     local = retrain.train(data, _config(tiny, tmp_path / "local-cache"))
-    assert on_ray.metrics["skipped_files"] == local.metrics["skipped_files"]
-    assert {Path(item["path"]).name for item in local.metrics["skipped_files"]} == {"notes.jpg", "empty.png"}
-    assert on_ray.metrics["test_accuracy"] == local.metrics["test_accuracy"]
+    assert on_ray.metrics.skipped_files == local.metrics.skipped_files
+    assert {Path(item.path).name for item in local.metrics.skipped_files} == {"notes.jpg", "empty.png"}
+    assert on_ray.metrics.test_accuracy == local.metrics.test_accuracy
 
     seen = decoded_on_rerun(monkeypatch)
     rerun = retrain.train(data, _config(tiny, tmp_path / "cache"))
     assert sorted(seen) == UNREADABLE
-    assert rerun.metrics["skipped_files"] == local.metrics["skipped_files"]
+    assert rerun.metrics.skipped_files == local.metrics.skipped_files
 
 
 @pytest.fixture(scope="module")

@@ -332,16 +332,15 @@ def _predict(args: argparse.Namespace, clf) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folder as evaluate
-    from .evaluation import format_metrics
+    from .evaluation import evaluation_of_folder, format_metrics
 
-    metrics = evaluate(args.model, args.image_dir)
+    evaluation = evaluation_of_folder(args.model, args.image_dir)
     if args.json:
-        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+        print(json.dumps(evaluation.to_json(), indent=2, ensure_ascii=False))
     else:
-        print(format_metrics(metrics))
-        if metrics["skipped_files"]:
-            print(f"\nSkipped {len(metrics['skipped_files'])} unreadable file(s).")
+        print(format_metrics(evaluation.metrics))
+        if evaluation.skipped:
+            print(f"\nSkipped {len(evaluation.skipped)} unreadable file(s).")
     return 0
 
 

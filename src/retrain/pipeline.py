@@ -12,7 +12,7 @@ import hashlib
 import json
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -35,6 +35,7 @@ from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, def
 from .config import Checkpoint, TrainConfig
 from .graphs import classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
+from .metrics import FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
 from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
@@ -49,7 +50,7 @@ from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 class TrainedModel:
     model: onnx.ModelProto
     classes: list[str]
-    metrics: dict
+    metrics: RunMetrics
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
 
     def save(self, output_dir: str | Path, report: bool = True) -> Path:
@@ -61,7 +62,7 @@ class TrainedModel:
 
     def _write_into(self, out: Path, report: bool) -> None:
         self._write_files(out / MODEL_FILE, out / LABELS_FILE)
-        atomic_write_json(out / METRICS_FILE, self.metrics)
+        atomic_write_json(out / METRICS_FILE, self.metrics.to_json())
         if report:
             from .report import write_report
 
@@ -213,17 +214,17 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
         return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
     with stage("calibrate"):
         cal = _calibrate(fitted, config)
-    with stage("evaluate"):
-        metrics, misclassified = _evaluate(fitted, cal)
-    for line in result_lines(metrics | {"calibration": cal.report}):
-        log(line)
     provenance = _provenance(image_dir, config, backbone, fitted)
+    with stage("evaluate"):
+        metrics, misclassified = _evaluate(fitted, cal, _run_record(fitted, backbone, cal, provenance))
+    for line in result_lines(metrics):
+        log(line)
     with stage("export"):
         model = classifier_model(fitted.extractor, fitted.layers,
                                  model_metadata(backbone, fitted.dataset.classes, provenance),
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
-    metrics |= _run_record(fitted, backbone, cal) | {"seconds": stage.seconds, "provenance": provenance}
+    metrics = replace(metrics, seconds=dict(stage.seconds))
     return TrainedModel(model, fitted.dataset.classes, metrics, misclassified)
 
 
@@ -245,24 +246,19 @@ def _provenance(image_dir: str | Path, config: TrainConfig, backbone: Backbone, 
             "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _run_record(fitted: _Fitted, backbone: Backbone, cal: Calibration) -> dict:
+def _run_record(fitted: _Fitted, backbone: Backbone, cal: Calibration, provenance: dict) -> dict:
     """metrics.json's account of the run: data per split and class, skipped files, calibration, histories."""
-    classes, split = fitted.dataset.classes, fitted.split
-    record = {
-        "classes": classes, "backbone": backbone.name, "mode": fitted.plan.mode.value, "plan": fitted.plan.to_dict(),
-        "num_images": {k: len(v) for k, v in split.items()},
-        "class_counts": {k: dict(zip(classes, np.bincount(v.labels, minlength=len(classes)).tolist()))
-                         for k, v in split.items()},
-        "skipped_files": [{"path": str(p), "reason": why} for p, why in fitted.dataset.skipped],
-        "calibration": cal.report,
-    }
-    if fitted.head:
-        record["head"] = {"best_step": fitted.head.best_step, "steps_run": fitted.head.steps_run,
-                          "history": fitted.head.history}
-    if fitted.tuned:
-        record["finetune"] = {"best_epoch": fitted.tuned.best_epoch, "history": fitted.tuned.history,
-                              "device": fitted.tuned.device, "train_size": fitted.tuned.train_size}
-    return record
+    classes, split, head, tuned = fitted.dataset.classes, fitted.split, fitted.head, fitted.tuned
+    return dict(
+        classes=classes, backbone=backbone.name, mode=fitted.plan.mode.value, plan=fitted.plan.to_dict(),
+        num_images={k: len(v) for k, v in split.items()},
+        class_counts={k: dict(zip(classes, np.bincount(v.labels, minlength=len(classes)).tolist()))
+                      for k, v in split.items()},
+        skipped_files=[SkippedFile(str(p), why) for p, why in fitted.dataset.skipped],
+        calibration=cal.report, provenance=provenance,
+        head=HeadRecord(best_step=head.best_step, steps_run=head.steps_run, history=head.history) if head else None,
+        finetune=FinetuneRecord(best_epoch=tuned.best_epoch, history=tuned.history, device=tuned.device,
+                                train_size=tuned.train_size) if tuned else None)
 
 
 def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
@@ -382,41 +378,41 @@ def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tu
     return z, y.astype(np.int64)
 
 
-def result_lines(metrics: dict) -> list[str]:
+def result_lines(metrics: RunMetrics) -> list[str]:
     """What a run ends with: the test accuracy with its evidence, a tiny-split caveat, what calibration did."""
-    n_val, n_test = metrics["num_validation"], metrics["test"]["num_images"] if metrics["test"] else 0
-    lines = [f"Final test accuracy = {describe_accuracy(metrics['test_accuracy'], n_test, 'test photos')}"]
-    disagree = small_splits_disagree(metrics["validation_accuracy"], n_val, metrics["test_accuracy"], n_test)
+    n_val, n_test = metrics.num_validation, metrics.test.num_images if metrics.test else 0
+    lines = [f"Final test accuracy = {describe_accuracy(metrics.test_accuracy, n_test, 'test photos')}"]
+    disagree = small_splits_disagree(metrics.validation_accuracy, n_val, metrics.test_accuracy, n_test)
     lines += [disagree] if disagree else []
-    cal = metrics["calibration"]
-    line = f"Calibration: {cal['why']}"
-    if cal["calibrated"] and "test_ece_after" in cal:
-        line += (f"; test expected calibration error {100 * cal['test_ece_before']:.1f}% -> "
-                 f"{100 * cal['test_ece_after']:.1f}%")
+    cal = metrics.calibration
+    line = f"Calibration: {cal.why}"
+    if cal.calibrated and cal.test_ece_after is not None:
+        line += (f"; test expected calibration error {100 * cal.test_ece_before:.1f}% -> "
+                 f"{100 * cal.test_ece_after:.1f}%")
     return lines + [line]
 
 
-def _evaluate(fitted: _Fitted, cal: Calibration) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Validation and test accuracy with their evidence, test metrics and predictions, the verdict; the mistakes."""
+def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetrics, list[tuple[str, str, str]]]:
+    """Validation and test accuracy with their evidence, test metrics and predictions, the verdict; the mistakes.
+
+    `record` (_run_record) holds the rest of metrics.json.
+    """
     layers, classes, split = fitted.layers, fitted.dataset.classes, fitted.split
     (x_va, y_va), (x_te, y_te) = fitted.x["validation"], fitted.x["test"]
-    metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None, "num_validation": len(y_va)}
-    if len(x_va):
-        metrics["validation_accuracy"] = _accuracy(layers, x_va, y_va)
-    metrics["validation_evidence"] = accuracy_evidence(metrics["validation_accuracy"], len(y_va))
-    metrics["test_evidence"] = accuracy_evidence(None, 0)
-    misclassified = []
+    validation_accuracy = _accuracy(layers, x_va, y_va) if len(x_va) else None
+    test, predictions, misclassified = None, None, []
     if len(x_te):
         probs = softmax(logits(layers, x_te), cal.temperature)
         pred = probs.argmax(1)
-        metrics["test"] = classification_metrics(y_te, pred, classes)
-        metrics["test_accuracy"] = metrics["test"]["accuracy"]
-        metrics["test_evidence"] = accuracy_evidence(metrics["test_accuracy"], len(y_te))
+        test = classification_metrics(y_te, pred, classes)
         misclassified = [(str(s.path), classes[s.label], classes[p])
                          for s, p in zip(split["test"], pred) if s.label != p]
-        metrics["test_predictions"] = [{"path": str(s.path), "label": int(s.label), "predicted": int(p),
-                                        "confidence": float(c)}
-                                       for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
-    metrics["verdict"] = verdict(metrics, classes, fitted.dataset.unsplit_classes)
+        predictions = [PredictionRecord(str(s.path), int(s.label), int(p), float(c))
+                       for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
+    test_accuracy = test.accuracy if test else None
+    metrics = RunMetrics(
+        **record, validation_accuracy=validation_accuracy, test_accuracy=test_accuracy, num_validation=len(y_va),
+        validation_evidence=accuracy_evidence(validation_accuracy, len(y_va)),
+        test_evidence=accuracy_evidence(test_accuracy, len(y_te)), test=test, test_predictions=predictions,
+        verdict=verdict(test, validation_accuracy, len(y_va), classes, fitted.dataset.unsplit_classes))
     return metrics, misclassified
-
