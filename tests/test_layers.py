@@ -20,7 +20,7 @@ LAYERS = [
     ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "metrics", "report",
                 "summaries", "imagenet", "lrfind", "checks", "export", "datasets"}),
     ("pipeline", {"api", "pipeline", "plan"}),
-    ("applications", {"doctor", "compare", "serve", "cli", "__main__", "__init__"}),
+    ("applications", {"doctor", "compare", "serve", "commands", "cli", "__main__", "__init__"}),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 
