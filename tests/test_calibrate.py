@@ -109,9 +109,9 @@ def test_a_temperature_that_does_not_help_held_out_halves_is_not_kept():
     assert cal.temperature == 1.0 and "did not lower the calibration error" in cal.report.why
 
 
-def test_the_small_folder_case_that_once_tripled_the_error(shapes, cache_dir):
+def test_the_small_folder_case_that_once_tripled_the_error(head_model):
     """16 photos a class: the held-out evidence (validation + out-of-fold) decides; test ECE must not rise."""
-    model = retrain.train(shapes, TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300)))
+    model = head_model.model
     cal = model.metrics.calibration
     assert cal.held_out_predictions > model.metrics.num_images["validation"]  # out-of-fold rows joined
     assert cal.test_ece_after <= cal.test_ece_before

@@ -16,10 +16,12 @@ from conftest import shared_dataset
 FAST = ["--how_many_training_steps=200", "--quiet"]
 
 
-@pytest.fixture
-def trained(shapes, cache_dir, tmp_path):
-    graph, labels = tmp_path / "output_graph.onnx", tmp_path / "output_labels.txt"
-    assert retrain_main([f"--image_dir={shapes}", f"--output_graph={graph}", f"--output_labels={labels}",
+@pytest.fixture(scope="module")
+def trained(shapes_data, cache_dir, tmp_path_factory):
+    """The classic command's model, trained once for the tests that only use it."""
+    folder = tmp_path_factory.mktemp("classic")
+    graph, labels = folder / "output_graph.onnx", folder / "output_labels.txt"
+    assert retrain_main([f"--image_dir={shapes_data}", f"--output_graph={graph}", f"--output_labels={labels}",
                          "--testing_percentage=20", *FAST]) == 0
     return graph, labels
 
@@ -206,3 +208,31 @@ def test_help_imports_neither_onnx_runtime_nor_torch():
     assert "retrain.cli" in imported and "retrain.config" in imported
     assert not imported & {"onnx", "onnxruntime", "torch"}, imported & {"onnx", "onnxruntime", "torch"}
     assert "usage: retrain" in done.stdout
+
+
+def subcommand_options() -> dict[str, list]:
+    """{subcommand: its visible optional actions}, from the parser itself."""
+    import argparse
+
+    from retrain.cli import modern_parser
+
+    [sub] = [a for a in modern_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: [a for a in p._actions if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
+            for name, p in sub.choices.items()}
+
+
+def test_an_option_is_spelt_and_defaulted_the_same_in_every_subcommand():
+    seen: dict[str, set] = {}
+    for command, actions in subcommand_options().items():
+        for a in actions:
+            seen.setdefault(a.dest, set()).add((tuple(a.option_strings), repr(a.default) if a.dest != "output" else ""))
+    assert {dest: forms for dest, forms in seen.items() if len(forms) > 1} == {}
+
+
+def test_every_multi_word_option_takes_both_spellings():
+    for command, actions in subcommand_options().items():
+        for a in actions:
+            words = [s[2:] for s in a.option_strings if s.startswith("--")]
+            if any("_" in w or "-" in w for w in words):
+                assert any("_" in w or w.isalnum() for w in words) and any("-" in w or w.isalnum() for w in words), \
+                    (command, a.option_strings)
