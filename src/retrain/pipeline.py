@@ -29,7 +29,7 @@ from .errors import UserError
 from .checks import class_counts, quick_summary
 from .evaluation import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
                        verdict)
-from .features import compute_features, feature_matrices, features_of
+from .features import compute_features, feature_matrices, features_of, store_folder
 from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import Checkpoint, TrainConfig
@@ -143,15 +143,17 @@ def _log_for(config: TrainConfig) -> Callable[[str], None]:
 
 def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path,
                        stage: Stopwatch, log: Callable[[str], None]):
-    """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)})."""
+    """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)}, the ONNX extractor's path)."""
     dataset = _scan(image_dir, config, cache, stage, log)
     with stage("features"), distributed.main_first(), open_engine(config.engine, config.ray_address) as engine:
-        features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
+        extractor = extractor_path(backbone, cache)  # exported once; it becomes part of model.onnx too
+        features, failures = compute_features(dataset.samples, backbone, extractor,
+                                              store_folder(cache, config.bottleneck_dir),
                                               batch_size=config.batch_size, workers=config.workers,
                                               quiet=config.quiet, engine=engine)
         split = usable_splits(dataset, features.covers(dataset.samples), failures)
     _log_skipped(dataset, log)
-    return dataset, split, feature_matrices(split, features, backbone.feature_dim)
+    return dataset, split, feature_matrices(split, features, backbone.feature_dim), extractor
 
 
 def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: Stopwatch,
@@ -176,7 +178,7 @@ def head_training_data(image_dir: str | Path, config: TrainConfig) -> tuple[np.n
     """Training-split features, labels and class names, as train() would use them (for lr-find)."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
-    dataset, _, x = _features_by_split(image_dir, config, backbone, cache, Stopwatch(), _log_for(config))
+    dataset, _, x, _ = _features_by_split(image_dir, config, backbone, cache, Stopwatch(), _log_for(config))
     return *x["train"], dataset.classes
 
 
@@ -264,7 +266,7 @@ def _run_record(fitted: _Fitted, backbone: Backbone, cal: Calibration, provenanc
 def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
                        log: Callable[[str], None], timeline: Timeline | None) -> _Fitted:
     """Pretrained backbones: the head on cached features, then (by mode) fine-tuning on live images."""
-    dataset, split, x = _features_by_split(image_dir, config, backbone, cache, stage, log)
+    dataset, split, x, extractor = _features_by_split(image_dir, config, backbone, cache, stage, log)
     if not split["validation"]:
         log("No validation images: early stopping watches training accuracy instead.")
     with stage("train"):
@@ -275,7 +277,7 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
     if timeline:
         timeline.record(lambda: _accuracy(head.layers, *x["test"]))
     plan = plan_training(config, backbone, len(split["train"]))
-    fitted = _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, plan, head)
+    fitted = _Fitted(dataset, split, x, onnx.load(str(extractor)), head.layers, plan, head)
     if not plan.live:
         return fitted
     from .finetune import finetune  # imports PyTorch: only when fine-tuning
