@@ -150,6 +150,7 @@ def test_predict_reports_unreadable_file_and_keeps_going(trained, shapes, tmp_pa
     (["train", "/does/not/exist", "--output", "/tmp/x"], "image folder not found"),
     (["--image_dir=.", "--backbone=resnet9000"], "unknown backbone"),
 ])
+@pytest.mark.subprocess
 def test_user_errors_have_no_traceback(args, message):
     proc = subprocess.run([sys.executable, "-m", "retrain", *args], capture_output=True, text=True,
                           env=os.environ | {"PYTHONWARNINGS": "ignore"})
@@ -184,6 +185,7 @@ def test_cache_dir_means_the_same_in_label_image(cache_dir, tmp_path, monkeypatc
     assert "bee" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_help_gives_each_default_once():
     for command in (["train", "--help"], ["doctor", "--help"], ["serve", "--help"]):
         out = subprocess.run([sys.executable, "-m", "retrain", *command], capture_output=True, text=True).stdout
@@ -200,6 +202,7 @@ def test_live_image_flags_are_refused_in_head_mode(shapes, tmp_path, capsys, fla
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.subprocess
 def test_help_imports_neither_onnx_runtime_nor_torch():
     """`retrain --help` reads its defaults from config.py; the heavy libraries load only for real work."""
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "retrain", "--help"], capture_output=True,

@@ -145,6 +145,7 @@ def test_doctor_text_report_on_hostile_folder(hostile, cache_dir, capsys):
     assert "dot.png (PNG RGB, 1x1)" in out
 
 
+@pytest.mark.subprocess
 def test_korean_and_space_names_end_to_end_through_the_cli(tmp_path, cache_dir):
     """`retrain train` then `retrain predict` in a fresh process, every path non-ASCII with spaces."""
     root = tmp_path / "내 사진"

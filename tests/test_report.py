@@ -39,6 +39,7 @@ def check_in_browser(chromium, report, screenshot) -> dict:
     return found
 
 
+@pytest.mark.browser
 def test_report_for_a_generated_dataset(tmp_path, cache_dir, chromium):
     root = make_dataset(tmp_path / "d", per_class=24)
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=200), unknown_threshold="auto",
@@ -85,6 +86,7 @@ def test_tensorboard_summaries(head_model, tmp_path):
     ("hymenoptera", "train", "val"),
     ("rock_paper_scissors", "", None),
 ])
+@pytest.mark.browser
 def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, cache_dir, chromium):
     root = shared_dataset(name)
     model = retrain.train(root / train_dir, TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto"))
