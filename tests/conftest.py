@@ -89,6 +89,23 @@ def head_model(shapes_data, cache_dir, tmp_path_factory) -> SharedModel:
     return SharedModel(model, model.save(tmp_path_factory.mktemp("shared") / "model", report=False))
 
 
+@pytest.fixture(scope="session")
+def real_model(cache_dir):
+    """real_model(name, sub="") trains on a real dataset's folder once per run (default settings, unknown
+    threshold "auto"), skipping if the dataset is absent: for the tests that only read the model."""
+    import retrain
+    from retrain.config import TrainConfig
+
+    trained = {}
+
+    def get(name: str, sub: str = ""):
+        if (name, sub) not in trained:
+            config = TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto")
+            trained[name, sub] = retrain.train(shared_dataset(name) / sub, config)
+        return trained[name, sub]
+    return get
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -11,7 +11,6 @@ import pytest
 import retrain
 from retrain import features as features_mod
 from retrain import runtime as runtime_mod
-from retrain.api import TrainConfig
 from retrain.head import predict_proba
 from retrain.prediction import Classifier
 
@@ -131,11 +130,10 @@ def test_evaluate_reports_metrics(head_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_hymenoptera_accuracy(cache_dir, tmp_path):
+def test_hymenoptera_accuracy(real_model, tmp_path):
     """The issue's bar: train on hymenoptera/train, evaluate on val, >= 0.94 with the default backbone."""
     root = shared_dataset("hymenoptera")
-    model = retrain.train(root / "train", TrainConfig(cache_dir=str(cache_dir), quiet=True))
-    model.save(tmp_path / "hym")
+    real_model("hymenoptera", "train").save(tmp_path / "hym", report=False)
     metrics = retrain.evaluate(tmp_path / "hym", root / "val")
     assert metrics["num_images"] == 153
     assert metrics["accuracy"] >= 0.94, metrics["accuracy"]

@@ -87,10 +87,9 @@ def test_tensorboard_summaries(head_model, tmp_path):
     ("rock_paper_scissors", "", None),
 ])
 @pytest.mark.browser
-def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, cache_dir, chromium):
+def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, real_model, chromium):
     root = shared_dataset(name)
-    model = retrain.train(root / train_dir, TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto"))
-    out = model.save(tmp_path / name, report=False)
+    out = real_model(name, train_dir).save(tmp_path / name, report=False)
     from retrain.report import write_report
 
     report = write_report(out, root / eval_dir if eval_dir else None)
