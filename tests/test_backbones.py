@@ -91,7 +91,7 @@ def test_onnx_file_backbone_trains_and_exports(shapes, cache_dir, tmp_path):
                       quiet=True, head=HeadConfig(steps=200))
     model = retrain.train(shapes, cfg)
     assert model.metrics.backbone == "onnx:mynet.onnx"
-    model.save(tmp_path / "m")
+    model.save(tmp_path / "m", report=False)
     clf = Classifier(tmp_path / "m" / "model.onnx")
     assert (clf.prep.size, clf.prep.mean, clf.prep.std) == (64, 128.0, 64.0)
     assert clf.session.get_inputs()[0].shape[1:] == [64, 64, 3]

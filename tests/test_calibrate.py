@@ -54,7 +54,7 @@ def test_auto_threshold_rejects_the_requested_fraction():
 
 def test_threshold_is_baked_into_the_model_and_honoured(shapes, cache_dir, tmp_path, capsys):
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=200), unknown_threshold=0.999)
-    retrain.train(shapes, cfg).save(tmp_path / "m")
+    retrain.train(shapes, cfg).save(tmp_path / "m", report=False)
     clf = Classifier(tmp_path / "m" / "model.onnx")
     assert clf.unknown_threshold == pytest.approx(0.999)
     from retrain.decode import load_image
@@ -84,7 +84,7 @@ def test_auto_threshold_flags_a_class_never_seen(tmp_path, cache_dir):
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300),
                       unknown_threshold="auto", validation_percentage=30, testing_percentage=20)
     model = retrain.train(root, cfg)
-    model.save(tmp_path / "m")
+    model.save(tmp_path / "m", report=False)
     cal = model.metrics.calibration
     assert 0 < cal.unknown_threshold == cal.suggested_unknown_threshold
     rng = np.random.default_rng(5)

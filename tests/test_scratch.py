@@ -48,7 +48,7 @@ def test_scratch_small_learns_and_its_onnx_matches_pytorch(tmp_path, cache_dir, 
     real = scratch.train_from_scratch
     monkeypatch.setattr(scratch, "train_from_scratch", lambda *a, **k: kept.setdefault("r", real(*a, **k)))
     model = retrain.train(data, scratch_config(cache_dir))
-    model.save(tmp_path / "m")
+    model.save(tmp_path / "m", report=False)
     metrics = model.metrics
     assert metrics.mode == "scratch" and metrics.backbone == "scratch-small"
     assert metrics.head is None and len(metrics.finetune.history) == 15
