@@ -51,7 +51,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or any(action.default is empty for empty in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
@@ -138,15 +138,18 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--how_many_training_steps", "--steps", type=int, default=h.steps,
                    help="most training steps (early stopping on validation usually ends sooner)")
     g.add_argument("--learning_rate", "--learning-rate", type=float, default=h.learning_rate, help="AdamW learning rate")
-    g.add_argument("--train_batch_size", "--batch-size", type=int, default=h.batch_size)
-    g.add_argument("--weight_decay", "--weight-decay", type=float, default=h.weight_decay)
+    g.add_argument("--train_batch_size", "--batch-size", type=int, default=h.batch_size,
+                   help="feature vectors per head training step")
+    g.add_argument("--weight_decay", "--weight-decay", type=float, default=h.weight_decay,
+                   help="AdamW weight decay of the head")
     g.add_argument("--eval_step_interval", "--eval-step-interval", type=int, default=h.eval_interval,
                    help="steps between validation checks")
     add_seed_option(g)
     g.add_argument("--unknown_threshold", "--unknown-threshold", type=_threshold, default=t.unknown_threshold,
                    help="flag photos whose calibrated top probability is below this as unknown; "
                         "'auto' picks the value that rejects ~5%% of held-out photos (default: off)")
-    g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
+    g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true",
+                   help="list the test photos the model gets wrong")
     g.add_argument("--summaries_dir", "--summaries-dir", help="write TensorBoard summaries (per-step scalars) here")
     add_quiet_option(g)
     g = p.add_argument_group("fine-tuning (--mode finetune) and scratch backbones")
@@ -166,7 +169,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune_batch_size", "--finetune-batch-size", type=int,
                    help="default 32 on the CPU; on a GPU up to 256 (keeping ~100 steps per epoch); "
                         "scratch backbones: 128, less on small data")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device,
+                   help="where live-image training runs (auto: a GPU if there is one)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
     g.add_argument("--hold_images", "--hold-images", action=argparse.BooleanOptionalAction,
                    help="decode the photos once and keep them on the training device, distorting them there "
@@ -175,10 +179,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
     g = p.add_argument_group("distortions (retrain.py's augmentation flags; live images, backbone frozen "
                              "unless --mode finetune)")
-    g.add_argument("--flip_left_right", "--flip-left-right", action="store_true")
-    g.add_argument("--random_crop", "--random-crop", type=int, default=0)
-    g.add_argument("--random_scale", "--random-scale", type=int, default=0)
-    g.add_argument("--random_brightness", "--random-brightness", type=int, default=0)
+    g.add_argument("--flip_left_right", "--flip-left-right", action="store_true",
+                   help="mirror half of the training photos")
+    g.add_argument("--random_crop", "--random-crop", type=int, default=0,
+                   help="percent of margin to crop at random")
+    g.add_argument("--random_scale", "--random-scale", type=int, default=0,
+                   help="percent to scale up by at random")
+    g.add_argument("--random_brightness", "--random-brightness", type=int, default=0,
+                   help="percent to brighten or darken by at random")
     add_engine_options(p, "feature extraction")
     for flag in RETIRED_FLAGS:
         p.add_argument(flag, action=_Retired, nargs="?", help=argparse.SUPPRESS)
