@@ -12,6 +12,7 @@ with a UserError that says to upgrade retrain.
 """
 from __future__ import annotations
 
+import functools
 import json
 import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -212,8 +213,13 @@ def _checked(data: Any, kind: type, key: str) -> Any:
     return data
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)  # resolved once per class: test_predictions can hold 100,000 rows
+
+
 def _dataclass(cls: type[T], data: dict, key: str) -> T:
-    hints, values = get_type_hints(cls), {}
+    hints, values = _hints(cls), {}
     for f in fields(cls):
         name = f"{key}.{f.name}" if key else f.name
         if f.name in data:
