@@ -106,3 +106,11 @@ def test_broken_onnx_backbone_is_a_clear_error(tmp_path):
         get_backbone(str(bad))
     with pytest.raises(UserError, match="not found"):
         get_backbone(str(tmp_path / "missing.onnx"))
+
+
+@pytest.mark.parametrize("spec, scratch", [("scratch-small", True), ("Scratch_Color", True), ("lite0", False),
+                                           ("scratch_net.onnx", False), ("scratchy", False)])
+def test_from_random_weights_knows_the_registry_without_building(spec, scratch):
+    from retrain.backbones import from_random_weights
+
+    assert from_random_weights(spec) is scratch

@@ -239,3 +239,10 @@ def test_every_multi_word_option_takes_both_spellings():
             if any("_" in w or "-" in w for w in words):
                 assert any("_" in w or w.isalnum() for w in words) and any("-" in w or w.isalnum() for w in words), \
                     (command, a.option_strings)
+
+
+def test_an_onnx_backbone_named_scratch_is_not_taken_for_a_scratch_one(shapes_data, tmp_path, capsys):
+    """Head mode refuses live-image flags for any pretrained backbone, whatever its file is called."""
+    assert retrain_main(["train", str(shapes_data), "--output", str(tmp_path / "m"), "--backbone",
+                         "scratch_net.onnx", "--epochs", "3"]) == 2
+    assert "--mode head trains on cached features" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import commands
+from .backbones import from_random_weights
 from .commands import positive
 from .config import (CALIBRATION_IMAGES, CPU_TRAIN_SIZE, DEFAULT_TOLERANCE, MODES, OUTPUT_NAME, ExportConfig,
                      FinetuneConfig, HeadConfig, TrainConfig, scratch_defaults)
@@ -224,7 +225,7 @@ def _probability(text: str) -> float:
 
 def _refuse_live_flags_in_head_mode(args: argparse.Namespace) -> None:
     """--mode head trains on cached features: flags for training on live images would be silently dropped."""
-    if args.mode != "head" or args.backbone.lower().startswith("scratch") or any(
+    if args.mode != "head" or from_random_weights(args.backbone) or any(
             getattr(args, d) for d in DISTORTION_FLAGS):
         return
     given = {"--epochs": args.epochs is not None, "--unfreeze": args.unfreeze != -1,
@@ -253,7 +254,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in DISTORTION_FLAGS[1:]:
         if not 0 <= getattr(args, name) < 100:
             raise UserError(f"--{name} is a percentage in [0, 100)")
-    if args.time_budget is not None and args.mode != "auto" and not args.backbone.lower().startswith("scratch"):
+    if args.time_budget is not None and args.mode != "auto" and not from_random_weights(args.backbone):
         raise UserError("--time_budget applies to --mode auto and to scratch backbones only")
     _refuse_live_flags_in_head_mode(args)
     augment = None
