@@ -77,13 +77,11 @@ def test_label_image_rejects_pb_and_missing_files(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
-def test_the_course_handout_commands_verbatim(shapes, cache_dir, tmp_path, capsys):
+def test_the_course_handout_commands_verbatim(trained, shapes_data, capsys):
     """The handout's label_image line: a .pb path, and `--input_layper` (sic), after `retrain --image_dir`."""
-    graph, labels = tmp_path / "output_graph.onnx", tmp_path / "output_labels.txt"
-    assert retrain_main([f"--image_dir={shapes}", f"--output_graph={graph}", f"--output_labels={labels}", *FAST]) == 0
-    capsys.readouterr()
-    image = sorted((shapes / "squares").iterdir())[0]
-    assert label_image_main([f"--graph={tmp_path}/output_graph.pb", f"--labels={labels}", "--input_layper=Placeholder",
+    graph, labels = trained
+    image = sorted((shapes_data / "squares").iterdir())[0]
+    assert label_image_main([f"--graph={graph.parent}/output_graph.pb", f"--labels={labels}", "--input_layper=Placeholder",
                              "--output_layer=final_result", f"--image={image}"]) == 0
     out, err = capsys.readouterr()
     assert [line.split()[0] for line in out.splitlines()][0] == "squares" and len(out.splitlines()) == 3
