@@ -40,6 +40,9 @@ RETIRED_FLAGS = {
 }
 
 DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness")
+TOP_K = 5  # classes shown per image by predict and label_image
+BACKBONE_HELP = ("lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole network "
+                 "trains), or a local ONNX feature extractor (.onnx)")
 
 
 class _Retired(argparse.Action):
@@ -115,11 +118,6 @@ def add_classify_options(p: argparse.ArgumentParser, min_confidence_help: str) -
     p.add_argument("--labels", help="labels file (default: the labels stored in the model)")
     p.add_argument("--top_k", "--top-k", type=int, default=TOP_K, help="classes to show per image, best first")
     p.add_argument("--min_confidence", "--min-confidence", type=_probability, help=min_confidence_help)
-
-
-TOP_K = 5
-BACKBONE_HELP = ("lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole network "
-                 "trains), or a local ONNX feature extractor (.onnx)")
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
