@@ -29,6 +29,7 @@ import numpy as np
 import retrain
 from retrain.config import TrainConfig
 from retrain.evaluation import wilson_interval
+from retrain.metrics import RunMetrics
 from retrain.pipeline import feature_splits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -50,7 +51,7 @@ def baseline(folder: Path, config: TrainConfig) -> float:
     return float(LogisticRegression(max_iter=5000).fit(x_fit, y_fit).score(*x["test"]))
 
 
-def timed_run(folder: Path, config: TrainConfig, out: Path) -> tuple[dict, float, float | None]:
+def timed_run(folder: Path, config: TrainConfig, out: Path) -> tuple[RunMetrics, float, float | None]:
     """(metrics, wall seconds to the saved model, seconds to the first saved model or None)."""
     start, first = time.perf_counter(), []
 
@@ -86,14 +87,14 @@ def main() -> None:
                 runs[mode] = timed_run(folder, cfg, Path(tmp) / mode)
                 runs[mode + " rerun"] = timed_run(folder, cfg, Path(tmp) / f"{mode}-rerun")
         (head, head_s, _), (auto, auto_s, first_s) = runs["head"], runs["auto"]
-        n = auto["test"]["num_images"]
-        cut = ((1 - base) - (1 - auto["test_accuracy"])) / max(1e-9, 1 - base)
+        n = auto.test.num_images
+        cut = ((1 - base) - (1 - auto.test_accuracy)) / max(1e-9, 1 - base)
         rerun_head, rerun_auto = runs["head rerun"][1], runs["auto rerun"][1]
         first = f"{first_s:5.0f}" if first_s is not None else f"{auto_s:5.0f}"
-        print(f"{name:<12} {n:>4} {interval(base, n):>20} {interval(head['test_accuracy'], n):>20} {head_s:5.0f} "
-              f"{interval(auto['test_accuracy'], n):>20} {auto_s:5.0f} {first} {100 * cut:6.0f}%  "
+        print(f"{name:<12} {n:>4} {interval(base, n):>20} {interval(head.test_accuracy, n):>20} {head_s:5.0f} "
+              f"{interval(auto.test_accuracy, n):>20} {auto_s:5.0f} {first} {100 * cut:6.0f}%  "
               f"{rerun_head:9.1f} / {rerun_auto:8.1f} {rerun_auto / rerun_head:5.2f}  "
-              f"{auto['plan']['mode']}: {auto['plan']['reason']}", flush=True)
+              f"{auto.plan['mode']}: {auto.plan['reason']}", flush=True)
 
 
 if __name__ == "__main__":

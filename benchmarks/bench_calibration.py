@@ -20,6 +20,7 @@ import numpy as np
 
 import retrain
 from retrain.api import TrainConfig
+from retrain.metrics import RunMetrics
 from retrain.scan import find_split_dirs, list_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -38,15 +39,15 @@ def small_folder(root: Path, per_class: int, seed: int, work: Path) -> Path:
     return work
 
 
-def report(name: str, metrics: dict) -> bool:
-    cal, n = metrics["calibration"], metrics["num_images"]
-    if "test_ece_after" not in cal:
+def report(name: str, metrics: RunMetrics) -> bool:
+    cal, n = metrics.calibration, metrics.num_images
+    if cal.test_ece_after is None:
         print(f"{name:<32} no test photos")
         return True
-    ok = cal["test_ece_after"] <= cal["test_ece_before"]
-    print(f"{name:<32} {n['train']:>5} {n['validation']:>4} {n['test']:>5} {cal['held_out_predictions']:>5} "
-          f"{cal['temperature']:>5.2f} {'yes' if cal['calibrated'] else 'no':>4} "
-          f"{100 * cal['test_ece_before']:>6.1f}% {100 * cal['test_ece_after']:>6.1f}%  {'ok' if ok else 'WORSE'}")
+    ok = cal.test_ece_after <= cal.test_ece_before
+    print(f"{name:<32} {n['train']:>5} {n['validation']:>4} {n['test']:>5} {cal.held_out_predictions:>5} "
+          f"{cal.temperature:>5.2f} {'yes' if cal.calibrated else 'no':>4} "
+          f"{100 * cal.test_ece_before:>6.1f}% {100 * cal.test_ece_after:>6.1f}%  {'ok' if ok else 'WORSE'}")
     return ok
 
 
@@ -73,12 +74,12 @@ def unknown_rate(dataset: str, held_out: str) -> None:
         data, held = without_class(root, held_out, Path(tmp) / "data")
         model = retrain.train(data, TrainConfig(quiet=True, unknown_threshold="auto", mode="head"))
         model.save(Path(tmp) / "model", report=False)
-        c = model.metrics["calibration"]
+        c = model.metrics.calibration
         preds = retrain.predict(Path(tmp) / "model", held)
         rejected = sum(p.unknown for p in preds) / len(preds)
-        print(f"held out '{held_out}' ({len(held)} photos): threshold {c['unknown_threshold']:.3f} "
+        print(f"held out '{held_out}' ({len(held)} photos): threshold {c.unknown_threshold:.3f} "
               f"rejects {100 * rejected:.1f}% of them; in-class test photos wrongly rejected: "
-              f"{100 * c['test_false_rejection']:.1f}%")
+              f"{100 * c.test_false_rejection:.1f}%")
 
 
 def main() -> None:

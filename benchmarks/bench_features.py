@@ -100,12 +100,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as store:
         t0 = time.perf_counter()
         ds = scan_dataset(args.image_dir, validation_percentage=0, testing_percentage=0, quiet=True)
-        found, _ = compute_features(ds.samples, backbone, cache, Path(store), workers=args.workers, quiet=True)
+        found, _ = compute_features(ds.samples, backbone, extractor_path(backbone, cache), Path(store),
+                                    workers=args.workers, quiet=True)
         cold = time.perf_counter() - t0
         after = model_only(backbone, cache)
         t0 = time.perf_counter()
         ds = scan_dataset(args.image_dir, validation_percentage=0, testing_percentage=0, quiet=True)
-        compute_features(ds.samples, backbone, cache, Path(store), quiet=True)
+        compute_features(ds.samples, backbone, extractor_path(backbone, cache), Path(store), quiet=True)
         warm = time.perf_counter() - t0
     n = len(ds.samples)
     serial = serial_baseline(ds.samples, backbone, cache)

@@ -183,13 +183,13 @@ def _retrain_run(folder: Path, cache: Path, epochs: int, batch: int, **finetune)
     start = time.perf_counter()
     model = retrain.train(folder, cfg, log=logs.append)
     wall = time.perf_counter() - start
-    history = [e for e in model.metrics["finetune"]["history"] if e["epoch"] >= 1]
+    history = [e for e in model.metrics.finetune.history if e["epoch"] >= 1]
     decoded = next((float(m.group(1)) for line in logs if (m := re.search(r"Decoded \d+ photos .* in ([\d.]+) s", line))),
                    0.0)
     trained = sum(e["images_per_second"] * e["seconds"] for e in history)
     validation = [float(m.group(1)) for line in logs if (m := re.search(r"Validation accuracy = ([\d.]+)%", line))]
-    return {"test_accuracy": model.metrics["test_accuracy"], "validation_accuracy": validation[-1] if validation else None,
-            "n": model.metrics["num_images"], "stage_seconds": model.metrics["seconds"], "wall_s_train_call": round(wall, 1),
+    return {"test_accuracy": model.metrics.test_accuracy, "validation_accuracy": validation[-1] if validation else None,
+            "n": model.metrics.num_images, "stage_seconds": model.metrics.seconds, "wall_s_train_call": round(wall, 1),
             "decode_once_s": decoded,
             "epoch_seconds": [e["seconds"] for e in history],
             "epoch_images_per_second": [round(e["images_per_second"], 1) for e in history],
@@ -221,9 +221,9 @@ def rps_accuracy(rps: Path, cache: Path) -> dict:
     start = time.perf_counter()
     model = retrain.train(rps, TrainConfig(mode="finetune", cache_dir=str(cache), workers=os.cpu_count() or 2,
                                            quiet=True, finetune=FinetuneConfig(device=DEVICE)))
-    return {"test_accuracy": model.metrics["test_accuracy"], "n": model.metrics["num_images"],
-            "stage_seconds": model.metrics["seconds"], "train_call_s": round(time.perf_counter() - start, 1),
-            "history": [{k: round(v, 4) for k, v in e.items()} for e in model.metrics["finetune"]["history"]]}
+    return {"test_accuracy": model.metrics.test_accuracy, "n": model.metrics.num_images,
+            "stage_seconds": model.metrics.seconds, "train_call_s": round(time.perf_counter() - start, 1),
+            "history": [{k: round(v, 4) for k, v in e.items()} for e in model.metrics.finetune.history]}
 
 
 @section("torchrun")

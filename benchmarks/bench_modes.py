@@ -41,7 +41,7 @@ def run(dataset: str, cfg: TrainConfig) -> tuple[float, int, float]:
             m = retrain.evaluate(out, SHARED / "hymenoptera" / "val", quiet=True)
         return m["accuracy"], m["num_images"], seconds
     model = retrain.train(SHARED / "rock_paper_scissors", cfg)
-    return model.metrics["test_accuracy"], model.metrics["num_images"]["test"], time.perf_counter() - start
+    return model.metrics.test_accuracy, model.metrics.num_images["test"], time.perf_counter() - start
 
 
 def main() -> None:

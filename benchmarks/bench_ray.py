@@ -34,10 +34,11 @@ def extraction(samples, backbone, store: Path, engine=None) -> float:
     """Images per second of compute_features into an empty store (the extractor is already exported)."""
     from retrain.features import compute_features
     from retrain.files import default_cache_dir
+    from retrain.graphs import extractor_path
 
     start = time.perf_counter()
-    found, failures = compute_features(samples, backbone, default_cache_dir(), store, batch_size=32, workers=2,
-                                       quiet=True, engine=engine)
+    found, failures = compute_features(samples, backbone, extractor_path(backbone, default_cache_dir()), store,
+                                       batch_size=32, workers=2, quiet=True, engine=engine)
     assert len(found) == len(samples) and not failures
     return len(samples) / (time.perf_counter() - start)
 

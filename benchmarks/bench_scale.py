@@ -191,20 +191,21 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
     from retrain.pipeline import release_free_heap, usable_splits
     from retrain.backbones import get_backbone
     from retrain.checks import quick_summary
-    from retrain.features import compute_features, feature_matrices
+    from retrain.features import compute_features, feature_matrices, store_folder
     from retrain.graphs import classifier_model, extractor_path, model_metadata
     from retrain.head import HeadConfig, train_head
     from retrain.scan import scan_dataset
 
     work, image_dir, cache = Path(args.work), Path(args.image_dir), Path(args.work) / "cache"
     backbone = get_backbone(args.backbone)
-    extractor_path(backbone, cache)  # export once, outside the timed stages
+    extractor = extractor_path(backbone, cache)  # export once, outside the timed stages
     with meter("scan", args.n):
         dataset = scan_dataset(image_dir, workers=4, quiet=True)
         quick_summary(dataset)  # the scan-only checks `retrain train` prints
         release_free_heap()  # as `retrain train` does after every stage
     with meter("extract", len(dataset.samples)):
-        features, failures = compute_features(dataset.samples, backbone, cache, workers=2, quiet=True)
+        features, failures = compute_features(dataset.samples, backbone, extractor, store_folder(cache),
+                                              workers=2, quiet=True)
         release_free_heap()
     with meter("train", len(dataset.samples)) as info:
         split = usable_splits(dataset, features.covers(dataset.samples), failures)
@@ -216,7 +217,7 @@ def train_stages(args: argparse.Namespace, meter: StageMeter) -> None:
                           log=lambda line: None)
         info |= {"steps": head.steps_run, "validation_accuracy": head.history[-1].get("validation_accuracy"),
                  "backbone": backbone.name, "feature_dim": backbone.feature_dim, "failures": len(failures)}
-    model = classifier_model(onnx.load(str(extractor_path(backbone, cache))), head.layers,
+    model = classifier_model(onnx.load(str(extractor)), head.layers,
                              model_metadata(backbone, dataset.classes, {}))
     onnx.save(model, str(work / "model.onnx"))
 

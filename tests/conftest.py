@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,53 @@ def make_dataset(root: Path, per_class: int = 16, classes=("circles", "squares",
 
 @pytest.fixture
 def shapes(tmp_path) -> Path:
-    """A small generated dataset of three visually distinct classes."""
+    """A small generated dataset of three visually distinct classes, for a test that changes it."""
     return make_dataset(tmp_path / "shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """The same dataset as `shapes`, made once per run: for tests that only read it (never change it)."""
+    return make_dataset(tmp_path_factory.mktemp("shared") / "shapes")
+
+
+def quick_config(cache_dir: Path, **kw):
+    """A head on cached features, 300 steps at most: the quick model most tests need."""
+    from retrain.config import HeadConfig, TrainConfig
+
+    return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300, seed=0), **{"mode": "head"} | kw)
+
+
+@dataclass
+class SharedModel:
+    model: object  # retrain.TrainedModel
+    folder: Path  # saved there, without report.html: copy it before changing anything in it
+
+
+@pytest.fixture(scope="session")
+def head_model(shapes_data, cache_dir, tmp_path_factory) -> SharedModel:
+    """quick_config's model of `shapes_data`, trained once per run for every test that only reads it."""
+    import retrain
+
+    model = retrain.train(shapes_data, quick_config(cache_dir))
+    return SharedModel(model, model.save(tmp_path_factory.mktemp("shared") / "model", report=False))
+
+
+@pytest.fixture(scope="session")
+def real_model(cache_dir):
+    """real_model(name, sub="") trains the head on a real dataset's folder once per run (default settings
+    otherwise, unknown threshold "auto"), skipping if the dataset is absent: for tests that only read the model."""
+    import retrain
+    from retrain.config import TrainConfig
+
+    trained = {}
+
+    def get(name: str, sub: str = ""):
+        if (name, sub) not in trained:
+            config = TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto", mode="head")
+            trained[name, sub] = retrain.train(shared_dataset(name) / sub, config)
+        return trained[name, sub]
+    return get
 
 
 CHROMIUM = Path("/usr/bin/chromium")

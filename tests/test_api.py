@@ -11,15 +11,10 @@ import pytest
 import retrain
 from retrain import features as features_mod
 from retrain import runtime as runtime_mod
-from retrain.api import TrainConfig
-from retrain.head import HeadConfig, predict_proba
+from retrain.head import predict_proba
 from retrain.prediction import Classifier
 
-from conftest import draw_shape, make_dataset, shared_dataset
-
-
-def quick_config(cache_dir, **kw) -> TrainConfig:
-    return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300, seed=0), **kw)
+from conftest import draw_shape, make_dataset, quick_config, shared_dataset
 
 
 def test_train_save_and_predict(shapes, cache_dir, tmp_path):
@@ -44,20 +39,17 @@ def test_train_save_and_predict(shapes, cache_dir, tmp_path):
         assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
 
 
-def test_exported_model_matches_features_and_head(shapes, cache_dir, tmp_path):
+def test_exported_model_matches_features_and_head(head_model, shapes_data, cache_dir):
     """model.onnx (preprocessing + backbone + head) computes what training evaluated."""
-    model = retrain.train(shapes, quick_config(cache_dir))
-    model.save(tmp_path / "m")
-    clf = Classifier(tmp_path / "m" / "model.onnx")
+    clf = Classifier(head_model.folder / "model.onnx")
     backbone = retrain.backbones.get_backbone("lite0")
     from retrain.decode import load_image
     from retrain.graphs import extractor_path
-    from retrain.head import HeadResult  # noqa: F401
 
-    paths = sorted((shapes / "squares").iterdir())[:4]
+    paths = sorted((shapes_data / "squares").iterdir())[:4]
     batch = np.stack([load_image(p, backbone.prep) for p in paths])
     feats = ort.InferenceSession(str(extractor_path(backbone, cache_dir))).run(None, {"Placeholder": batch})[0]
-    layers = _head_layers(tmp_path / "m" / "model.onnx")
+    layers = _head_layers(head_model.folder / "model.onnx")
     temperature = float(clf.metadata["retrain:temperature"])
     np.testing.assert_allclose(clf.probabilities(batch), predict_proba(layers, feats, temperature), atol=1e-5)
 
@@ -71,10 +63,11 @@ def _head_layers(onnx_path):
     return [(inits[f"head_w{i}"], inits[f"head_b{i}"]) for i in range(n)]
 
 
-def test_same_seed_same_model(shapes, cache_dir):
-    a = retrain.train(shapes, quick_config(cache_dir))
+def test_same_seed_same_model(head_model, shapes, cache_dir):
+    """Another copy of the same photos, trained again, gives the same model bit for bit."""
+    a = head_model.model
     b = retrain.train(shapes, quick_config(cache_dir))
-    assert a.metrics["head"]["history"] == b.metrics["head"]["history"]
+    assert a.metrics.head.history == b.metrics.head.history
     assert _inits(a.model) == _inits(b.model)
 
 
@@ -87,7 +80,7 @@ def test_hidden_layer_head(shapes, cache_dir):
     cfg.head.hidden_units = 32
     model = retrain.train(shapes, cfg)
     assert sum(1 for t in model.model.graph.initializer if t.name.startswith("head_w")) == 2
-    assert model.metrics["validation_accuracy"] is not None
+    assert model.metrics.validation_accuracy is not None
 
 
 def test_cache_reuse_rename_and_replace(shapes, cache_dir, monkeypatch):
@@ -114,7 +107,7 @@ def test_bad_files_are_skipped_and_named(shapes, cache_dir):
     (shapes / "squares" / "notes.jpg").write_text("<html>not an image</html>")
     (shapes / "squares" / "empty.png").write_bytes(b"")
     model = retrain.train(shapes, quick_config(cache_dir))
-    skipped = {item["path"].rsplit("/", 1)[-1]: item["reason"] for item in model.metrics["skipped_files"]}
+    skipped = {item.path.rsplit("/", 1)[-1]: item.reason for item in model.metrics.skipped_files}
     assert set(skipped) == {"notes.jpg", "empty.png"}
     assert "empty" in skipped["empty.png"]
 
@@ -128,21 +121,19 @@ def test_class_with_only_bad_files_is_an_error(tmp_path, cache_dir):
         retrain.train(root, quick_config(cache_dir))
 
 
-def test_evaluate_reports_metrics(shapes, cache_dir, tmp_path):
-    retrain.train(shapes, quick_config(cache_dir)).save(tmp_path / "m")
+def test_evaluate_reports_metrics(head_model, tmp_path):
     held_out = make_dataset(tmp_path / "held_out", per_class=5, seed=42)
-    m = retrain.evaluate(tmp_path / "m", held_out)
+    m = retrain.evaluate(head_model.folder, held_out)
     assert m["num_images"] == 15 and m["accuracy"] >= 0.8
     assert set(m["per_class"]["circles"]) == {"precision", "recall", "f1", "support"}
     assert np.array(m["confusion_matrix"]).sum() == 15
 
 
 @pytest.mark.slow
-def test_hymenoptera_accuracy(cache_dir, tmp_path):
+def test_hymenoptera_accuracy(real_model, tmp_path):
     """The issue's bar: train on hymenoptera/train, evaluate on val, >= 0.94 with the default backbone."""
     root = shared_dataset("hymenoptera")
-    model = retrain.train(root / "train", TrainConfig(cache_dir=str(cache_dir), quiet=True))
-    model.save(tmp_path / "hym")
+    real_model("hymenoptera", "train").save(tmp_path / "hym", report=False)
     metrics = retrain.evaluate(tmp_path / "hym", root / "val")
     assert metrics["num_images"] == 153
     assert metrics["accuracy"] >= 0.94, metrics["accuracy"]
@@ -167,12 +158,17 @@ def test_training_identity_ignores_output_and_logging_but_not_training_settings(
         assert training_identity(other, ds, net) != training_identity(base, ds, net)
 
 
-def test_the_resolved_plan_is_recorded(shapes, cache_dir):
+def test_the_resolved_plan_is_recorded(head_model):
+    model = head_model.model
+    plan = model.metrics.plan
+    assert plan["mode"] == "head" and plan["reason"] == "as asked" and plan["epochs"] is None
+    assert model.metrics.provenance["plan"] == plan
+
+
+def test_the_default_run_says_why_it_does_not_fine_tune(shapes_data, cache_dir):
     import retrain
 
-    model = retrain.train(shapes, quick_config(cache_dir))  # the default run, on a handful of validation photos
-    plan, n_val = model.metrics["plan"], model.metrics["num_validation"]
+    model = retrain.train(shapes_data, quick_config(cache_dir, mode="auto"))  # a handful of validation photos
+    plan, n_val = model.metrics.plan, model.metrics.num_validation
     assert plan["mode"] == "head" and plan["epochs"] is None and 0 < n_val < 50
     assert plan["reason"].startswith(f"not fine-tuning: {n_val} validation photos are too few to tell a gain from")
-    assert model.metrics["provenance"]["plan"] == plan
-    assert retrain.train(shapes, quick_config(cache_dir, mode="head")).metrics["plan"]["reason"] == "as asked"

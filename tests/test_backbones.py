@@ -90,8 +90,8 @@ def test_onnx_file_backbone_trains_and_exports(shapes, cache_dir, tmp_path):
     cfg = TrainConfig(backbone=str(onnx_path), input_mean=128, input_std=64, cache_dir=str(cache_dir),
                       quiet=True, head=HeadConfig(steps=200))
     model = retrain.train(shapes, cfg)
-    assert model.metrics["backbone"] == "onnx:mynet.onnx"
-    model.save(tmp_path / "m")
+    assert model.metrics.backbone == "onnx:mynet.onnx"
+    model.save(tmp_path / "m", report=False)
     clf = Classifier(tmp_path / "m" / "model.onnx")
     assert (clf.prep.size, clf.prep.mean, clf.prep.std) == (64, 128.0, 64.0)
     assert clf.session.get_inputs()[0].shape[1:] == [64, 64, 3]
@@ -106,3 +106,11 @@ def test_broken_onnx_backbone_is_a_clear_error(tmp_path):
         get_backbone(str(bad))
     with pytest.raises(UserError, match="not found"):
         get_backbone(str(tmp_path / "missing.onnx"))
+
+
+@pytest.mark.parametrize("spec, scratch", [("scratch-small", True), ("Scratch_Color", True), ("lite0", False),
+                                           ("scratch_net.onnx", False), ("scratchy", False)])
+def test_from_random_weights_knows_the_registry_without_building(spec, scratch):
+    from retrain.backbones import from_random_weights
+
+    assert from_random_weights(spec) is scratch

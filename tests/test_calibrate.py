@@ -34,8 +34,8 @@ def test_fit_temperature_recovers_the_true_one(true_t):
 def test_temperature_scaling_lowers_ece_of_overconfident_logits():
     z, y = _sampled(3.0, seed=1)  # the raw logits are 3x too confident
     cal = calibrate(z[:2000], y[:2000], z[2000:], y[2000:], threshold=None)
-    assert cal.report["test_ece_after"] < cal.report["test_ece_before"] / 2
-    assert cal.unknown_threshold == 0.0 and cal.report["test_false_rejection"] == 0.0
+    assert cal.report.test_ece_after < cal.report.test_ece_before / 2
+    assert cal.unknown_threshold == 0.0 and cal.report.test_false_rejection == 0.0
 
 
 def test_reliability_of_a_perfect_forecaster_is_near_zero():
@@ -54,7 +54,7 @@ def test_auto_threshold_rejects_the_requested_fraction():
 
 def test_threshold_is_baked_into_the_model_and_honoured(shapes, cache_dir, tmp_path, capsys):
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=200), unknown_threshold=0.999)
-    retrain.train(shapes, cfg).save(tmp_path / "m")
+    retrain.train(shapes, cfg).save(tmp_path / "m", report=False)
     clf = Classifier(tmp_path / "m" / "model.onnx")
     assert clf.unknown_threshold == pytest.approx(0.999)
     from retrain.decode import load_image
@@ -84,34 +84,34 @@ def test_auto_threshold_flags_a_class_never_seen(tmp_path, cache_dir):
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300),
                       unknown_threshold="auto", validation_percentage=30, testing_percentage=20)
     model = retrain.train(root, cfg)
-    model.save(tmp_path / "m")
-    cal = model.metrics["calibration"]
-    assert 0 < cal["unknown_threshold"] == cal["suggested_unknown_threshold"]
+    model.save(tmp_path / "m", report=False)
+    cal = model.metrics.calibration
+    assert 0 < cal.unknown_threshold == cal.suggested_unknown_threshold
     rng = np.random.default_rng(5)
     for i in range(20):
         draw_shape("stripes", rng, 120).save(tmp_path / f"stripes_{i}.png")
     preds = retrain.predict(tmp_path / "m", sorted(tmp_path.glob("stripes_*.png")))
     rejected = np.mean([p.unknown for p in preds])
-    assert rejected > cal["test_false_rejection"] + 0.2, (rejected, cal)
+    assert rejected > cal.test_false_rejection + 0.2, (rejected, cal)
 
 
 def test_too_little_evidence_leaves_confidence_alone_and_says_so():
     z, y = _sampled(3.0, n=40, seed=4)
     cal = calibrate(z, y, z, y, threshold=None)
-    assert cal.temperature == 1.0 and not cal.report["calibrated"]
-    assert "40 held-out predictions are too few" in cal.report["why"]
-    assert cal.report["test_ece_after"] == cal.report["test_ece_before"]
+    assert cal.temperature == 1.0 and not cal.report.calibrated
+    assert "40 held-out predictions are too few" in cal.report.why
+    assert cal.report.test_ece_after == cal.report.test_ece_before
 
 
 def test_a_temperature_that_does_not_help_held_out_halves_is_not_kept():
     z, y = _sampled(1.0, n=400, seed=6)  # already calibrated: fitting T can only chase noise
     cal = calibrate(z, y, z, y, threshold=None)
-    assert cal.temperature == 1.0 and "did not lower the calibration error" in cal.report["why"]
+    assert cal.temperature == 1.0 and "did not lower the calibration error" in cal.report.why
 
 
-def test_the_small_folder_case_that_once_tripled_the_error(shapes, cache_dir):
+def test_the_small_folder_case_that_once_tripled_the_error(head_model):
     """16 photos a class: the held-out evidence (validation + out-of-fold) decides; test ECE must not rise."""
-    model = retrain.train(shapes, TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300)))
-    cal = model.metrics["calibration"]
-    assert cal["held_out_predictions"] > model.metrics["num_images"]["validation"]  # out-of-fold rows joined
-    assert cal["test_ece_after"] <= cal["test_ece_before"]
+    model = head_model.model
+    cal = model.metrics.calibration
+    assert cal.held_out_predictions > model.metrics.num_images["validation"]  # out-of-fold rows joined
+    assert cal.test_ece_after <= cal.test_ece_before

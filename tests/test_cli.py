@@ -16,10 +16,12 @@ from conftest import shared_dataset
 FAST = ["--how_many_training_steps=200", "--quiet"]
 
 
-@pytest.fixture
-def trained(shapes, cache_dir, tmp_path):
-    graph, labels = tmp_path / "output_graph.onnx", tmp_path / "output_labels.txt"
-    assert retrain_main([f"--image_dir={shapes}", f"--output_graph={graph}", f"--output_labels={labels}",
+@pytest.fixture(scope="module")
+def trained(shapes_data, cache_dir, tmp_path_factory):
+    """The classic command's model, trained once for the tests that only use it."""
+    folder = tmp_path_factory.mktemp("classic")
+    graph, labels = folder / "output_graph.onnx", folder / "output_labels.txt"
+    assert retrain_main([f"--image_dir={shapes_data}", f"--output_graph={graph}", f"--output_labels={labels}",
                          "--testing_percentage=20", *FAST]) == 0
     return graph, labels
 
@@ -75,13 +77,11 @@ def test_label_image_rejects_pb_and_missing_files(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
-def test_the_course_handout_commands_verbatim(shapes, cache_dir, tmp_path, capsys):
+def test_the_course_handout_commands_verbatim(trained, shapes_data, capsys):
     """The handout's label_image line: a .pb path, and `--input_layper` (sic), after `retrain --image_dir`."""
-    graph, labels = tmp_path / "output_graph.onnx", tmp_path / "output_labels.txt"
-    assert retrain_main([f"--image_dir={shapes}", f"--output_graph={graph}", f"--output_labels={labels}", *FAST]) == 0
-    capsys.readouterr()
-    image = sorted((shapes / "squares").iterdir())[0]
-    assert label_image_main([f"--graph={tmp_path}/output_graph.pb", f"--labels={labels}", "--input_layper=Placeholder",
+    graph, labels = trained
+    image = sorted((shapes_data / "squares").iterdir())[0]
+    assert label_image_main([f"--graph={graph.parent}/output_graph.pb", f"--labels={labels}", "--input_layper=Placeholder",
                              "--output_layer=final_result", f"--image={image}"]) == 0
     out, err = capsys.readouterr()
     assert [line.split()[0] for line in out.splitlines()][0] == "squares" and len(out.splitlines()) == 3
@@ -148,6 +148,7 @@ def test_predict_reports_unreadable_file_and_keeps_going(trained, shapes, tmp_pa
     (["train", "/does/not/exist", "--output", "/tmp/x"], "image folder not found"),
     (["--image_dir=.", "--backbone=resnet9000"], "unknown backbone"),
 ])
+@pytest.mark.subprocess
 def test_user_errors_have_no_traceback(args, message):
     proc = subprocess.run([sys.executable, "-m", "retrain", *args], capture_output=True, text=True,
                           env=os.environ | {"PYTHONWARNINGS": "ignore"})
@@ -182,6 +183,7 @@ def test_cache_dir_means_the_same_in_label_image(cache_dir, tmp_path, monkeypatc
     assert "bee" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_help_gives_each_default_once():
     for command in (["train", "--help"], ["doctor", "--help"], ["serve", "--help"]):
         out = subprocess.run([sys.executable, "-m", "retrain", *command], capture_output=True, text=True).stdout
@@ -198,6 +200,7 @@ def test_live_image_flags_are_refused_in_head_mode(shapes, tmp_path, capsys, fla
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.subprocess
 def test_help_imports_neither_onnx_runtime_nor_torch():
     """`retrain --help` reads its defaults from config.py; the heavy libraries load only for real work."""
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "retrain", "--help"], capture_output=True,
@@ -206,3 +209,38 @@ def test_help_imports_neither_onnx_runtime_nor_torch():
     assert "retrain.cli" in imported and "retrain.config" in imported
     assert not imported & {"onnx", "onnxruntime", "torch"}, imported & {"onnx", "onnxruntime", "torch"}
     assert "usage: retrain" in done.stdout
+
+
+def subcommand_options() -> dict[str, list]:
+    """{subcommand: its visible optional actions}, from the parser itself."""
+    import argparse
+
+    from retrain.cli import modern_parser
+
+    [sub] = [a for a in modern_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: [a for a in p._actions if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
+            for name, p in sub.choices.items()}
+
+
+def test_an_option_is_spelt_and_defaulted_the_same_in_every_subcommand():
+    seen: dict[str, set] = {}
+    for command, actions in subcommand_options().items():
+        for a in actions:
+            seen.setdefault(a.dest, set()).add((tuple(a.option_strings), repr(a.default) if a.dest != "output" else ""))
+    assert {dest: forms for dest, forms in seen.items() if len(forms) > 1} == {}
+
+
+def test_every_multi_word_option_takes_both_spellings():
+    for command, actions in subcommand_options().items():
+        for a in actions:
+            words = [s[2:] for s in a.option_strings if s.startswith("--")]
+            if any("_" in w or "-" in w for w in words):
+                assert any("_" in w or w.isalnum() for w in words) and any("-" in w or w.isalnum() for w in words), \
+                    (command, a.option_strings)
+
+
+def test_an_onnx_backbone_named_scratch_is_not_taken_for_a_scratch_one(shapes_data, tmp_path, capsys):
+    """Head mode refuses live-image flags for any pretrained backbone, whatever its file is called."""
+    assert retrain_main(["train", str(shapes_data), "--output", str(tmp_path / "m"), "--backbone",
+                         "scratch_net.onnx", "--epochs", "3"]) == 2
+    assert "--mode head trains on cached features" in capsys.readouterr().err

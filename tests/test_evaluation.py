@@ -19,21 +19,19 @@ def test_a_tiny_split_gets_words_not_a_figure():
     assert describe_accuracy(None, 0) == "not measured: no photos"
 
 
-def metrics(y_true, y_pred, classes=("ants", "bees")):
-    return {"test": classification_metrics(np.array(y_true), np.array(y_pred), list(classes)),
-            "test_accuracy": float(np.mean(np.array(y_true) == np.array(y_pred))),
-            "validation_accuracy": None, "num_validation": 0}
+def scored(y_true, y_pred, classes=("ants", "bees")):
+    return classification_metrics(np.array(y_true), np.array(y_pred), list(classes))
 
 
 def test_verdict_compares_with_chance_and_the_largest_class():
-    m = metrics([0] * 30 + [1] * 10, [0] * 30 + [1] * 6 + [0] * 4)
-    lines = verdict(m, ["ants", "bees"], [])
+    m = scored([0] * 30 + [1] * 10, [0] * 30 + [1] * 6 + [0] * 4)
+    lines = verdict(m, None, 0, ["ants", "bees"], [])
     assert lines[0].startswith("Right on 90.0% (N=40, 95% CI") and "always answering 'ants' 75%" in lines[0]
     assert lines[1] == "Most confused: bees taken for ants (4 photos)."
 
 
 def test_verdict_names_tiny_splits_and_classes_without_test_photos():
-    lines = verdict(metrics([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]), ["ants", "bees"], ["wasps"])
+    lines = verdict(scored([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]), None, 0, ["ants", "bees"], ["wasps"])
     assert lines[0] == ("Only 6 test photos: too few to measure accuracy (5/6 right; 95% CI 44-97%). "
                         "Add photos to every class.")
     assert any(line.startswith("No test photos of bees") for line in lines)
@@ -42,5 +40,5 @@ def test_verdict_names_tiny_splits_and_classes_without_test_photos():
 
 def test_a_class_without_support_has_no_recall_not_zero():
     m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 1]), ["ants", "bees"])
-    assert m["per_class"]["bees"]["recall"] is None and m["per_class"]["bees"]["f1"] is None
+    assert m.per_class["bees"].recall is None and m.per_class["bees"].f1 is None
     assert "no photos of this class" in format_metrics(m)

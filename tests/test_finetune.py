@@ -39,7 +39,7 @@ def test_exported_finetuned_model_matches_pytorch(shapes, cache_dir, tmp_path, m
     model = retrain.train(shapes, config(cache_dir, validation_percentage=0))
     model.save(tmp_path / "m")
     tuned = kept["r"]
-    assert model.metrics["mode"] == "finetune" and len(model.metrics["finetune"]["history"]) >= 1
+    assert model.metrics.mode == "finetune" and len(model.metrics.finetune.history) >= 1
     # The tuned weights differ from ImageNet's in the unfrozen stages only.
     fresh = get_backbone("lite0").torch_network().state_dict()
     changed = {k.split(".")[1] for k, v in tuned.features.state_dict().items()
@@ -97,8 +97,8 @@ def test_warm_start_is_kept_when_no_epoch_beats_it(shapes, cache_dir, monkeypatc
     cfg = config(cache_dir, validation_percentage=30)
     cfg.finetune = replace(cfg.finetune, learning_rate=50.0, unfreeze=-1)
     model = retrain.train(shapes, cfg, log=logs.append)
-    assert model.metrics["finetune"]["best_epoch"] == 0
-    assert model.metrics["finetune"]["history"][0]["validation_accuracy"] == 1.0
+    assert model.metrics.finetune.best_epoch == 0
+    assert model.metrics.finetune.history[0]["validation_accuracy"] == 1.0
     assert any("keeping the head trained on cached features" in line for line in logs)
 
 
@@ -145,7 +145,7 @@ def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache
     cfg = config(cache_dir, validation_percentage=20, testing_percentage=0)
     cfg.finetune = tiny(epochs=3)
     model = retrain.train(shapes, cfg)
-    history = model.metrics["finetune"]["history"]
+    history = model.metrics.finetune.history
     assert history[0]["validation_accuracy"] == 1.0  # the warm head is already perfect on validation
-    best = model.metrics["finetune"]["best_epoch"]
+    best = model.metrics.finetune.best_epoch
     assert best >= 1 and history[best]["validation_accuracy"] == 1.0

@@ -67,23 +67,3 @@ def test_early_stopping_keeps_the_best_step():
     assert best["step"] == r.best_step
     acc = (predict_proba(r.layers, x[80:]).argmax(1) == y[80:]).mean()
     assert acc == best["validation_accuracy"]
-
-
-def test_lr_sweep_suggests_a_rate_where_the_loss_falls(tmp_path):
-    from retrain.lrfind import lr_sweep, plot_sweep
-
-    x, y = _blobs(n=400, d=50, seed=2, spread=1.0)
-    sweep = lr_sweep(x, y, 3, HeadConfig(), steps=150)
-    assert 1e-5 <= sweep.suggestion <= 1.0
-    assert sweep.losses[-1] > sweep.losses.min() or len(sweep.losses) == 150
-    at = int(np.searchsorted(sweep.rates, sweep.suggestion))
-    assert sweep.losses[min(at + 10, len(sweep.losses) - 1)] < sweep.losses[max(at - 10, 0)]  # falling there
-    assert plot_sweep(sweep, tmp_path / "lr.png").stat().st_size > 5000
-
-
-def test_lr_find_command(shapes, cache_dir, tmp_path, capsys):
-    from retrain.cli import retrain_main
-
-    assert retrain_main(["lr-find", str(shapes), "--plot", str(tmp_path / "lr.png"), "--quiet",
-                         "--cache_dir", str(cache_dir)]) == 0
-    assert "Suggested --learning_rate" in capsys.readouterr().out and (tmp_path / "lr.png").exists()

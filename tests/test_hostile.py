@@ -378,6 +378,7 @@ def test_class_folder_name_that_is_not_utf8_is_a_one_line_error(photos, tiny, ca
     assert_one_line_error(code, err, "b'b\\xe9es'", "is not valid UTF-8: rename it")
 
 
+@pytest.mark.subprocess
 def test_file_name_that_is_not_utf8_trains_and_metrics_stay_valid_json(photos, tiny, cache, tmp_path):
     odd = os.path.join(os.fsencode(photos / "ants"), b"\xff\xfe.jpg")
     with open(odd, "wb") as f:

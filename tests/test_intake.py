@@ -109,13 +109,13 @@ def quick(cache_dir, **kw) -> TrainConfig:
 
 def test_training_skips_each_hostile_file_by_name(hostile, cache_dir):
     model = retrain.train(hostile, quick(cache_dir))
-    skipped = {Path(s["path"]).name: s["reason"] for s in model.metrics["skipped_files"]}
+    skipped = {Path(s.path).name: s.reason for s in model.metrics.skipped_files}
     assert set(skipped) == set(UNREADABLE)
     for name, (_, reason) in UNREADABLE.items():
         assert reason in skipped[name], (name, skipped[name])
     assert model.classes == sorted([CAT, DOG])
     # 12 photos each + animated, 16-bit, palette | cmyk, rotated, webp, 1x1, nested; hidden and text files ignored
-    assert sum(model.metrics["num_images"].values()) == 12 + 3 + 12 + 5
+    assert sum(model.metrics.num_images.values()) == 12 + 3 + 12 + 5
 
 
 def test_doctor_reports_each_hostile_file(hostile, cache_dir, capsys):
@@ -145,6 +145,7 @@ def test_doctor_text_report_on_hostile_folder(hostile, cache_dir, capsys):
     assert "dot.png (PNG RGB, 1x1)" in out
 
 
+@pytest.mark.subprocess
 def test_korean_and_space_names_end_to_end_through_the_cli(tmp_path, cache_dir):
     """`retrain train` then `retrain predict` in a fresh process, every path non-ASCII with spaces."""
     root = tmp_path / "내 사진"
@@ -182,7 +183,7 @@ def test_file_vanishing_mid_run_is_skipped(tmp_path, cache_dir, monkeypatch):
 
     monkeypatch.setattr(scan_mod, "_hash_all", hash_then_delete)
     model = retrain.train(root, quick(cache_dir))
-    skipped = {Path(s["path"]).name: s["reason"] for s in model.metrics["skipped_files"]}
+    skipped = {Path(s.path).name: s.reason for s in model.metrics.skipped_files}
     assert "No such file" in skipped["사라질 사진.jpg"]
 
 
@@ -199,5 +200,5 @@ def test_file_unreadable_for_permissions_mid_run_is_skipped(tmp_path, cache_dir,
 
     monkeypatch.setattr(decode_mod, "open_regular", guarded_open)
     model = retrain.train(root, quick(cache_dir))
-    skipped = {Path(s["path"]).name: s["reason"] for s in model.metrics["skipped_files"]}
+    skipped = {Path(s.path).name: s.reason for s in model.metrics.skipped_files}
     assert skipped["잠긴 사진.jpg"] == "cannot read: Permission denied"

@@ -17,10 +17,10 @@ LAYERS = [
                      "prefetch",
                      "validate", "outputs", "distributed", "split", "connections"}),
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),
-    ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "report",
-                "summaries", "imagenet", "lrfind", "checks", "export", "datasets", "tuned"}),
+    ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "metrics",
+                "report", "summaries", "imagenet", "lrfind", "checks", "export", "datasets", "tuned"}),
     ("pipeline", {"api", "pipeline", "plan"}),
-    ("applications", {"doctor", "compare", "serve", "cli", "__main__", "__init__"}),
+    ("applications", {"doctor", "compare", "serve", "commands", "cli", "__main__", "__init__"}),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 

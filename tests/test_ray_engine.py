@@ -21,7 +21,8 @@ from retrain.backbones import get_backbone
 from retrain.cli import retrain_main
 from retrain.engine import RayEngine
 from retrain.errors import UserError
-from retrain.features import compute_features, feature_matrix
+from retrain.features import compute_features, feature_matrix, store_folder
+from retrain.graphs import extractor_path
 from retrain.store import STORE_FILE
 from retrain.head import HeadConfig
 from retrain.prediction import load, predict_to_file
@@ -86,10 +87,12 @@ UNREADABLE = ["empty.png", "notes.jpg"]  # never cached, so every run retries th
 def test_features_match_local_bit_for_bit_and_a_local_rerun_extracts_nothing(cluster, data, tiny, tmp_path,
                                                                              monkeypatch):
     samples, backbone = scan_dataset(data, quiet=True).samples, get_backbone(str(tiny))
-    local, local_failures = compute_features(samples, backbone, tmp_path / "local", batch_size=BATCH, quiet=True)
+    def features(cache: Path, engine=None):
+        return compute_features(samples, backbone, extractor_path(backbone, cache), store_folder(cache),
+                                batch_size=BATCH, quiet=True, engine=engine)
+    local, local_failures = features(tmp_path / "local")
     with RayEngine(cluster) as engine:
-        remote, remote_failures = compute_features(samples, backbone, tmp_path / "ray", batch_size=BATCH,
-                                                   quiet=True, engine=engine)
+        remote, remote_failures = features(tmp_path / "ray", engine)
     assert remote_failures == local_failures and len(local_failures) == 2
     assert sorted(remote) == sorted(local) and len(local) == 48
     usable = samples[local.covers(samples)]
@@ -100,7 +103,7 @@ def test_features_match_local_bit_for_bit_and_a_local_rerun_extracts_nothing(clu
     assert (tmp_path / "ray" / store).read_bytes() == (tmp_path / "local" / store).read_bytes()
 
     seen = decoded_on_rerun(monkeypatch)
-    again, _ = compute_features(samples, backbone, tmp_path / "ray", batch_size=BATCH, quiet=True)
+    again, _ = features(tmp_path / "ray")
     assert sorted(seen) == UNREADABLE
     assert np.array_equal(feature_matrix(usable, again, backbone.feature_dim)[0],
                           feature_matrix(usable, local, backbone.feature_dim)[0])
@@ -115,14 +118,14 @@ def test_train_with_the_ray_engine_reports_skipped_files_and_leaves_the_cache_fo
         cluster, data, tiny, tmp_path, monkeypatch):
     on_ray = retrain.train(data, _config(tiny, tmp_path / "cache", engine="ray", ray_address=cluster))
     local = retrain.train(data, _config(tiny, tmp_path / "local-cache"))
-    assert on_ray.metrics["skipped_files"] == local.metrics["skipped_files"]
-    assert {Path(item["path"]).name for item in local.metrics["skipped_files"]} == {"notes.jpg", "empty.png"}
-    assert on_ray.metrics["test_accuracy"] == local.metrics["test_accuracy"]
+    assert on_ray.metrics.skipped_files == local.metrics.skipped_files
+    assert {Path(item.path).name for item in local.metrics.skipped_files} == {"notes.jpg", "empty.png"}
+    assert on_ray.metrics.test_accuracy == local.metrics.test_accuracy
 
     seen = decoded_on_rerun(monkeypatch)
     rerun = retrain.train(data, _config(tiny, tmp_path / "cache"))
     assert sorted(seen) == UNREADABLE
-    assert rerun.metrics["skipped_files"] == local.metrics["skipped_files"]
+    assert rerun.metrics.skipped_files == local.metrics.skipped_files
 
 
 @pytest.fixture(scope="module")

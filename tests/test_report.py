@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -38,6 +39,7 @@ def check_in_browser(chromium, report, screenshot) -> dict:
     return found
 
 
+@pytest.mark.browser
 def test_report_for_a_generated_dataset(tmp_path, cache_dir, chromium):
     root = make_dataset(tmp_path / "d", per_class=24)
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=200), unknown_threshold="auto",
@@ -53,10 +55,8 @@ def test_report_for_a_generated_dataset(tmp_path, cache_dir, chromium):
     assert (tmp_path / "shot.png").stat().st_size > 10_000
 
 
-def test_report_command_on_another_folder(tmp_path, cache_dir, capsys):
-    root = make_dataset(tmp_path / "d", per_class=12)
-    retrain.train(root, TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=100))).save(
-        tmp_path / "m", report=False)
+def test_report_command_on_another_folder(head_model, tmp_path, capsys):
+    shutil.copytree(head_model.folder, tmp_path / "m")
     other = make_dataset(tmp_path / "other", per_class=4, seed=9)
     assert retrain_main(["report", str(tmp_path / "m"), str(other)]) == 0
     html = (tmp_path / "m" / "report.html").read_text()
@@ -64,10 +64,8 @@ def test_report_command_on_another_folder(tmp_path, cache_dir, capsys):
     assert retrain_main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_tensorboard_summaries(tmp_path, cache_dir):
-    root = make_dataset(tmp_path / "d", per_class=10)
-    model = retrain.train(root, TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=100)))
-    folder = write_summaries(tmp_path / "tb", model.metrics)
+def test_tensorboard_summaries(head_model, tmp_path):
+    folder = write_summaries(tmp_path / "tb", head_model.model.metrics)
     events = list((folder / "head").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 100
     from tensorboardX.proto import event_pb2  # read back: the scalars are really there
@@ -88,11 +86,10 @@ def test_tensorboard_summaries(tmp_path, cache_dir):
     ("hymenoptera", "train", "val"),
     ("rock_paper_scissors", "", None),
 ])
-def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, cache_dir, chromium):
+@pytest.mark.browser
+def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, real_model, chromium):
     root = shared_dataset(name)
-    model = retrain.train(root / train_dir, TrainConfig(cache_dir=str(cache_dir), quiet=True, unknown_threshold="auto",
-                                                     mode="head"))
-    out = model.save(tmp_path / name, report=False)
+    out = real_model(name, train_dir).save(tmp_path / name, report=False)
     from retrain.report import write_report
 
     report = write_report(out, root / eval_dir if eval_dir else None)
@@ -102,3 +99,13 @@ def test_report_on_real_data(name, train_dir, eval_dir, tmp_path, cache_dir, chr
     cal = metrics["calibration"]
     assert cal["test_ece_after"] <= cal["test_ece_before"]  # a temperature is kept only when it helps
     assert metrics["verdict"][0].startswith("Right on ") and f"N={metrics['num_images']['test']}" in metrics["verdict"][0]
+
+
+def test_a_metrics_file_from_a_newer_retrain_is_refused_in_one_line(head_model, tmp_path, capsys):
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps(metrics | {"schema_version": 99}))
+    assert retrain_main(["report", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "schema version 99" in err and "upgrade retrain" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m" / "report.html").exists()

@@ -26,7 +26,7 @@ import retrain.scan as scan_mod
 from retrain.api import TrainConfig
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
-from retrain.features import compute_features, feature_matrix
+from retrain.features import compute_features, feature_matrix, store_folder
 from retrain.runtime import extract, inference_session
 from retrain.store import STORE_FILE, FeatureStore, StoreFeatures
 from retrain.graphs import extractor_path
@@ -277,7 +277,8 @@ def test_generator_makes_ten_balanced_classes_and_is_reused(synthetic):
 def test_compute_features_view_matches_the_extractor_and_a_warm_rerun(synthetic, tiny, tmp_path, monkeypatch):
     dataset = scan_dataset(synthetic, quiet=True)
     backbone = get_backbone(str(tiny))
-    found, failures = compute_features(dataset.samples, backbone, tmp_path)
+    found, failures = compute_features(dataset.samples, backbone, extractor_path(backbone, tmp_path),
+                                       store_folder(tmp_path))
     assert failures == {} and len(found) == len({s.digest for s in dataset.samples}) == 120
     paths = [s.path for s in dataset.samples]
     direct = {}
@@ -290,7 +291,7 @@ def test_compute_features_view_matches_the_extractor_and_a_warm_rerun(synthetic,
     def no_extraction(*a, **k):
         raise AssertionError("a warm run must not extract")
     monkeypatch.setattr(features_mod, "inference_session", no_extraction)
-    again, _ = compute_features(dataset.samples, backbone, tmp_path)
+    again, _ = compute_features(dataset.samples, backbone, extractor_path(backbone, tmp_path), store_folder(tmp_path))
     x1, _ = feature_matrix(dataset.samples, found, backbone.feature_dim)
     x2, _ = feature_matrix(dataset.samples, again, backbone.feature_dim, max_in_memory=0)
     np.testing.assert_array_equal(x1, x2)

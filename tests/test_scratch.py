@@ -48,11 +48,11 @@ def test_scratch_small_learns_and_its_onnx_matches_pytorch(tmp_path, cache_dir, 
     real = scratch.train_from_scratch
     monkeypatch.setattr(scratch, "train_from_scratch", lambda *a, **k: kept.setdefault("r", real(*a, **k)))
     model = retrain.train(data, scratch_config(cache_dir))
-    model.save(tmp_path / "m")
+    model.save(tmp_path / "m", report=False)
     metrics = model.metrics
-    assert metrics["mode"] == "scratch" and metrics["backbone"] == "scratch-small"
-    assert "head" not in metrics and len(metrics["finetune"]["history"]) == 15
-    assert metrics["test_accuracy"] >= 0.8  # three shapes; chance is 0.33
+    assert metrics.mode == "scratch" and metrics.backbone == "scratch-small"
+    assert metrics.head is None and len(metrics.finetune.history) == 15
+    assert metrics.test_accuracy >= 0.8  # three shapes; chance is 0.33
 
     tuned, _ = kept["r"]
     clf = Classifier(tmp_path / "m" / "model.onnx")
@@ -70,15 +70,15 @@ def test_scratch_training_is_deterministic(tmp_path, cache_dir):
     a = retrain.train(data, scratch_config(cache_dir, epochs=3)).metrics
     b = retrain.train(data, scratch_config(cache_dir, epochs=3)).metrics
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")} for e in h]  # noqa: E731
-    assert strip(a["finetune"]["history"]) == strip(b["finetune"]["history"])
-    assert a["test_accuracy"] == b["test_accuracy"]
+    assert strip(a.finetune.history) == strip(b.finetune.history)
+    assert a.test_accuracy == b.test_accuracy
 
 
 def test_unreadable_images_are_skipped_not_fatal(tmp_path, cache_dir):
     data = small_gray_dataset(tmp_path / "gray", per_class=15)
     (data / "circles" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     model = retrain.train(data, scratch_config(cache_dir, epochs=2))
-    assert any(Path(s["path"]).name == "broken.png" for s in model.metrics["skipped_files"])
+    assert any(Path(s.path).name == "broken.png" for s in model.metrics.skipped_files)
 
 
 def test_time_budget_shortens_the_schedule(tmp_path, cache_dir, monkeypatch):
@@ -86,7 +86,7 @@ def test_time_budget_shortens_the_schedule(tmp_path, cache_dir, monkeypatch):
     data = small_gray_dataset(tmp_path / "gray", per_class=15)
     logs: list[str] = []
     model = retrain.train(data, scratch_config(cache_dir, epochs=10, time_budget=1e-3), log=logs.append)
-    assert len(model.metrics["finetune"]["history"]) == 1
+    assert len(model.metrics.finetune.history) == 1
     assert any("the schedule now ends after epoch 1 (planned 10)" in line for line in logs)
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from retrain.tuned import TunedRecord, TunedRun, load_tuned, save_tuned, tuned_path
+from retrain.metrics import FinetuneRecord
+from retrain.tuned import TunedRun, load_tuned, save_tuned, tuned_path
 
 
 def tiny_run(seed: int = 0) -> TunedRun:
@@ -16,7 +17,7 @@ def tiny_run(seed: int = 0) -> TunedRun:
     layers = [(rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32))]
     x = {"validation": (rng.normal(size=(5, 4)).astype(np.float32), np.arange(5) % 3),
          "test": (rng.normal(size=(2, 4)).astype(np.float32), np.array([0, 2]))}
-    return TunedRun(helper.make_model(graph), layers, x, TunedRecord([{"epoch": 0}, {"epoch": 1}], 1, "cpu", 160))
+    return TunedRun(helper.make_model(graph), layers, x, FinetuneRecord(1, [{"epoch": 0}, {"epoch": 1}], "cpu", 160))
 
 
 def test_round_trip(tmp_path):

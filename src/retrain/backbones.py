@@ -7,6 +7,7 @@ Weights come from installed packages or local files only; nothing is downloaded.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import warnings
@@ -47,6 +48,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _key(spec: str) -> str:
+    """A backbone name as the registry spells it: lite0 for EfficientNet_Lite0, scratch-small for scratch_small."""
+    return spec.lower().removeprefix("efficientnet-").removeprefix("efficientnet_").replace("_", "-")
+
+
+def from_random_weights(spec: str) -> bool:
+    """Whether `spec` names a backbone that trains as a whole network from random weights, told without
+    building it (that imports PyTorch)."""
+    return not spec.lower().endswith(".onnx") and _key(spec) in SCRATCH
+
+
 def get_backbone(spec: str, *, input_mean: float | None = None, input_std: float | None = None) -> Backbone:
     """A registered backbone by name, or a local ONNX feature extractor by path."""
     if spec.lower().endswith(".onnx"):
@@ -54,7 +66,7 @@ def get_backbone(spec: str, *, input_mean: float | None = None, input_std: float
     if input_mean is not None or input_std is not None:
         raise UserError(f"--input_mean/--input_std apply to ONNX-file backbones only; '{spec}' "
                         "has fixed preprocessing that its weights were trained with")
-    key = spec.lower().removeprefix("efficientnet-").removeprefix("efficientnet_").replace("_", "-")
+    key = _key(spec)
     if key not in _REGISTRY:
         raise UserError(f"unknown backbone '{spec}': choose one of {', '.join(available())} "
                         "or give the path of an ONNX feature extractor (*.onnx)")
@@ -155,6 +167,9 @@ def lite2() -> Backbone:
 
 # ---- From random weights: the baselines of `retrain compare` ----
 
+SCRATCH = ("scratch-small", "scratch-color")
+
+
 def _scratch(name: str) -> Backbone:
     from .networks import ARCHITECTURES, build_features  # imports PyTorch: only for these backbones
 
@@ -169,14 +184,8 @@ def _scratch(name: str) -> Backbone:
                     torch_network=lambda: build_features(name), pretrained=False)
 
 
-@register
-def scratch_small() -> Backbone:
-    return _scratch("scratch-small")
-
-
-@register
-def scratch_color() -> Backbone:
-    return _scratch("scratch-color")
+for _name in SCRATCH:
+    _REGISTRY[_name] = functools.partial(_scratch, _name)
 
 
 # ---- Any ONNX image model the user owns (Inception-v3, ResNet, ...) ----

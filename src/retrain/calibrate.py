@@ -12,11 +12,12 @@ calibrated top probability is below a threshold chosen on the held-out predictio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .head import nll, softmax
+from .metrics import CalibrationReport
 
 ECE_BINS = 15
 DEFAULT_FALSE_REJECTION = 0.05  # "auto" threshold: reject about 5% of in-class validation photos
@@ -122,7 +123,7 @@ class Calibration:
     temperature: float
     unknown_threshold: float  # 0: never reject
     suggested_threshold: float  # what "auto" would pick
-    report: dict
+    report: CalibrationReport
 
 
 def calibrate(z_held: np.ndarray, y_held: np.ndarray, z_test: np.ndarray, y_test: np.ndarray,
@@ -131,14 +132,14 @@ def calibrate(z_held: np.ndarray, y_held: np.ndarray, z_test: np.ndarray, y_test
     t, why = choose_temperature(z_held, y_held, may_sharpen, seed)
     suggested = auto_threshold(softmax(z_held, t)) if len(z_held) else 0.0
     chosen = suggested if threshold == "auto" else float(threshold or 0.0)
-    report: dict = {"temperature": t, "calibrated": t != 1.0, "why": why, "held_out_predictions": len(y_held),
-                    "suggested_unknown_threshold": suggested, "unknown_threshold": chosen}
+    report = CalibrationReport(temperature=t, calibrated=t != 1.0, why=why, held_out_predictions=len(y_held),
+                               suggested_unknown_threshold=suggested, unknown_threshold=chosen)
     if len(z_test):
         before, after = reliability(softmax(z_test), y_test), reliability(softmax(z_test, t), y_test)
-        report |= {"test_ece_before": before["ece"], "test_ece_after": after["ece"],
-                   "test_nll_before": nll(z_test, y_test, 1.0), "test_nll_after": nll(z_test, y_test, t),
-                   "reliability_after": after["bins"], "reliability_before": before["bins"]}
         top = softmax(z_test, t).max(axis=1)
-        report["test_false_rejection"] = float((top < chosen).mean())
-        report["test_false_rejection_at_suggested"] = float((top < suggested).mean())
+        report = replace(report, test_ece_before=before["ece"], test_ece_after=after["ece"],
+                         test_nll_before=nll(z_test, y_test, 1.0), test_nll_after=nll(z_test, y_test, t),
+                         reliability_after=after["bins"], reliability_before=before["bins"],
+                         test_false_rejection=float((top < chosen).mean()),
+                         test_false_rejection_at_suggested=float((top < suggested).mean()))
     return Calibration(t, chosen, suggested, report)

@@ -1,4 +1,4 @@
-"""Command-line interface: thin argparse wrappers over the API.
+"""Command-line interface: argument parsing only; commands.py does what each command does.
 
 `retrain --image_dir=...` and `label_image --graph=...` keep the classic TensorFlow Hub flags;
 `retrain train|predict|evaluate` is the modern interface on the same code.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
-import json
 import os
 import sys
 import tempfile
@@ -17,8 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from . import commands
+from .backbones import from_random_weights
+from .commands import positive
+from .config import (AUTO_BUDGET_SECONDS, CALIBRATION_IMAGES, CPU_TRAIN_SIZE, DEFAULT_TOLERANCE, MODES, OUTPUT_NAME,
+                     ExportConfig, FinetuneConfig, HeadConfig, TrainConfig, scratch_defaults)
 from .errors import UserError
-from .outputs import check_output_dir, check_output_file, os_error_message
+from .outputs import os_error_message
+from .validate import ENGINES
 
 SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare",
                "export")
@@ -35,6 +40,9 @@ RETIRED_FLAGS = {
 }
 
 DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness")
+TOP_K = 5  # classes shown per image by predict and label_image
+BACKBONE_HELP = ("lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole network "
+                 "trains), or a local ONNX feature extractor (.onnx)")
 
 
 class _Retired(argparse.Action):
@@ -47,7 +55,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or any(action.default is empty for empty in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
@@ -62,56 +70,89 @@ def add_cache_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
                                                       "(default: $RETRAIN_CACHE, else ~/.cache/retrain)")
 
 
-def use_cache_dir(cache_dir: str | None) -> None:
-    """For commands that reach the cache only through defaults (the bundled ImageNet model, serve's training
-    runs): --cache_dir DIR means RETRAIN_CACHE=DIR for this process and the ones it starts."""
-    if cache_dir:
-        os.environ["RETRAIN_CACHE"] = cache_dir
+# Options several commands share, each spelt, defaulted and explained once.
+
+def add_image_dir(p: argparse.ArgumentParser, help: str = "folder of class folders (or of train/, val/, test/ folders)"
+                  ) -> None:
+    p.add_argument("image_dir", help=help)
+
+
+def add_backbone_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
+    p.add_argument("--backbone", default=TrainConfig().backbone, help=help)
+
+
+def add_hidden_units_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--hidden_units", "--hidden-units", type=int, default=HeadConfig().hidden_units,
+                   help="units in one hidden layer before the softmax (0: none)")
+
+
+def add_split_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    t = TrainConfig()
+    p.add_argument("--testing_percentage", "--testing-percentage", type=float, default=t.testing_percentage,
+                   help="percent of each class held out for the test, unless there is a test folder")
+    p.add_argument("--validation_percentage", "--validation-percentage", type=float, default=t.validation_percentage,
+                   help="percent of each class held out for validation, unless there is a validation folder")
+    p.add_argument("--val_dir", "--val-dir", help="fixed validation folder (class folders) instead of a hash split")
+    p.add_argument("--test_dir", "--test-dir", help="fixed test folder (class folders) instead of a hash split")
+
+
+def add_workers_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--workers", type=int, default=TrainConfig().workers, help="image decoding threads")
+
+
+def add_seed_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--seed", type=int, default=HeadConfig().seed,
+                   help="random seed of head training, fine-tuning and augmentation")
+
+
+def add_quiet_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
+
+
+def add_json_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def add_classify_options(p: argparse.ArgumentParser, min_confidence_help: str) -> None:
+    """--labels, --top_k and --min_confidence: predict and label_image."""
+    p.add_argument("--labels", help="labels file (default: the labels stored in the model)")
+    p.add_argument("--top_k", "--top-k", type=int, default=TOP_K, help="classes to show per image, best first")
+    p.add_argument("--min_confidence", "--min-confidence", type=_probability, help=min_confidence_help)
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `retrain --image_dir` and `retrain train` (both spellings accepted)."""
-    from .config import TrainConfig
-    from .config import AUTO_BUDGET_SECONDS, CPU_TRAIN_SIZE, FinetuneConfig, scratch_defaults
-    from .config import HeadConfig
-
-    t, h = TrainConfig(), HeadConfig()
+    t, h, f, s = TrainConfig(), HeadConfig(), FinetuneConfig(), scratch_defaults()
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=t.backbone,
-                   help="lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole "
-                        "network trains), or a local ONNX feature extractor (.onnx)")
-    g.add_argument("--hidden_units", "--hidden-units", type=int, default=h.hidden_units,
-                   help="units in one hidden layer before the softmax (0: none)")
+    add_backbone_option(g, BACKBONE_HELP)
+    add_hidden_units_option(g)
     g.add_argument("--input_mean", "--input-mean", type=float, help="pixel mean for an ONNX-file backbone (default 127.5)")
     g.add_argument("--input_std", "--input-std", type=float, help="pixel std for an ONNX-file backbone (default 127.5)")
     g = p.add_argument_group("data")
-    g.add_argument("--testing_percentage", "--testing-percentage", type=float, default=t.testing_percentage,
-                   help="percent of each class held out for the test, unless there is a test folder")
-    g.add_argument("--validation_percentage", "--validation-percentage", type=float, default=t.validation_percentage,
-                   help="percent of each class held out for validation, unless there is a validation folder")
-    g.add_argument("--val_dir", "--val-dir", help="fixed validation folder (class folders) instead of a hash split")
-    g.add_argument("--test_dir", "--test-dir", help="fixed test folder (class folders) instead of a hash split")
+    add_split_options(g)
     g.add_argument("--bottleneck_dir", "--bottleneck-dir", help="feature cache folder (default: CACHE/features)")
     add_cache_option(g)
-    g.add_argument("--workers", type=int, default=t.workers, help="image decoding threads")
+    add_workers_option(g)
     g = p.add_argument_group("training")
     g.add_argument("--how_many_training_steps", "--steps", type=int, default=h.steps,
                    help="most training steps (early stopping on validation usually ends sooner)")
     g.add_argument("--learning_rate", "--learning-rate", type=float, default=h.learning_rate, help="AdamW learning rate")
-    g.add_argument("--train_batch_size", "--batch-size", type=int, default=h.batch_size)
-    g.add_argument("--weight_decay", "--weight-decay", type=float, default=h.weight_decay)
+    g.add_argument("--train_batch_size", "--batch-size", type=int, default=h.batch_size,
+                   help="feature vectors per head training step")
+    g.add_argument("--weight_decay", "--weight-decay", type=float, default=h.weight_decay,
+                   help="AdamW weight decay of the head")
     g.add_argument("--eval_step_interval", "--eval-step-interval", type=int, default=h.eval_interval,
                    help="steps between validation checks")
-    g.add_argument("--seed", type=int, default=h.seed, help="random seed of head training, fine-tuning and augmentation")
-    g.add_argument("--unknown_threshold", "--unknown-threshold", type=_threshold, default=None,
+    add_seed_option(g)
+    g.add_argument("--unknown_threshold", "--unknown-threshold", type=_threshold, default=t.unknown_threshold,
                    help="flag photos whose calibrated top probability is below this as unknown; "
                         "'auto' picks the value that rejects ~5%% of held-out photos (default: off)")
-    g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true")
+    g.add_argument("--print_misclassified_test_images", "--print-misclassified", action="store_true",
+                   help="list the test photos the model gets wrong")
     g.add_argument("--summaries_dir", "--summaries-dir", help="write TensorBoard summaries (per-step scalars) here")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
+    add_quiet_option(g)
     g = p.add_argument_group("fine-tuning (the default run, --mode finetune) and scratch backbones")
-    f, s = FinetuneConfig(), scratch_defaults()
-    g.add_argument("--mode", choices=["head", "finetune", "auto"], default=t.mode,
+    g.add_argument("--mode", choices=MODES, default=t.mode,
                    help="auto: save the head's model at once, then fine-tune within --time_budget and keep the "
                         "result only if it beats the head on validation; head: softmax on cached features only "
                         "(the instant path); finetune: always fine-tune")
@@ -129,7 +170,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune_batch_size", "--finetune-batch-size", type=int,
                    help="default 32 on the CPU; on a GPU up to 256 (keeping ~100 steps per epoch); "
                         "scratch backbones: 128, less on small data")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=f.device,
+                   help="where live-image training runs (auto: a GPU if there is one)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
     g.add_argument("--hold_images", "--hold-images", action=argparse.BooleanOptionalAction,
                    help="decode the photos once and keep them on the training device, distorting them there "
@@ -138,18 +180,23 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
     g = p.add_argument_group("distortions (retrain.py's augmentation flags; live images, backbone frozen "
                              "unless --mode finetune)")
-    g.add_argument("--flip_left_right", action="store_true")
-    g.add_argument("--random_crop", type=int, default=0)
-    g.add_argument("--random_scale", type=int, default=0)
-    g.add_argument("--random_brightness", type=int, default=0)
+    g.add_argument("--flip_left_right", "--flip-left-right", action="store_true",
+                   help="mirror half of the training photos")
+    g.add_argument("--random_crop", "--random-crop", type=int, default=0,
+                   help="percent of margin to crop at random")
+    g.add_argument("--random_scale", "--random-scale", type=int, default=0,
+                   help="percent to scale up by at random")
+    g.add_argument("--random_brightness", "--random-brightness", type=int, default=0,
+                   help="percent to brighten or darken by at random")
     add_engine_options(p, "feature extraction")
     for flag in RETIRED_FLAGS:
         p.add_argument(flag, action=_Retired, nargs="?", help=argparse.SUPPRESS)
 
 
 def add_engine_options(p: argparse.ArgumentParser, work: str) -> None:
+    t = TrainConfig()
     g = p.add_argument_group(f"engine (where {work} runs)")
-    g.add_argument("--engine", choices=["local", "ray"], default="local",
+    g.add_argument("--engine", choices=ENGINES, default=t.engine,
                    help=f"local: this process; ray: {work} spread over a Ray cluster's workers "
                         "(pip install 'retrain[ray]'; images must be readable at the same path on every node)")
     g.add_argument("--ray_address", "--ray-address",
@@ -176,14 +223,9 @@ def _probability(text: str) -> float:
     return value
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise UserError(f"{name} must be positive (got {value})")
-
-
 def _refuse_live_flags_in_head_mode(args: argparse.Namespace) -> None:
     """--mode head trains on cached features: flags for training on live images would be silently dropped."""
-    if args.mode != "head" or args.backbone.lower().startswith("scratch") or any(
+    if args.mode != "head" or from_random_weights(args.backbone) or any(
             getattr(args, d) for d in DISTORTION_FLAGS):
         return
     given = {"--epochs": args.epochs is not None, "--unfreeze": args.unfreeze != -1,
@@ -196,20 +238,23 @@ def _refuse_live_flags_in_head_mode(args: argparse.Namespace) -> None:
                         "scratch backbone, or distortion flags); --mode head trains on cached features")
 
 
-def config_from_args(args: argparse.Namespace):
-    from .config import TrainConfig
+def _minutes(value: float | None) -> float | None:
+    """--time_budget is in minutes; TrainConfig.time_budget in seconds."""
+    return value * 60 if value else None
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that `retrain train` or `retrain --image_dir` flags describe."""
     from .augment import Augment
-    from .config import FinetuneConfig, scratch_defaults
-    from .config import HeadConfig
 
     for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers",
                  "epochs", "finetune_learning_rate", "finetune_batch_size", "time_budget"):
         if getattr(args, name) is not None:
-            _positive(f"--{name}", getattr(args, name))
+            positive(f"--{name}", getattr(args, name))
     for name in DISTORTION_FLAGS[1:]:
         if not 0 <= getattr(args, name) < 100:
             raise UserError(f"--{name} is a percentage in [0, 100)")
-    if args.time_budget is not None and args.mode != "auto" and not args.backbone.lower().startswith("scratch"):
+    if args.time_budget is not None and args.mode != "auto" and not from_random_weights(args.backbone):
         raise UserError("--time_budget applies to --mode auto and to scratch backbones only")
     _refuse_live_flags_in_head_mode(args)
     augment = None
@@ -227,227 +272,51 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(backbone=args.backbone, head=head, validation_percentage=args.validation_percentage,
                        testing_percentage=args.testing_percentage, val_dir=args.val_dir, test_dir=args.test_dir,
                        cache_dir=args.cache_dir, bottleneck_dir=args.bottleneck_dir, input_mean=args.input_mean,
-                       input_std=args.input_std, output_name=getattr(args, "final_tensor_name", "final_result"),
+                       input_std=args.input_std, output_name=getattr(args, "final_tensor_name", OUTPUT_NAME),
                        unknown_threshold=args.unknown_threshold, workers=args.workers, quiet=args.quiet,
                        engine=args.engine, ray_address=args.ray_address,
                        mode=args.mode, finetune=tune, scratch=scratch, resume=args.resume,
-                       time_budget=args.time_budget * 60 if args.time_budget else None)
+                       time_budget=_minutes(args.time_budget))
 
 
-def _after_training(model, args: argparse.Namespace) -> None:
-    if args.quiet:  # quiet drops the narration, never the result
-        from .pipeline import result_lines
+def compare_config(args: argparse.Namespace) -> TrainConfig:
+    """The settings `retrain compare` trains every model with (the backbone and mode come from --models)."""
+    for name in ("time_budget", "workers"):
+        if getattr(args, name) is not None:
+            positive(f"--{name}", getattr(args, name))
+    seed = {"seed": args.seed}
+    return TrainConfig(val_dir=args.val_dir, test_dir=args.test_dir, cache_dir=args.cache_dir,
+                       validation_percentage=args.validation_percentage, testing_percentage=args.testing_percentage,
+                       workers=args.workers, quiet=args.quiet, time_budget=_minutes(args.time_budget),
+                       head=HeadConfig(**seed), finetune=FinetuneConfig(**seed),
+                       scratch=replace(scratch_defaults(), **seed))
 
-        for line in result_lines(model.metrics):
-            print(line, file=sys.stderr)
-    if args.print_misclassified_test_images:
-        _print_misclassified(model)
-    if args.summaries_dir:
-        from .summaries import write_summaries
 
-        print(f"TensorBoard summaries in {write_summaries(args.summaries_dir, model.metrics)}", file=sys.stderr)
-
-
-def _print_misclassified(model) -> None:
-    print("=== MISCLASSIFIED TEST IMAGES ===")
-    for path, truth, predicted in model.misclassified:
-        print(f"{path:>70}  {truth} (predicted {predicted})")
+def afterwards(args: argparse.Namespace) -> commands.Afterwards:
+    return commands.Afterwards(args.quiet, args.print_misclassified_test_images, args.summaries_dir)
 
 
 def legacy_retrain(argv: Sequence[str]) -> int:
     """`retrain --image_dir=DIR`, with TensorFlow Hub retrain.py's flags."""
-    from .pipeline import train
-
     tmp = Path(tempfile.gettempdir())
     p = _parser("retrain", "Retrain a classifier on a folder of class folders (retrain.py-compatible flags). "
                            "Modern interface: retrain train|predict|evaluate --help")
     p.add_argument("--image_dir", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--output_graph", default=str(tmp / "output_graph.onnx"), help="where to write the ONNX model")
     p.add_argument("--output_labels", default=str(tmp / "output_labels.txt"), help="where to write the labels")
-    p.add_argument("--final_tensor_name", default="final_result", help="name of the model's probability output")
+    p.add_argument("--final_tensor_name", default=OUTPUT_NAME, help="name of the model's probability output")
     add_training_options(p)
     args = parse_suggesting(p, argv)
-    config = config_from_args(args)
-    for flag in ("output_graph", "output_labels"):  # before training: a wrong path must not cost the run
-        check_output_file(getattr(args, flag), f"--{flag}", _inputs(args))
-    model = train(args.image_dir, config, publish=_announced(
-        lambda m: m.save_files(args.output_graph, args.output_labels), args.output_graph))
-    if model is None:  # a torchrun helper process: rank 0 writes the model
-        return 0
-    model.save_files(args.output_graph, args.output_labels)
-    _after_training(model, args)
-    print(f"Saved the model to {args.output_graph} and its labels to {args.output_labels}", file=sys.stderr)
-    return 0
+    return commands.train_files(args.image_dir, config_from_args(args), args.output_graph, args.output_labels,
+                                afterwards(args))
 
 
-def _announced(save, where: str):
-    """The default run's first model (the head) saved the moment it exists, saying so."""
-    def publish(model) -> None:
-        save(model)
-        print(f"Saved a first model (the head on cached features) to {where}; fine-tuning now tries to beat it "
-              "and replaces it only if it does (Ctrl-C keeps the best model so far).", file=sys.stderr)
-    return publish
-
-
-def _inputs(args: argparse.Namespace) -> list[str | None]:
-    """The image folders a run reads: no output may be written inside them."""
-    return [args.image_dir, args.val_dir, args.test_dir]
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import train
-
-    config = config_from_args(args)
-    check_output_dir(args.output, _inputs(args), args.overwrite)  # before training, not after it
-    model = train(args.image_dir, config, publish=_announced(lambda m: m.save(args.output), args.output))
-    if model is None:  # a torchrun helper process: rank 0 writes the model
-        return 0
-    out = model.save(args.output)
-    _after_training(model, args)
-    print(f"Saved model.onnx, labels.txt, metrics.json and report.html to {out}", file=sys.stderr)
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine import open_engine
-    from .prediction import load
-
-    _positive("--top-k", args.top_k)
-    with open_engine(args.engine, args.ray_address) as engine:
-        return _predict(args, load(args.model, args.labels, engine))
-
-
-def _predict(args: argparse.Namespace, clf) -> int:
-    from .prediction import expand_images
-
-    if args.output:  # streamed: one row per image as it comes, folders walked lazily
-        from .prediction import predict_to_file
-
-        done = predict_to_file(clf, args.images, args.output, args.top_k, args.min_confidence, quiet=False)
-        print(f"Wrote {done.rows} predictions ({done.failures} unreadable) to {done.path}", file=sys.stderr)
-        return 1 if done.failures else 0
-    paths = expand_images(args.images)
-    if not paths:
-        raise UserError("no images found in: " + ", ".join(args.images))
-    failures = 0
-    for pred in clf.predict_paths(paths, args.top_k, min_confidence=args.min_confidence):
-        failures += bool(pred.error)
-        if args.json:
-            print(json.dumps(pred.to_dict(), ensure_ascii=False))
-        elif pred.error:
-            print(f"{pred.path}: skipped: {pred.error}", file=sys.stderr)
-        else:
-            print(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""))
-            for label, score in pred.top:
-                print(f"  {label} {score:.5f}")
-    return 1 if failures else 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folder as evaluate
-    from .evaluation import format_metrics
-
-    metrics = evaluate(args.model, args.image_dir)
-    if args.json:
-        print(json.dumps(metrics, indent=2, ensure_ascii=False))
-    else:
-        print(format_metrics(metrics))
-        if metrics["skipped_files"]:
-            print(f"\nSkipped {len(metrics['skipped_files'])} unreadable file(s).")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
-    print(write_report(args.model, args.image_dir))
-    return 0
-
-
-def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .pipeline import head_training_data
-    from .config import HeadConfig, TrainConfig
-    from .lrfind import lr_sweep, plot_sweep
-
-    cfg = TrainConfig(backbone=args.backbone, cache_dir=args.cache_dir, quiet=args.quiet,
-                      head=HeadConfig(hidden_units=args.hidden_units, seed=args.seed))
-    x, y, classes = head_training_data(args.image_dir, cfg)
-    sweep = lr_sweep(x, y, len(classes), cfg.head)
-    plot = plot_sweep(sweep, Path(args.plot))
-    print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot})")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .compare import compare, comparison_table, default_models
-
-    for name in ("time_budget", "workers"):
-        if getattr(args, name) is not None:
-            _positive(f"--{name}", getattr(args, name))
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else default_models(args.image_dir)
-    config = TrainConfig(val_dir=args.val_dir, test_dir=args.test_dir, cache_dir=args.cache_dir,
-                         validation_percentage=args.validation_percentage, testing_percentage=args.testing_percentage,
-                         workers=args.workers, quiet=args.quiet,
-                         time_budget=args.time_budget * 60 if args.time_budget else None)
-    config.head.seed = config.finetune.seed = config.scratch.seed = args.seed
-    runs = compare(args.image_dir, models, config, Path(args.output),
-                   lambda msg: None if args.quiet else print(msg, file=sys.stderr))
-    print(comparison_table(runs))
-    print(f"Models, compare.txt, compare.json and compare.png in {args.output}", file=sys.stderr)
-    return 0
-
-
-def cmd_import_idx(args: argparse.Namespace) -> int:
-    from .datasets import idx_to_folders
-
-    n = idx_to_folders(args.images, args.labels, args.output, class_names=args.class_names,
-                       limit_per_class=args.limit_per_class)
-    print(f"Wrote {n} PNG images into class folders under {args.output}", file=sys.stderr)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeConfig, serve
-
-    use_cache_dir(args.cache_dir)
-    for name in ("port", "max_upload_mb", "max_queue", "max_batch"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    config = ServeConfig(max_upload_bytes=args.max_upload_mb << 20, max_queue=args.max_queue,
-                         max_batch=args.max_batch)
-    return serve(args.model, args.host, args.port, config)
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import diagnose, format_text
-
-    _positive("--workers", args.workers)
-    report = diagnose(args.image_dir, backbone=args.backbone, cache_dir=args.cache_dir, workers=args.workers,
-                      quiet=args.quiet)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_text(report))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .config import ExportConfig
-    from .export import export
-
-    _positive("--calibration_images", args.calibration_images)
-    if args.tolerance < 0:
-        raise UserError(f"--tolerance is in accuracy points, 0 or more (got {args.tolerance})")
-    config = ExportConfig(int8=args.int8, any_size=args.any_size, ort=args.ort, tolerance=args.tolerance,
-                          calibration_images=args.calibration_images, image_dir=args.image_dir,
-                          overwrite=args.overwrite)
-    report = export(args.model, args.output, config)
-    print(f"Wrote {', '.join(report['files'])}, labels.txt and export.json to {args.output}", file=sys.stderr)
-    return 0
+def _subparser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, allow_abbrev=False, formatter_class=_Help)
 
 
 def add_export_parser(sub) -> None:
-    from .config import CALIBRATION_IMAGES, DEFAULT_TOLERANCE
-
-    ex = sub.add_parser("export", help="a smaller (--int8), any-size-input (--any-size) or mobile (--ort) copy "
-                        "of a model", allow_abbrev=False, formatter_class=_Help)
+    ex = _subparser(sub, "export", "a smaller (--int8), any-size-input (--any-size) or mobile (--ort) copy of a model")
     ex.add_argument("model", help="model directory (or its model.onnx)")
     ex.add_argument("--output", "-o", required=True, help="directory to write the exported model into")
     ex.add_argument("--int8", action="store_true",
@@ -464,147 +333,149 @@ def add_export_parser(sub) -> None:
                          "cropped inside the model")
     ex.add_argument("--ort", action="store_true", help="also write each model as .ort, ONNX Runtime's mobile format")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
-    ex.set_defaults(run=cmd_export)
+    ex.set_defaults(run=lambda a: commands.export(a.model, a.output, ExportConfig(
+        int8=a.int8, any_size=a.any_size, ort=a.ort, tolerance=a.tolerance, calibration_images=a.calibration_images,
+        image_dir=a.image_dir, overwrite=a.overwrite)))
 
 
-def modern_parser() -> argparse.ArgumentParser:
-    p = _parser("retrain", "Turn a folder of labelled photos into an image classifier, offline. "
-                           "The classic form `retrain --image_dir=DIR` also works.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model directory from IMAGE_DIR", allow_abbrev=False,
-                       formatter_class=_Help)
-    t.add_argument("image_dir", help="folder of class folders (or of train/, val/, test/ folders)")
+def add_train_parser(sub) -> None:
+    t = _subparser(sub, "train", "train a model directory from IMAGE_DIR")
+    add_image_dir(t)
     t.add_argument("--output", "-o", required=True, help="model directory to write")
     t.add_argument("--overwrite", action="store_true",
                    help="write into --output even if it holds files retrain did not write")
     add_training_options(t)
-    t.set_defaults(run=cmd_train)
-    pr = sub.add_parser("predict", help="classify images with a model", allow_abbrev=False)
+    t.set_defaults(run=lambda a: commands.train_dir(a.image_dir, config_from_args(a), a.output, a.overwrite,
+                                                    afterwards(a)))
+
+
+def add_predict_parser(sub) -> None:
+    pr = _subparser(sub, "predict", "classify images with a model")
     pr.add_argument("model", help="model directory or .onnx file")
     pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--top-k", "--top_k", type=int, default=5)
-    pr.add_argument("--labels", help="labels file (default: the labels stored in the model)")
-    pr.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
+    add_classify_options(pr, "flag images whose top probability is below this as unknown (default: the model's "
+                             "threshold)")
+    add_json_option(pr, "one JSON object per image (JSON Lines)")
     pr.add_argument("--output", "-o", help="stream one row per image to this .csv or .jsonl file instead "
                                            "(written as FILE.partial, renamed when complete)")
-    pr.add_argument("--min_confidence", "--min-confidence", type=_probability,
-                    help="flag images whose top probability is below this as unknown (default: the model's threshold)")
     add_engine_options(pr, "decoding and classification")
-    pr.set_defaults(run=cmd_predict)
-    ev = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on IMAGE_DIR",
-                        allow_abbrev=False)
-    ev.add_argument("model")
-    ev.add_argument("image_dir")
-    ev.add_argument("--json", action="store_true")
-    ev.set_defaults(run=cmd_evaluate)
-    rp = sub.add_parser("report", help="write report.html (plots, mistakes, calibration, saliency) into a model dir",
-                        allow_abbrev=False)
+    pr.set_defaults(run=lambda a: commands.predict(
+        a.model, a.images, labels=a.labels, top_k=a.top_k, min_confidence=a.min_confidence, output=a.output,
+        as_json=a.json, engine=a.engine, ray_address=a.ray_address))
+
+
+def add_evaluate_parsers(sub) -> None:
+    """evaluate and report: a model measured on its test split or on another folder."""
+    ev = _subparser(sub, "evaluate", "accuracy, per-class metrics and confusion matrix on IMAGE_DIR")
+    ev.add_argument("model", help="model directory or .onnx file")
+    add_image_dir(ev, "folder of class folders to measure the model on")
+    add_json_option(ev, "the metrics as one JSON object")
+    ev.set_defaults(run=lambda a: commands.evaluate(a.model, a.image_dir, a.json))
+    rp = _subparser(sub, "report", "write report.html (plots, mistakes, calibration, saliency) into a model dir")
     rp.add_argument("model", help="model directory")
     rp.add_argument("image_dir", nargs="?", help="evaluate on this folder of class folders (default: the test split)")
-    rp.set_defaults(run=cmd_report)
-    lf = sub.add_parser("lr-find", help="sweep the head's learning rate on cached features, plot it, suggest one",
-                        allow_abbrev=False)
-    lf.add_argument("image_dir")
+    rp.set_defaults(run=lambda a: commands.report(a.model, a.image_dir))
+
+
+def add_lr_find_parser(sub) -> None:
+    lf = _subparser(sub, "lr-find", "sweep the head's learning rate on cached features, plot it, suggest one")
+    add_image_dir(lf)
     lf.add_argument("--plot", default="lr_find.png", help="where to save the loss curve (PNG)")
-    lf.add_argument("--backbone", default="lite0")
-    lf.add_argument("--hidden_units", "--hidden-units", type=int, default=0)
+    add_backbone_option(lf, BACKBONE_HELP)
+    add_hidden_units_option(lf)
     add_cache_option(lf)
-    lf.add_argument("--seed", type=int, default=0)
-    lf.add_argument("--quiet", action="store_true")
-    lf.set_defaults(run=cmd_lr_find)
-    cp = sub.add_parser("compare", help="train from-scratch and transfer models on the same split; accuracy "
-                        "against wall time as a table and a plot", allow_abbrev=False,
-                        formatter_class=_Help)
-    cp.add_argument("image_dir")
+    add_seed_option(lf)
+    add_quiet_option(lf)
+    lf.set_defaults(run=lambda a: commands.lr_find(a.image_dir, TrainConfig(
+        backbone=a.backbone, cache_dir=a.cache_dir, quiet=a.quiet,
+        head=HeadConfig(hidden_units=a.hidden_units, seed=a.seed)), a.plot))
+
+
+def add_compare_parser(sub) -> None:
+    cp = _subparser(sub, "compare", "train from-scratch and transfer models on the same split; accuracy against "
+                                    "wall time as a table and a plot")
+    add_image_dir(cp)
     cp.add_argument("--models", help="comma-separated backbones, a +finetune suffix fine-tunes a pretrained one "
                                      "(default: scratch-small for images of 48 px or less, else scratch-color; "
                                      "then lite0)")
     cp.add_argument("--output", "-o", default="compare", help="folder for the models, table and plot")
     cp.add_argument("--time_budget", "--time-budget", type=float,
                     help="minutes each from-scratch network may train (default: its full schedule)")
-    cp.add_argument("--val_dir", "--val-dir")
-    cp.add_argument("--test_dir", "--test-dir")
-    cp.add_argument("--validation_percentage", "--validation-percentage", type=float, default=10.0)
-    cp.add_argument("--testing_percentage", "--testing-percentage", type=float, default=10.0)
+    add_split_options(cp)
     add_cache_option(cp)
-    cp.add_argument("--workers", type=int, default=2)
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--quiet", action="store_true")
-    cp.set_defaults(run=cmd_compare)
-    ix = sub.add_parser("import-idx", help="turn MNIST-style IDX files into a folder of class folders",
-                        allow_abbrev=False)
+    add_workers_option(cp)
+    add_seed_option(cp)
+    add_quiet_option(cp)
+    cp.set_defaults(run=lambda a: commands.compare(a.image_dir, a.models, compare_config(a), a.output))
+
+
+def add_import_idx_parser(sub) -> None:
+    ix = _subparser(sub, "import-idx", "turn MNIST-style IDX files into a folder of class folders")
     ix.add_argument("images", help="IDX image file (may be .gz)")
     ix.add_argument("labels", help="IDX label file (may be .gz)")
     ix.add_argument("output", help="folder to create class folders in")
-    ix.add_argument("--class-names", choices=["fashion", "digits"], default="digits")
-    ix.add_argument("--limit-per-class", type=int, help="keep at most this many images per class")
-    ix.set_defaults(run=cmd_import_idx)
-    sv = sub.add_parser("serve", help="HTTP API and web pages to try a model and to train new ones",
-                        allow_abbrev=False, formatter_class=_Help)
+    ix.add_argument("--class_names", "--class-names", choices=["fashion", "digits"], default="digits",
+                    help="names of the ten classes")
+    ix.add_argument("--limit_per_class", "--limit-per-class", type=int, help="keep at most this many images per class")
+    ix.set_defaults(run=lambda a: commands.import_idx(a.images, a.labels, a.output, a.class_names, a.limit_per_class))
+
+
+def add_serve_parser(sub) -> None:
+    sv = _subparser(sub, "serve", "HTTP API and web pages to try a model and to train new ones")
     sv.add_argument("model", nargs="?", help="model directory or .onnx file (default: the bundled ImageNet classifier)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes "
                                                         "prediction and training to the network")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     add_cache_option(sv)
-    sv.add_argument("--max-upload-mb", type=int, default=32, help="largest request body, MiB")
-    sv.add_argument("--max-queue", type=int, default=16, help="predict requests admitted at once; more get 503")
-    sv.add_argument("--max-batch", type=int, default=16, help="most images per ONNX Runtime call (1: no batching)")
-    sv.set_defaults(run=cmd_serve)
-    dr = sub.add_parser("doctor", help="check IMAGE_DIR for unreadable files, duplicates, leakage and mislabels",
-                        allow_abbrev=False, formatter_class=_Help)
-    dr.add_argument("image_dir")
-    dr.add_argument("--json", action="store_true", help="the full report as one JSON object")
-    dr.add_argument("--backbone", default="lite0", help="feature extractor for outliers and mislabels")
+    # The same defaults as serve.ServeConfig's, which cannot be read here without importing ONNX Runtime.
+    sv.add_argument("--max_upload_mb", "--max-upload-mb", type=int, default=32, help="largest request body, MiB")
+    sv.add_argument("--max_queue", "--max-queue", type=int, default=16,
+                    help="predict requests admitted at once; more get 503")
+    sv.add_argument("--max_batch", "--max-batch", type=int, default=16,
+                    help="most images per ONNX Runtime call (1: no batching)")
+    sv.set_defaults(run=lambda a: commands.serve(a.model, a.host, a.port, cache_dir=a.cache_dir,
+                                                 max_upload_mb=a.max_upload_mb, max_queue=a.max_queue,
+                                                 max_batch=a.max_batch))
+
+
+def add_doctor_parser(sub) -> None:
+    dr = _subparser(sub, "doctor", "check IMAGE_DIR for unreadable files, duplicates, leakage and mislabels")
+    add_image_dir(dr)
+    add_json_option(dr, "the full report as one JSON object")
+    add_backbone_option(dr, "feature extractor for outliers and mislabels")
     add_cache_option(dr)
-    dr.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    add_workers_option(dr)
     dr.add_argument("--quiet", action="store_true", help="no progress bars")
-    dr.set_defaults(run=cmd_doctor)
-    add_export_parser(sub)
+    dr.set_defaults(run=lambda a: commands.doctor(a.image_dir, backbone=a.backbone, cache_dir=a.cache_dir,
+                                                  workers=a.workers, quiet=a.quiet, as_json=a.json))
+
+
+def modern_parser() -> argparse.ArgumentParser:
+    p = _parser("retrain", "Turn a folder of labelled photos into an image classifier, offline. "
+                           "The classic form `retrain --image_dir=DIR` also works.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (add_train_parser, add_predict_parser, add_evaluate_parsers, add_lr_find_parser, add_compare_parser,
+                add_import_idx_parser, add_serve_parser, add_doctor_parser, add_export_parser):
+        add(sub)
     return p
 
 
 def label_image(argv: Sequence[str]) -> int:
     """`label_image --graph=G --labels=L --image=I`: top-5 `label score` lines, best first."""
-    from .prediction import load, model_file
-
     p = _parser("label_image", "Classify one image with a retrained model (label_image.py-compatible flags). "
                                "Without --graph: the bundled ImageNet classifier.")
     p.add_argument("--image", required=True, help="image to classify")
     p.add_argument("--graph", help="ONNX model written by retrain (default: ImageNet EfficientNet-Lite0)")
-    p.add_argument("--labels", help="labels file (default: the labels stored in the model)")
-    p.add_argument("--top_k", "--top-k", type=int, default=5)
-    p.add_argument("--min_confidence", "--min-confidence", type=_probability,
-                   help="print 'unknown' first when the top probability is below this (default: the model's threshold)")
+    add_classify_options(p, "print 'unknown' first when the top probability is below this (default: the model's "
+                            "threshold)")
     add_cache_option(p)
     compat = p.add_argument_group("accepted for compatibility (the model carries its own preprocessing)")
     for flag, kind in COMPAT_FLAGS.items():
         compat.add_argument(flag, type=kind)
     args = parse_suggesting(p, argv, lenient=COMPAT_FLAGS)
-    _positive("--top_k", args.top_k)
-    use_cache_dir(args.cache_dir)
-    if args.graph:
-        clf = load(onnx_beside(model_file(args.graph)), args.labels)
-    else:
-        from .files import default_cache_dir
-        from .imagenet import imagenet_model_path
-
-        clf = load(imagenet_model_path(default_cache_dir()), args.labels)
-    for note in compatibility_notes(args, clf):
-        print(f"Note: {note}", file=sys.stderr)
-    image = Path(args.image)
-    if not image.is_file():
-        raise UserError(f"image not found: {image}")
-    pred = next(clf.predict_paths([image], args.top_k, min_confidence=args.min_confidence))
-    if pred.error:
-        raise UserError(f"cannot classify {image}: {pred.error}")
-    if pred.unknown:
-        threshold = clf.unknown_threshold if args.min_confidence is None else args.min_confidence
-        print(f"unknown {1 - pred.top[0][1]:.6f}")
-        print(f"Note: the top probability {pred.top[0][1]:.3f} is below the confidence threshold "
-              f"{threshold:.3f}: probably none of these classes", file=sys.stderr)
-    for label, score in pred.top:
-        print(f"{label} {score:.6f}")
-    return 0
+    given = {flag[2:]: getattr(args, flag[2:]) for flag in COMPAT_FLAGS}
+    return commands.label_image(args.image, args.graph, args.labels, args.top_k, args.min_confidence, args.cache_dir,
+                                given)
 
 
 # label_image.py's tensor and preprocessing flags: accepted, and near-miss spellings of them too,
@@ -629,32 +500,6 @@ def parse_suggesting(p: argparse.ArgumentParser, argv: Sequence[str], lenient: I
                 raise UserError(f"unrecognized flag {name}: did you mean {close[0]}?")
         fixed.append(arg)
     return p.parse_args(fixed)
-
-
-def onnx_beside(graph: Path) -> Path:
-    """retrain.py wrote output_graph.pb; a handout's .pb path that does not exist means the .onnx beside it."""
-    onnx_file = graph.with_suffix(".onnx")
-    if graph.suffix == ".pb" and not graph.exists() and onnx_file.is_file():
-        print(f"Note: {graph} does not exist; using {onnx_file} (retrain writes ONNX models)", file=sys.stderr)
-        return onnx_file
-    return graph
-
-
-def compatibility_notes(args: argparse.Namespace, clf) -> list[str]:
-    """What label_image.py's tensor and preprocessing flags mean for an ONNX model that preprocesses itself."""
-    prep, notes = clf.prep, []
-    inputs = [i.name for i in clf.session.get_inputs()]
-    outputs = [o.name for o in clf.session.get_outputs()]
-    if args.input_layer and args.input_layer not in inputs:
-        notes.append(f"--input_layer={args.input_layer} ignored: the model's input is '{inputs[0]}'")
-    if args.output_layer and args.output_layer not in outputs:
-        notes.append(f"--output_layer={args.output_layer} ignored: the model's output is '{outputs[0]}'")
-    for flag, given, actual in (("input_height", args.input_height, prep.size), ("input_width", args.input_width, prep.size),
-                                ("input_mean", args.input_mean, prep.mean), ("input_std", args.input_std, prep.std)):
-        if given is not None and given != actual:
-            notes.append(f"--{flag}={given:g} ignored: the model resizes to {prep.size}x{prep.size} and normalises "
-                         f"as (pixel - {prep.mean:g}) / {prep.std:g} itself, as it was trained")
-    return notes
 
 
 # OSErrors that a user's paths, disks or ports cause: one line, not a traceback.

@@ -84,11 +84,11 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
             timeline = Timeline()
             run_config = replace(config, backbone=backbone_name, bottleneck_dir=features, mode=mode or "head")
             model = train(image_dir, run_config, log, timeline)
-            accuracy = model.metrics["test_accuracy"]
+            accuracy = model.metrics.test_accuracy
             accuracy = float("nan") if accuracy is None else accuracy  # no test split; 0.0 stays 0.0
             timeline.record(lambda: accuracy)
         model.save(output / name)
-        runs.append(Run(name, model.metrics["mode"], accuracy,
+        runs.append(Run(name, model.metrics.mode, accuracy,
                         timeline.points[-1][0], timeline.points))
     write_comparison(runs, output)
     return runs

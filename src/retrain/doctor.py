@@ -39,7 +39,8 @@ from .backbones import get_backbone
 from .config import DEFAULT_BACKBONE, HeadConfig
 from .checks import (ACROSS_SPLITS, IMBALANCE_RATIO, KINDS, MEANING, MIN_IMAGES, DuplicateGroup, Entry, entry_at,
                      duplicate_kind, display_path, class_counts, count_warnings, exact_duplicates)
-from .features import compute_features, feature_matrix
+from .features import compute_features, feature_matrix, store_folder
+from .graphs import extractor_path
 from .runtime import decoded_batches
 from .files import default_cache_dir
 from .guards import open_regular
@@ -314,7 +315,7 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
         files = [f for f in (read_header(p, root) for p in dataset.samples.paths) if f]
     net = get_backbone(backbone)
     with timer("features"):
-        features, failures = compute_features(dataset.samples, net, cache,
+        features, failures = compute_features(dataset.samples, net, extractor_path(net, cache), store_folder(cache),
                                               workers=workers, quiet=quiet)
     usable = dataset.samples[features.covers(dataset.samples)]
 

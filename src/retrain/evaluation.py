@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .errors import UserError
+from .metrics import ClassificationMetrics, ClassMetrics, Evidence, SkippedFile, to_json
 from .prediction import Classifier, load
 from .progress import progress
 from .scan import scan_labelled_folder
@@ -26,13 +28,13 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def accuracy_evidence(accuracy: float | None, n: int) -> dict:
+def accuracy_evidence(accuracy: float | None, n: int) -> Evidence:
     """What a shown accuracy rests on: N, its 95% interval, and whether N is enough to claim a figure."""
     if accuracy is None or n == 0:
-        return {"accuracy": None, "n": 0, "interval": None, "measurable": False}
+        return Evidence(accuracy=None, n=0, interval=None, measurable=False)
     correct = round(accuracy * n)
-    return {"accuracy": accuracy, "n": n, "interval": list(wilson_interval(correct, n)),
-            "measurable": n >= TOO_FEW_TO_MEASURE}
+    return Evidence(accuracy=accuracy, n=n, interval=list(wilson_interval(correct, n)),
+                    measurable=n >= TOO_FEW_TO_MEASURE)
 
 
 def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos") -> str:
@@ -56,8 +58,8 @@ def small_splits_disagree(val: float | None, n_val: int, test: float | None, n_t
             "both are measured on few photos: neither figure is precise; more photos per class would settle it.")
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Metrics as JSON-ready values; confusion_matrix[i][j] counts true class i predicted as j."""
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> ClassificationMetrics:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix ([i][j]: true class i predicted as j)."""
     n = len(classes)
     y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
     cm = np.zeros((n, n), dtype=int)
@@ -69,34 +71,34 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         # No photos of the class: recall and F1 are unknown, not 0 (which reads as a failing class).
-        per_class[name] = {"precision": float(precision), "recall": float(recall) if actual else None,
-                           "f1": float(f1) if actual else None, "support": int(actual)}
-    present = [m for m in per_class.values() if m["support"]]
-    return {
-        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else None,
-        "num_images": int(len(y_true)),
-        "accuracy_interval": list(wilson_interval(int((y_true == y_pred).sum()), len(y_true))) if len(y_true) else None,
-        "macro_f1": float(np.mean([m["f1"] for m in present])) if present else None,
-        "per_class": per_class,
-        "classes": list(classes),
-        "confusion_matrix": cm.tolist(),
-    }
+        per_class[name] = ClassMetrics(precision=float(precision), recall=float(recall) if actual else None,
+                                       f1=float(f1) if actual else None, support=int(actual))
+    present = [m for m in per_class.values() if m.support]
+    return ClassificationMetrics(
+        accuracy=float((y_true == y_pred).mean()) if len(y_true) else None,
+        num_images=int(len(y_true)),
+        accuracy_interval=list(wilson_interval(int((y_true == y_pred).sum()), len(y_true))) if len(y_true) else None,
+        macro_f1=float(np.mean([m.f1 for m in present])) if present else None,
+        per_class=per_class,
+        classes=list(classes),
+        confusion_matrix=cm.tolist(),
+    )
 
 
-def format_metrics(metrics: dict) -> str:
+def format_metrics(metrics: ClassificationMetrics) -> str:
     """A plain-text table of per-class metrics and the confusion matrix."""
-    classes = metrics["classes"]
+    classes = metrics.classes
     width = max(8, *(len(c) for c in classes))
-    lines = [f"Accuracy = {describe_accuracy(metrics['accuracy'], metrics['num_images'])}", "",
+    lines = [f"Accuracy = {describe_accuracy(metrics.accuracy, metrics.num_images)}", "",
              f"{'class':<{width}}  precision  recall     f1  support"]
-    for name, m in metrics["per_class"].items():
-        if not m["support"]:
+    for name, m in metrics.per_class.items():
+        if not m.support:
             lines.append(f"{name:<{width}}  {'no photos of this class':>24}  {0:7d}")
             continue
-        lines.append(f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+        lines.append(f"{name:<{width}}  {m.precision:9.3f}  {m.recall:6.3f}  {m.f1:5.3f}  {m.support:7d}")
     lines += ["", "Confusion matrix (rows: true class, columns: predicted):",
               " " * width + "  " + "  ".join(f"{c[:8]:>8}" for c in classes)]
-    for name, row in zip(classes, metrics["confusion_matrix"]):
+    for name, row in zip(classes, metrics.confusion_matrix):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{v:8d}" for v in row))
     return "\n".join(lines)
 
@@ -127,28 +129,28 @@ def most_confused(confusion: list[list[int]], classes: list[str], top: int = 3) 
     return [(classes[i], classes[j], n) for n, i, j in sorted(cells, key=lambda c: (-c[0], c[1], c[2]))[:top]]
 
 
-def verdict(metrics: dict, classes: list[str], unsplit_classes: list[str]) -> list[str]:
+def verdict(test: ClassificationMetrics | None, validation_accuracy: float | None, num_validation: int,
+            classes: list[str], unsplit_classes: list[str]) -> list[str]:
     """The report's opening lines for a non-expert: the accuracy and what to compare it with, then what to fix."""
-    test = metrics.get("test")
     lines = []
-    if test and test["num_images"]:
-        n, support = test["num_images"], [m["support"] for m in test["per_class"].values()]
+    if test and test.num_images:
+        n, support = test.num_images, [m.support for m in test.per_class.values()]
         largest = classes[int(np.argmax(support))]
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
-            right = round(test["accuracy"] * n)
+            right = round(test.accuracy * n)
             lo, hi = wilson_interval(right, n)
             lines.append(f"Only {n} test photos: too few to measure accuracy ({right}/{n} right; 95% CI "
                          f"{100 * lo:.0f}-{100 * hi:.0f}%). Add photos to every class.")
         else:
-            lines.append(f"Right on {describe_accuracy(test['accuracy'], n)} of test photos the model never "
+            lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of test photos the model never "
                          f"trained on; for comparison, {baselines}.")
-        pairs = most_confused(test["confusion_matrix"], classes)
+        pairs = most_confused(test.confusion_matrix, classes)
         if pairs:
             lines.append("Most confused: " + "; ".join(f"{t} taken for {p} ({k} photo{'s' * (k > 1)})"
                                                         for t, p, k in pairs) + ".")
-        missing = [c for c, m in test["per_class"].items() if not m["support"]]
+        missing = [c for c, m in test.per_class.items() if not m.support]
         if missing:
             lines.append(f"No test photos of {', '.join(missing)}: how well the model knows "
                          f"{'them' if len(missing) > 1 else 'it'} is not measured.")
@@ -156,18 +158,27 @@ def verdict(metrics: dict, classes: list[str], unsplit_classes: list[str]) -> li
         lines.append("No test photos: the accuracy on new photos is not measured. Add photos, or a test/ folder.")
     if unsplit_classes:
         lines.append(f"Too few photos to hold any out for {', '.join(unsplit_classes)}: all were used for training.")
-    disagree = small_splits_disagree(metrics.get("validation_accuracy"), metrics.get("num_validation", 0),
-                                     metrics.get("test_accuracy"), test["num_images"] if test else 0)
+    disagree = small_splits_disagree(validation_accuracy, num_validation, test.accuracy if test else None,
+                                     test.num_images if test else 0)
     return lines + ([disagree] if disagree else [])
 
 
-def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,
-                    with_predictions: bool = False) -> dict:
-    """Run the exported model over a folder of class folders and compute its metrics.
+@dataclass
+class FolderEvaluation:
+    """An exported model run over a folder of class folders."""
+    metrics: ClassificationMetrics
+    predictions: list[dict]  # per image: path, label, predicted, confidence, probabilities
+    skipped: list[SkippedFile]
 
-    with_predictions adds `predictions`: per image its path, label, predicted index, confidence
-    and all class probabilities (for reports).
-    """
+    def to_json(self, with_predictions: bool = False) -> dict:
+        """The metrics and skipped files as JSON-ready values (what `retrain evaluate --json` prints)."""
+        result = to_json(self.metrics) | {"skipped_files": to_json(self.skipped)}
+        return result | ({"predictions": self.predictions} if with_predictions else {})
+
+
+def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2,
+                         quiet: bool = False) -> FolderEvaluation:
+    """Run the exported model over a folder of class folders: its metrics, every prediction, the unreadable files."""
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = dataset.samples.paths
@@ -186,7 +197,14 @@ def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, wo
         raise UserError(f"none of the images in {image_dir} could be read")
     metrics = classification_metrics(np.array([r["label"] for r in rows]), np.array([r["predicted"] for r in rows]),
                                      clf.labels)
-    metrics["skipped_files"] = [{"path": str(p), "reason": why} for p, why in skipped]
-    if with_predictions:
-        metrics["predictions"] = rows
-    return metrics
+    return FolderEvaluation(metrics, rows, [SkippedFile(str(p), why) for p, why in skipped])
+
+
+def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,
+                    with_predictions: bool = False) -> dict:
+    """retrain.evaluate: evaluation_of_folder's metrics and skipped files as JSON-ready values.
+
+    with_predictions adds `predictions`: per image its path, label, predicted index, confidence
+    and all class probabilities.
+    """
+    return evaluation_of_folder(model, image_dir, workers=workers, quiet=quiet).to_json(with_predictions)

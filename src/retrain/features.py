@@ -16,7 +16,6 @@ import onnxruntime as ort
 from .backbones import Backbone
 from .engine import Engine
 from .files import empty_matrix
-from .graphs import extractor_path
 from .preprocess import Preprocessing
 from .progress import say
 from .runtime import extract, inference_session, reported, run_model
@@ -82,16 +81,24 @@ def _vectors_of(samples: SampleTable, features: Mapping[str, np.ndarray], out: n
         out[:] = np.stack([features[samples.digest_hex(i)] for i in range(len(samples))])
 
 
-def compute_features(samples: SampleTable, backbone: Backbone, cache_dir: Path,
-                     store_dir: Path | None = None, *, batch_size: int = 32, workers: int = 2,
-                     quiet: bool = False, engine: Engine | None = None) -> tuple[StoreFeatures, dict[str, str]]:
-    """Features for every sample's content (from cache or computed), and the reasons for failures.
+def store_folder(cache_dir: Path, store_dir: Path | str | None = None) -> Path:
+    """Where the feature stores live: `store_dir` (--bottleneck_dir) if given, else CACHE/features."""
+    return Path(store_dir or Path(cache_dir) / "features")
 
-    Returns ({digest: vector} as a StoreFeatures view, {digest: reason}); each distinct image
-    content is decoded once, in scan order. `engine` (a RayEngine) computes the missing vectors
-    elsewhere; this process still writes them to the store, under the same keys.
+
+def compute_features(samples: SampleTable, backbone: Backbone, extractor: Path, stores: Path, *,
+                     batch_size: int = 32, workers: int = 2, quiet: bool = False,
+                     engine: Engine | None = None) -> tuple[StoreFeatures, dict[str, str]]:
+    """Features for every sample's content (from the store in `stores`, or computed by `extractor`), and the
+    reasons for failures.
+
+    `extractor` is the backbone's ONNX feature extractor (graphs.extractor_path), which the
+    caller already holds: it also becomes part of the exported model. Returns ({digest: vector}
+    as a StoreFeatures view, {digest: reason}); each distinct image content is decoded once, in
+    scan order. `engine` (a RayEngine) computes the missing vectors elsewhere; this process still
+    writes them to the store, under the same keys.
     """
-    store = FeatureStore(Path(store_dir or Path(cache_dir) / "features") / backbone.identity, backbone.feature_dim)
+    store = FeatureStore(Path(stores) / backbone.identity, backbone.feature_dim)
     if store.corrupt and not quiet:
         say(f"Feature cache: ignored {store.corrupt} damaged record(s); those images are recomputed.")
     keys = samples.keys
@@ -104,9 +111,9 @@ def compute_features(samples: SampleTable, backbone: Backbone, cache_dir: Path,
         if not quiet:
             say(f"Features ({backbone.name}): {len(np.unique(keys)) - len(todo)} distinct images cached, "
                 f"extracting {len(todo)}")
-        paths, model = todo.paths, extractor_path(backbone, cache_dir)
-        batches = (engine.run(model, paths, backbone.prep, batch_size, workers) if engine
-                   else run_model(inference_session(model, spinning=False), paths, backbone.prep, batch_size,
+        paths = todo.paths
+        batches = (engine.run(extractor, paths, backbone.prep, batch_size, workers) if engine
+                   else run_model(inference_session(extractor, spinning=False), paths, backbone.prep, batch_size,
                                   workers))
         for ok, vectors, failed in reported(batches, paths, f"Extracting features ({backbone.name})", quiet):
             failures |= {todo.digest_hex(i): why for i, why in failed}

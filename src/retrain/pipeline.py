@@ -28,19 +28,20 @@ from .errors import UserError
 from .checks import class_counts, quick_summary
 from .evaluation import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
                        verdict)
-from .features import compute_features, feature_matrices, features_of
+from .features import compute_features, feature_matrices, features_of, store_folder
 from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import Checkpoint, TrainConfig
 from .graphs import classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
+from .metrics import FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
 from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
 from .outputs import interrupts_deferred, os_error_message, write_model_dir
 from .plan import Mode, TrainingPlan, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
-from .tuned import TunedRecord, TunedRun, identity_key, load_tuned, save_tuned, tuned_path
+from .tuned import TunedRun, identity_key, load_tuned, save_tuned, tuned_path
 
 
 
@@ -49,7 +50,7 @@ from .tuned import TunedRecord, TunedRun, identity_key, load_tuned, save_tuned, 
 class TrainedModel:
     model: onnx.ModelProto
     classes: list[str]
-    metrics: dict
+    metrics: RunMetrics
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
 
     def save(self, output_dir: str | Path, report: bool = True) -> Path:
@@ -61,7 +62,7 @@ class TrainedModel:
 
     def _write_into(self, out: Path, report: bool) -> None:
         self._write_files(out / MODEL_FILE, out / LABELS_FILE)
-        atomic_write_json(out / METRICS_FILE, self.metrics)
+        atomic_write_json(out / METRICS_FILE, self.metrics.to_json())
         if report:
             from .report import write_report
 
@@ -143,15 +144,17 @@ def _log_for(config: TrainConfig) -> Callable[[str], None]:
 
 def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path,
                        stage: Stopwatch, log: Callable[[str], None]):
-    """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)})."""
+    """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)}, the ONNX extractor's path)."""
     dataset = _scan(image_dir, config, cache, stage, log)
     with stage("features"), distributed.main_first(), open_engine(config.engine, config.ray_address) as engine:
-        features, failures = compute_features(dataset.samples, backbone, cache, config.bottleneck_dir,
+        extractor = extractor_path(backbone, cache)  # exported once; it becomes part of model.onnx too
+        features, failures = compute_features(dataset.samples, backbone, extractor,
+                                              store_folder(cache, config.bottleneck_dir),
                                               batch_size=config.batch_size, workers=config.workers,
                                               quiet=config.quiet, engine=engine)
         split = usable_splits(dataset, features.covers(dataset.samples), failures)
     _log_skipped(dataset, log)
-    return dataset, split, feature_matrices(split, features, backbone.feature_dim)
+    return dataset, split, feature_matrices(split, features, backbone.feature_dim), extractor
 
 
 def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: Stopwatch,
@@ -177,7 +180,7 @@ def feature_splits(image_dir: str | Path, config: TrainConfig) -> tuple[list[str
     """Class names and {split: (features, labels)} exactly as train() would use them (lr-find, benchmarks)."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
-    dataset, _, x = _features_by_split(image_dir, config, backbone, cache, Stopwatch(), _log_for(config))
+    dataset, _, x, _ = _features_by_split(image_dir, config, backbone, cache, Stopwatch(), _log_for(config))
     return dataset.classes, x
 
 
@@ -197,7 +200,7 @@ class _Fitted:
     layers: list[tuple[np.ndarray, np.ndarray]]
     plan: TrainingPlan
     head: "object | None" = None  # HeadResult
-    tuned: "TunedRecord | None" = None  # or a FinetuneResult (the same fields)
+    tuned: FinetuneRecord | None = None
 
 
 def train(image_dir: str | Path, config: TrainConfig | None = None,
@@ -233,17 +236,17 @@ def _finished(image_dir: str | Path, fitted: _Fitted, config: TrainConfig, backb
     """Calibrate, evaluate and export: the trained network becomes a TrainedModel."""
     with stage("calibrate"):
         cal = _calibrate(fitted, config)
-    with stage("evaluate"):
-        metrics, misclassified = _evaluate(fitted, cal)
-    for line in result_lines(metrics | {"calibration": cal.report}) if announce else ():
-        log(line)
     provenance = _provenance(image_dir, config, backbone, fitted)
+    with stage("evaluate"):
+        metrics, misclassified = _evaluate(fitted, cal, _run_record(fitted, backbone, cal, provenance))
+    for line in result_lines(metrics) if announce else ():
+        log(line)
     with stage("export"):
         model = classifier_model(fitted.extractor, fitted.layers,
                                  model_metadata(backbone, fitted.dataset.classes, provenance),
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
-    metrics |= _run_record(fitted, backbone, cal) | {"seconds": dict(stage.seconds), "provenance": provenance}
+    metrics = replace(metrics, seconds=dict(stage.seconds))
     return TrainedModel(model, fitted.dataset.classes, metrics, misclassified)
 
 
@@ -265,30 +268,24 @@ def _provenance(image_dir: str | Path, config: TrainConfig, backbone: Backbone, 
             "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _run_record(fitted: _Fitted, backbone: Backbone, cal: Calibration) -> dict:
+def _run_record(fitted: _Fitted, backbone: Backbone, cal: Calibration, provenance: dict) -> dict:
     """metrics.json's account of the run: data per split and class, skipped files, calibration, histories."""
-    classes, split = fitted.dataset.classes, fitted.split
-    record = {
-        "classes": classes, "backbone": backbone.name, "mode": fitted.plan.mode.value, "plan": fitted.plan.to_dict(),
-        "num_images": {k: len(v) for k, v in split.items()},
-        "class_counts": {k: dict(zip(classes, np.bincount(v.labels, minlength=len(classes)).tolist()))
-                         for k, v in split.items()},
-        "skipped_files": [{"path": str(p), "reason": why} for p, why in fitted.dataset.skipped],
-        "calibration": cal.report,
-    }
-    if fitted.head:
-        record["head"] = {"best_step": fitted.head.best_step, "steps_run": fitted.head.steps_run,
-                          "history": fitted.head.history}
-    if fitted.tuned:
-        record["finetune"] = {"best_epoch": fitted.tuned.best_epoch, "history": fitted.tuned.history,
-                              "device": fitted.tuned.device, "train_size": fitted.tuned.train_size}
-    return record
+    classes, split, head, tuned = fitted.dataset.classes, fitted.split, fitted.head, fitted.tuned
+    return dict(
+        classes=classes, backbone=backbone.name, mode=fitted.plan.mode.value, plan=fitted.plan.to_dict(),
+        num_images={k: len(v) for k, v in split.items()},
+        class_counts={k: dict(zip(classes, np.bincount(v.labels, minlength=len(classes)).tolist()))
+                      for k, v in split.items()},
+        skipped_files=[SkippedFile(str(p), why) for p, why in fitted.dataset.skipped],
+        calibration=cal.report, provenance=provenance,
+        head=HeadRecord(best_step=head.best_step, steps_run=head.steps_run, history=head.history) if head else None,
+        finetune=tuned)
 
 
 def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
                        log: Callable[[str], None], timeline: Timeline | None) -> _Fitted:
     """Pretrained backbones: the head on cached features, then (by mode) fine-tuning on live images."""
-    dataset, split, x = _features_by_split(image_dir, config, backbone, cache, stage, log)
+    dataset, split, x, extractor = _features_by_split(image_dir, config, backbone, cache, stage, log)
     if not split["validation"]:
         log("No validation images: early stopping watches training accuracy instead.")
     with stage("train"):
@@ -303,7 +300,7 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
                          (_accuracy(head.layers, x_va, y_va) if len(y_va) else None, len(y_va)))
     if plan.mode is Mode.HEAD and config.mode == "auto":
         log(plan.describe())
-    return _Fitted(dataset, split, x, onnx.load(str(extractor_path(backbone, cache))), head.layers, plan, head)
+    return _Fitted(dataset, split, x, onnx.load(str(extractor)), head.layers, plan, head)
 
 
 def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
@@ -333,7 +330,7 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: 
                          log, Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
                          after_epoch=timeline.record if timeline else None, test=split["test"], quiet=config.quiet,
                          time_budget=plan.time_budget, anytime=plan.anytime)
-    record = TunedRecord(tuned.history, tuned.best_epoch, tuned.device, tuned.train_size, tuned.interrupted)
+    record = FinetuneRecord(tuned.best_epoch, tuned.history, tuned.device, tuned.train_size, tuned.interrupted)
     if plan.anytime and tuned.best_epoch == 0:  # the head stays: the very model published first
         run = TunedRun(None, fitted.layers, {}, record)
     else:
@@ -352,7 +349,7 @@ def _after_tuning(fitted: _Fitted, head_only: _Fitted, run: TunedRun) -> _Fitted
     return _with_network(fitted, run)
 
 
-def _kept_head(record: TunedRecord) -> str:
+def _kept_head(record: FinetuneRecord) -> str:
     epochs = len(record.history) - 1  # the first entry is the warm start
     why = "interrupted (Ctrl-C) before any" if record.interrupted else "no"
     return f"{why} fine-tuned epoch beat the head on validation ({epochs} epoch(s) run): the head's model is kept"
@@ -378,7 +375,7 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
     split = usable_splits(dataset, ~dataset.samples.has_digest(failures), failures)
     _log_skipped(dataset, log)
     extractor = tuned_extractor(tuned, backbone)
-    record = TunedRecord(tuned.history, tuned.best_epoch, tuned.device, tuned.train_size)
+    record = FinetuneRecord(tuned.best_epoch, tuned.history, tuned.device, tuned.train_size)
     fitted = _Fitted(dataset, split, {}, extractor, tuned.layers, plan)
     return _with_network(fitted, TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config),
                                           record))
@@ -448,41 +445,41 @@ def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tu
     return z, y.astype(np.int64)
 
 
-def result_lines(metrics: dict) -> list[str]:
+def result_lines(metrics: RunMetrics) -> list[str]:
     """What a run ends with: the test accuracy with its evidence, a tiny-split caveat, what calibration did."""
-    n_val, n_test = metrics["num_validation"], metrics["test"]["num_images"] if metrics["test"] else 0
-    lines = [f"Final test accuracy = {describe_accuracy(metrics['test_accuracy'], n_test, 'test photos')}"]
-    disagree = small_splits_disagree(metrics["validation_accuracy"], n_val, metrics["test_accuracy"], n_test)
+    n_val, n_test = metrics.num_validation, metrics.test.num_images if metrics.test else 0
+    lines = [f"Final test accuracy = {describe_accuracy(metrics.test_accuracy, n_test, 'test photos')}"]
+    disagree = small_splits_disagree(metrics.validation_accuracy, n_val, metrics.test_accuracy, n_test)
     lines += [disagree] if disagree else []
-    cal = metrics["calibration"]
-    line = f"Calibration: {cal['why']}"
-    if cal["calibrated"] and "test_ece_after" in cal:
-        line += (f"; test expected calibration error {100 * cal['test_ece_before']:.1f}% -> "
-                 f"{100 * cal['test_ece_after']:.1f}%")
+    cal = metrics.calibration
+    line = f"Calibration: {cal.why}"
+    if cal.calibrated and cal.test_ece_after is not None:
+        line += (f"; test expected calibration error {100 * cal.test_ece_before:.1f}% -> "
+                 f"{100 * cal.test_ece_after:.1f}%")
     return lines + [line]
 
 
-def _evaluate(fitted: _Fitted, cal: Calibration) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Validation and test accuracy with their evidence, test metrics and predictions, the verdict; the mistakes."""
+def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetrics, list[tuple[str, str, str]]]:
+    """Validation and test accuracy with their evidence, test metrics and predictions, the verdict; the mistakes.
+
+    `record` (_run_record) holds the rest of metrics.json.
+    """
     layers, classes, split = fitted.layers, fitted.dataset.classes, fitted.split
     (x_va, y_va), (x_te, y_te) = fitted.x["validation"], fitted.x["test"]
-    metrics: dict = {"validation_accuracy": None, "test_accuracy": None, "test": None, "num_validation": len(y_va)}
-    if len(x_va):
-        metrics["validation_accuracy"] = _accuracy(layers, x_va, y_va)
-    metrics["validation_evidence"] = accuracy_evidence(metrics["validation_accuracy"], len(y_va))
-    metrics["test_evidence"] = accuracy_evidence(None, 0)
-    misclassified = []
+    validation_accuracy = _accuracy(layers, x_va, y_va) if len(x_va) else None
+    test, predictions, misclassified = None, None, []
     if len(x_te):
         probs = softmax(logits(layers, x_te), cal.temperature)
         pred = probs.argmax(1)
-        metrics["test"] = classification_metrics(y_te, pred, classes)
-        metrics["test_accuracy"] = metrics["test"]["accuracy"]
-        metrics["test_evidence"] = accuracy_evidence(metrics["test_accuracy"], len(y_te))
+        test = classification_metrics(y_te, pred, classes)
         misclassified = [(str(s.path), classes[s.label], classes[p])
                          for s, p in zip(split["test"], pred) if s.label != p]
-        metrics["test_predictions"] = [{"path": str(s.path), "label": int(s.label), "predicted": int(p),
-                                        "confidence": float(c)}
-                                       for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
-    metrics["verdict"] = verdict(metrics, classes, fitted.dataset.unsplit_classes)
+        predictions = [PredictionRecord(str(s.path), int(s.label), int(p), float(c))
+                       for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
+    test_accuracy = test.accuracy if test else None
+    metrics = RunMetrics(
+        **record, validation_accuracy=validation_accuracy, test_accuracy=test_accuracy, num_validation=len(y_va),
+        validation_evidence=accuracy_evidence(validation_accuracy, len(y_va)),
+        test_evidence=accuracy_evidence(test_accuracy, len(y_te)), test=test, test_predictions=predictions,
+        verdict=verdict(test, validation_accuracy, len(y_va), classes, fitted.dataset.unsplit_classes))
     return metrics, misclassified
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -21,11 +20,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
-from .evaluation import describe_accuracy, evaluate_folder  # noqa: E402
+from .evaluation import describe_accuracy, evaluation_of_folder  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from .guards import open_regular  # noqa: E402
+from .metrics import CalibrationReport, ClassificationMetrics, PredictionRecord, RunMetrics, read_metrics  # noqa: E402
 from .prediction import METRICS_FILE, MODEL_FILE, Classifier  # noqa: E402
 
 REPORT_FILE = "report.html"
@@ -45,9 +45,9 @@ def _img_tag(png: bytes, alt: str, width: int | None = None) -> str:
     return f'<img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def learning_curves(metrics: dict) -> bytes | None:
-    head = metrics.get("head", {}).get("history") or []
-    tuned = (metrics.get("finetune") or {}).get("history") or []
+def learning_curves(metrics: RunMetrics) -> bytes | None:
+    head = metrics.head.history if metrics.head else []
+    tuned = metrics.finetune.history if metrics.finetune else []
     if not head and not tuned:
         return None
     panels = [(h, x) for h, x in ((head, "step"), (tuned, "epoch")) if h]
@@ -140,20 +140,20 @@ def _thumbnail(path: str, side: int = 128) -> str:
         return "<span>(image unavailable)</span>"
 
 
-def _evaluation(clf: Classifier, metrics: dict, image_dir: str | Path | None) -> tuple[dict, list[dict], dict | None]:
+def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Path | None
+                ) -> tuple[ClassificationMetrics | None, list[PredictionRecord], CalibrationReport | None]:
     """(confusion/per-class metrics, predictions with confidence, calibration report) to show."""
     if image_dir is None:
-        return metrics.get("test") or {}, metrics.get("test_predictions") or [], metrics.get("calibration")
-    evaluation = evaluate_folder(clf, image_dir, quiet=True, with_predictions=True)
-    preds = evaluation.pop("predictions")
-    if not preds:
-        return evaluation, [], None
-    probs = np.array([p["probabilities"] for p in preds])
-    labels = np.array([p["label"] for p in preds])
-    after = reliability(probs, labels)
-    cal = {"test_ece_after": after["ece"], "reliability_after": after["bins"],
-           "temperature": float(clf.metadata.get("retrain:temperature", 1.0))}
-    return evaluation, preds, cal
+        return ((metrics.test, metrics.test_predictions or [], metrics.calibration) if metrics else (None, [], None))
+    evaluation = evaluation_of_folder(clf, image_dir, quiet=True)
+    rows = evaluation.predictions
+    preds = [PredictionRecord(p["path"], p["label"], p["predicted"], p["confidence"]) for p in rows]
+    after = reliability(np.array([p["probabilities"] for p in rows]), np.array([p["label"] for p in rows]))
+    temperature = float(clf.metadata.get("retrain:temperature", 1.0))
+    cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why="",
+                            held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
+                            test_ece_after=after["ece"], reliability_after=after["bins"])
+    return evaluation.metrics, preds, cal
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -167,73 +167,63 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> 
     model_dir = Path(model_dir)
     if not (model_dir / MODEL_FILE).is_file():
         raise UserError(f"{model_dir} is not a model directory (no {MODEL_FILE})")
-    try:
-        metrics = json.loads((model_dir / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        metrics = {}
+    # No metrics.json (a model copied without it): the sections it feeds are left out or empty.
+    metrics = read_metrics(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).exists() else None
     clf = Classifier(model_dir / MODEL_FILE)
     classes = clf.labels
     evaluation, preds, cal = _evaluation(clf, metrics, image_dir)
     sections, pngs = [], {}
 
-    if metrics.get("verdict") and not image_dir:
-        sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in metrics["verdict"])))
-    counts = metrics.get("num_images", {})
-    per_class = metrics.get("class_counts") or {}
-    rows = [[html.escape(c)] + [str(per_class.get(split, {}).get(c, "")) for split in ("train", "validation", "test")]
-            for c in classes]
-    sections.append(("Dataset", f"<p>Backbone <b>{html.escape(str(metrics.get('backbone', clf.metadata.get('retrain:backbone', '?'))))}</b>, "
-                     f"mode <b>{html.escape(str(metrics.get('mode', '?')))}</b>; images per split: "
-                     + ", ".join(f"{k} {v}" for k, v in counts.items()) + "</p>"
-                     + _table(rows, ["class", "train", "validation", "test"])
-                     + (f"<p>Skipped files: {len(metrics.get('skipped_files', []))}</p>")))
+    if metrics and metrics.verdict and not image_dir:
+        sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in metrics.verdict)))
+    sections.append(("Dataset", _dataset_section(metrics, classes, clf.metadata.get("retrain:backbone", "?"))))
 
-    curves = learning_curves(metrics)
+    curves = learning_curves(metrics) if metrics else None
     if curves:
         pngs["learning_curves.png"] = curves
         sections.append(("Learning curves", _img_tag(curves, "learning curves")))
 
-    if evaluation.get("confusion_matrix"):
-        cm = np.array(evaluation["confusion_matrix"])
+    if evaluation and evaluation.confusion_matrix:
+        cm = np.array(evaluation.confusion_matrix)
         pngs["confusion_matrix.png"] = confusion_plot(cm, classes)
-        acc = evaluation.get("accuracy")
-        rows = [[html.escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
-                if m["support"] else [html.escape(name), "no test photos", "", "", "0"]
-                for name, m in evaluation["per_class"].items()]
-        sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(describe_accuracy(acc, evaluation['num_images']))}"
+        rows = [[html.escape(name), f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support)]
+                if m.support else [html.escape(name), "no test photos", "", "", "0"]
+                for name, m in evaluation.per_class.items()]
+        accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images)
+        sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
                          + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])))
 
-    mistakes = sorted((p for p in preds if p["label"] != p["predicted"]), key=lambda p: -p["confidence"])
-    cells = [f"<figure>{_thumbnail(p['path'])}<figcaption>true <b>{html.escape(classes[p['label']])}</b><br>"
-             f"predicted <b>{html.escape(classes[p['predicted']])}</b> ({p['confidence']:.2f})</figcaption></figure>"
+    mistakes = sorted((p for p in preds if p.label != p.predicted), key=lambda p: -p.confidence)
+    cells = [f"<figure>{_thumbnail(p.path)}<figcaption>true <b>{html.escape(classes[p.label])}</b><br>"
+             f"predicted <b>{html.escape(classes[p.predicted])}</b> ({p.confidence:.2f})</figcaption></figure>"
              for p in mistakes[:MISTAKES_SHOWN]]
     sections.append(("Worst mistakes", f'<div class="grid">{"".join(cells)}</div>' if cells
                      else "<p>No mistakes on these images.</p>"))
 
-    if cal and cal.get("reliability_after"):
-        pngs["reliability.png"] = reliability_plot(cal.get("reliability_before", []), cal["reliability_after"],
-                                                   cal.get("test_ece_before", float("nan")), cal["test_ece_after"])
-        text = f"<p>{html.escape(cal['why'])}.</p>" if cal.get("why") else ""
-        text += f"<p>Temperature {cal.get('temperature', 1):.3f}. Expected calibration error "
-        if "test_ece_before" in cal:
-            text += f"{100 * cal['test_ece_before']:.1f}% before, "
-        text += f"{100 * cal['test_ece_after']:.1f}% after temperature scaling.</p>"
-        if cal.get("unknown_threshold"):
-            text += (f"<p>Unknown threshold {cal['unknown_threshold']:.3f}: {100 * cal.get('test_false_rejection', 0):.1f}% "
+    if cal and cal.reliability_after:
+        pngs["reliability.png"] = reliability_plot(cal.reliability_before or [], cal.reliability_after,
+                                                   _or_nan(cal.test_ece_before), cal.test_ece_after)
+        text = f"<p>{html.escape(cal.why)}.</p>" if cal.why else ""
+        text += f"<p>Temperature {cal.temperature:.3f}. Expected calibration error "
+        if cal.test_ece_before is not None:
+            text += f"{100 * cal.test_ece_before:.1f}% before, "
+        text += f"{100 * cal.test_ece_after:.1f}% after temperature scaling.</p>"
+        if cal.unknown_threshold:
+            text += (f"<p>Unknown threshold {cal.unknown_threshold:.3f}: {100 * (cal.test_false_rejection or 0):.1f}% "
                      "of in-class test photos are wrongly flagged unknown.</p>")
         sections.append(("Calibration", text + _img_tag(pngs["reliability.png"], "reliability diagram")))
 
-    chosen = (mistakes[:SALIENCY_SHOWN // 2] + [p for p in preds if p["label"] == p["predicted"]][:SALIENCY_SHOWN // 2])
+    chosen = (mistakes[:SALIENCY_SHOWN // 2] + [p for p in preds if p.label == p.predicted][:SALIENCY_SHOWN // 2])
     figs = []
     for i, p in enumerate(chosen):
         try:
-            image = load_image(p["path"], clf.prep)
+            image = load_image(p.path, clf.prep)
         except UnreadableImage:
             continue
-        png = saliency_png(image, occlusion_saliency(clf, image, p["predicted"]),
-                           f"{Path(p['path']).name}: evidence for '{classes[p['predicted']]}'")
+        png = saliency_png(image, occlusion_saliency(clf, image, p.predicted),
+                           f"{Path(p.path).name}: evidence for '{classes[p.predicted]}'")
         pngs[f"saliency_{i}.png"] = png
         figs.append(_img_tag(png, f"saliency map {i}"))
     sections.append(("What the model looked at", "<p>Occlusion saliency: red regions are those whose greying-out "
@@ -244,6 +234,22 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> 
     path = model_dir / REPORT_FILE
     atomic_write_text(path, _page(sections, model_dir.name))
     return path
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _dataset_section(metrics: RunMetrics | None, classes: list[str], backbone: str) -> str:
+    """Backbone, mode, images per split and per class, skipped files (what metrics.json has of them)."""
+    per_class = metrics.class_counts if metrics else {}
+    rows = [[html.escape(c)] + [str(per_class.get(split, {}).get(c, "")) for split in ("train", "validation", "test")]
+            for c in classes]
+    return (f"<p>Backbone <b>{html.escape(metrics.backbone if metrics else backbone)}</b>, "
+            f"mode <b>{html.escape(metrics.mode if metrics else '?')}</b>; images per split: "
+            + ", ".join(f"{k} {v}" for k, v in (metrics.num_images if metrics else {}).items()) + "</p>"
+            + _table(rows, ["class", "train", "validation", "test"])
+            + f"<p>Skipped files: {len(metrics.skipped_files) if metrics else 0}</p>")
 
 
 def _page(sections: list[tuple[str, str]], title: str) -> str:

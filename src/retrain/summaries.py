@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .metrics import RunMetrics
 
-def write_summaries(folder: str | Path, metrics: dict) -> Path:
+
+def write_summaries(folder: str | Path, metrics: RunMetrics) -> Path:
     """Write the head's per-step and fine-tuning's per-epoch history as TensorBoard event files."""
     from tensorboardX import SummaryWriter
 
     folder = Path(folder)
-    for run, history, key in (("head", metrics.get("head", {}).get("history", []), "step"),
-                              ("finetune", (metrics.get("finetune") or {}).get("history", []), "epoch")):
+    for run, history, key in (("head", metrics.head.history if metrics.head else [], "step"),
+                              ("finetune", metrics.finetune.history if metrics.finetune else [], "epoch")):
         if not history:
             continue
         with SummaryWriter(str(folder / run)) as writer:

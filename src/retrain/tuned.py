@@ -14,24 +14,16 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from .metrics import FinetuneRecord
+
 RECORD, ARRAYS, NETWORK = "record.json", "arrays.npz", "network.onnx"
-
-
-@dataclass(frozen=True)
-class TunedRecord:
-    """What metrics.json says of a fine-tuning run (FinetuneResult has the same fields, and the network)."""
-    history: list[dict]
-    best_epoch: int
-    device: str
-    train_size: int
-    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,7 +31,7 @@ class TunedRun:
     extractor: onnx.ModelProto | None  # uint8 image -> features through the tuned network; None: the head stayed
     layers: list[tuple[np.ndarray, np.ndarray]]
     x: dict[str, tuple[np.ndarray, np.ndarray]]  # validation and test features through it, with labels
-    record: TunedRecord
+    record: FinetuneRecord  # what metrics.json says of the run
 
 
 def identity_key(identity: dict) -> str:
@@ -64,7 +56,7 @@ def save_tuned(path: Path, run: TunedRun, identity: dict) -> None:
             arrays |= {f"x_{split}": x, f"y_{split}": y}
         np.savez(staging / ARRAYS, **arrays)
         record = {"identity": identity, "layers": len(run.layers), "splits": sorted(run.x),
-                  "network": run.extractor is not None, "run": run.record.__dict__}
+                  "network": run.extractor is not None, "run": asdict(run.record)}
         (staging / RECORD).write_text(json.dumps(record, default=str), encoding="utf-8")
         os.replace(staging, path)
     except OSError:  # a full or read-only cache, or another process stored the same run first: not needed
@@ -83,6 +75,6 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
             layers = [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(int(record["layers"]))]
             x = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in record["splits"]}
         network = onnx.load(str(path / NETWORK)) if record["network"] else None
-        return TunedRun(network, layers, x, TunedRecord(**record["run"]))
+        return TunedRun(network, layers, x, FinetuneRecord(**record["run"]))
     except (OSError, ValueError, KeyError, TypeError, DecodeError):  # missing, damaged or of an older layout
         return None

@@ -1,0 +1,281 @@
+"""What each command-line command does, once cli.py has parsed its arguments into values.
+
+One function per command: it calls the stages and applications that do the work and prints
+what the user reads. The heavy modules are imported inside the functions, so that parsing
+arguments (and `retrain --help`) loads neither ONNX Runtime nor PyTorch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ExportConfig, TrainConfig
+from .errors import UserError
+from .outputs import check_output_dir, check_output_file
+
+
+@dataclass
+class Afterwards:
+    """What `retrain train` and `retrain --image_dir` do with a trained model besides saving it."""
+    quiet: bool = False  # --quiet drops the narration, never the result lines
+    print_misclassified: bool = False
+    summaries_dir: str | None = None
+
+
+def positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"{name} must be positive (got {value})")
+
+
+def use_cache_dir(cache_dir: str | None) -> None:
+    """For commands that reach the cache only through defaults (the bundled ImageNet model, serve's training
+    runs): --cache_dir DIR means RETRAIN_CACHE=DIR for this process and the ones it starts."""
+    if cache_dir:
+        os.environ["RETRAIN_CACHE"] = cache_dir
+
+
+def _inputs(image_dir: str, config: TrainConfig) -> list[str | None]:
+    """The image folders a run reads: no output may be written inside them."""
+    return [image_dir, config.val_dir, config.test_dir]
+
+
+def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, afterwards: Afterwards) -> int:
+    """`retrain --image_dir`: train, then write the model and its labels where retrain.py did."""
+    from .pipeline import train
+
+    for flag, path in (("--output_graph", graph), ("--output_labels", labels)):  # a wrong path must not cost the run
+        check_output_file(path, flag, _inputs(image_dir, config))
+    model = train(image_dir, config, publish=_announced(lambda m: m.save_files(graph, labels), graph))
+    if model is None:  # a torchrun helper process: rank 0 writes the model
+        return 0
+    model.save_files(graph, labels)
+    _after_training(model, afterwards)
+    print(f"Saved the model to {graph} and its labels to {labels}", file=sys.stderr)
+    return 0
+
+
+def train_dir(image_dir: str, config: TrainConfig, output: str, overwrite: bool, afterwards: Afterwards) -> int:
+    """`retrain train`: train, then write a model directory."""
+    from .pipeline import train
+
+    check_output_dir(output, _inputs(image_dir, config), overwrite)  # before training, not after it
+    model = train(image_dir, config, publish=_announced(lambda m: m.save(output), output))
+    if model is None:  # a torchrun helper process: rank 0 writes the model
+        return 0
+    out = model.save(output)
+    _after_training(model, afterwards)
+    print(f"Saved model.onnx, labels.txt, metrics.json and report.html to {out}", file=sys.stderr)
+    return 0
+
+
+def _announced(save: Callable, where: str) -> Callable:
+    """The default run's first model (the head) saved the moment it exists, saying so."""
+    def publish(model) -> None:
+        save(model)
+        print(f"Saved a first model (the head on cached features) to {where}; fine-tuning now tries to beat it "
+              "and replaces it only if it does (Ctrl-C keeps the best model so far).", file=sys.stderr)
+    return publish
+
+
+def _after_training(model, afterwards: Afterwards) -> None:
+    if afterwards.quiet:  # quiet drops the narration, never the result
+        from .pipeline import result_lines
+
+        for line in result_lines(model.metrics):
+            print(line, file=sys.stderr)
+    if afterwards.print_misclassified:
+        print("=== MISCLASSIFIED TEST IMAGES ===")
+        for path, truth, predicted in model.misclassified:
+            print(f"{path:>70}  {truth} (predicted {predicted})")
+    if afterwards.summaries_dir:
+        from .summaries import write_summaries
+
+        print(f"TensorBoard summaries in {write_summaries(afterwards.summaries_dir, model.metrics)}", file=sys.stderr)
+
+
+def predict(model: str, images: list[str], *, labels: str | None, top_k: int, min_confidence: float | None,
+            output: str | None, as_json: bool, engine: str, ray_address: str | None) -> int:
+    """`retrain predict`: the top classes of each image, printed or streamed to a file; 1 if any was unreadable."""
+    from .engine import open_engine
+    from .prediction import load
+
+    positive("--top-k", top_k)
+    with open_engine(engine, ray_address) as runner:
+        clf = load(model, labels, runner)
+        if output:  # streamed: one row per image as it comes, folders walked lazily
+            from .prediction import predict_to_file
+
+            done = predict_to_file(clf, images, output, top_k, min_confidence, quiet=False)
+            print(f"Wrote {done.rows} predictions ({done.failures} unreadable) to {done.path}", file=sys.stderr)
+            return 1 if done.failures else 0
+        return _print_predictions(clf, images, top_k, min_confidence, as_json)
+
+
+def _print_predictions(clf, images: list[str], top_k: int, min_confidence: float | None, as_json: bool) -> int:
+    from .prediction import expand_images
+
+    paths = expand_images(images)
+    if not paths:
+        raise UserError("no images found in: " + ", ".join(images))
+    failures = 0
+    for pred in clf.predict_paths(paths, top_k, min_confidence=min_confidence):
+        failures += bool(pred.error)
+        if as_json:
+            print(json.dumps(pred.to_dict(), ensure_ascii=False))
+        elif pred.error:
+            print(f"{pred.path}: skipped: {pred.error}", file=sys.stderr)
+        else:
+            print(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""))
+            for label, score in pred.top:
+                print(f"  {label} {score:.5f}")
+    return 1 if failures else 0
+
+
+def evaluate(model: str, image_dir: str, as_json: bool) -> int:
+    """`retrain evaluate`: accuracy, per-class metrics and the confusion matrix, as a table or JSON."""
+    from .evaluation import evaluation_of_folder, format_metrics
+
+    evaluation = evaluation_of_folder(model, image_dir)
+    if as_json:
+        print(json.dumps(evaluation.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(format_metrics(evaluation.metrics))
+        if evaluation.skipped:
+            print(f"\nSkipped {len(evaluation.skipped)} unreadable file(s).")
+    return 0
+
+
+def report(model: str, image_dir: str | None) -> int:
+    from .report import write_report
+
+    print(write_report(model, image_dir))
+    return 0
+
+
+def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
+    """`retrain lr-find`: sweep the head's learning rate on the training features; plot it and suggest one."""
+    from .lrfind import lr_sweep, plot_sweep
+    from .pipeline import head_training_data
+
+    x, y, classes = head_training_data(image_dir, config)
+    sweep = lr_sweep(x, y, len(classes), config.head)
+    print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, Path(plot))})")
+    return 0
+
+
+def compare(image_dir: str, models: str | None, config: TrainConfig, output: str) -> int:
+    """`retrain compare`: train each model on the same split; the table on stdout, the files in `output`."""
+    from .compare import compare as compare_models
+    from .compare import comparison_table, default_models
+
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else default_models(image_dir)
+    runs = compare_models(image_dir, names, config, Path(output),
+                          lambda msg: None if config.quiet else print(msg, file=sys.stderr))
+    print(comparison_table(runs))
+    print(f"Models, compare.txt, compare.json and compare.png in {output}", file=sys.stderr)
+    return 0
+
+
+def import_idx(images: str, labels: str, output: str, class_names: str, limit_per_class: int | None) -> int:
+    from .datasets import idx_to_folders
+
+    n = idx_to_folders(images, labels, output, class_names=class_names, limit_per_class=limit_per_class)
+    print(f"Wrote {n} PNG images into class folders under {output}", file=sys.stderr)
+    return 0
+
+
+def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, max_upload_mb: int, max_queue: int,
+          max_batch: int) -> int:
+    from .serve import ServeConfig
+    from .serve import serve as serve_model
+
+    use_cache_dir(cache_dir)
+    for name, value in (("port", port), ("max_upload_mb", max_upload_mb), ("max_queue", max_queue),
+                        ("max_batch", max_batch)):
+        positive(f"--{name.replace('_', '-')}", value)
+    return serve_model(model, host, port, ServeConfig(max_upload_bytes=max_upload_mb << 20, max_queue=max_queue,
+                                                      max_batch=max_batch))
+
+
+def doctor(image_dir: str, *, backbone: str, cache_dir: str | None, workers: int, quiet: bool, as_json: bool) -> int:
+    from .doctor import diagnose, format_text
+
+    positive("--workers", workers)
+    found = diagnose(image_dir, backbone=backbone, cache_dir=cache_dir, workers=workers, quiet=quiet)
+    print(json.dumps(found.to_dict(), indent=2, ensure_ascii=False) if as_json else format_text(found))
+    return 0
+
+
+def export(model: str, output: str, config: ExportConfig) -> int:
+    from .export import export as export_model
+
+    positive("--calibration_images", config.calibration_images)
+    if config.tolerance < 0:
+        raise UserError(f"--tolerance is in accuracy points, 0 or more (got {config.tolerance})")
+    written = export_model(model, output, config)
+    print(f"Wrote {', '.join(written['files'])}, labels.txt and export.json to {output}", file=sys.stderr)
+    return 0
+
+
+def label_image(image: str, graph: str | None, labels: str | None, top_k: int, min_confidence: float | None,
+                cache_dir: str | None, compat: dict[str, Any]) -> int:
+    """`label_image`: top-k `label score` lines, best first; `unknown` first below the confidence threshold."""
+    from .prediction import load, model_file
+
+    positive("--top_k", top_k)
+    use_cache_dir(cache_dir)
+    if graph:
+        clf = load(onnx_beside(model_file(graph)), labels)
+    else:
+        from .files import default_cache_dir
+        from .imagenet import imagenet_model_path
+
+        clf = load(imagenet_model_path(default_cache_dir()), labels)
+    for note in compatibility_notes(compat, clf):
+        print(f"Note: {note}", file=sys.stderr)
+    path = Path(image)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    pred = next(clf.predict_paths([path], top_k, min_confidence=min_confidence))
+    if pred.error:
+        raise UserError(f"cannot classify {path}: {pred.error}")
+    if pred.unknown:
+        threshold = clf.unknown_threshold if min_confidence is None else min_confidence
+        print(f"unknown {1 - pred.top[0][1]:.6f}")
+        print(f"Note: the top probability {pred.top[0][1]:.3f} is below the confidence threshold "
+              f"{threshold:.3f}: probably none of these classes", file=sys.stderr)
+    for label, score in pred.top:
+        print(f"{label} {score:.6f}")
+    return 0
+
+
+def onnx_beside(graph: Path) -> Path:
+    """retrain.py wrote output_graph.pb; a handout's .pb path that does not exist means the .onnx beside it."""
+    onnx_file = graph.with_suffix(".onnx")
+    if graph.suffix == ".pb" and not graph.exists() and onnx_file.is_file():
+        print(f"Note: {graph} does not exist; using {onnx_file} (retrain writes ONNX models)", file=sys.stderr)
+        return onnx_file
+    return graph
+
+
+def compatibility_notes(given: dict[str, Any], clf) -> list[str]:
+    """What label_image.py's tensor and preprocessing flags (`given`: {name: value or None}) mean for an ONNX
+    model that preprocesses itself."""
+    prep, notes = clf.prep, []
+    inputs = [i.name for i in clf.session.get_inputs()]
+    outputs = [o.name for o in clf.session.get_outputs()]
+    if given.get("input_layer") and given["input_layer"] not in inputs:
+        notes.append(f"--input_layer={given['input_layer']} ignored: the model's input is '{inputs[0]}'")
+    if given.get("output_layer") and given["output_layer"] not in outputs:
+        notes.append(f"--output_layer={given['output_layer']} ignored: the model's output is '{outputs[0]}'")
+    for flag, actual in (("input_height", prep.size), ("input_width", prep.size), ("input_mean", prep.mean),
+                         ("input_std", prep.std)):
+        value = given.get(flag)
+        if value is not None and value != actual:
+            notes.append(f"--{flag}={value:g} ignored: the model resizes to {prep.size}x{prep.size} and normalises "
+                         f"as (pixel - {prep.mean:g}) / {prep.std:g} itself, as it was trained")
+    return notes

@@ -1,0 +1,26 @@
+"""lr-find: the learning-rate sweep on features, its plot, and the command on a generated folder."""
+from __future__ import annotations
+
+import numpy as np
+
+from retrain.cli import retrain_main
+from retrain.head import HeadConfig
+from retrain.lrfind import lr_sweep, plot_sweep
+
+from test_head import _blobs
+
+
+def test_lr_sweep_suggests_a_rate_where_the_loss_falls(tmp_path):
+    x, y = _blobs(n=400, d=50, seed=2, spread=1.0)
+    sweep = lr_sweep(x, y, 3, HeadConfig(), steps=150)
+    assert 1e-5 <= sweep.suggestion <= 1.0
+    assert sweep.losses[-1] > sweep.losses.min() or len(sweep.losses) == 150
+    at = int(np.searchsorted(sweep.rates, sweep.suggestion))
+    assert sweep.losses[min(at + 10, len(sweep.losses) - 1)] < sweep.losses[max(at - 10, 0)]  # falling there
+    assert plot_sweep(sweep, tmp_path / "lr.png").stat().st_size > 5000
+
+
+def test_lr_find_command(shapes_data, cache_dir, tmp_path, capsys):
+    assert retrain_main(["lr-find", str(shapes_data), "--plot", str(tmp_path / "lr.png"), "--quiet",
+                         "--cache_dir", str(cache_dir)]) == 0
+    assert "Suggested --learning_rate" in capsys.readouterr().out and (tmp_path / "lr.png").exists()
