@@ -368,6 +368,14 @@ def test_cancelled_training_says_so(client):
 
 # ---------------------------------------------------------------- the command
 
+def test_serve_command_refuses_a_workspace_it_cannot_make(model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "file"))
+    assert retrain_main(["serve", str(model_dir), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use {tmp_path / 'file'}/retrain/workspace as the workspace" in err and "Traceback" not in err
+
+
 def test_serve_command_refuses_a_missing_model(tmp_path, capsys):
     assert retrain_main(["serve", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err

@@ -61,7 +61,9 @@ def test_class_names_are_unique_ignoring_case_and_long_ones_are_refused_with_the
 def test_photos_are_listed_shown_moved_deleted_and_undone(client):
     circles = add_photos(client, "circles", "circles", 3)
     add_photos(client, "squares", "squares", 2, seed=10)
-    assert photos_of(client, "circles") == circles  # in the order they were added
+    later = add_photos(client, "circles", "circles", 1, seed=20)
+    assert sorted(photos_of(client, "circles")[:3]) == sorted(circles) and photos_of(client, "circles")[3:] == later
+    client.delete(f"/classes/circles/photos/{later[0]}")
     r = client.get(f"/photos/{circles[0]}")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == image_bytes("circles", seed=0, size=64)
@@ -90,6 +92,17 @@ def test_deleting_a_class_keeps_it_in_the_trash_until_undone(client, workspace):
     client.post(f"/undo/{r.json()['undo']}")
     assert client.get("/classes").json()["classes"] == [{"name": "bees", "images": 4}]
     assert sorted(photos_of(client, "bees")) == sorted(photos)
+
+
+def test_a_photo_the_served_model_puts_in_another_class_is_questioned(client):
+    add_photos(client, "stripes", "stripes", 2)  # the served model was trained on circles, squares, stripes
+    r = client.post("/classes/stripes/images", files=upload(("ant.png", image_bytes("circles", seed=3))))
+    doubt = r.json()["doubts"]
+    assert len(doubt) == 1 and doubt[0].startswith("ant.png looks like 'circles' (")
+    assert r.json()["images"] == 3  # added all the same: the person decides
+    client.post("/classes", json={"name": "other"})  # a class the model does not know: no opinion
+    r = client.post("/classes/other/images", files=upload(("ant2.png", image_bytes("circles", seed=4))))
+    assert r.json()["doubts"] == []
 
 
 def test_the_same_photo_in_another_class_is_refused_naming_that_class(client):

@@ -77,7 +77,9 @@ class ModelStore:
     def listing(self) -> dict:
         models = [self.describe(i) for i in self.ids()]
         if self.startup:
-            models.append({"id": STARTUP, "active": self.active == STARTUP, "name": self.startup.path.parent.name,
+            path = self.startup.path  # a model folder's name, or the .onnx file's (the bundled ImageNet one)
+            name = path.parent.name if path.name == MODEL_FILE else path.stem
+            models.append({"id": STARTUP, "active": self.active == STARTUP, "name": name,
                            "classes": self.startup.labels[:12], "num_classes": len(self.startup.labels)})
         return {"active": self.active, "labels": len(self.clf.labels), "models": models}
 

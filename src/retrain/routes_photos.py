@@ -3,17 +3,35 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
+from .prediction import Classifier
 from .trainjob import QUALITIES, estimate_seconds
 from .uploads import MULTIPART_BODY, read_uploads
 from .webconfig import ApiError
-from .webstate import state
+from .webstate import State, state
 
 MEDIA_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".bmp": "image/bmp",
                ".tif": "image/tiff", ".webp": "image/webp"}
+
+
+DOUBT = 0.8  # the served model's probability for another class at which an added photo is questioned
+
+
+async def doubts(s: State, clf: Classifier, name: str, added: list[dict]) -> list[str]:
+    """Added photos that the served model, trained on this class, confidently puts in another class."""
+    if not added or name not in clf.labels:
+        return []
+    probs = await s.batcher.classify(clf, np.stack([o["image"] for o in added]))
+    found = []
+    for outcome, p in zip(added, probs):
+        top = int(p.argmax())
+        if clf.labels[top] != name and p[top] >= DOUBT:
+            found.append(f"{outcome['file']} looks like '{clf.labels[top]}' ({100 * p[top]:.0f}%) to the served model")
+    return found
 
 
 class NewClass(BaseModel):
@@ -48,12 +66,14 @@ def add_photo_routes(app: FastAPI) -> None:
         s = state(request)
         folder = s.workspace.folder(name)
         uploads = await read_uploads(request, s.config.max_files)
-        prep = s.models.clf.prep
-        outcomes = await asyncio.gather(*(s.in_threads(s.workspace.add, folder, n, data, prep) for n, data in uploads))
+        clf = s.models.clf
+        outcomes = await asyncio.gather(*(s.in_threads(s.workspace.add, folder, n, data, clf.prep)
+                                          for n, data in uploads))
         rejected = [{"file": o["file"], "error": o["error"]} for o in outcomes if o["status"] == "rejected"]
         if len(rejected) == len(uploads):
             raise ApiError(422, "; ".join(r["error"] for r in rejected))
-        return {"added": [o["photo"] for o in outcomes if o["status"] == "added"],
+        added = [o for o in outcomes if o["status"] == "added"]
+        return {"added": [o["photo"] for o in added], "doubts": await doubts(s, clf, folder.name, added),
                 "duplicates": [o["file"] for o in outcomes if o["status"] == "duplicate"],
                 "rejected": rejected, "images": len(s.workspace.photos(folder.name))}
 

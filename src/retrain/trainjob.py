@@ -25,6 +25,7 @@ ACCURATE_BUDGET_SECONDS = AUTO_BUDGET_SECONDS
 FINDINGS_FILE = "doctor.json"
 SECONDS_PER_NEW_IMAGE = 0.05  # Lite0 features on a CPU core, decoding included; cached images cost ~0
 STARTUP_SECONDS = 8.0  # the worker's imports, the scan, calibration and the report
+FINETUNE_STARTUP_SECONDS = 20.0  # importing PyTorch, building the network, exporting it to ONNX
 
 
 def train_config(quality: str, cache_dir: str | None) -> TrainConfig:
@@ -41,7 +42,7 @@ def estimate_seconds(quality: str, images: int) -> float:
     if quality == "fast":
         return fast
     epochs = train_config(quality, None).finetune.epochs
-    return min(fast + epochs * images * 0.8 / CPU_IMAGES_PER_SECOND, fast + ACCURATE_BUDGET_SECONDS)
+    return fast + min(FINETUNE_STARTUP_SECONDS + epochs * images / CPU_IMAGES_PER_SECOND, ACCURATE_BUDGET_SECONDS)
 
 
 def result_of(metrics: dict) -> dict:

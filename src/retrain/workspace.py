@@ -19,6 +19,7 @@ import unicodedata
 import uuid
 from pathlib import Path
 
+from .errors import UserError
 from .files import atomic_write_bytes
 from .scan import SPLIT_DIR_NAMES, is_hidden
 from .uploads import EXTENSIONS, check_image
@@ -58,8 +59,11 @@ class Workspace:
     def __init__(self, root: Path, config: ServeConfig):
         self.root, self.config = root, config
         self.data, self.trash = root / "data", root / "trash"
-        for folder in (self.data, self.trash, root / "models", root / "jobs"):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (self.data, self.trash, root / "models", root / "jobs"):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot use {root} as the workspace: {e.strerror or e} (choose another folder)") from None
         self.lock = threading.RLock()  # uploads are checked and written in decode threads
         self.writing: set[Path] = set()  # photos being written, so a second copy of one is a duplicate
         self.used_bytes = sum(f.stat().st_size for f in self.data.rglob("*") if f.is_file())
@@ -112,9 +116,9 @@ class Workspace:
         return self.data / where / photo
 
     def add(self, folder: Path, name: str, data: bytes, prep) -> dict:
-        """Check and store one photo under a server-chosen name: {"file", "status", "error"?}."""
+        """Check and store one photo under a server-chosen name: {"file", "status", "error"?, "image"?}."""
         try:
-            ext, _ = check_image(name, data, prep)
+            ext, image = check_image(name, data, prep)
         except ApiError as e:
             return {"file": name, "status": "rejected", "error": e.message}
         photo = hashlib.sha256(data).hexdigest()[:32] + ext
@@ -135,7 +139,7 @@ class Workspace:
         finally:
             with self.lock:
                 self.writing.discard(folder / photo)
-        return {"file": name, "status": "added", "photo": photo}
+        return {"file": name, "status": "added", "photo": photo, "image": image}
 
     def move(self, name: str, photo: str, to: str) -> str:
         """Move a photo to another class; returns the class it is in now."""

@@ -60,7 +60,7 @@ function classCard(name) {
 }
 
 async function upload(card, files) {
-  const problems = [], duplicates = [];
+  const problems = [], duplicates = [], doubts = [];
   let added = 0;
   for (let i = 0; i < files.length; i += UPLOAD_CHUNK) {
     const form = new FormData();
@@ -69,6 +69,7 @@ async function upload(card, files) {
       const reply = await api(`${classUrl(card.dataset.class)}/images`, {method: "POST", body: form});
       added += reply.added.length;
       duplicates.push(...reply.duplicates);
+      doubts.push(...reply.doubts);
       problems.push(...reply.rejected.map(r => r.error));
     } catch (e) {
       problems.push(e.message);
@@ -76,6 +77,7 @@ async function upload(card, files) {
   }
   const note = [`${added} photo${added === 1 ? "" : "s"} added`];
   if (duplicates.length) note.push(`${duplicates.length} already in this class: ${duplicates.join(", ")}`);
+  if (doubts.length) note.push(`check: ${doubts.join(", ")}`);
   card.querySelector(".note").textContent = note.join("; ");
   showError(card.querySelector(".error"), problems.length ? problems.join("; ") : null);
   changed("classes");
