@@ -85,6 +85,34 @@ def test_the_whole_flow_collect_train_try_understand_fix_retrain_reload(context,
     assert flow.download() == ["labels.txt", "metrics.json", "model.onnx", "report.html"]
 
 
+def test_try_photos_show_in_order_unreadable_ones_without_an_image_and_pasted_ones_too(context, server, tmp_path):
+    page = context.new_page()
+    page.goto(server + "/")
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('3 classes')")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    circle, = shape_photos(tmp_path, "circles", 1, seed=5)
+    stripes, = shape_photos(tmp_path, "stripes", 1, seed=6)
+    page.set_input_files("#files", [circle, str(broken), stripes])
+    page.wait_for_function("() => document.querySelectorAll('#results .predictions, #results .error').length === 3")
+    cards = page.query_selector_all("#results .card")
+    assert [c.query_selector(".name").inner_text() for c in cards] == ["circles_5_0.png", "broken.png", "stripes_6_0.png"]
+    assert [c.get_attribute("data-top") for c in cards] == ["circles", None, "stripes"]
+    assert cards[1].query_selector("img") is None and "not a JPEG" in cards[1].inner_text()  # no broken image
+    page.evaluate("""() => {
+        const canvas = document.createElement("canvas");
+        canvas.width = canvas.height = 64;
+        canvas.getContext("2d").fillRect(0, 0, 64, 64);
+        canvas.toBlob(blob => {
+            const data = new DataTransfer();
+            data.items.add(new File([blob], "pasted.png", {type: "image/png"}));
+            document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data}));
+        });
+    }""")
+    page.wait_for_selector("#results .card:nth-child(4)[data-top]")
+    assert page.inner_text("#results .card:nth-child(4) .name") == "pasted.png"
+
+
 def test_a_second_tab_follows_and_cancels_a_run(context, server, tmp_path):
     first, second = context.new_page(), context.new_page()
     first.goto(server + "/")

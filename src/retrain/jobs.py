@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
 from .trainjob import QUALITIES
 from .webconfig import ApiError
 from .workspace import Workspace
@@ -123,8 +124,8 @@ class Trainer:
         if status == "done":
             try:
                 self.finished(job, job.folder / "model")
-            except OSError as e:  # e.g. the disk filled up: the run failed, the server goes on
-                status, job.error = "failed", f"cannot keep the model: {e.strerror or e}"
+            except (OSError, UserError) as e:  # a full disk, an unloadable model: the run failed, the server goes on
+                status, job.error = "failed", f"cannot keep the model: {getattr(e, 'strerror', None) or e}"
         if status == "failed" and not job.error:
             job.error = self._last_words(job, code)
         with job.lock:
