@@ -151,6 +151,7 @@ def test_models_switch_without_a_restart_and_show_their_report(client, model_dir
     listing = client.get("/models").json()
     assert listing["active"] == model and [m["id"] for m in listing["models"]] == [model, "startup"]
     assert listing["models"][0]["per_class"]["circles"]["support"] > 0
+    assert listing["models"][1]["name"] == model_dir.name  # the model the server started with, by its folder
     r = client.put("/model", json={"model": "startup"})
     assert r.status_code == 200 and r.json()["active"] == "startup"
     assert client.get("/labels").json()["model"] == "startup"

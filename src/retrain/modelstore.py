@@ -32,15 +32,21 @@ def _photo(path: str) -> str:
     return Path(path.replace("\\", "/")).name
 
 
+def _name(path: Path) -> str:
+    """A model's folder name, or its .onnx file's."""
+    return path.parent.name if path.name == MODEL_FILE else path.stem
+
+
 class ModelStore:
     def __init__(self, root: Path, startup: Classifier | None, kept: int, fallback: Callable[[], Classifier]):
         """startup: the model asked for; None serves the workspace's last model, else `fallback()`."""
         self.root, self.kept, self.lock = root, kept, threading.Lock()
         active = self._saved_active()
         if startup is None and active:
-            self.startup, self.active, self.clf = None, active, load(self.folder(active))
+            self.startup, self.startup_name, self.active, self.clf = None, None, active, load(self.folder(active))
         else:
             self.startup = startup or fallback()
+            self.startup_name = "the bundled ImageNet classifier" if startup is None else _name(startup.path)
             self.active, self.clf = STARTUP, self.startup
 
     def _saved_active(self) -> str | None:
@@ -77,9 +83,7 @@ class ModelStore:
     def listing(self) -> dict:
         models = [self.describe(i) for i in self.ids()]
         if self.startup:
-            path = self.startup.path  # a model folder's name, or the .onnx file's (the bundled ImageNet one)
-            name = path.parent.name if path.name == MODEL_FILE else path.stem
-            models.append({"id": STARTUP, "active": self.active == STARTUP, "name": name,
+            models.append({"id": STARTUP, "active": self.active == STARTUP, "name": self.startup_name,
                            "classes": self.startup.labels[:12], "num_classes": len(self.startup.labels)})
         return {"active": self.active, "labels": len(self.clf.labels), "models": models}
 
