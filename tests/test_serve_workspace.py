@@ -9,6 +9,7 @@ import zipfile
 import pytest
 from fastapi.testclient import TestClient
 
+from retrain.errors import UserError
 from retrain.serve import ServeConfig, create_app
 
 import test_serve
@@ -162,6 +163,17 @@ def test_models_switch_without_a_restart_and_show_their_report(client, model_dir
     with zipfile.ZipFile(io.BytesIO(client.get(f"/models/{model}/model.zip").content)) as z:
         assert "report.html" in z.namelist()
     assert client.get(f"/models/{model}/findings").json()["notes"] == ["doctor's checks did not run for this model"]
+
+
+def test_one_server_per_workspace_and_a_stopped_one_leaves_no_run_behind(classifier, workspace):
+    (workspace / "jobs" / "0123456789ab" / "data").mkdir(parents=True)  # as a server killed mid-run leaves it
+    with open_client(classifier, workspace):
+        assert not list((workspace / "jobs").iterdir())
+        with pytest.raises(UserError, match="in use by another `retrain serve`"):
+            with open_client(classifier, workspace):
+                pass
+    with open_client(classifier, workspace) as c:  # free again once the first has stopped
+        assert c.get("/healthz").status_code == 200
 
 
 def test_everything_is_still_there_after_a_restart(classifier, model_dir, workspace):

@@ -97,7 +97,7 @@ def serve(model: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 
     clf = load(model) if model else None
     config = config or ServeConfig()
     check_port_free(host, port)
-    Workspace(config.workspace_dir(), config)  # a workspace that cannot be made: one line now, not a traceback later
+    Workspace(config.workspace_dir(), config).close()  # a workspace unusable or in use: one line now, not a traceback
     if not is_loopback(host):
         config.allowed_hosts = None
         print(f"Warning: listening on {host}: anyone who can reach this machine can classify and train.",

@@ -31,6 +31,7 @@ class State:
         self.trainer.stop_all()
         self.decoder.shutdown(wait=True)
         self.batcher.runner.shutdown(wait=True)
+        self.workspace.close()
 
     async def in_threads(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)

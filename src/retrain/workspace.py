@@ -19,6 +19,8 @@ import unicodedata
 import uuid
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from .errors import UserError
 from .files import atomic_write_bytes
 from .scan import SPLIT_DIR_NAMES, is_hidden
@@ -64,9 +66,21 @@ class Workspace:
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot use {root} as the workspace: {e.strerror or e} (choose another folder)") from None
+        # One server per workspace: two would delete each other's runs and race on the same photos.
+        self.holder = FileLock(root / ".serve.lock", timeout=0, thread_local=False)
+        try:
+            self.holder.acquire()
+        except Timeout:
+            raise UserError(f"the workspace {root} is in use by another `retrain serve`: stop that one, or "
+                            "choose another workspace") from None
+        for stale in (root / "jobs").iterdir():  # runs a stopped server left behind; this one has none yet
+            shutil.rmtree(stale, ignore_errors=True)
         self.lock = threading.RLock()  # uploads are checked and written in decode threads
         self.writing: set[Path] = set()  # photos being written, so a second copy of one is a duplicate
         self.used_bytes = sum(f.stat().st_size for f in self.data.rglob("*") if f.is_file())
+
+    def close(self) -> None:
+        self.holder.release()
 
     # ---------------------------------------------------------------- classes
 
