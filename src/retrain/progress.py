@@ -3,8 +3,7 @@
 A bar redrawn with carriage returns turns a log file into fragments (`retrain train > log 2>&1`
 gave a "Training head: 26%" between every line and a bar glued to the final result), so bars
 are drawn only when stderr is a terminal. Elsewhere a stage says "Extracting features: 450/1877
-img (24%)" at most every LINE_SECONDS, which a person can read and a program (the web app's
-training page) can parse. RETRAIN_PROGRESS=bars|lines overrides the choice,
+img (24%)" at most every LINE_SECONDS. RETRAIN_PROGRESS=bars|lines overrides the choice,
 RETRAIN_PROGRESS_SECONDS the interval.
 
 A program in the same process (the web app's training worker) gets the same news as plain data
@@ -14,7 +13,6 @@ advances and {"type": "log", "message"} for each `say`, never by reading the tex
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +24,6 @@ from tqdm import tqdm
 LINE_SECONDS = 10.0
 EVENT_SECONDS = 0.25  # progress events at most this often per stage (and at its last step)
 _subscribers: list[Callable[[dict], None]] = []
-LINE = re.compile(r"^(?P<stage>[^:]+): (?P<done>\d+)/(?P<total>\d+|\?) ")  # what a plain progress line looks like
 
 
 def _seconds(text: str) -> float:
