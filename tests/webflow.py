@@ -99,6 +99,8 @@ class Flow:
         self.page.check("input[name=quality][value=fast]")
         self.page.click("#train")
         self.page.wait_for_selector("#cancel:not([hidden])")
+        self.page.wait_for_function("() => document.getElementById('log').textContent.includes('Per class') || "
+                                    "document.getElementById('job-status').textContent !== 'Training:'")
         self.shot(step, True)
         self.page.wait_for_function("() => document.getElementById('job-status').textContent === 'Done.'",
                                     timeout=TRAIN_TIMEOUT_MS)
