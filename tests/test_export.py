@@ -89,7 +89,7 @@ def test_predict_label_image_evaluate_and_serve_take_the_int8_model(model_dir, e
     truth = np.mean([fp32[str(p)] == p.stem.split("_")[0] for p in photos])
     assert retrain.evaluate(exported, data, quiet=True)["accuracy"] == pytest.approx(truth)
 
-    with TestClient(create_app(load(exported), ServeConfig(workspace_parent=str(tmp_path))),
+    with TestClient(create_app(load(exported), ServeConfig(workspace=str(tmp_path / "workspace"))),
                     base_url="http://127.0.0.1") as client:
         reply = client.post("/predict", files=[("files", ("a.png", photos[1].read_bytes(), "image/png"))])
     assert reply.status_code == 200

@@ -480,7 +480,7 @@ def live_server(model_dir: Path, tmp_path: Path, **limits):
     """A real uvicorn server (in a thread) with the protocol and middleware `retrain serve` uses."""
     import uvicorn
 
-    config = ServeConfig(workspace_parent=str(tmp_path), **limits)
+    config = ServeConfig(workspace=str(tmp_path / "workspace"), **limits)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(
         create_app(load(model_dir), config), host="127.0.0.1", port=port, access_log=False, log_config=None,

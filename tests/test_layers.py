@@ -20,7 +20,9 @@ LAYERS = [
     ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "metrics",
                 "report", "summaries", "imagenet", "lrfind", "checks", "export", "datasets", "tuned"}),
     ("pipeline", {"api", "pipeline", "plan"}),
-    ("applications", {"doctor", "compare", "serve", "commands", "cli", "__main__", "__init__"}),
+    ("applications", {"doctor", "compare", "serve", "commands", "cli", "__main__", "__init__", "webconfig", "httpguard",
+                      "uploads", "batching", "workspace", "trainjob", "jobs", "modelstore", "webstate", "routes_predict",
+                      "routes_photos", "routes_training"}),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 

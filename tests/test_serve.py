@@ -1,4 +1,7 @@
-"""`retrain serve`: the HTTP API, its limits, hostile requests, training in the background, SIGTERM."""
+"""`retrain serve`: the HTTP API, its limits, hostile requests, training in the background, SIGTERM.
+
+The workspace's own routes (photos, undo, models, persistence) are in test_serve_workspace.py.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +27,11 @@ from retrain.api import TrainConfig
 from retrain.cli import retrain_main
 from retrain.head import HeadConfig
 from retrain.prediction import load
-from retrain.serve import STATIC, ApiError, Batcher, Job, ServeConfig, create_app
+from retrain.batching import Batcher
+from retrain.jobs import Job
+from retrain.serve import STATIC, ServeConfig, create_app
+from retrain.trainjob import run as run_worker
+from retrain.webconfig import ApiError
 
 from conftest import draw_shape, make_dataset
 from test_decode import png_claiming
@@ -47,7 +54,7 @@ def classifier(model_dir):
 
 @pytest.fixture
 def serve_config(tmp_path) -> ServeConfig:
-    return ServeConfig(workspace_parent=str(tmp_path), max_upload_bytes=4 << 20)
+    return ServeConfig(workspace=str(tmp_path / "workspace"), max_upload_bytes=4 << 20)
 
 
 @pytest.fixture
@@ -95,7 +102,7 @@ def test_predict_several_images_in_order_with_top_k(client):
 
 
 def test_labels_health_metrics_and_openapi(client, classifier):
-    assert client.get("/labels").json() == {"labels": classifier.labels}
+    assert client.get("/labels").json() == {"labels": classifier.labels, "model": "startup"}
     assert client.get("/healthz").json()["status"] == "ok"
     predict_ok(client)
     client.post("/predict", content=b"{}", headers={"content-type": "application/json"})
@@ -105,7 +112,8 @@ def test_labels_health_metrics_and_openapi(client, classifier):
     assert m["predict"]["images"] == 1 and m["predict"]["in_flight"] == 0
     spec = client.get("/openapi.json").json()
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
-    assert {"/labels", "/healthz", "/metrics", "/classes", "/jobs"} <= set(spec["paths"])
+    assert {"/labels", "/healthz", "/metrics", "/classes", "/jobs", "/models", "/model", "/undo/{token}",
+            "/photos/{photo}", "/models/{model_id}/report.html"} <= set(spec["paths"])
 
 
 def test_pages_are_served_and_load_nothing_from_the_internet(client):
@@ -209,11 +217,11 @@ class FakeModel:
 
 def _run_requests(model: FakeModel, max_batch: int, sizes: list[int]) -> list[np.ndarray]:
     async def main():
-        batcher = Batcher(model, max_batch)
+        batcher = Batcher(max_batch)
         runner = asyncio.create_task(batcher.run())
         requests = [np.full((n, 2, 2, 3), i, np.uint8) for i, n in enumerate(sizes)]
         try:
-            return await asyncio.gather(*(batcher.classify(r) for r in requests), return_exceptions=True)
+            return await asyncio.gather(*(batcher.classify(model, r) for r in requests), return_exceptions=True)
         finally:
             runner.cancel()
             batcher.runner.shutdown()
@@ -238,17 +246,17 @@ def test_batcher_failure_fails_those_requests_only():
 # ---------------------------------------------------------------- training through the API
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "..", ".hidden", "train", "Validation", "a/b", "a\\b",
-                                  "", " ", "x" * 65, "two\nlines", "_under", "nul\x00"])
+                                  "", " ", "two\nlines", "_under", "nul\x00"])
 def test_bad_class_names_are_refused(client, name):
     r = client.post("/classes", json={"name": name})
     assert r.status_code == 400 and "invalid class name" in r.json()["error"]
-    assert client.get("/classes").json() == {"classes": []}
+    assert client.get("/classes").json()["classes"] == []
 
 
 @pytest.mark.parametrize("name", ["daisy", "Golden retriever", "café", "R2-D2", "v1.5"])
 def test_good_class_names_are_kept(client, name):
     assert client.post("/classes", json={"name": name}).status_code == 201
-    assert client.get("/classes").json() == {"classes": [{"name": name, "images": 0}]}
+    assert client.get("/classes").json()["classes"] == [{"name": name, "images": 0}]
 
 
 def test_uploads_go_under_server_chosen_names_in_the_workspace(client, tmp_path):
@@ -259,10 +267,11 @@ def test_uploads_go_under_server_chosen_names_in_the_workspace(client, tmp_path)
     r = client.post("/classes/circles/images", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["accepted"] == 2 and body["images"] == 1  # the same photo twice is stored once
+    assert len(body["added"]) == 1 and body["images"] == 1  # the same photo twice is stored once, and said so
+    assert len(body["duplicates"]) == 1 and body["duplicates"][0] in ("evil.png", "again.png")  # the later one
     assert [x["file"] for x in body["rejected"]] == ["junk.png", "zero.png"]
     root = client.app.state.serve.workspace.root
-    stored = [p for p in root.rglob("*") if p.is_file()]
+    stored = [p for p in root.rglob("*") if p.is_file() and p.name != ".serve.lock"]
     assert len(stored) == 1 and stored[0].parent == root / "data" / "circles"
     assert stored[0].suffix == ".png" and len(stored[0].stem) == 32
     assert not list(tmp_path.rglob("evil*"))
@@ -274,11 +283,12 @@ def test_uploads_go_under_server_chosen_names_in_the_workspace(client, tmp_path)
 
 def test_training_needs_two_classes_with_photos(client):
     client.post("/classes", json={"name": "only"})
-    r = client.post("/jobs", json={"steps": 10})
+    r = client.post("/jobs", json={"quality": "fast"})
     assert r.status_code == 400 and "two classes" in r.json()["error"]
-    assert client.post("/jobs", json={"steps": -1}).status_code == 422
+    r = client.post("/jobs", json={"quality": "best"})
+    assert r.status_code == 422 and "fast or accurate" in r.json()["error"]
     assert client.get("/jobs/../../etc").status_code == 404
-    assert client.get("/jobs/abc/model.zip").status_code == 404
+    assert client.get("/models/abc/model.zip").status_code == 404
 
 
 def wait_for_job(client, job_id: str, timeout: float = 120) -> dict:
@@ -296,46 +306,75 @@ def test_train_in_background_while_serving_then_download(client, tmp_path):
         client.post("/classes", json={"name": kind})
         files = upload(*((f"{i}.png", image_bytes(kind, seed=100 + i, size=96)) for i in range(8)))
         assert client.post(f"/classes/{kind}/images", files=files).json()["images"] == 8
-    job = client.post("/jobs", json={"steps": 40}).json()
+    job = client.post("/jobs", json={"quality": "fast"}).json()
     assert job["status"] == "running"
-    assert client.post("/jobs", json={"steps": 40}).status_code == 409
+    r = client.post("/jobs", json={"quality": "fast"})
+    assert r.status_code == 409 and job["id"] in r.json()["error"]  # one run at a time, and which one
     start = time.perf_counter()
     predict_ok(client)  # predictions go on while the training subprocess runs
     assert time.perf_counter() - start < 5
-    assert client.get(f"/jobs/{job['id']}/model.zip").status_code == 409
+    assert client.get(f"/models/{job['id']}/model.zip").status_code == 404
     job = wait_for_job(client, job["id"])
     assert job["status"] == "done", job
-    assert job["result"]["classes"] == ["circles", "stripes"] and job["log"]
+    assert job["result"]["classes"] == ["circles", "stripes"] and job["progress"] == 1.0
+    assert any(line.startswith("Found 16 images in 2 classes; split") for line in job["log"])  # the whole log
+    assert not any("/tmp" in line or "Saved" in line for line in job["log"])
+    # The new model is served at once, without a restart.
+    assert client.get("/labels").json() == {"labels": ["circles", "stripes"], "model": job["id"]}
+    assert predict_ok(client, "stripes")["results"][0]["predictions"][0]["label"] == "stripes"
 
     r = client.get(job["download"])
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(r.content)) as z:
-        assert sorted(z.namelist()) == ["labels.txt", "metrics.json", "model.onnx"]
+        assert sorted(z.namelist()) == ["labels.txt", "metrics.json", "model.onnx", "report.html"]
+        assert "Confusion matrix" in z.read("report.html").decode()
         z.extractall(tmp_path / "downloaded")
     assert load(tmp_path / "downloaded").labels == ["circles", "stripes"]
 
 
-def test_training_progress_is_read_from_the_run_output(tmp_path):
-    job = Job("j", tmp_path, steps=10)
-    job.read_line("Extracting features (lite0): 8/16 img (50%)")  # progress.Lines, as a piped run prints it
-    job.read_line("Found 16 images in 2 classes")
-    job.read_line("retrain: error: no usable training images left for class(es): cats")
+def test_training_state_is_folded_from_the_worker_events(tmp_path):
+    job = Job("j", tmp_path, "fast")
+    job.read_event({"type": "progress", "stage": "Extracting features (lite0)", "done": 8, "total": 16, "unit": "img"})
+    job.read_event({"type": "log", "message": "Found 16 images in 2 classes"})
+    job.read_event({"type": "error", "message": "no usable training images left for class(es): cats"})
     state = job.to_dict()
     assert state["stage"] == "Extracting features (lite0)" and state["progress"] == 0.5
     assert state["log"] == ["Found 16 images in 2 classes"]
     assert state["error"].startswith("no usable training images")
 
 
+def test_the_worker_reports_a_user_error_as_an_error_event(tmp_path, cache_dir):
+    for kind in ("cats", "dogs"):
+        (tmp_path / "data" / kind).mkdir(parents=True)
+        (tmp_path / "data" / kind / "a.png").write_bytes(b"not an image at all")
+    events = []
+    spec = {"data": str(tmp_path / "data"), "output": str(tmp_path / "model"), "quality": "fast",
+            "cache_dir": str(cache_dir)}
+    assert run_worker(spec, events.append) == 2
+    assert events[-1]["type"] == "error" and "no usable training images" in events[-1]["message"]
+    assert not (tmp_path / "model").exists()  # nothing half-written
+
+
 def test_cancelled_training_says_so(client):
     for kind in ("circles", "squares"):
         client.post("/classes", json={"name": kind})
         client.post(f"/classes/{kind}/images", files=upload(("a.png", image_bytes(kind))))
-    job = client.post("/jobs", json={"steps": 1000}).json()
+    job = client.post("/jobs", json={"quality": "fast"}).json()
     assert client.delete(f"/jobs/{job['id']}").json()["status"] == "cancelled"
-    assert wait_for_job(client, job["id"], timeout=30)["status"] == "cancelled"
+    job = wait_for_job(client, job["id"], timeout=30)
+    assert job["status"] == "cancelled" and job["progress"] is None and job["download"] is None
+    assert client.get("/models").json()["models"][0]["id"] == "startup"  # no model kept from it
 
 
 # ---------------------------------------------------------------- the command
+
+def test_serve_command_refuses_a_workspace_it_cannot_make(model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "file"))
+    assert retrain_main(["serve", str(model_dir), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use {tmp_path / 'file'}/retrain/workspace as the workspace" in err and "Traceback" not in err
+
 
 def test_serve_command_refuses_a_missing_model(tmp_path, capsys):
     assert retrain_main(["serve", str(tmp_path / "nothing")]) == 2
@@ -371,7 +410,7 @@ def get_json(port: int, path: str) -> dict:
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(model_dir, tmp_path):
     port = free_port()
-    env = os.environ | {"TMPDIR": str(tmp_path)}  # where the server makes its workspace
+    env = os.environ | {"XDG_DATA_HOME": str(tmp_path)}  # where the server keeps its default workspace
     proc = subprocess.Popen([sys.executable, "-m", "retrain", "serve", str(model_dir), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
@@ -401,7 +440,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(model_dir, tmp_path):
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
         log = proc.stderr.read().decode()
         assert "Finished server process" in log and "Traceback" not in log, log
-        assert not list(tmp_path.glob("retrain-serve-*"))  # the workspace is gone
+        assert (tmp_path / "retrain" / "workspace" / "data").is_dir()  # the workspace stays for the next run
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
     finally:
@@ -410,15 +449,19 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(model_dir, tmp_path):
             proc.wait()
 
 
-def test_a_piped_training_run_prints_progress_lines_the_server_reads(tmp_path, monkeypatch, capsys):
-    from retrain.progress import progress
+def test_progress_subscribers_get_counts_and_log_lines_as_data(monkeypatch):
+    from retrain.progress import progress, say, subscribed
 
-    monkeypatch.setenv("RETRAIN_PROGRESS", "lines")
-    monkeypatch.setenv("RETRAIN_PROGRESS_SECONDS", "0")
-    bar = progress(total=16, desc="Extracting features (lite0)", unit="img")
-    bar.update(8)
-    line = capsys.readouterr().err.strip()
-    assert "\r" not in line
-    job = Job("j", tmp_path, steps=10)
-    job.read_line(line)
-    assert job.to_dict()["stage"] == "Extracting features (lite0)" and job.to_dict()["progress"] == 0.5
+    monkeypatch.setenv("RETRAIN_PROGRESS", "bars")  # even where a bar would be drawn
+    events = []
+    with subscribed(events.append):
+        bar = progress(total=16, desc="Extracting features (lite0)", unit="img")
+        bar.update(8)
+        bar.update(8)
+        say("Found 16 images")
+    bar = progress(total=4, desc="after", unit="img")
+    bar.update(4)
+    assert events[-2] == {"type": "progress", "stage": "Extracting features (lite0)", "done": 16, "total": 16,
+                          "unit": "img"}
+    assert events[-1] == {"type": "log", "message": "Found 16 images"}
+    assert all(e.get("stage") != "after" for e in events)  # nothing once unsubscribed

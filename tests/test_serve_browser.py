@@ -1,31 +1,41 @@
-"""The two web pages of `retrain serve`, driven in headless Chromium (Debian's) through Playwright."""
+"""The web app driven in headless Chromium (Debian's) through Playwright, with Chromium's fake webcam.
+
+The whole flow of issue #17 in one test (webflow.py holds the steps, shared with the screenshots
+script), and a second tab following and cancelling a run.
+"""
 from __future__ import annotations
 
-import io
 import threading
 import time
-import urllib.request
-import zipfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 
+import test_serve
 from retrain.serve import ServeConfig, create_app
-
-from conftest import draw_shape
-from test_serve import free_port, model_dir  # noqa: F401  (model_dir: the module's trained model fixture)
+from test_serve import free_port
+from webflow import FAKE_CAMERA, Flow, card, count_is, shape_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+model_dir = test_serve.model_dir  # the module fixture: a small trained model to start the server with
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):  # noqa: F811
-    """uvicorn on a free loopback port, in a background thread."""
+def browser(chromium):
+    """conftest's Chromium again, launched with a fake webcam that needs no permission prompt."""
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    launched = chromium.browser_type.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + FAKE_CAMERA)
+    yield launched
+    launched.close()
+
+
+@pytest.fixture
+def server(model_dir, tmp_path):
+    """uvicorn on a free loopback port, in a background thread, with a fresh workspace."""
     import uvicorn
 
     port = free_port()
-    config = ServeConfig(workspace_parent=str(tmp_path_factory.mktemp("serve-workspace")))
+    config = ServeConfig(workspace=str(tmp_path / "workspace"))
     srv = uvicorn.Server(uvicorn.Config(create_app(model_dir, config), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -40,79 +50,84 @@ def server(model_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture
-def page(chromium):
-    """A fresh page in conftest's Chromium (skips where there is none); fails on a logged error."""
-    context = chromium.new_context()
-    pg = context.new_page()
-    pg.set_default_timeout(30_000)
+def context(browser):
+    """A browser context whose pages fail the test on a logged error."""
+    ctx = browser.new_context()
     errors = []
 
-    def on_console(msg) -> None:
+    def watch(pg) -> None:
+        pg.set_default_timeout(30_000)
         # Chromium logs every 4xx answer as a failed resource load; the tests send some on purpose.
-        if msg.type == "error" and "the server responded with a status of 4" not in msg.text:
-            errors.append(msg.text)
-
-    pg.on("console", on_console)
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
+        pg.on("console", lambda msg: msg.type == "error" and "the server responded with a status of 4" not in msg.text
+              and errors.append(msg.text))
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+    ctx.on("page", watch)
+    yield ctx
+    ctx.close()
     assert not errors, errors
 
 
-def photos(folder: Path, kind: str, n: int, seed: int) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        path = folder / f"{kind}_{i}.png"
-        draw_shape(kind, rng, 96).save(path)
-        paths.append(str(path))
-    return paths
+def test_the_whole_flow_collect_train_try_understand_fix_retrain_reload(context, server, tmp_path):
+    flow = Flow(context.new_page(), server, tmp_path)
+    flow.create_classes()
+    planted = flow.upload()
+    flow.webcam()
+    first_log = flow.train()
+    assert "Found 36 images in 3 classes" in first_log  # the whole log, the split summary included
+    flow.try_model()
+    flow.doubt()
+    flow.understand()
+    flow.fix(planted, "circles")
+    flow.delete_with_undo("camera")
+    second_log = flow.train("9-retraining")
+    assert "Found 36 images in 3 classes" in second_log and "extracting" not in second_log  # every feature cached
+    flow.reload()
+    assert flow.download() == ["labels.txt", "metrics.json", "model.onnx", "report.html"]
 
 
-def test_predict_page_shows_the_top_predictions_as_bars(page, server, tmp_path):  # page first: skips early
+def test_try_photos_show_in_order_unreadable_ones_without_an_image_and_pasted_ones_too(context, server, tmp_path):
+    page = context.new_page()
     page.goto(server + "/")
-    page.wait_for_function("() => document.getElementById('model-info').textContent.includes('3 classes')")
-    circle = photos(tmp_path, "circles", 1, seed=5)[0]
-    stripes = photos(tmp_path, "stripes", 1, seed=6)[0]
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('3 classes')")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a png")
-    page.set_input_files("#files", [circle, stripes, str(broken)])
-    page.wait_for_function("() => document.querySelectorAll('.card .predictions, .card .error').length === 3")
-    tops = {}
-    for card in page.query_selector_all(".card"):
-        name = card.query_selector(".name").inner_text()
-        labels = [x.inner_text() for x in card.query_selector_all(".bar .label")]
-        tops[name] = labels
-        if name == "broken.png":
-            assert "not a JPEG" in card.query_selector(".error").inner_text()
-        else:
-            assert len(labels) == 3 and card.query_selector("img").is_visible()
-    assert tops["circles_0.png"][0] == "circles" and tops["stripes_0.png"][0] == "stripes"
+    circle, = shape_photos(tmp_path, "circles", 1, seed=5)
+    stripes, = shape_photos(tmp_path, "stripes", 1, seed=6)
+    page.set_input_files("#files", [circle, str(broken), stripes])
+    page.wait_for_function("() => document.querySelectorAll('#results .predictions, #results .error').length === 3")
+    cards = page.query_selector_all("#results .card")
+    assert [c.query_selector(".name").inner_text() for c in cards] == ["circles_5_0.png", "broken.png", "stripes_6_0.png"]
+    assert [c.get_attribute("data-top") for c in cards] == ["circles", None, "stripes"]
+    assert cards[1].query_selector("img") is None and "not a JPEG" in cards[1].inner_text()  # no broken image
+    page.evaluate("""() => {
+        const canvas = document.createElement("canvas");
+        canvas.width = canvas.height = 64;
+        canvas.getContext("2d").fillRect(0, 0, 64, 64);
+        canvas.toBlob(blob => {
+            const data = new DataTransfer();
+            data.items.add(new File([blob], "pasted.png", {type: "image/png"}));
+            document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data}));
+        });
+    }""")
+    page.wait_for_selector("#results .card:nth-child(4)[data-top]")
+    assert page.inner_text("#results .card:nth-child(4) .name") == "pasted.png"
 
 
-def test_train_page_trains_a_model_to_download(page, server, tmp_path):
-    page.goto(server + "/train")
-    for kind in ("circles", "stripes"):
-        page.fill("#class-name", kind)
-        page.click("#add-class button")
-        card = f".class-card[data-class='{kind}']"
-        page.wait_for_selector(card)
-        page.set_input_files(f"{card} input[type=file]", photos(tmp_path / kind, kind, 8, seed=len(kind)))
-        page.wait_for_function(f"() => document.querySelector(\"{card} .count\").textContent === '8 photos'")
-    page.fill("#class-name", "../../etc/passwd")
-    page.click("#add-class button")
-    page.wait_for_selector("#class-error:not([hidden])")
-    assert "invalid class name" in page.inner_text("#class-error")
-
-    page.fill("#steps", "40")
-    page.click("#train")
-    page.wait_for_selector("#job:not([hidden])")
-    page.wait_for_selector("#download", state="visible", timeout=120_000)
-    assert "accuracy" in page.inner_text("#accuracy") or "Trained on" in page.inner_text("#accuracy")
-    href = page.get_attribute("#download", "href")
-    with urllib.request.urlopen(server + href, timeout=30) as r:
-        data = r.read()
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        assert sorted(z.namelist()) == ["labels.txt", "metrics.json", "model.onnx"]
-        assert z.read("labels.txt").decode().split() == ["circles", "stripes"]
+def test_a_second_tab_follows_and_cancels_a_run(context, server, tmp_path):
+    first, second = context.new_page(), context.new_page()
+    first.goto(server + "/")
+    for name, kind in (("circles", "circles"), ("stripes", "stripes")):
+        first.fill("#class-name", name)
+        first.click("#add-class button")
+        first.wait_for_selector(card(name))
+        first.set_input_files(f"{card(name)} input[type=file]", shape_photos(tmp_path / name, kind, 6, seed=len(name)))
+        count_is(first, name, 6)
+    second.goto(server + "/")
+    first.click("#train")
+    second.wait_for_selector("#cancel:not([hidden])")  # the other tab sees the run and may cancel it
+    assert second.is_disabled("#train")
+    second.click("#cancel")
+    for page in (first, second):
+        page.wait_for_function("() => document.getElementById('job-status').textContent === 'Cancelled.'")
+        assert page.is_hidden("#progress") and page.is_hidden("#job-error")  # no full bar, no stale error
+        assert page.is_enabled("#train")

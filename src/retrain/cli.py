@@ -24,6 +24,7 @@ from .config import (AUTO_BUDGET_SECONDS, CALIBRATION_IMAGES, CPU_TRAIN_SIZE, DE
 from .errors import UserError
 from .outputs import os_error_message
 from .validate import ENGINES
+from .webconfig import ServeConfig, default_workspace
 
 SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare",
                "export")
@@ -427,15 +428,18 @@ def add_serve_parser(sub) -> None:
                                                         "prediction and training to the network")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     add_cache_option(sv)
-    # The same defaults as serve.ServeConfig's, which cannot be read here without importing ONNX Runtime.
-    sv.add_argument("--max_upload_mb", "--max-upload-mb", type=int, default=32, help="largest request body, MiB")
-    sv.add_argument("--max_queue", "--max-queue", type=int, default=16,
+    c = ServeConfig()
+    sv.add_argument("--workspace", help="folder keeping the web app's classes, photos and trained models across "
+                                        f"restarts (default: {default_workspace()})")
+    sv.add_argument("--max_upload_mb", "--max-upload-mb", type=int, default=c.max_upload_bytes >> 20,
+                    help="largest request body, MiB")
+    sv.add_argument("--max_queue", "--max-queue", type=int, default=c.max_queue,
                     help="predict requests admitted at once; more get 503")
-    sv.add_argument("--max_batch", "--max-batch", type=int, default=16,
+    sv.add_argument("--max_batch", "--max-batch", type=int, default=c.max_batch,
                     help="most images per ONNX Runtime call (1: no batching)")
     sv.set_defaults(run=lambda a: commands.serve(a.model, a.host, a.port, cache_dir=a.cache_dir,
-                                                 max_upload_mb=a.max_upload_mb, max_queue=a.max_queue,
-                                                 max_batch=a.max_batch))
+                                                 workspace=a.workspace, max_upload_mb=a.max_upload_mb,
+                                                 max_queue=a.max_queue, max_batch=a.max_batch))
 
 
 def add_doctor_parser(sub) -> None:

@@ -188,17 +188,17 @@ def import_idx(images: str, labels: str, output: str, class_names: str, limit_pe
     return 0
 
 
-def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, max_upload_mb: int, max_queue: int,
-          max_batch: int) -> int:
-    from .serve import ServeConfig
+def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, workspace: str | None,
+          max_upload_mb: int, max_queue: int, max_batch: int) -> int:
     from .serve import serve as serve_model
+    from .webconfig import ServeConfig
 
     use_cache_dir(cache_dir)
     for name, value in (("port", port), ("max_upload_mb", max_upload_mb), ("max_queue", max_queue),
                         ("max_batch", max_batch)):
         positive(f"--{name.replace('_', '-')}", value)
     return serve_model(model, host, port, ServeConfig(max_upload_bytes=max_upload_mb << 20, max_queue=max_queue,
-                                                      max_batch=max_batch))
+                                                      max_batch=max_batch, workspace=workspace))
 
 
 def doctor(image_dir: str, *, backbone: str, cache_dir: str | None, workers: int, quiet: bool, as_json: bool) -> int:

@@ -1,0 +1,160 @@
+// Step 1: classes and their photos. Everything shown comes from the server, so a reload shows it all again.
+"use strict";
+
+const UPLOAD_CHUNK = 8;  // photos per request: well under the server's per-request limits
+let classNames = [];
+
+function seconds(s) { return s < 90 ? `~${s} s` : `~${Math.round(s / 60)} min`; }
+
+async function refreshClasses() {
+  const {classes, estimate_s} = await api("/classes");
+  classNames = classes.map(c => c.name);
+  $("estimate-fast").textContent = `(${seconds(estimate_s.fast)} for ${photoCount(classes)})`;
+  $("estimate-accurate").textContent = `(up to ${seconds(estimate_s.accurate)})`;
+  const known = new Set(classNames);
+  for (const card of [...$("classes").children]) {
+    if (!known.has(card.dataset.class)) card.remove();
+  }
+  await Promise.all(classes.map(async ({name, images}) => {
+    const card = classCard(name);
+    card.querySelector(".count").textContent = `${images} photo${images === 1 ? "" : "s"}`;
+    const {photos} = await api(`${classUrl(name)}/photos`);
+    card.querySelector(".thumbs").replaceChildren(...photos.map(photo => thumb(photo, name)));
+  }));
+}
+
+function photoCount(classes) {
+  const n = classes.reduce((sum, c) => sum + c.images, 0);
+  return `${n} photo${n === 1 ? "" : "s"}`;
+}
+
+// A photo as a button: click or Enter opens it to view, move or delete.
+function thumb(photo, className, caption) {
+  const button = el("button", {type: "button", class: "thumb", "data-photo": photo,
+                               "aria-label": `photo in ${className}${caption ? ", " + caption : ""}`},
+                    el("img", {src: photoUrl(photo), alt: "", loading: "lazy"}));
+  if (caption) button.append(el("span", {class: "caption"}, caption));
+  button.addEventListener("click", () => openPhoto(photo, className));
+  return button;
+}
+
+function classCard(name) {
+  const existing = [...$("classes").children].find(c => c.dataset.class === name);
+  if (existing) return existing;
+  const id = `files-${classNames.indexOf(name)}-${Math.random().toString(36).slice(2, 8)}`;
+  const input = el("input", {type: "file", accept: "image/*", multiple: "", id, class: "visually-hidden"});
+  const zone = el("label", {class: "drop", for: id}, "Drop photos or click to add", input);
+  const camera = el("button", {type: "button", class: "secondary camera"}, "Webcam");
+  const remove = el("button", {type: "button", class: "secondary delete-class", "aria-label": `delete class ${name}`}, "Delete");
+  const card = el("article", {class: "class-card"},
+                  el("h3", {class: "name"}, name),
+                  el("p", {class: "row"}, el("span", {class: "count muted"}, "0 photos"), camera, remove), zone,
+                  el("p", {class: "note muted", "aria-live": "polite"}), el("p", {class: "error", role: "alert", hidden: ""}),
+                  el("div", {class: "thumbs"}));
+  card.dataset.class = name;
+  dropZone(zone, input, files => upload(card, files));
+  camera.addEventListener("click", () => openCamera(card));
+  remove.addEventListener("click", () => deleteClass(card));
+  $("classes").append(card);
+  return card;
+}
+
+async function upload(card, files) {
+  const problems = [], duplicates = [], doubts = [];
+  let added = 0;
+  for (let i = 0; i < files.length; i += UPLOAD_CHUNK) {
+    const form = new FormData();
+    for (const file of files.slice(i, i + UPLOAD_CHUNK)) form.append("files", file, file.name);
+    try {
+      const reply = await api(`${classUrl(card.dataset.class)}/images`, {method: "POST", body: form});
+      added += reply.added.length;
+      duplicates.push(...reply.duplicates);
+      doubts.push(...reply.doubts);
+      problems.push(...reply.rejected.map(r => r.error));
+    } catch (e) {
+      problems.push(e.message);
+    }
+  }
+  const note = [`${added} photo${added === 1 ? "" : "s"} added`];
+  if (duplicates.length) note.push(`${duplicates.length} already in this class: ${duplicates.join(", ")}`);
+  if (doubts.length) note.push(`check: ${doubts.join(", ")}`);
+  card.querySelector(".note").textContent = note.join("; ");
+  showError(card.querySelector(".error"), problems.length ? problems.join("; ") : null);
+  changed("classes");
+}
+
+async function deleteClass(card) {
+  const name = card.dataset.class;
+  const count = card.querySelector(".count").textContent;
+  if (!await askConfirm(`Delete the class "${name}" and its ${count}? You can undo this.`)) return;
+  try {
+    const {undo} = await api(classUrl(name), {method: "DELETE"});
+    offerUndo(`Deleted the class "${name}".`, undo);
+  } catch (e) {
+    showError($("class-error"), e);
+  }
+  changed("classes");
+}
+
+// The photo dialog: the photo large, a class to move it to, delete.
+function openPhoto(photo, className) {
+  const dialog = $("photo-dialog");
+  $("photo-title").textContent = `Photo in "${className}"`;
+  $("photo-big").src = photoUrl(photo);
+  $("move-to").replaceChildren(...classNames.map(n => el("option", n === className ? {selected: ""} : {}, n)));
+  showError($("photo-error"), null);
+  const act = work => async () => {
+    try {
+      await work();
+      dialog.close();
+    } catch (e) {
+      showError($("photo-error"), e);
+    }
+    changed("classes");
+  };
+  $("move").onclick = act(() => send(`${classUrl(className)}/photos/${photo}/move`, "POST", {to: $("move-to").value}));
+  $("delete-photo").onclick = act(async () => {
+    const {undo} = await api(`${classUrl(className)}/photos/${photo}`, {method: "DELETE"});
+    offerUndo(`Deleted a photo from "${className}".`, undo);
+  });
+  $("close-photo").onclick = () => dialog.close();
+  dialog.showModal();
+}
+
+// The webcam dialog: each "Take a photo" adds the current frame to the card's class.
+async function openCamera(card) {
+  const dialog = $("camera-dialog"), video = $("camera-video");
+  $("camera-title").textContent = `Webcam photos for "${card.dataset.class}"`;
+  $("camera-count").textContent = "";
+  showError($("camera-error"), null);
+  let taken = 0;
+  $("capture").onclick = async () => {
+    const frame = await grabFrame(video, `webcam-${Date.now()}.jpg`);
+    await upload(card, [frame]);
+    $("camera-count").textContent = `${++taken} taken`;
+  };
+  const close = () => { stopCamera(video); dialog.close(); };
+  $("camera-done").onclick = close;
+  dialog.oncancel = () => stopCamera(video);
+  dialog.showModal();
+  try {
+    await startCamera(video);
+  } catch (e) {
+    showError($("camera-error"), e);
+  }
+}
+
+$("add-class").addEventListener("submit", async e => {
+  e.preventDefault();
+  try {
+    await send("/classes", "POST", {name: $("class-name").value});
+    $("class-name").value = "";
+    showError($("class-error"), null);
+  } catch (err) {
+    showError($("class-error"), err);
+  }
+  changed("classes");
+});
+
+bus.addEventListener("classes", () => refreshClasses().catch(err => showError($("class-error"), err)));
+changed("classes");

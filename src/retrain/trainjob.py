@@ -1,0 +1,103 @@
+"""The web app's training worker: `python -m retrain.trainjob SPEC.json` trains, writes the model with its
+report and doctor's findings, and tells the server how it goes as JSON lines on stdout.
+
+Events, one JSON object a line: {"type": "progress", "stage", "done", "total", "unit"}, {"type": "log",
+"message"}, {"type": "stage", "stage"}, then {"type": "done", "result"} or {"type": "error", "message"}.
+They come from progress.py's subscriber hook and the API's return values, never from reading text
+meant for people. The spec: {"data": folder, "output": model folder, "quality": "fast"|"accurate",
+"cache_dir": folder or null}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .api import TrainConfig, train
+from .errors import UserError
+from .metrics import RunMetrics
+from .config import AUTO_BUDGET_SECONDS
+from .plan import CPU_IMAGES_PER_SECOND
+from .progress import subscribed
+
+QUALITIES = ("fast", "accurate")
+ACCURATE_BUDGET_SECONDS = AUTO_BUDGET_SECONDS
+FINDINGS_FILE = "doctor.json"
+SECONDS_PER_NEW_IMAGE = 0.05  # Lite0 features on a CPU core, decoding included; cached images cost ~0
+STARTUP_SECONDS = 8.0  # the worker's imports, the scan, calibration and the report
+FINETUNE_STARTUP_SECONDS = 20.0  # importing PyTorch, building the network, exporting it to ONNX
+
+
+def train_config(quality: str, cache_dir: str | None) -> TrainConfig:
+    """The one place where the web app's choice becomes training settings."""
+    if quality == "fast":
+        return TrainConfig(mode="head", cache_dir=cache_dir, workers=1)
+    # accurate: fine-tuning when it fits the time budget, else the head. The time budget is passed here.
+    return TrainConfig(mode="auto", time_budget=ACCURATE_BUDGET_SECONDS, cache_dir=cache_dir, workers=1)
+
+
+def estimate_seconds(quality: str, images: int) -> float:
+    """A rough wall time for a first run on `images` photos (a retrain with cached features is faster)."""
+    fast = STARTUP_SECONDS + SECONDS_PER_NEW_IMAGE * images
+    if quality == "fast":
+        return fast
+    epochs = train_config(quality, None).finetune.epochs
+    return fast + min(FINETUNE_STARTUP_SECONDS + epochs * images / CPU_IMAGES_PER_SECOND, ACCURATE_BUDGET_SECONDS)
+
+
+def result_of(metrics: RunMetrics) -> dict:
+    """What the web page shows of a run's metrics.json."""
+    return {"classes": metrics.classes, "test_accuracy": metrics.test_accuracy,
+            "validation_accuracy": metrics.validation_accuracy, "num_images": metrics.num_images,
+            "backbone": metrics.backbone, "verdict": metrics.verdict, "mode": metrics.mode}
+
+
+def findings(data: Path, cache_dir: str | None, log: Callable[[str], None]) -> dict:
+    """doctor's report on the photos trained on, as plain data (paths are '<class>/<photo>')."""
+    from .doctor import diagnose  # an application of its own: imported only once the model is saved
+
+    return diagnose(data, cache_dir=cache_dir, workers=1, quiet=True, log=log).to_dict()
+
+
+def run(spec: dict, emit: Callable[[dict], None]) -> int:
+    """Train as `spec` says, sending events to `emit`; the exit status."""
+    log = lambda message: emit({"type": "log", "message": message})  # noqa: E731
+    try:
+        config = train_config(spec["quality"], spec.get("cache_dir"))
+        with subscribed(emit):
+            model = train(spec["data"], config)
+            emit({"type": "stage", "stage": "Writing the report"})
+            out = model.save(spec["output"])  # model.onnx, labels.txt, metrics.json, report.html
+    except UserError as e:
+        emit({"type": "error", "message": str(e)})
+        return 2
+    emit({"type": "stage", "stage": "Checking the photos (doctor)"})
+    try:
+        with subscribed(emit):
+            report = findings(Path(spec["data"]), spec.get("cache_dir"), log)
+        (out / FINDINGS_FILE).write_text(json.dumps(report), encoding="utf-8")
+    except (UserError, OSError) as e:  # the model is good without them: say why they are missing
+        log(f"doctor's checks could not run: {e}")
+    emit({"type": "done", "result": result_of(model.metrics), "plan": model.metrics.plan})
+    return 0
+
+
+def _event_writer(stream: TextIO) -> Callable[[dict], None]:
+    def emit(event: dict) -> None:
+        stream.write(json.dumps(event, default=str) + "\n")
+        stream.flush()
+    return emit
+
+
+def main(argv: list[str]) -> int:
+    getattr(os, "nice", lambda n: 0)(10)  # predictions in the server come first
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # anything else printed goes to the log, never into the event stream
+    sys.stdout = sys.stderr
+    return run(json.loads(Path(argv[0]).read_text(encoding="utf-8")), _event_writer(events))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

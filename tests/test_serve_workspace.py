@@ -1,0 +1,190 @@
+"""The web app's workspace through its routes: classes, photos, undo, models, and what survives a restart."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from retrain.errors import UserError
+from retrain.serve import ServeConfig, create_app
+
+import test_serve
+from test_serve import LOCAL, image_bytes, upload
+
+model_dir, classifier = test_serve.model_dir, test_serve.classifier  # the module fixtures: a small trained model
+
+ATTACKER = {"origin": "http://attacker.example"}
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return tmp_path / "workspace"
+
+
+def open_client(classifier, workspace):
+    return TestClient(create_app(classifier, ServeConfig(workspace=str(workspace))), base_url=LOCAL)
+
+
+@pytest.fixture
+def client(classifier, workspace):
+    with open_client(classifier, workspace) as c:
+        yield c
+
+
+def add_photos(client, name: str, kind: str, n: int, seed: int = 0) -> list[str]:
+    client.post("/classes", json={"name": name})
+    files = upload(*((f"{kind}{i}.png", image_bytes(kind, seed=seed + i, size=64)) for i in range(n)))
+    r = client.post(f"/classes/{name}/images", files=files)
+    assert r.status_code == 200, r.text
+    return r.json()["added"]
+
+
+def photos_of(client, name: str) -> list[str]:
+    return client.get(f"/classes/{name}/photos").json()["photos"]
+
+
+def test_class_names_are_unique_ignoring_case_and_long_ones_are_refused_with_the_limit(client):
+    assert client.post("/classes", json={"name": "ants"}).status_code == 201
+    r = client.post("/classes", json={"name": "Ants"})
+    assert r.status_code == 409 and "'ants' exists already" in r.json()["error"]
+    long = "a" * 70
+    r = client.post("/classes", json={"name": long})
+    assert r.status_code == 400 and r.json()["error"] == "class name too long: 70 characters, the limit is 64"
+    assert client.post("/classes", json={"name": "b" * 64}).status_code == 201  # at the limit, kept whole
+    assert [c["name"] for c in client.get("/classes").json()["classes"]] == ["ants", "b" * 64]
+    assert photos_of(client, "ANTS") == []  # a class is found whatever the case in the address
+
+
+def test_photos_are_listed_shown_moved_deleted_and_undone(client):
+    circles = add_photos(client, "circles", "circles", 3)
+    add_photos(client, "squares", "squares", 2, seed=10)
+    later = add_photos(client, "circles", "circles", 1, seed=20)
+    assert sorted(photos_of(client, "circles")[:3]) == sorted(circles) and photos_of(client, "circles")[3:] == later
+    client.delete(f"/classes/circles/photos/{later[0]}")
+    r = client.get(f"/photos/{circles[0]}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == image_bytes("circles", seed=0, size=64)
+
+    r = client.post(f"/classes/circles/photos/{circles[0]}/move", json={"to": "Squares"})
+    assert r.json() == {"photo": circles[0], "class": "squares"}
+    assert circles[0] in photos_of(client, "squares") and circles[0] not in photos_of(client, "circles")
+    r = client.post(f"/classes/circles/photos/{circles[1]}/move", json={"to": "nowhere"})
+    assert r.status_code == 404 and "no class named 'nowhere'" in r.json()["error"]
+
+    r = client.delete(f"/classes/circles/photos/{circles[1]}")
+    assert r.status_code == 200 and r.json()["photo"] == circles[1]
+    assert photos_of(client, "circles") == [circles[2]]
+    assert client.get(f"/photos/{circles[1]}").status_code == 404
+    assert client.post(f"/undo/{r.json()['undo']}").json()["restored"] is True
+    assert sorted(photos_of(client, "circles")) == sorted(circles[1:])
+    assert client.post(f"/undo/{r.json()['undo']}").status_code == 404  # once only
+
+
+def test_deleting_a_class_keeps_it_in_the_trash_until_undone(client, workspace):
+    photos = add_photos(client, "bees", "stripes", 4)
+    r = client.delete("/classes/bees")
+    assert r.status_code == 200 and r.json()["class"] == "bees"
+    assert client.get("/classes").json()["classes"] == []
+    assert len(list((workspace / "trash").rglob("*.png"))) == 4  # nothing is gone yet
+    client.post(f"/undo/{r.json()['undo']}")
+    assert client.get("/classes").json()["classes"] == [{"name": "bees", "images": 4}]
+    assert sorted(photos_of(client, "bees")) == sorted(photos)
+
+
+def test_a_photo_the_served_model_puts_in_another_class_is_questioned(client):
+    add_photos(client, "stripes", "stripes", 2)  # the served model was trained on circles, squares, stripes
+    r = client.post("/classes/stripes/images", files=upload(("ant.png", image_bytes("circles", seed=3))))
+    doubt = r.json()["doubts"]
+    assert len(doubt) == 1 and doubt[0].startswith("ant.png looks like 'circles' (")
+    assert r.json()["images"] == 3  # added all the same: the person decides
+    client.post("/classes", json={"name": "other"})  # a class the model does not know: no opinion
+    r = client.post("/classes/other/images", files=upload(("ant2.png", image_bytes("circles", seed=4))))
+    assert r.json()["doubts"] == []
+
+
+def test_the_same_photo_in_another_class_is_refused_naming_that_class(client):
+    add_photos(client, "ants", "circles", 1)
+    client.post("/classes", json={"name": "bees"})
+    r = client.post("/classes/bees/images", files=upload(("copy.png", image_bytes("circles", seed=0, size=64))))
+    assert r.status_code == 422 and r.json()["error"] == "copy.png: the same photo is already in class 'ants'"
+
+
+@pytest.mark.parametrize("path", ["/photos/..%2F..%2Fetc%2Fpasswd", "/photos/" + "A" * 32 + ".png",
+                                  "/photos/" + "a" * 32 + ".exe", "/classes/ants/photos/x.png",
+                                  "/models/..%2Fdata/report.html", "/models/ABCDEF123456/mistakes",
+                                  "/models/0123456789ab/findings", "/models/0123456789ab/model.zip"])
+def test_names_from_requests_never_become_paths(client, path):
+    client.post("/classes", json={"name": "ants"})
+    method = "delete" if path.startswith("/classes") else "get"
+    assert getattr(client, method)(path).status_code == 404
+
+
+def test_undo_tokens_are_checked(client):
+    for token in ("../../data", "0123456789ab", "x"):
+        assert client.post(f"/undo/{token}").status_code == 404
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("DELETE", "/classes/ants", None), ("POST", "/undo/0123456789ab", None), ("PUT", "/model", {"model": "startup"}),
+    ("POST", "/classes/ants/photos/x/move", {"to": "bees"}), ("DELETE", "/jobs/x", None),
+    ("POST", "/jobs", {"quality": "fast"})])
+def test_cross_origin_writes_to_new_routes_are_refused(client, method, path, body):
+    client.post("/classes", json={"name": "ants"})
+    r = client.request(method, path, json=body, headers=ATTACKER)
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    assert client.get("/classes").json()["classes"] == [{"name": "ants", "images": 0}]
+
+
+def keep_model(client, model_dir) -> str:
+    """Keep a copy of `model_dir` as if a training run had made it (the store's own path)."""
+    copy = client.app.state.serve.workspace.root / "jobs" / "copy"
+    shutil.copytree(model_dir, copy)
+    client.app.state.serve.models.add("0123456789ab", copy)
+    return "0123456789ab"
+
+
+def test_models_switch_without_a_restart_and_show_their_report(client, model_dir, classifier):
+    model = keep_model(client, model_dir)
+    listing = client.get("/models").json()
+    assert listing["active"] == model and [m["id"] for m in listing["models"]] == [model, "startup"]
+    assert listing["models"][0]["per_class"]["circles"]["support"] > 0
+    assert listing["models"][1]["name"] == model_dir.name  # the model the server started with, by its folder
+    r = client.put("/model", json={"model": "startup"})
+    assert r.status_code == 200 and r.json()["active"] == "startup"
+    assert client.get("/labels").json()["model"] == "startup"
+    assert client.put("/model", json={"model": "feedfeedfeed"}).status_code == 404
+    r = client.get(f"/models/{model}/report.html")
+    assert r.status_code == 200 and "Confusion matrix" in r.text
+    assert "default-src 'none'" in r.headers["content-security-policy"]  # its inline styles, never scripts
+    with zipfile.ZipFile(io.BytesIO(client.get(f"/models/{model}/model.zip").content)) as z:
+        assert "report.html" in z.namelist()
+    assert client.get(f"/models/{model}/findings").json()["notes"] == ["doctor's checks did not run for this model"]
+
+
+def test_one_server_per_workspace_and_a_stopped_one_leaves_no_run_behind(classifier, workspace):
+    (workspace / "jobs" / "0123456789ab" / "data").mkdir(parents=True)  # as a server killed mid-run leaves it
+    with open_client(classifier, workspace):
+        assert not list((workspace / "jobs").iterdir())
+        with pytest.raises(UserError, match="in use by another `retrain serve`"):
+            with open_client(classifier, workspace):
+                pass
+    with open_client(classifier, workspace) as c:  # free again once the first has stopped
+        assert c.get("/healthz").status_code == 200
+
+
+def test_everything_is_still_there_after_a_restart(classifier, model_dir, workspace):
+    with open_client(classifier, workspace) as c:
+        photos = add_photos(c, "circles", "circles", 2)
+        add_photos(c, "Stripes", "stripes", 1, seed=5)
+        token = c.delete(f"/classes/circles/photos/{photos[0]}").json()["undo"]
+        model = keep_model(c, model_dir)
+    with TestClient(create_app(None, ServeConfig(workspace=str(workspace))), base_url=LOCAL) as c:
+        assert c.get("/classes").json()["classes"] == [{"name": "circles", "images": 1}, {"name": "Stripes", "images": 1}]
+        assert c.get("/labels").json()["model"] == model  # the model served last, with no model named
+        c.post(f"/undo/{token}")  # and a deletion from before the restart can still be undone
+        assert sorted(photos_of(c, "circles")) == sorted(photos)
+    assert json.loads((workspace / "models" / "active.json").read_text()) == {"model": model}
