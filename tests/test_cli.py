@@ -242,5 +242,5 @@ def test_every_multi_word_option_takes_both_spellings():
 def test_an_onnx_backbone_named_scratch_is_not_taken_for_a_scratch_one(shapes_data, tmp_path, capsys):
     """Head mode refuses live-image flags for any pretrained backbone, whatever its file is called."""
     assert retrain_main(["train", str(shapes_data), "--output", str(tmp_path / "m"), "--backbone",
-                         "scratch_net.onnx", "--epochs", "3"]) == 2
+                         "scratch_net.onnx", "--mode", "head", "--epochs", "3"]) == 2
     assert "--mode head trains on cached features" in capsys.readouterr().err
