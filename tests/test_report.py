@@ -109,3 +109,9 @@ def test_a_metrics_file_from_a_newer_retrain_is_refused_in_one_line(head_model, 
     err = capsys.readouterr().err
     assert "schema version 99" in err and "upgrade retrain" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m" / "report.html").exists()
+
+
+def test_the_report_is_titled_with_the_model_folder_not_the_staging_one(head_model, tmp_path):
+    out = head_model.model.save(tmp_path / "ants-vs-bees")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<title>retrain report: ants-vs-bees</title>" in page and ".retrain-staging" not in page

@@ -58,15 +58,16 @@ class TrainedModel:
 
         All or nothing (outputs.write_model_dir): a full or read-only disk leaves the previous model whole.
         """
-        return write_model_dir(output_dir, lambda out: self._write_into(out, report))
+        title = Path(output_dir).resolve().name
+        return write_model_dir(output_dir, lambda out: self._write_into(out, report, title))
 
-    def _write_into(self, out: Path, report: bool) -> None:
+    def _write_into(self, out: Path, report: bool, title: str) -> None:
         self._write_files(out / MODEL_FILE, out / LABELS_FILE)
         atomic_write_json(out / METRICS_FILE, self.metrics.to_json())
         if report:
             from .report import write_report
 
-            write_report(out)
+            write_report(out, title=title)
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
         try:

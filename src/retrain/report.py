@@ -162,8 +162,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> Path:
-    """Write report.html and its PNG plots into the model directory; returns the report's path."""
+def write_report(model_dir: str | Path, image_dir: str | Path | None = None, title: str | None = None) -> Path:
+    """Write report.html and its PNG plots into the model directory; returns the report's path.
+
+    title: the model's name on the page (default: the folder's; a model being saved is written in a
+    staging folder first, whose name means nothing to the reader).
+    """
     model_dir = Path(model_dir)
     if not (model_dir / MODEL_FILE).is_file():
         raise UserError(f"{model_dir} is not a model directory (no {MODEL_FILE})")
@@ -232,7 +236,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None) -> 
     for name, png in pngs.items():
         atomic_write_bytes(model_dir / name, png)
     path = model_dir / REPORT_FILE
-    atomic_write_text(path, _page(sections, model_dir.name))
+    atomic_write_text(path, _page(sections, title or model_dir.name))
     return path
 
 
