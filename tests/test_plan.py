@@ -6,7 +6,7 @@ import pytest
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
 from retrain.config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig
-from retrain.plan import CPU_IMAGES_PER_SECOND, MIN_VALIDATION, NEAR_PERFECT, Mode, plan_training
+from retrain.plan import CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, plan_training
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,17 @@ def test_explicit_modes_are_not_second_guessed(lite0):
     assert plan_training(cpu(mode="head"), lite0, 1000, (0.5, 500)).mode is Mode.HEAD
     tuned = plan_training(cpu(mode="finetune"), lite0, 1000, (0.999, 10))
     assert tuned.mode is Mode.FINETUNE and not tuned.anytime
+
+
+def test_a_schedule_cut_to_two_epochs_or_fewer_trains_at_gentler_rates(lite0):
+    epoch_seconds = 3000 / CPU_IMAGES_PER_SECOND
+    short = plan_training(cpu(time_budget=2.5 * epoch_seconds), lite0, 3000, (0.9, 300))
+    assert short.epochs == 2 and short.rates == GENTLE_RATES and "gentler learning rates" in short.reason
+    tuned = short.settings(FinetuneConfig(device="cpu"))
+    assert (tuned.learning_rate, tuned.backbone_lr_ratio) == (GENTLE_RATES["learning_rate"],
+                                                              GENTLE_RATES["backbone_lr_ratio"])
+    full = plan_training(cpu(), lite0, 1000, (0.9, 300))
+    assert full.epochs == FinetuneConfig().epochs and full.rates is None
+    assert full.settings(FinetuneConfig()).learning_rate == FinetuneConfig().learning_rate
+    by_hand = TrainConfig(time_budget=2.5 * epoch_seconds, finetune=FinetuneConfig(device="cpu", learning_rate=5e-3))
+    assert plan_training(by_hand, lite0, 3000, (0.9, 300)).rates is None  # a rate set by hand is kept
