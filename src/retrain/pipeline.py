@@ -317,9 +317,12 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: 
 
     plan, split = fitted.plan, fitted.split
     identity = training_identity(config, fitted.dataset, backbone)
-    stored = tuned_path(cache, identity)
+    # What the plan resolved (epochs, rates, device) keys the cached run too: the same settings on
+    # another machine, or under a retrain that plans differently, must not reuse it.
+    planned = identity | {"plan": plan.to_dict()}
+    stored = tuned_path(cache, planned)
     head_only = replace(fitted, plan=TrainingPlan(Mode.HEAD, "the first model: the head on cached features"))
-    cached = load_tuned(stored, identity) if plan.anytime else None
+    cached = load_tuned(stored, planned) if plan.anytime else None
     if cached and (cached.extractor is None or all(len(cached.x[k][1]) == len(split[k]) for k in cached.x)):
         log(f"Reusing the fine-tuning of an identical earlier run (same photos and settings): {stored}")
         return _after_tuning(fitted, head_only, cached)
@@ -338,7 +341,7 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: 
         extractor = tuned_extractor(tuned, backbone)
         run = TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config), record)
     if plan.anytime and not tuned.interrupted:
-        save_tuned(stored, run, identity)
+        save_tuned(stored, run, planned)
     return _after_tuning(fitted, head_only, run)
 
 
