@@ -36,11 +36,14 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
+def run_env(cache_dir: Path) -> dict[str, str]:
+    return os.environ | {"RETRAIN_CACHE": str(cache_dir), "RETRAIN_PROGRESS": "lines"}
+
+
 def start(photos: Path, out: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
-    env = os.environ | {"RETRAIN_CACHE": str(cache_dir), "RETRAIN_PROGRESS": "lines"}
     return subprocess.Popen([sys.executable, "-m", "retrain", "train", str(photos), "--output", str(out),
                              "--time_budget", "1", *extra], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=env,
+                            text=True, env=run_env(cache_dir),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
 
 
@@ -99,13 +102,12 @@ def test_ctrl_c_at_any_moment_leaves_a_complete_model_at_least_as_good_as_the_he
 
 def test_a_rerun_reuses_the_fine_tuned_network(photos, cache_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    run = subprocess.run  # the whole run, to its end, twice
-    env = os.environ | {"RETRAIN_CACHE": str(cache_dir), "RETRAIN_PROGRESS": "lines"}
+    env = run_env(cache_dir)
     cmd = [sys.executable, "-m", "retrain", "train", str(photos), "--time_budget", "0.5", "--output"]
-    one = run(cmd + [str(first)], capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run(cmd + [str(first)], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr
     assert "Fine-tuning lite0" in one.stderr and "Reusing" not in one.stderr
-    two = run(cmd + [str(second)], capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(cmd + [str(second)], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr
     assert "Reusing the fine-tuning of an identical earlier run" in two.stderr
     assert "Fine-tuning lite0" not in two.stderr and "Saved a first model" not in two.stderr

@@ -85,7 +85,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     assert any("Resuming after epoch 1" in line for line in logs)
     drop = ("seconds", "images_per_second")
     strip = lambda h: [{k: v for k, v in e.items() if k not in drop} for e in h]  # noqa: E731
-    assert strip(resumed.history) == strip(whole.history)  # same seed, same result
+    assert strip(resumed.record.history) == strip(whole.record.history)  # same seed, same result
     for (wa, ba), (wb, bb) in zip(whole.layers, resumed.layers):
         np.testing.assert_array_equal(wa, wb)
         np.testing.assert_array_equal(ba, bb)

@@ -47,6 +47,10 @@ async def _refuse(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def too_large(max_bytes: int) -> str:
+    return f"request body over the {max_bytes / (1 << 20):g} MiB limit"
+
+
 class CompleteBody:
     """ASGI middleware: the whole body, read within `timeout_s` and up to `max_bytes`, before the app runs."""
 
@@ -64,7 +68,7 @@ class CompleteBody:
             log.info("%s: request body not complete after %g s: 408, connection closed", _client(scope), self.timeout_s)
             return await _refuse(send, 408, f"request body not complete within {self.timeout_s:g} s")
         except _TooLarge:
-            return await _refuse(send, 413, f"request body over the {self.max_bytes / (1 << 20):g} MiB limit")
+            return await _refuse(send, 413, too_large(self.max_bytes))
         except _Disconnected:
             log.info("%s: client disconnected before sending its whole request", _client(scope))
             return

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from .progress import progress
 from . import distributed
 from .augment import Augment
-from .config import CPU_TRAIN_SIZE, Checkpoint, FinetuneConfig, finetune_geometry
+from .config import Checkpoint, FinetuneConfig, finetune_geometry
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
 from .head import Diverged
+from .metrics import FinetuneRecord
 from .stopping import EarlyStopping
 from .preprocess import Preprocessing, normalize_torch
 from .scan import SampleTable
@@ -46,11 +47,7 @@ EpochHook = Callable[[Callable[[], float]], None]  # called after each epoch wit
 class FinetuneResult:
     features: nn.Module  # the tuned backbone feature network (pixels -> features)
     layers: list[tuple[np.ndarray, np.ndarray]]
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    device: str = "cpu"
-    train_size: int = CPU_TRAIN_SIZE
-    interrupted: bool = False  # Ctrl-C ended it early (an anytime run): the best epoch so far, not the full run
+    record: FinetuneRecord  # history, best epoch, device, resolution, whether Ctrl-C ended it: metrics.json's
 
 
 class Network(nn.Module):
@@ -314,10 +311,10 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     log(f"{what} on {device.type} at {data.train_size} px: {detail}, "
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
     started, first = time.perf_counter(), state.epoch + 1
+    deadline = started + time_budget if time_budget else None
     try:
         while state.epoch < state.planned_epochs:
             epoch = state.epoch + 1
-            deadline = started + time_budget if time_budget else None
             entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
                                  backbone.prep, quiet, deadline)
             if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
@@ -362,9 +359,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     if best_model is not None:
         net.load_state_dict(best_model)
     net.eval().cpu().to(memory_format=torch.contiguous_format)
-    return FinetuneResult(features=net.features, layers=net.head_layers(), history=state.history,
-                          best_epoch=state.best_epoch, device=device.type, train_size=data.train_size,
-                          interrupted=state.interrupted)
+    return FinetuneResult(net.features, net.head_layers(), FinetuneRecord(
+        state.best_epoch, state.history, device.type, data.train_size, state.interrupted))
 
 
 def _budget_spent(state: FitState, first: int, seconds: float, budget: float) -> bool:

@@ -21,6 +21,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .connections import too_large
 from .webconfig import ApiError, ServeConfig
 
 SECURITY_HEADERS = {
@@ -92,7 +93,7 @@ class Observe:
 class Guard:
     """Host and Origin checks (loopback only, same-origin writes); Content-Length over the limit.
 
-    Bodies without a Content-Length are counted by Starlette's RequestBodyLimitMiddleware.
+    Bodies without a Content-Length are counted as they arrive by connections.CompleteBody.
     """
 
     def __init__(self, app, config: ServeConfig):
@@ -116,12 +117,8 @@ class Guard:
             return 403, "cross-origin request refused"
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.config.max_upload_bytes:
-            return 413, too_large(self.config)
+            return 413, too_large(self.config.max_upload_bytes)
         return None
-
-
-def too_large(config: ServeConfig) -> str:
-    return f"request body over the {config.max_upload_bytes / (1 << 20):g} MiB limit"
 
 
 def hostname(host_header: str) -> str:
@@ -138,15 +135,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def add_error_handlers(app: FastAPI, config: ServeConfig) -> None:
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return json_error(e.status, e.message, e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        message = too_large(config) if e.status_code == 413 else str(e.detail)
-        return json_error(e.status_code, message, getattr(e, "headers", None))
+        return json_error(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(ClientDisconnect)
     async def went_away(request: Request, e: ClientDisconnect):  # nobody is listening: one line, no traceback

@@ -17,8 +17,7 @@ from typing import Callable
 from .errors import UserError
 from .files import atomic_write_json
 from .metrics import RunMetrics, read_metrics, to_json
-from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE, Classifier, load
-from .report import REPORT_FILE
+from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier, load
 from .trainjob import FINDINGS_FILE, result_of
 from .webconfig import ApiError
 

@@ -223,9 +223,9 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     train_with = _train_on_features if backbone.pretrained else _train_from_scratch
     fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
     if fitted.plan.mode in (Mode.FINETUNE, Mode.HEAD_LIVE):
-        finish = lambda f, announce: _finished(image_dir, f, config, backbone, stage, log, announce)  # noqa: E731
-        fitted = _fine_tune(fitted, config, backbone, cache, stage, log, timeline,
-                            publish=(lambda f: publish(finish(f, False))) if publish else None)
+        first = (lambda f: publish(_finished(image_dir, f, config, backbone, stage, log, announce=False))
+                 ) if publish else None
+        fitted = _fine_tune(fitted, config, backbone, cache, stage, log, timeline, publish=first)
     distributed.finish()
     if not distributed.is_main():
         return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
@@ -334,13 +334,12 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: 
                          log, Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
                          after_epoch=timeline.record if timeline else None, test=split["test"], quiet=config.quiet,
                          time_budget=plan.time_budget, anytime=plan.anytime)
-    record = FinetuneRecord(tuned.best_epoch, tuned.history, tuned.device, tuned.train_size, tuned.interrupted)
-    if plan.anytime and tuned.best_epoch == 0:  # the head stays: the very model published first
-        run = TunedRun(None, fitted.layers, {}, record)
+    if plan.anytime and tuned.record.best_epoch == 0:  # the head stays: the very model published first
+        run = TunedRun(None, fitted.layers, {}, tuned.record)
     else:
         extractor = tuned_extractor(tuned, backbone)
-        run = TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config), record)
-    if plan.anytime and not tuned.interrupted:
+        run = TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config), tuned.record)
+    if plan.anytime and not tuned.record.interrupted:
         save_tuned(stored, run, planned)
     return _after_tuning(fitted, head_only, run)
 
@@ -379,10 +378,8 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
     split = usable_splits(dataset, ~dataset.samples.has_digest(failures), failures)
     _log_skipped(dataset, log)
     extractor = tuned_extractor(tuned, backbone)
-    record = FinetuneRecord(tuned.best_epoch, tuned.history, tuned.device, tuned.train_size)
-    fitted = _Fitted(dataset, split, {}, extractor, tuned.layers, plan)
-    return _with_network(fitted, TunedRun(extractor, tuned.layers, _features_through(extractor, split, backbone, config),
-                                          record))
+    return _Fitted(dataset, split, _features_through(extractor, split, backbone, config), extractor, tuned.layers, plan,
+                   tuned=tuned.record)
 
 
 def _with_network(fitted: _Fitted, run: TunedRun) -> _Fitted:

@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
 from .backbones import Backbone
-from .config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
+from .config import AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
 
-CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
 MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
 NEAR_PERFECT = 0.99  # validation accuracy of the head past which fine-tuning has nothing left to show
 # A schedule of one or two epochs cannot recover from the recipe's first-epoch drop: validation after

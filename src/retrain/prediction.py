@@ -21,7 +21,7 @@ from .preprocess import INPUT_NAME, Preprocessing
 if TYPE_CHECKING:
     from .engine import Engine
 
-MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.onnx", "labels.txt", "metrics.json"
+MODEL_FILE, LABELS_FILE, METRICS_FILE, REPORT_FILE = "model.onnx", "labels.txt", "metrics.json", "report.html"
 
 
 @dataclass

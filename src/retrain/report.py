@@ -26,9 +26,8 @@ from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from .guards import open_regular  # noqa: E402
 from .metrics import CalibrationReport, ClassificationMetrics, PredictionRecord, RunMetrics, read_metrics  # noqa: E402
-from .prediction import METRICS_FILE, MODEL_FILE, Classifier  # noqa: E402
+from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noqa: E402
 
-REPORT_FILE = "report.html"
 MISTAKES_SHOWN = 12
 SALIENCY_SHOWN = 4
 

@@ -13,9 +13,8 @@ from .trainjob import QUALITIES, estimate_seconds
 from .uploads import MULTIPART_BODY, read_uploads
 from .webconfig import ApiError
 from .webstate import State, state
+from .workspace import photo_count
 
-MEDIA_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".bmp": "image/bmp",
-               ".tif": "image/tiff", ".webp": "image/webp"}
 
 
 DOUBT = 0.8  # the served model's probability for another class at which an added photo is questioned
@@ -75,12 +74,12 @@ def add_photo_routes(app: FastAPI) -> None:
         added = [o for o in outcomes if o["status"] == "added"]
         return {"added": [o["photo"] for o in added], "doubts": await doubts(s, clf, folder.name, added),
                 "duplicates": [o["file"] for o in outcomes if o["status"] == "duplicate"],
-                "rejected": rejected, "images": len(s.workspace.photos(folder.name))}
+                "rejected": rejected, "images": photo_count(folder)}
 
     @app.get("/photos/{photo}", summary="One training photo, whichever class holds it")
     async def photo(request: Request, photo: str):
         path = state(request).workspace.find_photo(photo)
-        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(path, headers={"Cache-Control": "max-age=3600"})  # media type from the extension
 
     @app.delete("/classes/{name}/photos/{photo}", summary="Delete one photo (undo with POST /undo/{token})")
     async def delete_photo(request: Request, name: str, photo: str) -> dict:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from .httpguard import REPORT_HEADERS
 from .modelstore import ZIP_FILE
-from .report import REPORT_FILE
+from .prediction import REPORT_FILE
 from .webconfig import ApiError
 from .webstate import state
 
@@ -67,12 +67,13 @@ def add_training_routes(app: FastAPI) -> None:
     @app.get("/models/{model_id}/mistakes", summary="Test photos the model got wrong, most confident first")
     async def mistakes(request: Request, model_id: str) -> dict:
         s = state(request)
-        return {"mistakes": [m | {"class": s.workspace.class_of(m["photo"])} for m in s.models.mistakes(model_id)]}
+        where = s.workspace.where()
+        return {"mistakes": [m | {"class": where.get(m["photo"])} for m in s.models.mistakes(model_id)]}
 
     @app.get("/models/{model_id}/findings", summary="doctor's findings: duplicates, suspected mislabels, outliers")
     async def findings(request: Request, model_id: str) -> dict:
         s = state(request)
-        found = s.models.findings(model_id)
+        found, where = s.models.findings(model_id), s.workspace.where()
         for item in found["items"]:  # where each photo is now: it may have been moved or deleted since
-            item["photos"] = [p | {"class": s.workspace.class_of(p["photo"])} for p in item["photos"]]
+            item["photos"] = [p | {"class": where.get(p["photo"])} for p in item["photos"]]
         return found

@@ -24,7 +24,6 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from . import __version__
 from .connections import CompleteBody, guarded_protocol
@@ -64,12 +63,11 @@ def create_app(model: Classifier | str | os.PathLike | None, config: ServeConfig
     app = FastAPI(title="retrain serve", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json stays
                   description="Collect photos, train a classifier, try it and fix its data; or classify images.")
-    add_error_handlers(app, config)
+    add_error_handlers(app)
     add_prediction_routes(app)
     add_photo_routes(app)
     add_training_routes(app)
     _add_pages(app)
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=config.max_upload_bytes)
     app.add_middleware(CompleteBody, max_bytes=config.max_upload_bytes, timeout_s=config.body_timeout_s,
                        gauges=metrics.gauges)
     app.add_middleware(Guard, config=config)

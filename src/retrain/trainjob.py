@@ -15,15 +15,12 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .api import TrainConfig, train
+from .config import AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, FinetuneConfig, TrainConfig
 from .errors import UserError
 from .metrics import RunMetrics
-from .config import AUTO_BUDGET_SECONDS
-from .plan import CPU_IMAGES_PER_SECOND
 from .progress import subscribed
 
 QUALITIES = ("fast", "accurate")
-ACCURATE_BUDGET_SECONDS = AUTO_BUDGET_SECONDS
 FINDINGS_FILE = "doctor.json"
 SECONDS_PER_NEW_IMAGE = 0.05  # Lite0 features on a CPU core, decoding included; cached images cost ~0
 STARTUP_SECONDS = 8.0  # the worker's imports, the scan, calibration and the report
@@ -34,8 +31,8 @@ def train_config(quality: str, cache_dir: str | None) -> TrainConfig:
     """The one place where the web app's choice becomes training settings."""
     if quality == "fast":
         return TrainConfig(mode="head", cache_dir=cache_dir, workers=1)
-    # accurate: fine-tuning when it fits the time budget, else the head. The time budget is passed here.
-    return TrainConfig(mode="auto", time_budget=ACCURATE_BUDGET_SECONDS, cache_dir=cache_dir, workers=1)
+    # accurate: the default run (the head, then fine-tuning where it can pay, within its time budget)
+    return TrainConfig(mode="auto", cache_dir=cache_dir, workers=1)
 
 
 def estimate_seconds(quality: str, images: int) -> float:
@@ -43,8 +40,8 @@ def estimate_seconds(quality: str, images: int) -> float:
     fast = STARTUP_SECONDS + SECONDS_PER_NEW_IMAGE * images
     if quality == "fast":
         return fast
-    epochs = train_config(quality, None).finetune.epochs
-    return fast + min(FINETUNE_STARTUP_SECONDS + epochs * images / CPU_IMAGES_PER_SECOND, ACCURATE_BUDGET_SECONDS)
+    epochs = FinetuneConfig.epochs  # the recipe's
+    return fast + min(FINETUNE_STARTUP_SECONDS + epochs * images / CPU_IMAGES_PER_SECOND, AUTO_BUDGET_SECONDS)
 
 
 def result_of(metrics: RunMetrics) -> dict:
@@ -63,6 +60,8 @@ def findings(data: Path, cache_dir: str | None, log: Callable[[str], None]) -> d
 
 def run(spec: dict, emit: Callable[[dict], None]) -> int:
     """Train as `spec` says, sending events to `emit`; the exit status."""
+    from .api import train  # the pipeline: loaded by the worker, not by the server that imports this module
+
     log = lambda message: emit({"type": "log", "message": message})  # noqa: E731
     try:
         config = train_config(spec["quality"], spec.get("cache_dir"))

@@ -52,6 +52,10 @@ def photo_name(text: str) -> str:
     return text
 
 
+def photo_count(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if PHOTO.fullmatch(p.name))
+
+
 def _images(folder: Path) -> list[Path]:
     """A class's photos, oldest first (the order they were added in)."""
     return sorted((p for p in folder.iterdir() if PHOTO.fullmatch(p.name)), key=lambda p: (p.stat().st_mtime, p.name))
@@ -97,7 +101,7 @@ class Workspace:
         return path
 
     def classes(self) -> list[dict]:
-        return [{"name": p.name, "images": len(_images(p))}
+        return [{"name": p.name, "images": photo_count(p)}
                 for p in sorted(self.data.iterdir(), key=lambda p: p.name.casefold()) if p.is_dir()]
 
     def create(self, name: str) -> str:
@@ -106,7 +110,7 @@ class Workspace:
             existing = self._find(name)
             if existing:
                 raise ApiError(409, f"a class named '{existing.name}' exists already (class names ignore case)")
-            if len(self.classes()) >= self.config.max_classes:
+            if sum(p.is_dir() for p in self.data.iterdir()) >= self.config.max_classes:
                 raise ApiError(409, f"at most {self.config.max_classes} classes")
             (self.data / name).mkdir()
         return name
@@ -115,6 +119,11 @@ class Workspace:
         return [p.name for p in _images(self.folder(name))]
 
     # ---------------------------------------------------------------- photos
+
+    def where(self) -> dict[str, str]:
+        """{photo: class} of every photo now in the workspace, from one walk of the class folders."""
+        return {p.name: f.name for f in self.data.iterdir() if f.is_dir()
+                for p in f.iterdir() if PHOTO.fullmatch(p.name)}
 
     def class_of(self, photo: str) -> str | None:
         """The class holding a photo now, or None (deleted, or not a photo name)."""
@@ -167,7 +176,8 @@ class Workspace:
     # ---------------------------------------------------------------- deletion and undo
 
     def delete_class(self, name: str) -> dict:
-        return self._discard(self.folder(name), {"class": self.folder(name).name})
+        folder = self.folder(name)
+        return self._discard(folder, {"class": folder.name})
 
     def delete_photo(self, name: str, photo: str) -> dict:
         path = self.folder(name) / photo_name(photo)
