@@ -32,8 +32,8 @@ def positive(name: str, value: float) -> None:
 
 
 def use_cache_dir(cache_dir: str | None) -> None:
-    """For commands that reach the cache only through defaults (the bundled ImageNet model, serve's training
-    runs): --cache_dir DIR means RETRAIN_CACHE=DIR for this process and the ones it starts."""
+    """For serve, whose training runs reach the cache only through defaults: --cache_dir DIR means
+    RETRAIN_CACHE=DIR for this process and the ones it starts."""
     if cache_dir:
         os.environ["RETRAIN_CACHE"] = cache_dir
 
@@ -227,14 +227,13 @@ def label_image(image: str, graph: str | None, labels: str | None, top_k: int, m
     from .prediction import load, model_file
 
     positive("--top_k", top_k)
-    use_cache_dir(cache_dir)
     if graph:
         clf = load(onnx_beside(model_file(graph)), labels)
     else:
         from .files import default_cache_dir
         from .imagenet import imagenet_model_path
 
-        clf = load(imagenet_model_path(default_cache_dir()), labels)
+        clf = load(imagenet_model_path(Path(cache_dir) if cache_dir else default_cache_dir()), labels)
     for note in compatibility_notes(compat, clf):
         print(f"Note: {note}", file=sys.stderr)
     path = Path(image)

@@ -34,6 +34,7 @@ from .config import ExportConfig
 from .errors import UserError
 from .runtime import decoded_batches, inference_session
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .outputs import write_model_dir
 from .graphs import any_size_model, tidy_opsets
 from .prediction import LABELS_FILE, MODEL_FILE, Classifier, load
 from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME
@@ -108,24 +109,13 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, config: Expo
 
 
 def _write(out: Path, blobs: dict[str, bytes], labels: list[str], report: dict) -> None:
-    """A new directory appears whole (built beside it, then renamed); into an existing one
-    (--overwrite, or an empty folder) each file is replaced atomically."""
-    target = out
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """All files staged, then renamed into `out` together (outputs.write_model_dir: Ctrl-C held off)."""
+    def write(staging: Path) -> None:
         for name, data in blobs.items():
-            atomic_write_bytes(target / name, data)
-        atomic_write_text(target / LABELS_FILE, "".join(f"{c}\n" for c in labels))
-        atomic_write_json(target / REPORT_FILE, report)
-        if target != out:
-            target.chmod(0o755)  # mkdtemp makes it private; a model directory is not
-            os.rename(target, out)
-    except BaseException:
-        if target != out:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
+            atomic_write_bytes(staging / name, data)
+        atomic_write_text(staging / LABELS_FILE, "".join(f"{c}\n" for c in labels))
+        atomic_write_json(staging / REPORT_FILE, report)
+    write_model_dir(out, write)
 
 
 def _check_output(out: Path, source_dir: Path, overwrite: bool) -> Path:

@@ -67,7 +67,7 @@ class TrainedModel:
         if report:
             from .report import write_report
 
-            write_report(out, title=title)
+            write_report(out, title=title, metrics=self.metrics)
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
         try:

@@ -161,17 +161,20 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(model_dir: str | Path, image_dir: str | Path | None = None, title: str | None = None) -> Path:
+def write_report(model_dir: str | Path, image_dir: str | Path | None = None, title: str | None = None,
+                 metrics: RunMetrics | None = None) -> Path:
     """Write report.html and its PNG plots into the model directory; returns the report's path.
 
     title: the model's name on the page (default: the folder's; a model being saved is written in a
-    staging folder first, whose name means nothing to the reader).
+    staging folder first, whose name means nothing to the reader). metrics: the model's, when the
+    caller has them (saving a model): metrics.json is then not read back.
     """
     model_dir = Path(model_dir)
     if not (model_dir / MODEL_FILE).is_file():
         raise UserError(f"{model_dir} is not a model directory (no {MODEL_FILE})")
     # No metrics.json (a model copied without it): the sections it feeds are left out or empty.
-    metrics = read_metrics(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).exists() else None
+    if metrics is None and (model_dir / METRICS_FILE).exists():
+        metrics = read_metrics(model_dir / METRICS_FILE)
     clf = Classifier(model_dir / MODEL_FILE)
     classes = clf.labels
     evaluation, preds, cal = _evaluation(clf, metrics, image_dir)
