@@ -41,13 +41,17 @@ def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos") ->
     """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none."""
     if accuracy is None or n == 0:
         return f"not measured: no {photos}"
-    lo, hi = wilson_interval(round(accuracy * n), n)
-    interval = f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%"
+    interval = _interval(accuracy, n)
     if n < TOO_FEW_TO_MEASURE:
         return f"not measurable on {n} {photos} ({round(accuracy * n)}/{n} right; {interval})"
     if n < INTERVAL_BELOW:
         return f"{100 * accuracy:.1f}% (N={n}, {interval})"
     return f"{100 * accuracy:.1f}% (N={n})"
+
+
+def _interval(accuracy: float, n: int) -> str:
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    return f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%"
 
 
 def small_splits_disagree(val: float | None, n_val: int, test: float | None, n_test: int) -> str | None:
@@ -139,10 +143,8 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
-            right = round(test.accuracy * n)
-            lo, hi = wilson_interval(right, n)
-            lines.append(f"Only {n} test photos: too few to measure accuracy ({right}/{n} right; 95% CI "
-                         f"{100 * lo:.0f}-{100 * hi:.0f}%). Add photos to every class.")
+            lines.append(f"Only {n} test photos: too few to measure accuracy ({round(test.accuracy * n)}/{n} right; "
+                         f"{_interval(test.accuracy, n)}). Add photos to every class.")
         else:
             lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of test photos the model never "
                          f"trained on; for comparison, {baselines}.")
