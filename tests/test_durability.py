@@ -149,14 +149,3 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
         atomic_write_bytes(target, b"half a new model")
     assert target.read_bytes() == b"the old model"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left behind
-
-
-def test_ctrl_c_while_a_model_is_moved_into_place_waits_for_the_last_rename(tmp_path):
-    from retrain.outputs import interrupts_deferred
-
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("the renames after the signal still ran")
-    assert done and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "retrain"
 LAYERS = [
     ("foundations", {"errors", "files", "guards", "progress", "preprocess", "decode", "augment", "config", "stopping",
                      "prefetch",
-                     "validate", "outputs", "distributed", "split", "connections"}),
+                     "validate", "interrupts", "outputs", "distributed", "split", "connections"}),
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),
     ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "metrics",
                 "report", "summaries", "imagenet", "lrfind", "checks", "export", "datasets", "tuned"}),

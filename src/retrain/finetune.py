@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,6 +33,7 @@ from .config import Checkpoint, FinetuneConfig, finetune_geometry
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
+from .interrupts import StopRequest, stop_requested_by_interrupt
 from .head import Diverged
 from .metrics import FinetuneRecord
 from .stopping import EarlyStopping
@@ -312,11 +314,15 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
     started, first = time.perf_counter(), state.epoch + 1
     deadline = started + time_budget if time_budget else None
-    try:
+    # anytime: the first Ctrl-C ends the loop at its next step and the best epoch so far is kept; otherwise it
+    # raises as usual (a --resume run continues from its last checkpoint).
+    with stop_requested_by_interrupt() if anytime else nullcontext(StopRequest()) as stop:
         while state.epoch < state.planned_epochs:
             epoch = state.epoch + 1
             entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
-                                 backbone.prep, quiet, deadline)
+                                 backbone.prep, quiet, deadline, stop)
+            if stop:  # the epoch was cut by Ctrl-C: the weights it left are not compared or kept
+                break
             if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
                 raise Diverged(f"epoch {epoch}", cfg.learning_rate, cfg.weight_decay, "--finetune_learning_rate")
             checked = validate(entry)
@@ -335,6 +341,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
                 _save_checkpoint(checkpoint_to_write.path, state.to_checkpoint(checkpoint_to_write.identity, net, opt, sched))
             if after_epoch:
                 after_epoch(lambda: _accuracy(net, data, backbone.prep, device, "test"))
+            if stop:
+                break
             if state.stopping.should_stop:
                 log(f"Early stop after epoch {epoch}: no validation improvement since epoch {state.best_epoch}.")
                 break
@@ -343,9 +351,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
                 log(f"Time budget of {time_budget / 60:.1f} min spent " +
                     (f"during epoch {epoch}: it ended there." if entry.get("cut_short") else f"after epoch {epoch}."))
                 break
-    except KeyboardInterrupt:
-        if not anytime:
-            raise
+    if stop:
         state.interrupted = True
         log(f"Interrupted (Ctrl-C) after {state.epoch} finished epoch(s): keeping the best network so far.")
     # Accuracy alone decides here: the warm head trained without label smoothing, so its validation
@@ -403,8 +409,10 @@ def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
 
 
 def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
-                 device: torch.device, prep: Preprocessing, quiet: bool = False, deadline: float | None = None) -> dict:
-    """One pass over the training photos; at `deadline` (perf_counter seconds) it ends after the current step."""
+                 device: torch.device, prep: Preprocessing, quiet: bool = False, deadline: float | None = None,
+                 stop: StopRequest | None = None) -> dict:
+    """One pass over the training photos; at `deadline` (perf_counter seconds) or a stop request it ends after
+    the current step."""
     _set_train_mode(net, trainable)
     start, seen, cut_short = time.perf_counter(), 0, False
     # Summed on the device: reading them every step would make the CPU wait for the GPU each time.
@@ -427,6 +435,8 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
         bar.update(1)
         if not quiet and step % 10 == 0:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
+        if stop:
+            break
         if deadline and time.perf_counter() > deadline:
             cut_short = step + 1 < max(1, data.n_train // cfg.batch_size)
             break

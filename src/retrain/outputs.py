@@ -15,15 +15,13 @@ import errno
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from .errors import UserError
 from .files import atomic_write_json
+from .interrupts import interrupts_deferred
 
 MARKER = ".retrain-output"  # a JSON note of what retrain wrote here: its presence makes the folder retrain's
 _LEGACY_METRICS = "metrics.json"  # model folders written before MARKER existed hold one with a "provenance" key
@@ -137,20 +135,3 @@ def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]
         raise UserError(os_error_message(e, "write the model to", out) + "; the folder's previous contents are "
                         "unchanged") from None
     return [*names, MARKER]
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends, then raise it."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # only the main thread may set handlers; an ignored or custom SIGINT is not ours to change
-        return
-    caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt

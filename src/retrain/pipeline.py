@@ -38,7 +38,8 @@ from .metrics import FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, S
 from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
-from .outputs import interrupts_deferred, os_error_message, write_model_dir
+from .interrupts import interrupts_deferred
+from .outputs import os_error_message, write_model_dir
 from .plan import Mode, TrainingPlan, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 from .tuned import TunedRun, identity_key, load_tuned, save_tuned, tuned_path
