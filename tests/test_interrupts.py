@@ -9,6 +9,14 @@ import pytest
 from retrain.interrupts import interrupts_deferred, stop_requested_by_interrupt
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_in_a_terminal():
+    """Python's own Ctrl-C handler, as in a terminal: a shell's background job starts with SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_while_a_model_is_moved_into_place_waits_for_the_last_rename():
     done = []
     with pytest.raises(KeyboardInterrupt):

@@ -72,3 +72,29 @@ def test_a_schedule_cut_to_two_epochs_or_fewer_trains_at_gentler_rates(lite0):
     assert full.settings(FinetuneConfig()).learning_rate == FinetuneConfig().learning_rate
     by_hand = TrainConfig(time_budget=2.5 * epoch_seconds, finetune=FinetuneConfig(device="cpu", learning_rate=5e-3))
     assert plan_training(by_hand, lite0, 3000, (0.9, 300)).rates is None  # a rate set by hand is kept
+
+
+def test_a_small_folder_lets_the_lite_sizes_compete_instead_of_fine_tuning(lite0):
+    plan = plan_training(cpu(), lite0, 220, (0.95, 24), n_photos=400)
+    assert plan.mode is Mode.HEAD and plan.backbone_candidates == ("lite0", "lite1", "lite2")
+    assert "compete by 5-fold cross-validated accuracy on the 244 training and validation photos" in plan.reason
+
+
+def test_a_backbone_asked_for_by_name_never_competes(lite0):
+    plan = plan_training(cpu(backbone="lite0"), lite0, 220, (0.95, 24), n_photos=400)
+    assert plan.mode is Mode.HEAD and plan.backbone_candidates == ()
+    assert "compete" not in plan.reason
+
+
+def test_backbones_do_not_compete_past_the_budget(lite0):
+    plan = plan_training(cpu(time_budget=5.0), lite0, 220, (0.95, 24), n_photos=400)
+    assert plan.backbone_candidates == () and "over the budget of 5 s" in plan.reason
+
+
+def test_the_plan_survives_a_json_round_trip_unchanged(lite0):
+    # A cached fine-tuning is found by comparing the stored plan with this one: a tuple that comes back
+    # as a list made every rerun fine-tune again.
+    import json
+
+    for plan in (plan_training(cpu(), lite0, 220, (0.95, 24), n_photos=400), plan_training(cpu(), lite0, 1000, (0.9, 200))):
+        assert json.loads(json.dumps(plan.to_dict())) == plan.to_dict()

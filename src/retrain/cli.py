@@ -42,7 +42,8 @@ RETIRED_FLAGS = {
 
 DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness")
 TOP_K = 5  # classes shown per image by predict and label_image
-BACKBONE_HELP = ("lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole network "
+BACKBONE_HELP = ("auto (lite0, or lite1/lite2 where cross-validation on a small folder finds them better), "
+                 "lite0, lite1, lite2 (pretrained), scratch-small, scratch-color (random weights: the whole network "
                  "trains), or a local ONNX feature extractor (.onnx)")
 
 

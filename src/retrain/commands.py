@@ -76,8 +76,9 @@ def _announced(save: Callable, where: str) -> Callable:
     """The default run's first model (the head) saved the moment it exists, saying so."""
     def publish(model) -> None:
         save(model)
-        print(f"Saved a first model (the head on cached features) to {where}; fine-tuning now tries to beat it "
-              "and replaces it only if it does (Ctrl-C keeps the best model so far).", file=sys.stderr)
+        print(f"Saved a first model (the head on cached features) to {where}; the run now tries to beat it "
+              "(fine-tuning, or larger backbones on a small folder) and replaces it only if it does (Ctrl-C keeps the "
+              "best model so far).", file=sys.stderr)
     return publish
 
 

@@ -13,7 +13,7 @@ from .augment import Augment
 from .errors import UserError
 from .validate import FINETUNE_RULES, HEAD_RULES, check, check_engine, check_train
 
-DEFAULT_BACKBONE = "lite0"
+DEFAULT_BACKBONE = "auto"  # lite0, or a larger Lite where cross-validation on a small folder prefers it
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
 MODES = ("head", "finetune", "auto")
 AUTO_BUDGET_SECONDS = 10 * 60  # fine-tuning in the default run without --time_budget: see the README for why

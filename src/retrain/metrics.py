@@ -111,6 +111,14 @@ class FinetuneRecord:
 
 
 @dataclass
+class BackboneScore:
+    """One backbone's head in a cross-validated comparison (small folders, backbone auto)."""
+    name: str
+    correct: int  # out-of-fold predictions right
+    photos: int
+
+
+@dataclass
 class RunMetrics:
     """metrics.json: the run's data, accuracy with its evidence, calibration, histories and provenance."""
     classes: list[str]
@@ -131,6 +139,7 @@ class RunMetrics:
     test_predictions: list[PredictionRecord] | None = optional()
     head: HeadRecord | None = optional()
     finetune: FinetuneRecord | None = optional()
+    backbone_comparison: list[BackboneScore] | None = optional()
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
     provenance: dict = field(default_factory=dict)  # config, plan, data fingerprint, versions, time
     schema_version: int = SCHEMA_VERSION

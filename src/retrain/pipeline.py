@@ -34,13 +34,13 @@ from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, def
 from .config import Checkpoint, TrainConfig
 from .graphs import classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
-from .metrics import FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
-from .head import OUT_OF_FOLD_MAX_ROWS, logits, out_of_fold_logits, softmax, train_head
+from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
+from .head import OUT_OF_FOLD_MAX_ROWS, cross_validated_correct, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
-from .plan import Mode, TrainingPlan, plan_training
+from .plan import FOLDS, Mode, TrainingPlan, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 from .tuned import TunedRun, identity_key, load_tuned, save_tuned, tuned_path
 
@@ -148,15 +148,20 @@ def _features_by_split(image_dir: str | Path, config: TrainConfig, backbone: Bac
                        stage: Stopwatch, log: Callable[[str], None]):
     """Scan, extract (cached) features; (dataset, {split: samples}, {split: (x, y)}, the ONNX extractor's path)."""
     dataset = _scan(image_dir, config, cache, stage, log)
-    with stage("features"), distributed.main_first(), open_engine(config.engine, config.ray_address) as engine:
-        extractor = extractor_path(backbone, cache)  # exported once; it becomes part of model.onnx too
-        features, failures = compute_features(dataset.samples, backbone, extractor,
-                                              store_folder(cache, config.bottleneck_dir),
-                                              batch_size=config.batch_size, workers=config.workers,
-                                              quiet=config.quiet, engine=engine)
-        split = usable_splits(dataset, features.covers(dataset.samples), failures)
+    features, failures, extractor = _extract(dataset.samples, config, backbone, cache, stage)
+    split = usable_splits(dataset, features.covers(dataset.samples), failures)
     _log_skipped(dataset, log)
     return dataset, split, feature_matrices(split, features, backbone.feature_dim), extractor
+
+
+def _extract(samples: SampleTable, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch):
+    """(features of the samples' contents, {digest: why it failed}, the ONNX extractor's path); cached."""
+    with stage("features"), distributed.main_first(), open_engine(config.engine, config.ray_address) as engine:
+        extractor = extractor_path(backbone, cache)  # exported once; it becomes part of model.onnx too
+        features, failures = compute_features(samples, backbone, extractor, store_folder(cache, config.bottleneck_dir),
+                                              batch_size=config.batch_size, workers=config.workers,
+                                              quiet=config.quiet, engine=engine)
+    return features, failures, extractor
 
 
 def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: Stopwatch,
@@ -201,8 +206,10 @@ class _Fitted:
     extractor: onnx.ModelProto
     layers: list[tuple[np.ndarray, np.ndarray]]
     plan: TrainingPlan
+    backbone: Backbone
     head: "object | None" = None  # HeadResult
     tuned: FinetuneRecord | None = None
+    backbone_scores: list[BackboneScore] | None = None  # the comparison that chose the backbone, if one ran
 
 
 def train(image_dir: str | Path, config: TrainConfig | None = None,
@@ -214,7 +221,8 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     as the plan says) -> calibrate -> evaluate -> export. Under torchrun every process calls this;
     rank 0 gets the model, the others None. timeline, if given, records test accuracy against
     training time (for `retrain compare`). publish, if given, receives the head's model as soon as
-    it exists when the default run goes on to fine-tune (its first usable model).
+    it exists when the default run goes on to improve it (fine-tuning, or larger backbones compared on a small
+    folder): its first usable model.
     """
     config = config or TrainConfig()
     log = distributed.rank0_log(log or _log_for(config))
@@ -223,19 +231,21 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     train_with = _train_on_features if backbone.pretrained else _train_from_scratch
     fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
+    first = (lambda f: publish(_finished(image_dir, f, config, stage, log, announce=False))) if publish else None
+    if fitted.plan.backbone_candidates:
+        fitted = _choose_backbone(fitted, config, cache, stage, log, publish=first)
     if fitted.plan.mode in (Mode.FINETUNE, Mode.HEAD_LIVE):
-        first = (lambda f: publish(_finished(image_dir, f, config, backbone, stage, log, announce=False))
-                 ) if publish else None
-        fitted = _fine_tune(fitted, config, backbone, cache, stage, log, timeline, publish=first)
+        fitted = _fine_tune(fitted, config, cache, stage, log, timeline, publish=first)
     distributed.finish()
     if not distributed.is_main():
         return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
-    return _finished(image_dir, fitted, config, backbone, stage, log)
+    return _finished(image_dir, fitted, config, stage, log)
 
 
-def _finished(image_dir: str | Path, fitted: _Fitted, config: TrainConfig, backbone: Backbone, stage: Stopwatch,
+def _finished(image_dir: str | Path, fitted: _Fitted, config: TrainConfig, stage: Stopwatch,
               log: Callable[[str], None], announce: bool = True) -> TrainedModel:
     """Calibrate, evaluate and export: the trained network becomes a TrainedModel."""
+    backbone = fitted.backbone
     with stage("calibrate"):
         cal = _calibrate(fitted, config)
     provenance = _provenance(image_dir, config, backbone, fitted)
@@ -281,7 +291,7 @@ def _run_record(fitted: _Fitted, backbone: Backbone, cal: Calibration, provenanc
         skipped_files=[SkippedFile(str(p), why) for p, why in fitted.dataset.skipped],
         calibration=cal.report, provenance=provenance,
         head=HeadRecord(best_step=head.best_step, steps_run=head.steps_run, history=head.history) if head else None,
-        finetune=tuned)
+        finetune=tuned, backbone_comparison=fitted.backbone_scores)
 
 
 def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
@@ -299,13 +309,60 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
         timeline.record(lambda: _accuracy(head.layers, *x["test"]))
     x_va, y_va = x["validation"]
     plan = plan_training(config, backbone, len(split["train"]),
-                         (_accuracy(head.layers, x_va, y_va) if len(y_va) else None, len(y_va)))
+                         (_accuracy(head.layers, x_va, y_va) if len(y_va) else None, len(y_va)),
+                         n_photos=sum(len(rows) for rows in split.values()))
     if plan.mode is Mode.HEAD and config.mode == "auto":
         log(plan.describe())
-    return _Fitted(dataset, split, x, onnx.load(str(extractor)), head.layers, plan, head)
+    return _Fitted(dataset, split, x, onnx.load(str(extractor)), head.layers, plan, backbone, head)
 
 
-def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: Path, stage: Stopwatch,
+def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwatch, log: Callable[[str], None],
+                     publish: Callable[[_Fitted], None] | None) -> _Fitted:
+    """The plan's candidate backbones' heads, compared by k-fold accuracy on the training and validation photos.
+
+    The validation split alone is too small to choose by (that is why no fine-tuning runs), so
+    each candidate's head is judged on every labelled photo it did not train on, fold by fold.
+    The first candidate's model (the one already trained) is published before the others extract.
+    """
+    if publish and distributed.is_main():
+        publish(fitted)
+    n_classes = len(fitted.dataset.classes)
+    contenders = [(fitted, fitted.head.best_step)]
+    for name in fitted.plan.backbone_candidates:
+        if name != fitted.backbone.name:
+            contenders += _contender(fitted, get_backbone(name), config, cache, stage, log)
+    y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
+    with stage("train"):
+        scores = [BackboneScore(c.backbone.name, cross_validated_correct(
+            np.concatenate([c.x["train"][0], c.x["validation"][0]]), y, n_classes, config.head, max(steps, 50),
+            FOLDS), len(y)) for c, steps in contenders]
+    best = max(range(len(scores)), key=lambda i: scores[i].correct)  # a tie keeps the earlier, smaller backbone
+    chosen = contenders[best][0]
+    summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
+    log(f"Cross-validated ({FOLDS} folds) on {len(y)} photos: {summary}; {chosen.backbone.name} is kept")
+    return replace(chosen, backbone_scores=scores,
+                   plan=replace(chosen.plan, reason=f"{chosen.plan.reason}: {summary} right; {chosen.backbone.name} "
+                                "kept"))
+
+
+def _contender(fitted: _Fitted, backbone: Backbone, config: TrainConfig, cache: Path, stage: Stopwatch,
+               log: Callable[[str], None]) -> list[tuple[_Fitted, int]]:
+    """[(the head on `backbone`'s features of the same photos, its best step)], or [] if some photo failed."""
+    split = fitted.split
+    rows = split["train"] + split["validation"] + split["test"]
+    features, failures, extractor = _extract(rows, config, backbone, cache, stage)
+    if failures or not features.covers(rows).all():
+        log(f"{backbone.name} left out of the comparison: {len(failures)} photo(s) failed through it")
+        return []
+    x = feature_matrices(split, features, backbone.feature_dim)
+    with stage("train"):
+        head = train_head(*x["train"], *x["validation"], len(fitted.dataset.classes), config.head,
+                          log=lambda message: None)
+    return [(replace(fitted, backbone=backbone, x=x, extractor=onnx.load(str(extractor)), layers=head.layers,
+                     head=head), head.best_step)]
+
+
+def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwatch,
                log: Callable[[str], None], timeline: Timeline | None,
                publish: Callable[[_Fitted], None] | None) -> _Fitted:
     """The network fine-tuned on live images from the head's warm start, or the same run's from the cache.
@@ -316,7 +373,7 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, backbone: Backbone, cache: 
     """
     from .finetune import finetune  # imports PyTorch: only when fine-tuning
 
-    plan, split = fitted.plan, fitted.split
+    plan, split, backbone = fitted.plan, fitted.split, fitted.backbone
     identity = training_identity(config, fitted.dataset, backbone)
     # What the plan resolved (epochs, rates, device) keys the cached run too: the same settings on
     # another machine, or under a retrain that plans differently, must not reuse it.
@@ -380,7 +437,7 @@ def _train_from_scratch(image_dir: str | Path, config: TrainConfig, backbone: Ba
     _log_skipped(dataset, log)
     extractor = tuned_extractor(tuned, backbone)
     return _Fitted(dataset, split, _features_through(extractor, split, backbone, config), extractor, tuned.layers, plan,
-                   tuned=tuned.record)
+                   backbone, tuned=tuned.record)
 
 
 def _with_network(fitted: _Fitted, run: TunedRun) -> _Fitted:

@@ -1,0 +1,53 @@
+"""pipeline.py: on a small folder the default run lets the Lite sizes compete by cross-validation."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import retrain
+from retrain.backbones import get_backbone
+from retrain.config import HeadConfig, TrainConfig
+
+from conftest import shared_dataset
+
+
+@pytest.fixture(scope="module")
+def few_ants_and_bees(tmp_path_factory) -> Path:
+    """30 photos a class of hymenoptera's training folder: 3 validation photos each, far too few to fine-tune on."""
+    root = tmp_path_factory.mktemp("few") / "hymenoptera"
+    for cls in ("ants", "bees"):
+        photos = sorted((shared_dataset("hymenoptera") / "train" / cls).glob("*.jpg"))[:30]
+        (root / cls).mkdir(parents=True)
+        for photo in photos:
+            shutil.copy(photo, root / cls / photo.name)
+    return root
+
+
+def default_config(cache_dir: Path, **kw) -> TrainConfig:
+    return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=400, seed=0), **kw)
+
+
+def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_and_bees, cache_dir):
+    published = []
+    model = retrain.train(few_ants_and_bees, default_config(cache_dir), publish=published.append)
+    metrics = model.metrics
+    scores = metrics.backbone_comparison
+    labelled = metrics.num_images["train"] + metrics.num_images["validation"]
+    assert [s.name for s in scores] == ["lite0", "lite1", "lite2"]
+    assert all(s.photos == labelled and 0 <= s.correct <= labelled for s in scores)
+    best = max(scores, key=lambda s: s.correct)  # max keeps the first of equals: the smaller backbone
+    assert metrics.backbone == best.name and f"{best.name} kept" in metrics.plan["reason"]
+    # The exported graph is the chosen backbone's: its input has that backbone's size.
+    size = get_backbone(best.name).prep.size
+    dims = [d.dim_value for d in model.model.graph.input[0].type.tensor_type.shape.dim]
+    assert size in dims
+    # The first model was published before the other backbones were extracted: lite0's head.
+    assert [m.metrics.backbone for m in published] == ["lite0"] and published[0].metrics.backbone_comparison is None
+    assert metrics.test_evidence.n == metrics.num_images["test"] > 0
+
+
+def test_a_backbone_named_by_the_user_is_kept(few_ants_and_bees, cache_dir):
+    model = retrain.train(few_ants_and_bees, default_config(cache_dir, backbone="lite0"))
+    assert model.metrics.backbone == "lite0" and model.metrics.backbone_comparison is None
