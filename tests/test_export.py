@@ -234,3 +234,13 @@ def test_any_size_int8_model_runs_in_onnxruntime_web(exported, tmp_path):
         expected = python.run(None, {IMAGE_NAME: image})[0][0]
         got = np.array(json.loads(web.stdout))
         assert got.argmax() == expected.argmax() and np.abs(got - expected).max() < 0.01, path
+
+
+@pytest.mark.parametrize("flag, value", [("--tolerance", "nan"), ("--tolerance", "-1"), ("--calibration_images", "0")])
+def test_export_numbers_are_checked_before_any_work(flag, value, tmp_path, capsys):
+    # A NaN tolerance used to pass its check (NaN < 0 is false) and then let any int8 loss through.
+    out = tmp_path / "out"
+    assert retrain_main(["export", str(tmp_path / "no-model"), "--int8", flag, value, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "ExportConfig" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

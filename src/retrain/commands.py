@@ -214,9 +214,6 @@ def doctor(image_dir: str, *, backbone: str, cache_dir: str | None, workers: int
 def export(model: str, output: str, config: ExportConfig) -> int:
     from .export import export as export_model
 
-    positive("--calibration_images", config.calibration_images)
-    if config.tolerance < 0:
-        raise UserError(f"--tolerance is in accuracy points, 0 or more (got {config.tolerance})")
     written = export_model(model, output, config)
     print(f"Wrote {', '.join(written['files'])}, labels.txt and export.json to {output}", file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .augment import Augment
 from .errors import UserError
-from .validate import FINETUNE_RULES, HEAD_RULES, check, check_engine, check_train
+from .validate import EXPORT_RULES, FINETUNE_RULES, HEAD_RULES, check, check_engine, check_train
 
 DEFAULT_BACKBONE = "auto"  # lite0, or a larger Lite where cross-validation on a small folder prefers it
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
@@ -159,3 +159,6 @@ class ExportConfig:
     image_dir: str | None = None  # default: the folder the model was trained on (its provenance)
     workers: int = 2  # decoding threads
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check("ExportConfig", self, EXPORT_RULES)  # a NaN tolerance would let any int8 loss through

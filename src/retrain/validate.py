@@ -100,6 +100,13 @@ TRAIN_RULES = {
 }
 
 
+EXPORT_RULES = {
+    "tolerance": Rule("--tolerance", 0, 100),  # accuracy points
+    "calibration_images": Rule("--calibration_images", 1, 1_000_000, integer=True),
+    "workers": Rule("--workers", 1, 1024, integer=True),
+}
+
+
 def check_train(config: Any) -> None:
     """TrainConfig's own numbers (its head/finetune/scratch configs check themselves)."""
     check("TrainConfig", config, TRAIN_RULES)
