@@ -51,3 +51,16 @@ def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_an
 def test_a_backbone_named_by_the_user_is_kept(few_ants_and_bees, cache_dir):
     model = retrain.train(few_ants_and_bees, default_config(cache_dir, backbone="lite0"))
     assert model.metrics.backbone == "lite0" and model.metrics.backbone_comparison is None
+
+
+def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_bees, cache_dir):
+    runs = []
+    for _ in range(2):
+        said = []
+        model = retrain.train(few_ants_and_bees, default_config(cache_dir), log=said.append)
+        runs.append((model, said))
+    (one, said_one), (two, said_two) = runs
+    assert any("Reusing the backbone comparison" in line for line in said_two)
+    assert two.metrics.backbone_comparison == one.metrics.backbone_comparison
+    assert two.metrics.backbone == one.metrics.backbone
+    assert two.metrics.test_accuracy == one.metrics.test_accuracy

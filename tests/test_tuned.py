@@ -53,3 +53,18 @@ def test_an_unwritable_cache_is_not_an_error(tmp_path):
     blocker.write_text("a file where the cache folder should be")
     save_tuned(tuned_path(blocker, {"a": 1}), tiny_run(), {"a": 1})  # fine-tuning's result must not be lost to it
     assert blocker.read_text().startswith("a file")
+
+
+def test_a_damaged_or_foreign_backbone_comparison_is_not_reused(tmp_path):
+    from retrain.metrics import BackboneScore
+    from retrain.tuned import load_scores, save_scores, scores_path
+
+    scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
+    path = scores_path(tmp_path, {"run": 1})
+    save_scores(path, scores, {"run": 1})
+    assert load_scores(path, {"run": 1}) == scores
+    assert load_scores(path, {"run": 2}) is None
+    path.write_text('{"identity": {"run": 1}, "scores": [{"name": "lite0"}]}', encoding="utf-8")
+    assert load_scores(path, {"run": 1}) is None
+    path.write_text("not json", encoding="utf-8")
+    assert load_scores(path, {"run": 1}) is None

@@ -42,7 +42,8 @@ from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
 from .plan import FOLDS, Mode, TrainingPlan, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
-from .tuned import TunedRun, identity_key, load_tuned, save_tuned, tuned_path
+from .tuned import (TunedRun, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
+                    tuned_path)
 
 
 
@@ -322,24 +323,34 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
 
     The validation split alone is too small to choose by (that is why no fine-tuning runs), so
     each candidate's head is judged on every labelled photo it did not train on, fold by fold.
-    The first candidate's model (the one already trained) is published before the others extract.
+    The first candidate's model (the one already trained) is published before the others extract;
+    the counts are cached, so the same command on the same folder trains only the winner's head.
     """
     if publish and distributed.is_main():
         publish(fitted)
-    n_classes = len(fitted.dataset.classes)
-    contenders = [(fitted, fitted.head.best_step)]
-    for name in fitted.plan.backbone_candidates:
-        if name != fitted.backbone.name:
-            contenders += _contender(fitted, get_backbone(name), config, cache, stage, log)
-    y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
-    with stage("train"):
-        scores = [BackboneScore(c.backbone.name, cross_validated_correct(
-            np.concatenate([c.x["train"][0], c.x["validation"][0]]), y, n_classes, config.head, max(steps, 50),
-            FOLDS), len(y)) for c, steps in contenders]
-    best = max(range(len(scores)), key=lambda i: scores[i].correct)  # a tie keeps the earlier, smaller backbone
-    chosen = contenders[best][0]
+    identity = training_identity(config, fitted.dataset, fitted.backbone) | {"plan": fitted.plan.to_dict()}
+    stored = scores_path(cache, identity)
+    scores = load_scores(stored, identity)
+    if scores is None:
+        contenders = [(fitted, fitted.head.best_step)]
+        for name in fitted.plan.backbone_candidates:
+            if name != fitted.backbone.name:
+                contenders += _contender(fitted, get_backbone(name), config, cache, stage, log)
+        y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
+        with stage("train"):
+            scores = [BackboneScore(c.backbone.name, cross_validated_correct(
+                np.concatenate([c.x["train"][0], c.x["validation"][0]]), y, len(fitted.dataset.classes), config.head,
+                max(steps, 50), FOLDS), len(y)) for c, steps in contenders]
+        save_scores(stored, scores, identity)
+        trained = {c.backbone.name: c for c, _ in contenders}
+    else:
+        log(f"Reusing the backbone comparison of an identical earlier run (same photos and settings): {stored}")
+        trained = {fitted.backbone.name: fitted}
+    best = max(scores, key=lambda score: score.correct).name  # a tie keeps the earlier, smaller backbone
+    chosen = trained.get(best) or next(
+        (c for c, _ in _contender(fitted, get_backbone(best), config, cache, stage, log)), fitted)
     summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
-    log(f"Cross-validated ({FOLDS} folds) on {len(y)} photos: {summary}; {chosen.backbone.name} is kept")
+    log(f"Cross-validated ({FOLDS} folds) on {scores[0].photos} photos: {summary}; {chosen.backbone.name} is kept")
     return replace(chosen, backbone_scores=scores,
                    plan=replace(chosen.plan, reason=f"{chosen.plan.reason}: {summary} right; {chosen.backbone.name} "
                                 "kept"))

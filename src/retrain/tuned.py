@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .metrics import FinetuneRecord
+from .files import atomic_write_json
+from .metrics import BackboneScore, FinetuneRecord
 
 RECORD, ARRAYS, NETWORK = "record.json", "arrays.npz", "network.onnx"
 
@@ -77,4 +78,28 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
         network = onnx.load(str(path / NETWORK)) if record["network"] else None
         return TunedRun(network, layers, x, FinetuneRecord(**record["run"]))
     except (OSError, ValueError, KeyError, TypeError, DecodeError):  # missing, damaged or of an older layout
+        return None
+
+
+def scores_path(cache: Path, identity: dict) -> Path:
+    return cache / "tuned" / f"{identity_key(identity)}.backbones.json"
+
+
+def save_scores(path: Path, scores: list[BackboneScore], identity: dict) -> None:
+    """A backbone comparison's counts, so that the same command on the same folder skips its cross-validation."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"identity": identity, "scores": [asdict(score) for score in scores]})
+    except OSError:  # a full or read-only cache: the next run compares again
+        pass
+
+
+def load_scores(path: Path, identity: dict) -> list[BackboneScore] | None:
+    """The stored comparison of this identity; None when there is none, or it is damaged or of another run."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("identity") != identity:
+            return None
+        return [BackboneScore(**score) for score in record["scores"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
