@@ -14,26 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance
 
-
-@dataclass(frozen=True)
-class Augment:
-    size: int  # side of the square training crop
-    flip: bool = True
-    crop_scale: tuple[float, float] = (0.25, 1.0)  # random resized crop: fraction of the area
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    brightness: float = 0.25  # factor drawn from [1 - b, 1 + b]
-    contrast: float = 0.25
-    saturation: float = 0.25
-    legacy_crop: float = 0.0  # retrain.py --random_crop / 100
-    legacy_scale: float = 0.0  # retrain.py --random_scale / 100
-    legacy: bool = False  # use retrain.py's recipe (only the flags given) instead of the modern one
-
-    @classmethod
-    def from_retrain_flags(cls, size: int, flip_left_right: bool, random_crop: int, random_scale: int,
-                           random_brightness: int) -> "Augment":
-        """retrain.py's distortions: margin crop, scale up, flip, brightness multiply; nothing else."""
-        return cls(size=size, flip=flip_left_right, brightness=random_brightness / 100, contrast=0.0,
-                   saturation=0.0, legacy_crop=random_crop / 100, legacy_scale=random_scale / 100, legacy=True)
+from .config import Augment
 
 
 @dataclass(frozen=True)

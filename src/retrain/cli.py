@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 from . import commands
 from .backbones import from_random_weights
 from .commands import positive
-from .config import (AUTO_BUDGET_SECONDS, CALIBRATION_IMAGES, CPU_TRAIN_SIZE, DEFAULT_TOLERANCE, MODES, OUTPUT_NAME,
+from .config import (AUTO_BUDGET_SECONDS, Augment, CALIBRATION_IMAGES, CPU_TRAIN_SIZE, DEFAULT_TOLERANCE, MODES, OUTPUT_NAME,
                      ExportConfig, FinetuneConfig, HeadConfig, TrainConfig, scratch_defaults)
 from .errors import UserError
 from .outputs import os_error_message
@@ -247,8 +247,6 @@ def _minutes(value: float | None) -> float | None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that `retrain train` or `retrain --image_dir` flags describe."""
-    from .augment import Augment
-
     for name in ("how_many_training_steps", "learning_rate", "train_batch_size", "eval_step_interval", "workers",
                  "epochs", "finetune_learning_rate", "finetune_batch_size", "time_budget"):
         if getattr(args, name) is not None:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .prefetch import batched, ordered_map
 from .progress import progress
 from . import distributed
-from .augment import Augment, Distortion, augment, draw_distortion
+from .augment import Distortion, augment, draw_distortion
+from .config import Augment
 from .decode import UnreadableImage, decode_all, open_rgb
 from .runtime import decoded_batches
 from .preprocess import Preprocessing

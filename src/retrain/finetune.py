@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 from .progress import progress
 from . import distributed
-from .augment import Augment
-from .config import Checkpoint, FinetuneConfig, finetune_geometry
+from .config import Augment, Checkpoint, FinetuneConfig, finetune_geometry
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
