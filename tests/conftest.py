@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -52,6 +53,40 @@ def make_dataset(root: Path, per_class: int = 16, classes=("circles", "squares",
         (root / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             draw_shape(kind, rng, int(rng.integers(64, 160))).save(root / kind / f"{kind}_{i:03d}.jpg", quality=90)
+    return root
+
+
+def photo(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """A shape over a random background with some detail: unlike plain shapes, no two share a
+    perceptual hash, and unlike flat images, a recompressed copy keeps its hash."""
+    background = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    background = background.resize((size, size), Image.Resampling.BICUBIC)
+    return Image.blend(background, draw_shape(kind, rng, size), 0.6)
+
+
+def photo_folder(root: Path, per_class: int, seed: int = 0, classes=("circles", "squares", "stripes")) -> Path:
+    rng = np.random.default_rng(seed)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo(kind, rng).save(root / kind / f"{kind[0]}{i:02d}.jpg", quality=90)
+    return root
+
+
+def planted_folder(root: Path) -> Path:
+    """train/ + val/ photo folders with one of every problem `retrain doctor` looks for planted."""
+    photo_folder(root / "train", per_class=20, seed=1)
+    photo_folder(root / "val", per_class=5, seed=2)
+    train, val = root / "train", root / "val"
+    shutil.copyfile(train / "circles/c00.jpg", train / "circles/c00 copy.jpg")  # exact, within class
+    shutil.copyfile(train / "squares/s01.jpg", train / "stripes/s01 again.jpg")  # exact, two classes
+    shutil.copyfile(val / "circles/c00.jpg", train / "circles/leaked.jpg")  # exact, two splits
+    with Image.open(train / "squares/s02.jpg") as img:  # near: smaller and recompressed, same class
+        img.resize((60, 60), Image.Resampling.BILINEAR).save(train / "squares/s02 small.jpg", quality=60)
+    with Image.open(train / "stripes/s03.jpg") as img:  # near: mirrored, in val
+        ImageOps.mirror(img).save(val / "stripes/s03 mirrored.png")
+    (train / "circles/c05.jpg").rename(train / "squares/c05.jpg")  # flipped labels
+    (train / "stripes/s06.jpg").rename(train / "circles/s06.jpg")
     return root
 
 

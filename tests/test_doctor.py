@@ -6,57 +6,26 @@ in the session cache); the hostile-file cases run through the doctor in test_int
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from retrain import doctor
 from retrain.cli import retrain_main
-from retrain.checks import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS, quick_summary, split_warnings
+from retrain.checks import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS
 from retrain.doctor import diagnose, format_text
-from retrain.scan import scan_dataset
 
-from conftest import draw_shape, shared_dataset
+from conftest import photo, planted_folder, shared_dataset
 
 CLASSES = ("circles", "squares", "stripes")
 
 
-def photo(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
-    """A shape over a random background with some detail: unlike plain shapes, no two share a
-    perceptual hash, and unlike flat images, a recompressed copy keeps its hash."""
-    background = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
-    background = background.resize((size, size), Image.Resampling.BICUBIC)
-    return Image.blend(background, draw_shape(kind, rng, size), 0.6)
-
-
-def photo_folder(root: Path, per_class: int, seed: int = 0, classes=CLASSES) -> Path:
-    rng = np.random.default_rng(seed)
-    for kind in classes:
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            photo(kind, rng).save(root / kind / f"{kind[0]}{i:02d}.jpg", quality=90)
-    return root
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, cache_dir):
-    """train/ + val/ folders with one of every problem planted; returns (root, report)."""
-    root = tmp_path_factory.mktemp("doctor") / "data"
-    photo_folder(root / "train", per_class=20, seed=1)
-    photo_folder(root / "val", per_class=5, seed=2)
-    train, val = root / "train", root / "val"
-    shutil.copyfile(train / "circles/c00.jpg", train / "circles/c00 copy.jpg")  # exact, within class
-    shutil.copyfile(train / "squares/s01.jpg", train / "stripes/s01 again.jpg")  # exact, two classes
-    shutil.copyfile(val / "circles/c00.jpg", train / "circles/leaked.jpg")  # exact, two splits
-    with Image.open(train / "squares/s02.jpg") as img:  # near: smaller and recompressed, same class
-        img.resize((60, 60), Image.Resampling.BILINEAR).save(train / "squares/s02 small.jpg", quality=60)
-    with Image.open(train / "stripes/s03.jpg") as img:  # near: mirrored, in val
-        ImageOps.mirror(img).save(val / "stripes/s03 mirrored.png")
-    (train / "circles/c05.jpg").rename(train / "squares/c05.jpg")  # flipped labels
-    (train / "stripes/s06.jpg").rename(train / "circles/s06.jpg")
+    """train/ + val/ folders with one of every problem planted (conftest.planted_folder); returns (root, report)."""
+    root = planted_folder(tmp_path_factory.mktemp("doctor") / "data")
     return root, diagnose(root, cache_dir=cache_dir, quiet=True)
 
 
@@ -72,16 +41,6 @@ def test_counts_per_class_and_split(planted):
     assert {c: n["test"] for c, n in report.counts.items()} == {"circles": 2, "squares": 2, "stripes": 2}
     assert report.warnings == ["the test split has only 6 photos: too few to measure accuracy (a 95% interval "
                                "spans tens of points); aim for 50+ photos per class"]
-
-
-def test_classes_without_held_out_photos_are_flagged():
-    counts = {"ants": {"train": 20, "validation": 3, "test": 3}, "bees": {"train": 4, "validation": 0, "test": 0}}
-    warnings = split_warnings(counts)
-    assert any(w.startswith("no validation photos of bees:") for w in warnings)
-    assert any(w.startswith("no test photos of bees:") for w in warnings)
-    assert sum("too few to measure" in w for w in warnings) == 2
-    assert split_warnings({"a": {"train": 80, "validation": 10, "test": 10},
-                           "b": {"train": 80, "validation": 10, "test": 10}}) == []
 
 
 def test_exact_duplicates_by_kind(planted):
@@ -138,37 +97,6 @@ def test_cli_json_is_complete_and_deterministic(planted, cache_dir, capsys):
     assert runs[0] == expected
     assert set(runs[0]) >= {"counts", "unreadable", "formats", "modes", "exact_duplicates", "near_duplicates",
                             "outliers", "suspects"}
-
-
-def test_quick_summary_uses_the_scan_only(planted, monkeypatch):
-    root, _ = planted
-    dataset = scan_dataset(root, quiet=True)
-    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("quick_summary decoded an image"))
-    lines = quick_summary(dataset)
-    assert len(lines) == 5 and lines[-1].startswith("Run `retrain doctor`")
-    assert "test split has only 6 photos" in lines[0]
-    assert "two or more classes" in lines[1] and "s01.jpg" in lines[1]
-    assert "leakage" in lines[2] and "c00.jpg" in lines[2]
-    assert "one class" in lines[3]
-
-
-def test_quick_summary_few_images_and_imbalance(tmp_path):
-    photo_folder(tmp_path / "d", per_class=8, classes=("rare",))
-    photo_folder(tmp_path / "d", per_class=40, seed=3, classes=("common",))
-    lines = quick_summary(scan_dataset(tmp_path / "d", quiet=True))
-    assert lines[0].startswith("Warning: few images (<20) for rare (8)")
-    assert any(line.startswith("Warning: heavy imbalance: common has 40 images, rare only 8 (5x)") for line in lines)
-
-
-def test_quick_summary_clean_dataset_says_nothing(tmp_path):
-    assert quick_summary(scan_dataset(photo_folder(tmp_path / "d", per_class=40), quiet=True)) == []
-
-
-def test_empty_files_are_not_reported_as_duplicates(tmp_path):
-    root = photo_folder(tmp_path / "d", per_class=20, classes=("a", "b"))
-    (root / "a" / "empty1.jpg").write_bytes(b"")
-    (root / "b" / "empty2.jpg").write_bytes(b"")
-    assert doctor.exact_duplicates(scan_dataset(root, quiet=True)) == []
 
 
 def test_folds_keep_identical_content_together_and_are_stratified():

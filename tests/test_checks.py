@@ -1,0 +1,58 @@
+"""Tests for retrain.checks: the scan-only checks (counts, missing or tiny splits, exact duplicates)."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from retrain.checks import exact_duplicates, quick_summary, split_warnings
+from retrain.scan import scan_dataset
+
+from conftest import photo_folder, planted_folder
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """test_doctor.py's folders with one of every problem planted, without running the doctor: (root, None)."""
+    return planted_folder(tmp_path_factory.mktemp("checks") / "data"), None
+
+
+def test_classes_without_held_out_photos_are_flagged():
+    counts = {"ants": {"train": 20, "validation": 3, "test": 3}, "bees": {"train": 4, "validation": 0, "test": 0}}
+    warnings = split_warnings(counts)
+    assert any(w.startswith("no validation photos of bees:") for w in warnings)
+    assert any(w.startswith("no test photos of bees:") for w in warnings)
+    assert sum("too few to measure" in w for w in warnings) == 2
+    assert split_warnings({"a": {"train": 80, "validation": 10, "test": 10},
+                           "b": {"train": 80, "validation": 10, "test": 10}}) == []
+
+
+def test_quick_summary_uses_the_scan_only(planted, monkeypatch):
+    root, _ = planted
+    dataset = scan_dataset(root, quiet=True)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("quick_summary decoded an image"))
+    lines = quick_summary(dataset)
+    assert len(lines) == 5 and lines[-1].startswith("Run `retrain doctor`")
+    assert "test split has only 6 photos" in lines[0]
+    assert "two or more classes" in lines[1] and "s01.jpg" in lines[1]
+    assert "leakage" in lines[2] and "c00.jpg" in lines[2]
+    assert "one class" in lines[3]
+
+
+def test_quick_summary_few_images_and_imbalance(tmp_path):
+    photo_folder(tmp_path / "d", per_class=8, classes=("rare",))
+    photo_folder(tmp_path / "d", per_class=40, seed=3, classes=("common",))
+    lines = quick_summary(scan_dataset(tmp_path / "d", quiet=True))
+    assert lines[0].startswith("Warning: few images (<20) for rare (8)")
+    assert any(line.startswith("Warning: heavy imbalance: common has 40 images, rare only 8 (5x)") for line in lines)
+
+
+def test_quick_summary_clean_dataset_says_nothing(tmp_path):
+    assert quick_summary(scan_dataset(photo_folder(tmp_path / "d", per_class=40), quiet=True)) == []
+
+
+def test_empty_files_are_not_reported_as_duplicates(tmp_path):
+    root = photo_folder(tmp_path / "d", per_class=20, classes=("a", "b"))
+    (root / "a" / "empty1.jpg").write_bytes(b"")
+    (root / "b" / "empty2.jpg").write_bytes(b"")
+    assert exact_duplicates(scan_dataset(root, quiet=True)) == []
+
