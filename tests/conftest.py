@@ -90,6 +90,23 @@ def planted_folder(root: Path) -> Path:
     return root
 
 
+def assert_square(arr: np.ndarray, size: int | None = None) -> None:
+    """arr is one (size, size, 3) uint8 image; size defaults to Preprocessing()'s."""
+    if size is None:
+        from retrain.preprocess import Preprocessing
+
+        size = Preprocessing().size
+    assert isinstance(arr, np.ndarray)
+    assert arr.shape == (size, size, 3)
+    assert arr.dtype == np.uint8
+
+
+def assert_colour(region: np.ndarray, rgb, tol: int = 12) -> None:
+    """Every pixel of `region` is within `tol` of `rgb` (per channel)."""
+    diff = np.abs(region.reshape(-1, 3).astype(int) - np.array(rgb)).max()
+    assert diff <= tol, f"max channel difference {diff} from {rgb}; mean colour {region.reshape(-1, 3).mean(0)}"
+
+
 @pytest.fixture
 def shapes(tmp_path) -> Path:
     """A small generated dataset of three visually distinct classes, for a test that changes it."""

@@ -25,7 +25,7 @@ from retrain.graphs import any_size_model
 from retrain.head import HeadConfig
 from retrain.imagenet import imagenet_model_path
 from retrain.prediction import load
-from retrain.preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing, fit_to_square, geometry_graph
+from retrain.preprocess import IMAGE_NAME, INPUT_NAME, fit_to_square
 from retrain.serve import ServeConfig, create_app
 
 from conftest import draw_shape, make_dataset, shared_dataset
@@ -132,21 +132,6 @@ def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, caps
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
-@pytest.mark.parametrize("size", [(37, 53), (150, 150), (640, 90), (1, 300), (700, 523)])
-def test_geometry_graph_is_fit_to_square_in_onnx(size):
-    """The in-graph resize and crop give PIL's pixels (off by at most one grey level from rounding)."""
-    prep = Preprocessing()
-    rng = np.random.default_rng(sum(size))
-    base = draw_shape("circles", rng, 64).resize(size, Image.Resampling.BICUBIC)
-    noisy = np.clip(np.asarray(base, np.int16) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255)
-    image = np.ascontiguousarray(noisy.astype(np.uint8))
-    session = ort.InferenceSession(geometry_graph(prep, 17).SerializeToString(), providers=["CPUExecutionProvider"])
-    ours = session.run(None, {IMAGE_NAME: image})[0][0].astype(int)
-    pil = fit_to_square(Image.fromarray(image), prep).astype(int)
-    assert np.abs(ours - pil).max() <= 1
-    assert np.mean(ours != pil) < 0.01
 
 
 def decoded(path: Path) -> np.ndarray:
