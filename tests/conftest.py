@@ -1,8 +1,11 @@
 """Shared fixtures: a per-session cache (backbones are exported once), generated and real datasets."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,21 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real dataset {name} not present at {path}")
     return path
+
+
+def real_photos() -> list[Path]:
+    """Photos of many sizes: 500x375-ish JPEGs, 100x100 hands (upscaled), 92-640 px hands."""
+    photos = sorted((shared_dataset("hymenoptera") / "val" / "bees").glob("*.jpg"))[:25]
+    photos += sorted((shared_dataset("sign_language_digits") / "3").iterdir())[:10]
+    photos += sorted((shared_dataset("rock_paper_scissors") / "testing" / "rock").iterdir())[:15]
+    return photos
+
+
+def decoded(path: Path) -> np.ndarray:
+    """What a user's own code hands the any-size model: the whole photo (no JPEG draft scaling), upright, RGB."""
+    from retrain.decode import open_rgb
+
+    return np.asarray(open_rgb(path, sys.maxsize))
 
 
 def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
@@ -124,6 +142,28 @@ def quick_config(cache_dir: Path, **kw):
     from retrain.config import HeadConfig, TrainConfig
 
     return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300, seed=0), **{"mode": "head"} | kw)
+
+
+@functools.cache
+def bench_scale():
+    """benchmarks/bench_scale.py as a module: its synthetic-folder generator and tiny backbone serve the tests too."""
+    spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                  "bench_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """bench_scale's folder of 120 generated 32x32 PNGs in 10 classes."""
+    return bench_scale().make_synthetic_folder(tmp_path_factory.mktemp("scale"), 120)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """bench_scale's 2-convolution ONNX CNN: a backbone that costs nothing to run."""
+    return bench_scale().tiny_backbone(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
 @dataclass

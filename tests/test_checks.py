@@ -55,4 +55,3 @@ def test_empty_files_are_not_reported_as_duplicates(tmp_path):
     (root / "a" / "empty1.jpg").write_bytes(b"")
     (root / "b" / "empty2.jpg").write_bytes(b"")
     assert exact_duplicates(scan_dataset(root, quiet=True)) == []
-

@@ -43,15 +43,10 @@ from retrain.scan import scan_dataset
 from retrain.serve import ServeConfig, create_app
 
 from conftest import make_dataset
-from test_scale import bench
 from test_serve import free_port, image_bytes
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return bench.tiny_backbone(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -446,31 +441,6 @@ def test_damaged_cached_backbone_is_rebuilt_with_a_note(tiny, tmp_path, photos, 
     assert code == 0, err
     assert f"Note: the cached {path.name} is damaged (its SHA-256 does not match" in err
     assert path.read_bytes() != bytes(data)
-
-
-def test_truncated_cached_backbone_from_before_digests_is_rebuilt(tiny, tmp_path, capsys):
-    backbone = retrain.backbones.get_backbone(str(tiny))
-    path = extractor_path(backbone, tmp_path)
-    path.with_name(path.name + ".sha256").unlink()
-    path.write_bytes(path.read_bytes()[:200])
-    assert extractor_path(backbone, tmp_path) == path
-    assert "damaged (not a valid ONNX file" in capsys.readouterr().err
-    import onnx
-    onnx.checker.check_model(str(path))
-
-
-def test_sound_cached_backbone_from_before_digests_is_kept_and_gets_a_digest(tiny, tmp_path, monkeypatch):
-    backbone = retrain.backbones.get_backbone(str(tiny))
-    path = extractor_path(backbone, tmp_path)
-    digest = path.with_name(path.name + ".sha256")
-    recorded = digest.read_text()
-    digest.unlink()
-
-    def no_rebuild(*a, **k):
-        raise AssertionError("a sound cached backbone must not be rebuilt")
-    monkeypatch.setattr(retrain.graphs, "_build_extractor", no_rebuild)
-    assert extractor_path(backbone, tmp_path) == path
-    assert digest.read_text() == recorded
 
 
 # ---------------------------------------------------------------- 6. the server and stalled clients

@@ -70,7 +70,6 @@ def test_normalize_torch_matches_onnx_normalizer():
         np.testing.assert_allclose(onnx_out, expected, rtol=0, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("size", [(37, 53), (150, 150), (640, 90), (1, 300), (700, 523)])
 def test_geometry_graph_is_fit_to_square_in_onnx(size):
     """The in-graph resize and crop give PIL's pixels (off by at most one grey level from rounding)."""
@@ -84,4 +83,3 @@ def test_geometry_graph_is_fit_to_square_in_onnx(size):
     pil = fit_to_square(Image.fromarray(image), prep).astype(int)
     assert np.abs(ours - pil).max() <= 1
     assert np.mean(ours != pil) < 0.01
-

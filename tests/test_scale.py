@@ -34,19 +34,11 @@ from retrain.head import HeadConfig, logits, train_head
 from retrain.prediction import load, predict_to_file
 from retrain.scan import Sample, SampleTable, digest_keys, scan_dataset
 
+from conftest import bench_scale
+
 predict_mod = importlib.import_module("retrain.prediction")
 DIM = 8
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = bench_scale()
 
 
 def digests(n: int, tag: str = "") -> list[str]:
@@ -255,15 +247,6 @@ def test_hashing_pulls_files_lazily(tmp_path):
 
 
 # ---------------------------------------------------------------- end to end on generated images
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return bench.make_synthetic_folder(tmp_path_factory.mktemp("scale"), 120)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return bench.tiny_backbone(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
 def test_generator_makes_ten_balanced_classes_and_is_reused(synthetic):
