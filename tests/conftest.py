@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -44,6 +45,11 @@ def decoded(path: Path) -> np.ndarray:
     from retrain.decode import open_rgb
 
     return np.asarray(open_rgb(path, sys.maxsize))
+
+
+def hex_digests(n: int, tag: str = "") -> list[str]:
+    """n distinct sha256 hex digests (of f"{tag}{i}"): stand-ins for image contents in the feature store."""
+    return [hashlib.sha256(f"{tag}{i}".encode()).hexdigest() for i in range(n)]
 
 
 def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:

@@ -9,8 +9,6 @@ import onnxruntime as ort
 import pytest
 
 import retrain
-from retrain import features as features_mod
-from retrain import runtime as runtime_mod
 from retrain.head import predict_proba
 from retrain.prediction import Classifier
 
@@ -81,26 +79,6 @@ def test_hidden_layer_head(shapes, cache_dir):
     model = retrain.train(shapes, cfg)
     assert sum(1 for t in model.model.graph.initializer if t.name.startswith("head_w")) == 2
     assert model.metrics.validation_accuracy is not None
-
-
-def test_cache_reuse_rename_and_replace(shapes, cache_dir, monkeypatch):
-    retrain.train(shapes, quick_config(cache_dir))
-    # Renaming and moving files keeps their content hash: nothing is recomputed.
-    src = shapes / "circles" / "circles_000.jpg"
-    src.rename(shapes / "circles" / "renamed.jpg")
-    calls = []
-    real = features_mod.inference_session
-    monkeypatch.setattr(features_mod, "inference_session", lambda *a, **k: calls.append(1) or real(*a, **k))
-    retrain.train(shapes, quick_config(cache_dir))
-    assert calls == []
-    # A replaced photo under the same name is recomputed, never served stale.
-    draw_shape("circles", np.random.default_rng(7), 90).save(shapes / "circles" / "renamed.jpg")
-    seen = []
-    real_batches = runtime_mod.decoded_batches
-    monkeypatch.setattr(runtime_mod, "decoded_batches",
-                        lambda paths, *a, **k: seen.extend(paths) or real_batches(paths, *a, **k))
-    retrain.train(shapes, quick_config(cache_dir))
-    assert [p.name for p in seen] == ["renamed.jpg"]
 
 
 def test_bad_files_are_skipped_and_named(shapes, cache_dir):

@@ -4,14 +4,20 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from retrain.store import STORE_FILE, FeatureStore
+import retrain.store as store_mod
+from retrain.scan import digest_keys
+from retrain.store import STORE_FILE, FeatureStore, StoreFeatures
+
+from conftest import hex_digests
 
 DIM = 16
+INDEX_DIM = 8
 
 
 def digests(n: int, tag: str = "", *, allow_trailing_zero: bool = False) -> list[str]:
@@ -214,3 +220,93 @@ def test_two_processes_appending_concurrently(tmp_path):
     assert_store_holds(store, zip(digests(200, "p1"), vectors(200, 1)))
     assert_store_holds(store, zip(digests(200, "p2"), vectors(200, 2)))
     assert (tmp_path / STORE_FILE).stat().st_size == 400 * record_size()
+
+
+# ---------------------------------------------------------------- the memory-mapped index (vectors of INDEX_DIM floats)
+
+def old_store_reading(path: Path, dim: int) -> tuple[dict[str, np.ndarray], int]:
+    """The store as the dict-of-arrays reader before issue #8 read it: the reference."""
+    size = 32 + 4 * dim + 4
+    data = path.read_bytes()
+    found, corrupt = {}, 0
+    for i in range(len(data) // size):
+        rec = data[i * size:(i + 1) * size]
+        if zlib.crc32(rec[:-4]) == int.from_bytes(rec[-4:], "little"):
+            found.setdefault(rec[:32].hex(), np.frombuffer(rec[32:-4], "<f4").copy())
+        else:
+            corrupt += 1
+    return found, corrupt
+
+
+@pytest.fixture
+def messy_store(tmp_path, monkeypatch) -> Path:
+    """A store with repeats (first wins), a damaged record, a torn tail, digests ending in 00,
+    and more appends than one merge of the recent dict (MERGE_EVERY made small)."""
+    monkeypatch.setattr(FeatureStore, "MERGE_EVERY", 16)
+    rng = np.random.default_rng(0)
+    ds = hex_digests(100) + [d for d in hex_digests(3000, "z") if d.endswith("00")][:3]
+    store = FeatureStore(tmp_path, INDEX_DIM)
+    for start in range(0, len(ds), 7):
+        batch = ds[start:start + 7]
+        store.append([(d, rng.standard_normal(INDEX_DIM)) for d in batch])
+    store.append([(d, np.full(INDEX_DIM, 9.0)) for d in ds[:10]])  # repeats: must not win
+    size = 32 + 4 * INDEX_DIM + 4
+    data = bytearray((tmp_path / STORE_FILE).read_bytes())
+    data[5 * size + 40] ^= 0xFF  # damage record 5
+    (tmp_path / STORE_FILE).write_bytes(bytes(data) + b"\x01" * (size // 2))  # and a torn tail
+    return tmp_path
+
+
+def test_memory_mapped_store_reads_exactly_what_the_dict_reader_read(messy_store, monkeypatch):
+    reference, corrupt = old_store_reading(messy_store / STORE_FILE, INDEX_DIM)
+    store = FeatureStore(messy_store, INDEX_DIM)
+    assert store.corrupt == corrupt == 1
+    assert len(store) == len(reference) == 103  # 103 distinct digests, the damaged one recovered by its repeat
+    np.testing.assert_array_equal(store.get(hex_digests(100)[5]), np.full(INDEX_DIM, 9.0, np.float32))
+    for d, v in reference.items():
+        assert d in store
+        got = store.get(d)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, v)
+    # The vectorised lookup agrees with the per-digest one, misses included, in blocks or not.
+    asked = list(reference) + hex_digests(5, "absent")
+    rows = store.rows(digest_keys(asked))
+    assert (rows[-5:] == -1).all() and (rows[:-5] >= 0).all()
+    monkeypatch.setattr(store_mod, "LOOKUP_BLOCK", 10)
+    np.testing.assert_array_equal(store.rows(digest_keys(asked)), rows)
+    np.testing.assert_array_equal(store.vectors(rows[:-5]), np.stack([reference[d] for d in asked[:-5]]))
+
+
+def test_appends_after_open_are_found_before_and_after_a_merge(tmp_path, monkeypatch):
+    monkeypatch.setattr(FeatureStore, "MERGE_EVERY", 5)
+    store = FeatureStore(tmp_path, INDEX_DIM)
+    ds, vs = hex_digests(23), np.random.default_rng(1).standard_normal((23, INDEX_DIM)).astype(np.float32)
+    for i in range(23):
+        store.append([(ds[i], vs[i])])
+        assert store._recent.keys().__len__() < 5  # merged every 5 appends
+        np.testing.assert_array_equal(store.vectors(store.rows(digest_keys(ds[:i + 1]))), vs[:i + 1])
+    assert len(store) == 23
+    store.append([(ds[0], np.zeros(INDEX_DIM))])  # a later record of a known digest changes nothing
+    np.testing.assert_array_equal(store.get(ds[0]), vs[0])
+
+
+def test_opening_the_store_holds_no_python_object_per_record(tmp_path):
+    ds = hex_digests(3000)
+    FeatureStore(tmp_path, INDEX_DIM).append([(d, np.ones(INDEX_DIM)) for d in ds])
+    store = FeatureStore(tmp_path, INDEX_DIM)
+    assert store._recent == {}  # the index is two arrays
+    assert store._keys.dtype == np.dtype("S32") and store._keys.nbytes == 32 * 3000
+    assert store._rows.nbytes == 8 * 3000
+
+
+def test_store_features_is_a_mapping_of_just_the_requested_images(tmp_path):
+    store = FeatureStore(tmp_path, INDEX_DIM)
+    ds, vs = hex_digests(6), np.random.default_rng(2).standard_normal((6, INDEX_DIM)).astype(np.float32)
+    store.append(list(zip(ds, vs)))
+    wanted = ds[:4]
+    view = StoreFeatures(store, store.rows(digest_keys(wanted + wanted[:1])))  # a repeat counts once
+    assert len(view) == 4 and set(view) == set(wanted)
+    assert ds[4] not in view and 42 not in view
+    np.testing.assert_array_equal(view[ds[2]], vs[2])
+    with pytest.raises(KeyError):
+        view[ds[5]]
