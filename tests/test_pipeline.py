@@ -64,3 +64,24 @@ def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_b
     assert two.metrics.backbone_comparison == one.metrics.backbone_comparison
     assert two.metrics.backbone == one.metrics.backbone
     assert two.metrics.test_accuracy == one.metrics.test_accuracy
+
+
+@pytest.mark.slow
+def test_when_fine_tuning_does_not_beat_the_head_the_lite_sizes_compete(tmp_path, cache_dir):
+    from retrain.config import FinetuneConfig
+
+    root = tmp_path / "hymenoptera"
+    for cls in ("ants", "bees"):
+        (root / cls).mkdir(parents=True)
+        for photo in sorted((shared_dataset("hymenoptera") / "train" / cls).glob("*.jpg"))[:90]:
+            shutil.copy(photo, root / cls / photo.name)
+    # 54 validation photos, enough to fine-tune; a learning rate too small to move the network,
+    # so no fine-tuned epoch can beat the head and the head's model stays.
+    config = default_config(cache_dir, validation_percentage=30, time_budget=60.0,
+                            finetune=FinetuneConfig(epochs=1, learning_rate=1e-7, device="cpu"))
+    metrics = retrain.train(root, config).metrics
+    assert metrics.plan["epochs"] == 1 and metrics.finetune.best_epoch == 0
+    scores = metrics.backbone_comparison
+    assert [s.name for s in scores] == ["lite0", "lite1", "lite2"]
+    assert metrics.backbone == max(scores, key=lambda s: s.correct).name
+    assert "no fine-tuned epoch beat the head" in metrics.plan["reason"]

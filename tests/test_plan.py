@@ -98,3 +98,19 @@ def test_the_plan_survives_a_json_round_trip_unchanged(lite0):
 
     for plan in (plan_training(cpu(), lite0, 220, (0.95, 24), n_photos=400), plan_training(cpu(), lite0, 1000, (0.9, 200))):
         assert json.loads(json.dumps(plan.to_dict())) == plan.to_dict()
+
+
+def test_if_the_head_stays_after_fine_tuning_the_lite_sizes_compete_within_the_budget(lite0):
+    plan = plan_training(cpu(), lite0, 1000, (0.9, 200), n_photos=1400)
+    assert plan.mode is Mode.FINETUNE and plan.backbone_candidates == ("lite0", "lite1", "lite2")
+    assert "if the head stays, lite0, lite1, lite2 heads compete" in plan.reason
+    assert plan.time_budget < AUTO_BUDGET_SECONDS  # the comparison's share is kept out of fine-tuning's
+
+
+def test_no_comparison_after_fine_tuning_when_it_would_overrun_or_a_backbone_is_named(lite0):
+    epoch_seconds = 1000 / CPU_IMAGES_PER_SECOND
+    tight = plan_training(cpu(time_budget=2.5 * epoch_seconds), lite0, 1000, (0.9, 200), n_photos=1400)
+    named = plan_training(cpu(backbone="lite0"), lite0, 1000, (0.9, 200), n_photos=1400)
+    for plan in (tight, named):
+        assert plan.mode is Mode.FINETUNE and plan.backbone_candidates == () and "compete" not in plan.reason
+    assert named.time_budget == AUTO_BUDGET_SECONDS

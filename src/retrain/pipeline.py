@@ -233,10 +233,11 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     train_with = _train_on_features if backbone.pretrained else _train_from_scratch
     fitted = train_with(image_dir, config, backbone, cache, stage, log, timeline)
     first = (lambda f: publish(_finished(image_dir, f, config, stage, log, announce=False))) if publish else None
-    if fitted.plan.backbone_candidates:
-        fitted = _choose_backbone(fitted, config, cache, stage, log, publish=first)
     if fitted.plan.mode in (Mode.FINETUNE, Mode.HEAD_LIVE):
         fitted = _fine_tune(fitted, config, cache, stage, log, timeline, publish=first)
+    if fitted.plan.mode is Mode.HEAD and fitted.plan.backbone_candidates and not (
+            fitted.tuned and fitted.tuned.interrupted):  # the head stays: the frozen backbone may still be bettered
+        fitted = _choose_backbone(fitted, config, cache, stage, log, publish=None if fitted.plan.anytime else first)
     distributed.finish()
     if not distributed.is_main():
         return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
