@@ -47,7 +47,7 @@ def store_of(cache: Path) -> FeatureStore:
 
 def train_command(data: Path, out: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "retrain", "train", str(data), "--output", str(out), "--cache_dir", str(cache),
-            "--steps", "100"]
+            "--steps", "100", "--mode", "head"]  # the extraction is under test, not what the default run adds
 
 
 def extracted_count(stderr: str) -> int | None:
