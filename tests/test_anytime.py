@@ -103,7 +103,7 @@ def test_ctrl_c_at_any_moment_leaves_a_complete_model_at_least_as_good_as_the_he
 def test_a_rerun_reuses_the_fine_tuned_network(photos, cache_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     env = run_env(cache_dir)
-    cmd = [sys.executable, "-m", "retrain", "train", str(photos), "--time_budget", "0.5", "--output"]
+    cmd = [sys.executable, "-m", "retrain", "train", str(photos), "--time_budget", "0.25", "--output"]  # one epoch
     one = subprocess.run(cmd + [str(first)], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr
     assert "Fine-tuning lite0" in one.stderr and "Reusing" not in one.stderr
