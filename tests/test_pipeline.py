@@ -29,7 +29,7 @@ def default_config(cache_dir: Path, **kw) -> TrainConfig:
     return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=400, seed=0), **kw)
 
 
-def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_and_bees, cache_dir):
+def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_and_bees, cache_dir, tmp_path):
     published = []
     model = retrain.train(few_ants_and_bees, default_config(cache_dir), publish=published.append)
     metrics = model.metrics
@@ -46,6 +46,11 @@ def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_an
     # The first model was published before the other backbones were extracted: lite0's head.
     assert [m.metrics.backbone for m in published] == ["lite0"] and published[0].metrics.backbone_comparison is None
     assert metrics.test_evidence.n == metrics.num_images["test"] > 0
+    # The report shows the counts that chose it.
+    report = (model.save(tmp_path / "model") / "report.html").read_text(encoding="utf-8")
+    for score in scores:
+        assert f"<td>{score.name}</td><td>{score.correct}/{score.photos}</td>" in report
+    assert f"{best.name} kept" in report
 
 
 def test_a_backbone_named_by_the_user_is_kept(few_ants_and_bees, cache_dir):

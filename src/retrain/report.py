@@ -255,7 +255,21 @@ def _dataset_section(metrics: RunMetrics | None, classes: list[str], backbone: s
             f"mode <b>{html.escape(metrics.mode if metrics else '?')}</b>; images per split: "
             + ", ".join(f"{k} {v}" for k, v in (metrics.num_images if metrics else {}).items()) + "</p>"
             + _table(rows, ["class", "train", "validation", "test"])
-            + f"<p>Skipped files: {len(metrics.skipped_files) if metrics else 0}</p>")
+            + f"<p>Skipped files: {len(metrics.skipped_files) if metrics else 0}</p>"
+            + (f"<p>How it was trained: {html.escape(str(metrics.plan.get('reason', '')))}</p>" if metrics else "")
+            + _backbone_comparison(metrics))
+
+
+def _backbone_comparison(metrics: RunMetrics | None) -> str:
+    """The cross-validated counts that chose the backbone, when the default run compared some."""
+    scores = metrics.backbone_comparison if metrics else None
+    if not scores:
+        return ""
+    rows = [[html.escape(s.name), f"{s.correct}/{s.photos}", f"{100 * s.correct / s.photos:.1f}%",
+             "exported" if s.name == metrics.backbone else ""] for s in scores]
+    return ("<p>Backbones compared by out-of-fold accuracy of their heads on the training and validation photos "
+            "(the most right is exported; a tie keeps the smaller):</p>"
+            + _table(rows, ["backbone", "right", "accuracy", ""]))
 
 
 def _page(sections: list[tuple[str, str]], title: str) -> str:
