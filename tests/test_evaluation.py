@@ -42,3 +42,19 @@ def test_a_class_without_support_has_no_recall_not_zero():
     m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 1]), ["ants", "bees"])
     assert m.per_class["bees"].recall is None and m.per_class["bees"].f1 is None
     assert "no photos of this class" in format_metrics(m)
+
+
+def test_a_folder_evaluation_with_predictions_is_json_and_agrees_with_itself(head_model, shapes_data):
+    import json
+
+    import retrain
+
+    result = retrain.evaluate(head_model.folder, shapes_data, quiet=True, with_predictions=True)
+    rows = json.loads(json.dumps(result))["predictions"]
+    assert len(rows) == 48 and {r["label"] for r in rows} == {0, 1, 2}
+    for row in rows:
+        probs = np.array(row["probabilities"])
+        assert probs.shape == (3,) and probs.sum() == pytest.approx(1.0, abs=1e-4)
+        assert row["predicted"] == int(probs.argmax()) and row["confidence"] == pytest.approx(float(probs.max()))
+    right = sum(r["predicted"] == r["label"] for r in rows)
+    assert result["accuracy"] == pytest.approx(right / len(rows))

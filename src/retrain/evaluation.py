@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
-from .metrics import ClassificationMetrics, ClassMetrics, Evidence, SkippedFile, to_json
+from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRecord, SkippedFile, to_json
 from .prediction import Classifier, load
 from .progress import progress
 from .scan import scan_labelled_folder
@@ -169,13 +169,16 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
 class FolderEvaluation:
     """An exported model run over a folder of class folders."""
     metrics: ClassificationMetrics
-    predictions: list[dict]  # per image: path, label, predicted, confidence, probabilities
+    predictions: list[PredictionRecord]  # per readable image, in scan order
+    probabilities: np.ndarray  # (images, classes): row i belongs to predictions[i]
     skipped: list[SkippedFile]
 
     def to_json(self, with_predictions: bool = False) -> dict:
         """The metrics and skipped files as JSON-ready values (what `retrain evaluate --json` prints)."""
         result = to_json(self.metrics) | {"skipped_files": to_json(self.skipped)}
-        return result | ({"predictions": self.predictions} if with_predictions else {})
+        return result | ({"predictions": [to_json(p) | {"probabilities": row.tolist()}
+                                          for p, row in zip(self.predictions, self.probabilities)]}
+                         if with_predictions else {})
 
 
 def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2,
@@ -184,7 +187,7 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = dataset.samples.paths
-    rows, skipped = [], list(dataset.skipped)
+    predictions, probabilities, skipped = [], [], list(dataset.skipped)
     bar = progress(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
     for i, probs, error in clf.probabilities_of(paths, workers=workers):
         bar.update(1)
@@ -192,14 +195,16 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
         if error:
             skipped.append((sample.path, error))
             continue
-        rows.append({"path": str(sample.path), "label": sample.label, "predicted": int(probs.argmax()),
-                     "confidence": float(probs.max()), "probabilities": probs.tolist()})
+        predictions.append(PredictionRecord(str(sample.path), int(sample.label), int(probs.argmax()),
+                                            float(probs.max())))
+        probabilities.append(probs)
     bar.close()
-    if not rows:
+    if not predictions:
         raise UserError(f"none of the images in {image_dir} could be read")
-    metrics = classification_metrics(np.array([r["label"] for r in rows]), np.array([r["predicted"] for r in rows]),
-                                     clf.labels)
-    return FolderEvaluation(metrics, rows, [SkippedFile(str(p), why) for p, why in skipped])
+    metrics = classification_metrics(np.array([p.label for p in predictions]),
+                                     np.array([p.predicted for p in predictions]), clf.labels)
+    return FolderEvaluation(metrics, predictions, np.array(probabilities, np.float32),
+                            [SkippedFile(str(p), why) for p, why in skipped])
 
 
 def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,

@@ -145,9 +145,8 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     if image_dir is None:
         return ((metrics.test, metrics.test_predictions or [], metrics.calibration) if metrics else (None, [], None))
     evaluation = evaluation_of_folder(clf, image_dir, quiet=True)
-    rows = evaluation.predictions
-    preds = [PredictionRecord(p["path"], p["label"], p["predicted"], p["confidence"]) for p in rows]
-    after = reliability(np.array([p["probabilities"] for p in rows]), np.array([p["label"] for p in rows]))
+    preds = evaluation.predictions
+    after = reliability(evaluation.probabilities, np.array([p.label for p in preds]))
     temperature = float(clf.metadata.get("retrain:temperature", 1.0))
     cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why="",
                             held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
