@@ -62,6 +62,11 @@ def _key(spec: str) -> str:
     return spec.lower().removeprefix("efficientnet-").removeprefix("efficientnet_").replace("_", "-")
 
 
+def is_auto(spec: str) -> bool:
+    """Whether `spec` leaves the backbone to the run (lite0, or a larger Lite it finds better)."""
+    return _key(spec) == AUTO
+
+
 def from_random_weights(spec: str) -> bool:
     """Whether `spec` names a backbone that trains as a whole network from random weights, told without
     building it (that imports PyTorch)."""
@@ -75,7 +80,7 @@ def get_backbone(spec: str, *, input_mean: float | None = None, input_std: float
     if input_mean is not None or input_std is not None:
         raise UserError(f"--input_mean/--input_std apply to ONNX-file backbones only; '{spec}' "
                         "has fixed preprocessing that its weights were trained with")
-    key = AUTO_FIRST if _key(spec) == AUTO else _key(spec)
+    key = AUTO_FIRST if is_auto(spec) else _key(spec)
     if key not in _REGISTRY:
         raise UserError(f"unknown backbone '{spec}': choose {AUTO}, one of {', '.join(available())} "
                         "or give the path of an ONNX feature extractor (*.onnx)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def _sigint_is_ours() -> bool:
@@ -21,19 +21,16 @@ def _sigint_is_ours() -> bool:
 
 
 @contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C that arrives inside the block until it ends, then raise it."""
+def _sigint_handled_by(handler: Callable) -> Iterator[None]:
+    """`handler` answers SIGINT inside the block, where SIGINT is ours; Python's own handler is back after it."""
     if not _sigint_is_ours():
         yield
         return
-    caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 class StopRequest:
@@ -47,19 +44,23 @@ class StopRequest:
 
 
 @contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until it ends, then raise it."""
+    caught = StopRequest()
+    with _sigint_handled_by(lambda signum, frame: setattr(caught, "requested", True)):
+        yield
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextmanager
 def stop_requested_by_interrupt() -> Iterator[StopRequest]:
     """Inside the block the first Ctrl-C sets the request instead of raising; a second one raises at once."""
     stop = StopRequest()
-    if not _sigint_is_ours():
-        yield stop
-        return
 
     def first(signum, frame) -> None:
         stop.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # an impatient second Ctrl-C still works
 
-    signal.signal(signal.SIGINT, first)
-    try:
+    with _sigint_handled_by(first):
         yield stop
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)

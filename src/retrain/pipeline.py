@@ -235,13 +235,19 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     first = (lambda f: publish(_finished(image_dir, f, config, stage, log, announce=False))) if publish else None
     if fitted.plan.mode in (Mode.FINETUNE, Mode.HEAD_LIVE):
         fitted = _fine_tune(fitted, config, cache, stage, log, timeline, publish=first)
-    if fitted.plan.mode is Mode.HEAD and fitted.plan.backbone_candidates and not (
-            fitted.tuned and fitted.tuned.interrupted):  # the head stays: the frozen backbone may still be bettered
+    if _backbones_compete(fitted):
+        # An anytime plan published the head's model before fine-tuning; otherwise it is published here.
         fitted = _choose_backbone(fitted, config, cache, stage, log, publish=None if fitted.plan.anytime else first)
     distributed.finish()
     if not distributed.is_main():
         return None  # torchrun: the other processes helped train; rank 0 evaluates and exports
     return _finished(image_dir, fitted, config, stage, log)
+
+
+def _backbones_compete(fitted: _Fitted) -> bool:
+    """Whether the plan's candidate backbones compete now: the head stays, and no Ctrl-C asked to stop."""
+    return fitted.plan.mode is Mode.HEAD and bool(fitted.plan.backbone_candidates) and not (
+        fitted.tuned and fitted.tuned.interrupted)
 
 
 def _finished(image_dir: str | Path, fitted: _Fitted, config: TrainConfig, stage: Stopwatch,
@@ -322,34 +328,33 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
                      publish: Callable[[_Fitted], None] | None) -> _Fitted:
     """The plan's candidate backbones' heads, compared by k-fold accuracy on the training and validation photos.
 
-    The validation split alone is too small to choose by (that is why no fine-tuning runs), so
-    each candidate's head is judged on every labelled photo it did not train on, fold by fold.
-    The first candidate's model (the one already trained) is published before the others extract;
-    the counts are cached, so the same command on the same folder trains only the winner's head.
+    It runs where the head is the final model (validation too small to judge fine-tuning, or
+    fine-tuning that did not beat the head); the validation split alone would be too little to
+    choose by, so each candidate's head is judged on every labelled photo it did not train on.
+    `publish`, if given, receives the first candidate's model (already trained) before the others
+    extract; the counts are cached, so the same command on the same folder trains only the winner's head.
     """
     if publish and distributed.is_main():
         publish(fitted)
-    identity = training_identity(config, fitted.dataset, fitted.backbone) | {"plan": fitted.plan.to_dict()}
+    identity = _planned_identity(config, fitted)
     stored = scores_path(cache, identity)
     scores = load_scores(stored, identity)
+    trained = {fitted.backbone.name: fitted}
     if scores is None:
-        contenders = [(fitted, fitted.head.best_step)]
         for name in fitted.plan.backbone_candidates:
-            if name != fitted.backbone.name:
-                contenders += _contender(fitted, get_backbone(name), config, cache, stage, log)
+            if name not in trained:
+                contender = _contender(fitted, get_backbone(name), config, cache, stage, log)
+                trained |= {name: contender} if contender else {}
         y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
         with stage("train"):
-            scores = [BackboneScore(c.backbone.name, cross_validated_correct(
+            scores = [BackboneScore(name, cross_validated_correct(
                 np.concatenate([c.x["train"][0], c.x["validation"][0]]), y, len(fitted.dataset.classes), config.head,
-                max(steps, 50), FOLDS), len(y)) for c, steps in contenders]
+                c.head.best_step, FOLDS), len(y)) for name, c in trained.items()]
         save_scores(stored, scores, identity)
-        trained = {c.backbone.name: c for c, _ in contenders}
     else:
         log(f"Reusing the backbone comparison of an identical earlier run (same photos and settings): {stored}")
-        trained = {fitted.backbone.name: fitted}
     best = max(scores, key=lambda score: score.correct).name  # a tie keeps the earlier, smaller backbone
-    chosen = trained.get(best) or next(
-        (c for c, _ in _contender(fitted, get_backbone(best), config, cache, stage, log)), fitted)
+    chosen = trained.get(best) or _contender(fitted, get_backbone(best), config, cache, stage, log) or fitted
     summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
     log(f"Cross-validated ({FOLDS} folds) on {scores[0].photos} photos: {summary}; {chosen.backbone.name} is kept")
     return replace(chosen, backbone_scores=scores,
@@ -358,20 +363,28 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
 
 
 def _contender(fitted: _Fitted, backbone: Backbone, config: TrainConfig, cache: Path, stage: Stopwatch,
-               log: Callable[[str], None]) -> list[tuple[_Fitted, int]]:
-    """[(the head on `backbone`'s features of the same photos, its best step)], or [] if some photo failed."""
+               log: Callable[[str], None]) -> _Fitted | None:
+    """The head on `backbone`'s features of the same photos, or None if some photo failed through it."""
     split = fitted.split
     rows = split["train"] + split["validation"] + split["test"]
     features, failures, extractor = _extract(rows, config, backbone, cache, stage)
-    if failures or not features.covers(rows).all():
+    if not features.covers(rows).all():
         log(f"{backbone.name} left out of the comparison: {len(failures)} photo(s) failed through it")
-        return []
+        return None
     x = feature_matrices(split, features, backbone.feature_dim)
     with stage("train"):
         head = train_head(*x["train"], *x["validation"], len(fitted.dataset.classes), config.head,
                           log=lambda message: None)
-    return [(replace(fitted, backbone=backbone, x=x, extractor=onnx.load(str(extractor)), layers=head.layers,
-                     head=head), head.best_step)]
+    return replace(fitted, backbone=backbone, x=x, extractor=onnx.load(str(extractor)), layers=head.layers, head=head)
+
+
+def _planned_identity(config: TrainConfig, fitted: _Fitted) -> dict:
+    """The training identity plus what the plan resolved: a cached result is reused only under both.
+
+    The same settings on another machine, or under a retrain that plans differently (epochs, rates,
+    device, candidates), must not reuse it.
+    """
+    return training_identity(config, fitted.dataset, fitted.backbone) | {"plan": fitted.plan.to_dict()}
 
 
 def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwatch,
@@ -387,9 +400,7 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwat
 
     plan, split, backbone = fitted.plan, fitted.split, fitted.backbone
     identity = training_identity(config, fitted.dataset, backbone)
-    # What the plan resolved (epochs, rates, device) keys the cached run too: the same settings on
-    # another machine, or under a retrain that plans differently, must not reuse it.
-    planned = identity | {"plan": plan.to_dict()}
+    planned = _planned_identity(config, fitted)
     stored = tuned_path(cache, planned)
     head_only = replace(fitted, plan=TrainingPlan(Mode.HEAD, "the first model: the head on cached features"))
     cached = load_tuned(stored, planned) if plan.anytime else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
-from .backbones import AUTO, AUTO_CANDIDATES, AUTO_FIRST, Backbone, get_backbone
+from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, get_backbone, is_auto
 from .config import AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
 
 MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
@@ -128,7 +128,7 @@ def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_ac
     # against lite0's 1,086 and lite2's 1,079), and its head scores 0.915 on the test photos against 0.902.
     # That time is kept out of fine-tuning's share, so the run as a whole stays within the budget.
     compare_seconds = _comparison_seconds(n_photos)
-    fallback = config.backbone.lower() == AUTO and epochs * epoch_seconds + compare_seconds <= budget
+    fallback = is_auto(config.backbone) and epochs * epoch_seconds + compare_seconds <= budget
     return TrainingPlan(Mode.FINETUNE, (
         f"head: {100 * (head_accuracy or 0):.1f}% on {n_val} validation photos; fine-tuning for up to "
         f"~{_duration(min(budget, epochs * epoch_seconds))} to improve it ({epochs} epoch(s) on the "
@@ -155,7 +155,7 @@ def _small_validation_plan(config: TrainConfig, n_val: int, n_labelled: int, n_p
     """
     reason = (f"not fine-tuning: {n_val} validation photos are too few to tell a gain from noise (it needs "
               f"{MIN_VALIDATION}; --validation_percentage holds out more)")
-    if config.backbone.lower() != AUTO:
+    if not is_auto(config.backbone):
         return TrainingPlan(Mode.HEAD, reason)
     seconds = _comparison_seconds(n_photos)
     if seconds > budget:
