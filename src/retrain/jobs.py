@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .modelstore import links
 from .trainjob import QUALITIES
 from .webconfig import ApiError
 from .workspace import Workspace
@@ -48,8 +49,7 @@ class Job:
                     "progress": self.progress, "log": list(self.log), "error": self.error, "result": self.result,
                     "elapsed_s": round((self.finished or time.time()) - self.started, 1),
                     "model": self.id if done else None,
-                    "download": f"/models/{self.id}/model.zip" if done else None,
-                    "report": f"/models/{self.id}/report.html" if done else None}
+                    **(links(self.id) if done else {"download": None, "report": None})}
 
     def read_event(self, event: dict) -> None:
         """Fold one event from the worker into the state."""

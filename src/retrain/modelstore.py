@@ -34,6 +34,11 @@ def _photo(path: str) -> str:
     return Path(path.replace("\\", "/")).name
 
 
+def links(model_id: str) -> dict[str, str]:
+    """Where a trained model's report and download are served."""
+    return {"report": f"/models/{model_id}/report.html", "download": f"/models/{model_id}/{ZIP_FILE}"}
+
+
 def _name(path: Path) -> str:
     """A model's folder name, or its .onnx file's."""
     return path.parent.name if path.name == MODEL_FILE else path.stem
@@ -86,8 +91,7 @@ class ModelStore:
 
     def describe(self, model_id: str) -> dict:
         metrics = self.metrics(model_id)
-        described = {"id": model_id, "active": model_id == self.active, "report": f"/models/{model_id}/report.html",
-                     "download": f"/models/{model_id}/model.zip"}
+        described = {"id": model_id, "active": model_id == self.active} | links(model_id)
         if metrics is None:
             return described | {"classes": [], "note": "its metrics.json cannot be read"}
         return result_of(metrics) | described | {
