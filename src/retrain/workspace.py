@@ -61,22 +61,28 @@ def _images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if PHOTO.fullmatch(p.name)), key=lambda p: (p.stat().st_mtime, p.name))
 
 
+def claim(root: Path) -> FileLock:
+    """The workspace's folders made and its lock held, or UserError in one line (unusable, or in use)."""
+    try:
+        for folder in ("data", "trash", "models", "jobs"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {root} as the workspace: {e.strerror or e} (choose another folder)") from None
+    # One server per workspace: two would delete each other's runs and race on the same photos.
+    holder = FileLock(root / ".serve.lock", timeout=0, thread_local=False)
+    try:
+        holder.acquire()
+    except Timeout:
+        raise UserError(f"the workspace {root} is in use by another `retrain serve`: stop that one, or "
+                        "choose another workspace") from None
+    return holder
+
+
 class Workspace:
     def __init__(self, root: Path, config: ServeConfig):
         self.root, self.config = root, config
         self.data, self.trash = root / "data", root / "trash"
-        try:
-            for folder in (self.data, self.trash, root / "models", root / "jobs"):
-                folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot use {root} as the workspace: {e.strerror or e} (choose another folder)") from None
-        # One server per workspace: two would delete each other's runs and race on the same photos.
-        self.holder = FileLock(root / ".serve.lock", timeout=0, thread_local=False)
-        try:
-            self.holder.acquire()
-        except Timeout:
-            raise UserError(f"the workspace {root} is in use by another `retrain serve`: stop that one, or "
-                            "choose another workspace") from None
+        self.holder = claim(root)
         for stale in (root / "jobs").iterdir():  # runs a stopped server left behind; this one has none yet
             shutil.rmtree(stale, ignore_errors=True)
         self.lock = threading.RLock()  # uploads are checked and written in decode threads
