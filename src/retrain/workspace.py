@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_json
 from .scan import SPLIT_DIR_NAMES, is_hidden
 from .uploads import EXTENSIONS, check_image
 from .webconfig import ApiError, ServeConfig
@@ -200,7 +200,7 @@ class Workspace:
             dest.parent.mkdir(parents=True)
             size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()))
             os.replace(path, dest)
-            (place / "what.json").write_text(json.dumps(what | {"deleted": time.time()}), encoding="utf-8")
+            atomic_write_json(place / "what.json", what | {"deleted": time.time()})  # whole after a crash: undo reads it
             self.used_bytes -= size
             self._prune_trash()
         return {"undo": token} | what
