@@ -77,11 +77,8 @@ def create_app(model: Classifier | str | os.PathLike | None, config: ServeConfig
 
 def _add_pages(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
+    @app.get("/train", include_in_schema=False)  # the old address of the training steps: the same page
     async def page():
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/train", include_in_schema=False)
-    async def train_page():  # the old address of the training steps: the same page
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
