@@ -163,11 +163,15 @@ class Workspace:
                         "error": f"{name}: the training workspace is full ({self.config.max_workspace_bytes >> 20} MiB)"}
             self.used_bytes += len(data)
             self.writing.add(folder / photo)
+        written = False
         try:
             atomic_write_bytes(folder / photo, data)  # temp name starts with '.', so a scan never sees half a file
+            written = True
         finally:
             with self.lock:
                 self.writing.discard(folder / photo)
+                if not written:  # a full disk: the photo takes no room in the workspace's limit
+                    self.used_bytes -= len(data)
         return {"file": name, "status": "added", "photo": photo, "image": image}
 
     def move(self, name: str, photo: str, to: str) -> str:
