@@ -1,6 +1,7 @@
 """The web app's workspace through its routes: classes, photos, undo, models, and what survives a restart."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import shutil
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from retrain.errors import UserError
 from retrain.serve import ServeConfig, create_app
+from retrain.workspace import Workspace
 
 import test_serve
 from test_serve import LOCAL, image_bytes, upload
@@ -111,6 +113,24 @@ def test_the_same_photo_in_another_class_is_refused_naming_that_class(client):
     client.post("/classes", json={"name": "bees"})
     r = client.post("/classes/bees/images", files=upload(("copy.png", image_bytes("circles", seed=0, size=64))))
     assert r.status_code == 422 and r.json()["error"] == "copy.png: the same photo is already in class 'ants'"
+
+
+def test_a_photo_that_cannot_be_written_takes_no_room_in_the_workspace(classifier, workspace, monkeypatch):
+    ws = Workspace(workspace, ServeConfig())
+    try:
+        folder, data = ws.data / ws.create("circles"), image_bytes("circles", size=64)
+
+        def full_disk(path, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        with monkeypatch.context() as m:
+            m.setattr("retrain.workspace.atomic_write_bytes", full_disk)
+            with pytest.raises(OSError):
+                ws.add(folder, "a.png", data, classifier.prep)
+        assert ws.used_bytes == 0 and not ws.writing
+        assert ws.add(folder, "a.png", data, classifier.prep)["status"] == "added"
+        assert ws.used_bytes == len(data)
+    finally:
+        ws.close()
 
 
 @pytest.mark.parametrize("path", ["/photos/..%2F..%2Fetc%2Fpasswd", "/photos/" + "A" * 32 + ".png",

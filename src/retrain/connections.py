@@ -54,9 +54,9 @@ def too_large(max_bytes: int) -> str:
 class CompleteBody:
     """ASGI middleware: the whole body, read within `timeout_s` and up to `max_bytes`, before the app runs."""
 
-    def __init__(self, app, max_bytes: int, timeout_s: float, gauges: dict[str, int] | None = None):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
-        self.gauges = {"receiving_bodies": 0} if gauges is None else gauges  # shown by /metrics
+    def __init__(self, app, max_bytes: int, timeout_s: float, gauges: dict[str, int]):
+        """gauges: where "receiving_bodies" is counted (httpguard.Metrics's, shown by /metrics)."""
+        self.app, self.max_bytes, self.timeout_s, self.gauges = app, max_bytes, timeout_s, gauges
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

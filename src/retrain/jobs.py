@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .modelstore import links
 from .trainjob import QUALITIES
 from .webconfig import ApiError
 from .workspace import Workspace
@@ -48,8 +49,7 @@ class Job:
                     "progress": self.progress, "log": list(self.log), "error": self.error, "result": self.result,
                     "elapsed_s": round((self.finished or time.time()) - self.started, 1),
                     "model": self.id if done else None,
-                    "download": f"/models/{self.id}/model.zip" if done else None,
-                    "report": f"/models/{self.id}/report.html" if done else None}
+                    **(links(self.id) if done else {"download": None, "report": None})}
 
     def read_event(self, event: dict) -> None:
         """Fold one event from the worker into the state."""
@@ -74,8 +74,8 @@ class Trainer:
     finished(job, model_dir) is called when a run succeeds, to keep and serve its model.
     """
 
-    def __init__(self, workspace: Workspace, finished: Callable[[Job, Path], None], cache_dir: str | None = None):
-        self.workspace, self.finished, self.cache_dir = workspace, finished, cache_dir
+    def __init__(self, workspace: Workspace, finished: Callable[[Job, Path], None]):
+        self.workspace, self.finished = workspace, finished
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()  # start() runs in a worker thread
 
@@ -101,8 +101,7 @@ class Trainer:
             job_id = uuid.uuid4().hex[:12]
             job = Job(job_id, self.workspace.root / "jobs" / job_id, quality)
             data = self.workspace.snapshot(job.folder / "data")
-            spec = {"data": str(data), "output": str(job.folder / "model"), "quality": quality,
-                    "cache_dir": self.cache_dir}
+            spec = {"data": str(data), "output": str(job.folder / "model"), "quality": quality}
             (job.folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
             with open(job.folder / "worker.log", "wb") as log:  # the worker's text for people, for debugging
                 job.process = subprocess.Popen([sys.executable, "-m", "retrain.trainjob", str(job.folder / "spec.json")],

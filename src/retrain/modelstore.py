@@ -26,11 +26,17 @@ MODEL_ID = re.compile(r"[0-9a-f]{12}")
 ACTIVE_FILE = "active.json"
 ZIP_FILE = "model.zip"
 ZIPPED = (MODEL_FILE, LABELS_FILE, METRICS_FILE, REPORT_FILE)
+_UNREAD = object()
 
 
 def _photo(path: str) -> str:
     """A training photo's server-chosen name from the path a run recorded."""
     return Path(path.replace("\\", "/")).name
+
+
+def links(model_id: str) -> dict[str, str]:
+    """Where a trained model's report and download are served."""
+    return {"report": f"/models/{model_id}/report.html", "download": f"/models/{model_id}/{ZIP_FILE}"}
 
 
 def _name(path: Path) -> str:
@@ -42,6 +48,7 @@ class ModelStore:
     def __init__(self, root: Path, startup: Classifier | None, kept: int, fallback: Callable[[], Classifier]):
         """startup: the model asked for; None serves the workspace's last model, else `fallback()`."""
         self.root, self.kept, self.lock = root, kept, threading.Lock()
+        self._metrics: dict[str, RunMetrics | None] = {}  # a kept model's folder never changes: read it once
         active = self._saved_active()
         if startup is None and active:
             self.startup, self.startup_name, self.active, self.clf = None, None, active, load(self.folder(active))
@@ -63,11 +70,19 @@ class ModelStore:
         return self.root / model_id
 
     def metrics(self, model_id: str) -> RunMetrics | None:
-        """The model's metrics.json, None where it is missing, damaged or of a newer retrain."""
+        """The model's metrics.json, None where it is missing, damaged or of a newer retrain.
+
+        Read once per model: GET /models describes every model, and the page asks for a model's
+        mistakes after each change to the photos."""
+        folder = self.folder(model_id)
+        if (known := self._metrics.get(model_id, _UNREAD)) is not _UNREAD:  # one lookup: add() may drop it
+            return known
         try:
-            return read_metrics(self.folder(model_id) / METRICS_FILE)
+            found = read_metrics(folder / METRICS_FILE)
         except UserError:
-            return None
+            found = None
+        self._metrics[model_id] = found
+        return found
 
     def ids(self) -> list[str]:
         """Trained models, newest first."""
@@ -76,8 +91,7 @@ class ModelStore:
 
     def describe(self, model_id: str) -> dict:
         metrics = self.metrics(model_id)
-        described = {"id": model_id, "active": model_id == self.active, "report": f"/models/{model_id}/report.html",
-                     "download": f"/models/{model_id}/model.zip"}
+        described = {"id": model_id, "active": model_id == self.active} | links(model_id)
         if metrics is None:
             return described | {"classes": [], "note": "its metrics.json cannot be read"}
         return result_of(metrics) | described | {
@@ -111,6 +125,7 @@ class ModelStore:
         for old in self.ids()[self.kept:]:
             if old != self.active:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+                self._metrics.pop(old, None)
 
     def mistakes(self, model_id: str) -> list[dict]:
         """The test photos the model got wrong, most confident first."""

@@ -16,7 +16,6 @@ from .webstate import State, state
 from .workspace import photo_count
 
 
-
 DOUBT = 0.8  # the served model's probability for another class at which an added photo is questioned
 
 

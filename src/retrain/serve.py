@@ -35,7 +35,7 @@ from .routes_predict import add_prediction_routes
 from .routes_training import add_training_routes
 from .webconfig import ServeConfig
 from .webstate import State
-from .workspace import Workspace
+from .workspace import claim
 
 STATIC = Path(__file__).parent / "static"
 __all__ = ["STATIC", "ServeConfig", "create_app", "serve"]
@@ -77,11 +77,8 @@ def create_app(model: Classifier | str | os.PathLike | None, config: ServeConfig
 
 def _add_pages(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
+    @app.get("/train", include_in_schema=False)  # the old address of the training steps: the same page
     async def page():
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/train", include_in_schema=False)
-    async def train_page():  # the old address of the training steps: the same page
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -95,7 +92,7 @@ def serve(model: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 
     clf = load(model) if model else None
     config = config or ServeConfig()
     check_port_free(host, port)
-    Workspace(config.workspace_dir(), config).close()  # a workspace unusable or in use: one line now, not a traceback
+    claim(config.workspace_dir()).release()  # a workspace unusable or in use: one line now, not a traceback
     if not is_loopback(host):
         config.allowed_hosts = None
         print(f"Warning: listening on {host}: anyone who can reach this machine can classify and train.",

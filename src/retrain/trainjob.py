@@ -4,8 +4,8 @@ report and doctor's findings, and tells the server how it goes as JSON lines on 
 Events, one JSON object a line: {"type": "progress", "stage", "done", "total", "unit"}, {"type": "log",
 "message"}, {"type": "stage", "stage"}, then {"type": "done", "result"} or {"type": "error", "message"}.
 They come from progress.py's subscriber hook and the API's return values, never from reading text
-meant for people. The spec: {"data": folder, "output": model folder, "quality": "fast"|"accurate",
-"cache_dir": folder or null}.
+meant for people. The spec: {"data": folder, "output": model folder, "quality": "fast"|"accurate"},
+and optionally "cache_dir": a folder (default: the user's cache).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def run(spec: dict, emit: Callable[[dict], None]) -> int:
         (out / FINDINGS_FILE).write_text(json.dumps(report), encoding="utf-8")
     except (UserError, OSError) as e:  # the model is good without them: say why they are missing
         log(f"doctor's checks could not run: {e}")
-    emit({"type": "done", "result": result_of(model.metrics), "plan": model.metrics.plan})
+    emit({"type": "done", "result": result_of(model.metrics)})
     return 0
 
 

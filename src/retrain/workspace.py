@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_json
 from .scan import SPLIT_DIR_NAMES, is_hidden
 from .uploads import EXTENSIONS, check_image
 from .webconfig import ApiError, ServeConfig
@@ -61,22 +61,28 @@ def _images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if PHOTO.fullmatch(p.name)), key=lambda p: (p.stat().st_mtime, p.name))
 
 
+def claim(root: Path) -> FileLock:
+    """The workspace's folders made and its lock held, or UserError in one line (unusable, or in use)."""
+    try:
+        for folder in ("data", "trash", "models", "jobs"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {root} as the workspace: {e.strerror or e} (choose another folder)") from None
+    # One server per workspace: two would delete each other's runs and race on the same photos.
+    holder = FileLock(root / ".serve.lock", timeout=0, thread_local=False)
+    try:
+        holder.acquire()
+    except Timeout:
+        raise UserError(f"the workspace {root} is in use by another `retrain serve`: stop that one, or "
+                        "choose another workspace") from None
+    return holder
+
+
 class Workspace:
     def __init__(self, root: Path, config: ServeConfig):
         self.root, self.config = root, config
         self.data, self.trash = root / "data", root / "trash"
-        try:
-            for folder in (self.data, self.trash, root / "models", root / "jobs"):
-                folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot use {root} as the workspace: {e.strerror or e} (choose another folder)") from None
-        # One server per workspace: two would delete each other's runs and race on the same photos.
-        self.holder = FileLock(root / ".serve.lock", timeout=0, thread_local=False)
-        try:
-            self.holder.acquire()
-        except Timeout:
-            raise UserError(f"the workspace {root} is in use by another `retrain serve`: stop that one, or "
-                            "choose another workspace") from None
+        self.holder = claim(root)
         for stale in (root / "jobs").iterdir():  # runs a stopped server left behind; this one has none yet
             shutil.rmtree(stale, ignore_errors=True)
         self.lock = threading.RLock()  # uploads are checked and written in decode threads
@@ -157,11 +163,15 @@ class Workspace:
                         "error": f"{name}: the training workspace is full ({self.config.max_workspace_bytes >> 20} MiB)"}
             self.used_bytes += len(data)
             self.writing.add(folder / photo)
+        written = False
         try:
             atomic_write_bytes(folder / photo, data)  # temp name starts with '.', so a scan never sees half a file
+            written = True
         finally:
             with self.lock:
                 self.writing.discard(folder / photo)
+                if not written:  # a full disk: the photo takes no room in the workspace's limit
+                    self.used_bytes -= len(data)
         return {"file": name, "status": "added", "photo": photo, "image": image}
 
     def move(self, name: str, photo: str, to: str) -> str:
@@ -194,7 +204,7 @@ class Workspace:
             dest.parent.mkdir(parents=True)
             size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()))
             os.replace(path, dest)
-            (place / "what.json").write_text(json.dumps(what | {"deleted": time.time()}), encoding="utf-8")
+            atomic_write_json(place / "what.json", what | {"deleted": time.time()})  # whole after a crash: undo reads it
             self.used_bytes -= size
             self._prune_trash()
         return {"undo": token} | what
