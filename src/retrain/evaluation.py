@@ -165,6 +165,11 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
     return lines + ([disagree] if disagree else [])
 
 
+def worst_mistakes(predictions: list[PredictionRecord]) -> list[PredictionRecord]:
+    """The wrong predictions, the most confident first (the ones a user should look at first)."""
+    return sorted((p for p in predictions if p.label != p.predicted), key=lambda p: -p.confidence)
+
+
 @dataclass
 class FolderEvaluation:
     """An exported model run over a folder of class folders."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .evaluation import worst_mistakes
 from .files import atomic_write_json
 from .metrics import RunMetrics, read_metrics, to_json
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier, load
@@ -133,10 +134,8 @@ class ModelStore:
         if metrics is None:
             return []
         classes = metrics.classes
-        wrong = [p for p in metrics.test_predictions or [] if p.label != p.predicted]
         return [{"photo": _photo(p.path), "label": classes[p.label], "predicted": classes[p.predicted],
-                 "confidence": round(p.confidence, 3)}
-                for p in sorted(wrong, key=lambda p: -p.confidence)]
+                 "confidence": round(p.confidence, 3)} for p in worst_mistakes(metrics.test_predictions or [])]
 
     def findings(self, model_id: str) -> dict:
         """doctor's findings on the photos the model trained on, each naming its photos."""

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
-from .evaluation import describe_accuracy, evaluation_of_folder  # noqa: E402
+from .evaluation import describe_accuracy, evaluation_of_folder, worst_mistakes  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -200,7 +200,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
                          + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])))
 
-    mistakes = sorted((p for p in preds if p.label != p.predicted), key=lambda p: -p.confidence)
+    mistakes = worst_mistakes(preds)
     cells = [f"<figure>{_thumbnail(p.path)}<figcaption>true <b>{html.escape(classes[p.label])}</b><br>"
              f"predicted <b>{html.escape(classes[p.predicted])}</b> ({p.confidence:.2f})</figcaption></figure>"
              for p in mistakes[:MISTAKES_SHOWN]]
