@@ -6,7 +6,8 @@ import pytest
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
 from retrain.config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig
-from retrain.plan import CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, plan_training
+from retrain.plan import (CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, estimated_seconds,
+                         plan_training)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,18 @@ def test_no_comparison_after_fine_tuning_when_it_would_overrun_or_a_backbone_is_
     for plan in (tight, named):
         assert plan.mode is Mode.FINETUNE and plan.backbone_candidates == () and "compete" not in plan.reason
     assert named.time_budget == AUTO_BUDGET_SECONDS
+
+
+def test_the_estimate_follows_the_plan_the_run_will_make():
+    fast = TrainConfig(mode="head")
+    small = [12, 12, 12]  # 3 validation photos: no fine-tuning; the Lite sizes compete instead
+    seconds_head, plan = estimated_seconds(fast, small)
+    assert plan.mode is Mode.HEAD and seconds_head > 0
+    seconds_auto, plan = estimated_seconds(TrainConfig(), small)
+    assert plan.mode is Mode.HEAD and plan.backbone_candidates and "too few" in plan.reason
+    assert seconds_head < seconds_auto < seconds_head + 60  # the comparison's extraction, not a fine-tuning budget
+    big = [600] * 6  # 360 validation photos: fine-tuning within the budget
+    seconds_big, plan = estimated_seconds(TrainConfig(), big)
+    assert plan.mode is Mode.FINETUNE and plan.device == "cpu"
+    assert estimated_seconds(fast, big)[0] + AUTO_BUDGET_SECONDS * 0.5 < seconds_big
+    assert seconds_big <= estimated_seconds(fast, big)[0] + AUTO_BUDGET_SECONDS + 60  # within the budget, startup aside

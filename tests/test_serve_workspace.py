@@ -86,6 +86,14 @@ def test_photos_are_listed_shown_moved_deleted_and_undone(client):
     assert client.post(f"/undo/{r.json()['undo']}").status_code == 404  # once only
 
 
+def test_the_time_estimates_say_what_the_accurate_run_will_do_on_these_photos(client):
+    add_photos(client, "circles", "circles", 6)
+    add_photos(client, "squares", "squares", 6, seed=10)
+    estimates = client.get("/classes").json()["estimates"]
+    assert 0 < estimates["fast"]["seconds"] <= estimates["accurate"]["seconds"]
+    assert "2 validation photos are too few" in estimates["accurate"]["plan"]  # not a fine-tuning budget's worth
+
+
 def test_deleting_a_class_keeps_it_in_the_trash_until_undone(client, workspace):
     photos = add_photos(client, "bees", "stripes", 4)
     r = client.delete("/classes/bees")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
+from typing import Sequence
 
 from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, get_backbone, is_auto
 from .config import AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
+from .split import held_out_targets
 
 MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
 NEAR_PERFECT = 0.99  # validation accuracy of the head past which fine-tuning has nothing left to show
@@ -23,6 +25,8 @@ NEAR_PERFECT = 0.99  # validation accuracy of the head past which fine-tuning ha
 SHORT_SCHEDULE = 2  # epochs
 GENTLE_RATES = {"learning_rate": 1e-3, "backbone_lr_ratio": 0.2}
 FOLDS = 5  # cross-validation folds when backbones compete on a small folder
+STARTUP_SECONDS = 8.0  # imports, the scan, the head's fit, calibration and the report
+FINETUNE_STARTUP_SECONDS = 20.0  # importing PyTorch, building the network, exporting it to ONNX
 GPU_IMAGES_PER_SECOND = 1000.0  # Lite0 at 224 px, batch 32, on an H200: 930-1,260 measured (4,470 at batch 256)
 
 
@@ -130,7 +134,8 @@ def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_ac
     compare_seconds = _comparison_seconds(n_photos)
     fallback = is_auto(config.backbone) and epochs * epoch_seconds + compare_seconds <= budget
     return TrainingPlan(Mode.FINETUNE, (
-        f"head: {100 * (head_accuracy or 0):.1f}% on {n_val} validation photos; fine-tuning for up to "
+        (f"head: {100 * head_accuracy:.1f}% on {n_val} validation photos" if head_accuracy is not None else
+         f"the head first, measured on {n_val} validation photos") + "; fine-tuning for up to "
         f"~{_duration(min(budget, epochs * epoch_seconds))} to improve it ({epochs} epoch(s) on the "
         f"{'GPU' if gpu else 'CPU'}" + (", at gentler learning rates for so short a schedule" if rates else "") +
         "), kept only if it does better on validation" +
@@ -184,3 +189,26 @@ def _device(name: str) -> str:
     from .finetune import pick_device  # imports PyTorch, only to ask whether a GPU is there
 
     return pick_device(name).type
+
+
+def estimated_seconds(config: TrainConfig, class_sizes: Sequence[int]) -> tuple[float, TrainingPlan]:
+    """Roughly the longest a first run takes on the CPU for classes of these sizes, and the plan behind it.
+
+    The head's validation accuracy is not known before the run, so fine-tuning is assumed to go ahead
+    where the plan allows it; features already cached make a run faster than this.
+    """
+    held_out = [held_out_targets(n, config.validation_percentage, config.testing_percentage) or (0, 0)
+                for n in class_sizes]
+    n_val = sum(v for v, _ in held_out)
+    n_photos = sum(class_sizes)
+    n_train = n_photos - n_val - sum(t for _, t in held_out)
+    backbone = get_backbone(AUTO_FIRST if is_auto(config.backbone) else config.backbone)
+    cpu = replace(config, finetune=replace(config.finetune, device="cpu"))  # never import PyTorch to estimate
+    plan = plan_training(cpu, backbone, n_train, (None, n_val), n_photos)
+    seconds = STARTUP_SECONDS + n_photos / (backbone.images_per_second or CPU_IMAGES_PER_SECOND)
+    if plan.live:
+        epochs_seconds = plan.epochs * n_train / CPU_IMAGES_PER_SECOND  # the rate the plan itself counts on
+        seconds += FINETUNE_STARTUP_SECONDS + min(epochs_seconds, plan.time_budget or float("inf"))
+    if plan.backbone_candidates:
+        seconds += _comparison_seconds(n_photos)
+    return seconds, plan

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from .prediction import Classifier
-from .trainjob import QUALITIES, estimate_seconds
+from .trainjob import QUALITIES, estimate
 from .uploads import MULTIPART_BODY, read_uploads
 from .webconfig import ApiError
 from .webstate import State, state
@@ -44,8 +44,8 @@ def add_photo_routes(app: FastAPI) -> None:
     @app.get("/classes", summary="Training classes, their photo counts, and how long training would take")
     async def classes(request: Request) -> dict:
         found = state(request).workspace.classes()
-        images = sum(c["images"] for c in found)
-        return {"classes": found, "estimate_s": {q: round(estimate_seconds(q, images)) for q in QUALITIES}}
+        sizes = [c["images"] for c in found]
+        return {"classes": found, "estimates": {q: estimate(q, sizes) for q in QUALITIES}}
 
     @app.post("/classes", status_code=201, summary="Create a training class (names are unique ignoring case)")
     async def create_class(request: Request, body: NewClass) -> dict:

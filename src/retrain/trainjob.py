@@ -15,16 +15,14 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .config import AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, FinetuneConfig, TrainConfig
+from .config import TrainConfig
 from .errors import UserError
 from .metrics import RunMetrics
+from .plan import estimated_seconds
 from .progress import subscribed
 
 QUALITIES = ("fast", "accurate")
 FINDINGS_FILE = "doctor.json"
-SECONDS_PER_NEW_IMAGE = 0.05  # Lite0 features on a CPU core, decoding included; cached images cost ~0
-STARTUP_SECONDS = 8.0  # the worker's imports, the scan, calibration and the report
-FINETUNE_STARTUP_SECONDS = 20.0  # importing PyTorch, building the network, exporting it to ONNX
 
 
 def train_config(quality: str, cache_dir: str | None) -> TrainConfig:
@@ -35,13 +33,10 @@ def train_config(quality: str, cache_dir: str | None) -> TrainConfig:
     return TrainConfig(mode="auto", cache_dir=cache_dir, workers=1)
 
 
-def estimate_seconds(quality: str, images: int) -> float:
-    """A rough wall time for a first run on `images` photos (a retrain with cached features is faster)."""
-    fast = STARTUP_SECONDS + SECONDS_PER_NEW_IMAGE * images
-    if quality == "fast":
-        return fast
-    epochs = FinetuneConfig.epochs  # the recipe's
-    return fast + min(FINETUNE_STARTUP_SECONDS + epochs * images / CPU_IMAGES_PER_SECOND, AUTO_BUDGET_SECONDS)
+def estimate(quality: str, class_sizes: list[int]) -> dict:
+    """How long a first run on classes of these sizes may take, and what the plan will do, for the page."""
+    seconds, plan = estimated_seconds(train_config(quality, None), class_sizes)
+    return {"seconds": round(seconds), "plan": plan.reason}
 
 
 def result_of(metrics: RunMetrics) -> dict:

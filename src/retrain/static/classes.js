@@ -7,10 +7,11 @@ let classNames = [];
 function seconds(s) { return s < 90 ? `~${s} s` : `~${Math.round(s / 60)} min`; }
 
 async function refreshClasses() {
-  const {classes, estimate_s} = await api("/classes");
+  const {classes, estimates} = await api("/classes");
   classNames = classes.map(c => c.name);
-  $("estimate-fast").textContent = `(${seconds(estimate_s.fast)} for ${photoCount(classes)})`;
-  $("estimate-accurate").textContent = `(up to ${seconds(estimate_s.accurate)})`;
+  $("estimate-fast").textContent = `(${seconds(estimates.fast.seconds)} for ${photoCount(classes)})`;
+  $("estimate-accurate").textContent = `(up to ${seconds(estimates.accurate.seconds)})`;
+  $("plan-accurate").textContent = classes.length ? `More accurate, on these photos: ${estimates.accurate.plan}.` : "";
   const known = new Set(classNames);
   for (const card of [...$("classes").children]) {
     if (!known.has(card.dataset.class)) card.remove();
