@@ -71,6 +71,19 @@ def draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
 
 
+def real_subset(source: Path, root: Path, per_class: int, pattern: str = "*") -> Path:
+    """The first `per_class` photos (by name, matching `pattern`) of each class folder under `source`, copied to `root`.
+
+    Split folders (training/, testing/) keep their layout: a class folder is one that holds files.
+    """
+    for folder in sorted(p for p in source.rglob("*") if p.is_dir() and any(f.is_file() for f in p.iterdir())):
+        target = root / folder.relative_to(source)
+        target.mkdir(parents=True)
+        for photo in sorted(f for f in folder.glob(pattern) if f.is_file())[:per_class]:
+            shutil.copy(photo, target / photo.name)
+    return root
+
+
 def make_dataset(root: Path, per_class: int = 16, classes=("circles", "squares", "stripes"), seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for kind in classes:

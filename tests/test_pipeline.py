@@ -1,7 +1,6 @@
 """pipeline.py: on a small folder the default run lets the Lite sizes compete by cross-validation."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,19 +9,14 @@ import retrain
 from retrain.backbones import get_backbone
 from retrain.config import HeadConfig, TrainConfig
 
-from conftest import shared_dataset
+from conftest import real_subset, shared_dataset
 
 
 @pytest.fixture(scope="module")
 def few_ants_and_bees(tmp_path_factory) -> Path:
     """30 photos a class of hymenoptera's training folder: 3 validation photos each, far too few to fine-tune on."""
-    root = tmp_path_factory.mktemp("few") / "hymenoptera"
-    for cls in ("ants", "bees"):
-        photos = sorted((shared_dataset("hymenoptera") / "train" / cls).glob("*.jpg"))[:30]
-        (root / cls).mkdir(parents=True)
-        for photo in photos:
-            shutil.copy(photo, root / cls / photo.name)
-    return root
+    return real_subset(shared_dataset("hymenoptera") / "train", tmp_path_factory.mktemp("few") / "hymenoptera", 30,
+                       "*.jpg")
 
 
 def default_config(cache_dir: Path, **kw) -> TrainConfig:
@@ -75,11 +69,7 @@ def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_b
 def test_when_fine_tuning_does_not_beat_the_head_the_lite_sizes_compete(tmp_path, cache_dir):
     from retrain.config import FinetuneConfig
 
-    root = tmp_path / "hymenoptera"
-    for cls in ("ants", "bees"):
-        (root / cls).mkdir(parents=True)
-        for photo in sorted((shared_dataset("hymenoptera") / "train" / cls).glob("*.jpg"))[:90]:
-            shutil.copy(photo, root / cls / photo.name)
+    root = real_subset(shared_dataset("hymenoptera") / "train", tmp_path / "hymenoptera", 90, "*.jpg")
     # 54 validation photos, enough to fine-tune; a learning rate too small to move the network,
     # so no fine-tuned epoch can beat the head and the head's model stays.
     config = default_config(cache_dir, validation_percentage=30, time_budget=60.0,
