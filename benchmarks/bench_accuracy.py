@@ -91,7 +91,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             runs = {}
             for mode in ("head", "auto"):
-                cfg = replace(config, mode=mode)
+                cfg = replace(config, mode=mode) if mode == "auto" else replace(config, mode=mode, time_budget=None)
                 runs[mode] = timed_run(folder, cfg, Path(tmp) / mode)
                 runs[mode + " rerun"] = timed_run(folder, cfg, Path(tmp) / f"{mode}-rerun")
         (head, head_s, _), (auto, auto_s, first_s) = runs["head"], runs["auto"]

@@ -5,6 +5,7 @@ Imports inside functions count: a function-level import that only dodges a cycle
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def package_imports(path: Path) -> set[str]:
     return found - {"__version__"}
 
 
+@functools.cache  # parsed once, not once per parametrized test
 def graph() -> dict[str, set[str]]:
     return {p.stem: package_imports(p) for p in PACKAGE.glob("*.py")}
 

@@ -6,8 +6,8 @@ import pytest
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
 from retrain.config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig
-from retrain.plan import (CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, estimated_seconds,
-                         plan_training)
+from retrain.plan import (CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, check_settings_apply,
+                         estimated_seconds, plan_training)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,23 @@ def test_the_estimate_follows_the_plan_the_run_will_make():
     assert plan.mode is Mode.FINETUNE and plan.device == "cpu"
     assert estimated_seconds(fast, big)[0] + AUTO_BUDGET_SECONDS * 0.5 < seconds_big
     assert seconds_big <= estimated_seconds(fast, big)[0] + AUTO_BUDGET_SECONDS + 60  # within the budget, startup aside
+
+
+@pytest.mark.parametrize("config, named", [
+    (TrainConfig(mode="head", finetune=FinetuneConfig(epochs=3)), "--epochs (epochs)"),
+    (TrainConfig(mode="head", finetune=FinetuneConfig(device="cpu", unfreeze=2)), "--unfreeze (unfreeze), --device"),
+    (TrainConfig(mode="head", resume=True), "--resume (resume)"),
+])
+def test_settings_a_head_run_never_reads_are_refused_by_the_api(config, named):
+    with pytest.raises(UserError, match="only for training on live images") as refused:
+        check_settings_apply(config)
+    assert named in str(refused.value)
+
+
+def test_settings_that_are_read_pass():
+    check_settings_apply(TrainConfig(mode="finetune", finetune=FinetuneConfig(epochs=3)))
+    check_settings_apply(TrainConfig(mode="head", backbone="scratch-small", finetune=FinetuneConfig(epochs=3)))
+    check_settings_apply(TrainConfig(time_budget=60.0))
+    check_settings_apply(TrainConfig(mode="head", backbone="scratch-small", time_budget=60.0))
+    with pytest.raises(UserError, match="time_budget .* applies to --mode auto and to scratch backbones only"):
+        check_settings_apply(TrainConfig(mode="finetune", time_budget=60.0))

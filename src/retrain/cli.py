@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import commands
-from .backbones import from_random_weights
 from .commands import positive
 from .config import (AUTO_BUDGET_SECONDS, Augment, CALIBRATION_IMAGES, CPU_TRAIN_SIZE, DEFAULT_TOLERANCE, MODES, OUTPUT_NAME,
                      ExportConfig, FinetuneConfig, HeadConfig, TrainConfig, scratch_defaults)
@@ -225,21 +224,6 @@ def _probability(text: str) -> float:
     return value
 
 
-def _refuse_live_flags_in_head_mode(args: argparse.Namespace) -> None:
-    """--mode head trains on cached features: flags for training on live images would be silently dropped."""
-    if args.mode != "head" or from_random_weights(args.backbone) or any(
-            getattr(args, d) for d in DISTORTION_FLAGS):
-        return
-    given = {"--epochs": args.epochs is not None, "--unfreeze": args.unfreeze != -1,
-             "--train_size": args.train_size is not None, "--finetune_learning_rate": args.finetune_learning_rate
-             is not None, "--finetune_batch_size": args.finetune_batch_size is not None,
-             "--device": args.device != "auto", "--compile": args.compile, "--hold_images": args.hold_images
-             is not None, "--resume": args.resume}
-    if flags := [flag for flag, on in given.items() if on]:
-        raise UserError(f"{', '.join(flags)}: only for training on live images (--mode finetune or auto, a "
-                        "scratch backbone, or distortion flags); --mode head trains on cached features")
-
-
 def _minutes(value: float | None) -> float | None:
     """--time_budget is in minutes; TrainConfig.time_budget in seconds."""
     return value * 60 if value else None
@@ -254,9 +238,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in DISTORTION_FLAGS[1:]:
         if not 0 <= getattr(args, name) < 100:
             raise UserError(f"--{name} is a percentage in [0, 100)")
-    if args.time_budget is not None and args.mode != "auto" and not from_random_weights(args.backbone):
-        raise UserError("--time_budget applies to --mode auto and to scratch backbones only")
-    _refuse_live_flags_in_head_mode(args)
     augment = None
     if any(getattr(args, d) for d in DISTORTION_FLAGS):
         augment = Augment.from_retrain_flags(0, args.flip_left_right, args.random_crop, args.random_scale,

@@ -82,7 +82,10 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
         log(f"=== {name} ===")
         with tempfile.TemporaryDirectory() as features:  # an empty feature cache: extraction is timed
             timeline = Timeline()
-            run_config = replace(config, backbone=backbone_name, bottleneck_dir=features, mode=mode or "head")
+            # the time budget is for the networks that train from random weights
+            budget = config.time_budget if not backbone.pretrained else None
+            run_config = replace(config, backbone=backbone_name, bottleneck_dir=features, mode=mode or "head",
+                                 time_budget=budget)
             model = train(image_dir, run_config, log, timeline)
             accuracy = model.metrics.test_accuracy
             accuracy = float("nan") if accuracy is None else accuracy  # no test split; 0.0 stays 0.0

@@ -67,6 +67,12 @@ class FinetuneConfig:
         return asdict(self)
 
 
+# FinetuneConfig's settings that only training on live images reads, with the command-line flag of each
+LIVE_IMAGE_SETTINGS = {"epochs": "--epochs", "unfreeze": "--unfreeze", "train_size": "--train_size",
+                       "learning_rate": "--finetune_learning_rate", "batch_size": "--finetune_batch_size",
+                       "device": "--device", "compile": "--compile", "hold_images": "--hold_images"}
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Where a live-image run saves itself after every epoch, and what makes it the same run (checked on --resume)."""

@@ -40,7 +40,7 @@ from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
-from .plan import FOLDS, Mode, TrainingPlan, plan_training
+from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 from .tuned import (TunedRun, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
                     tuned_path)
@@ -226,6 +226,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     folder): its first usable model.
     """
     config = config or TrainConfig()
+    check_settings_apply(config)
     log = distributed.rank0_log(log or _log_for(config))
     stage = Stopwatch(after=release_free_heap)
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()

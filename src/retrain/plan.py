@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Sequence
 
-from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, get_backbone, is_auto
-from .config import AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, FinetuneConfig, TrainConfig, finetune_geometry, scratch_schedule
+from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, from_random_weights, get_backbone, is_auto
+from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, TrainConfig,
+                     finetune_geometry, scratch_schedule)
+from .errors import UserError
 from .split import held_out_targets
 
 MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
@@ -70,6 +72,25 @@ class TrainingPlan:
     def to_dict(self) -> dict:
         """JSON's form: what a cached run's stored plan is compared with after its round trip."""
         return asdict(self) | {"mode": self.mode.value, "backbone_candidates": list(self.backbone_candidates)}
+
+
+def check_settings_apply(config: TrainConfig) -> None:
+    """Refuse settings the run would never read, before any work: silently ignoring them misleads.
+
+    Checked here rather than in the command line so that Python callers get the same answer; whether
+    a backbone trains from random weights is the registry's to say, so TrainConfig cannot check it.
+    """
+    scratch = from_random_weights(config.backbone)
+    if config.time_budget is not None and config.mode != "auto" and not scratch:
+        raise UserError("time_budget (--time_budget) applies to --mode auto and to scratch backbones only")
+    if config.mode != "head" or scratch or config.finetune.augment is not None:
+        return
+    recipe = FinetuneConfig()
+    unread = [f"{flag} ({name})" for name, flag in LIVE_IMAGE_SETTINGS.items()
+              if getattr(config.finetune, name) != getattr(recipe, name)] + (["--resume (resume)"] * config.resume)
+    if unread:
+        raise UserError(f"{', '.join(unread)}: only for training on live images (--mode finetune or auto, a scratch "
+                        "backbone, or distortion flags); --mode head trains on cached features")
 
 
 def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,
