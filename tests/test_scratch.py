@@ -175,3 +175,29 @@ def test_compare_model_suffix_other_than_finetune_is_an_error(tmp_path, cache_di
     rc = main(["compare", str(data), "--models", "scratch-small,lite0+fast", "--output", str(tmp_path / "c"),
                "--cache_dir", str(cache_dir), "--quiet", "--time_budget", "0.01"])
     assert rc != 0 and "the only suffix is +finetune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("user_file", ["notes.txt", "lite0/model.onnx"])
+def test_compare_never_writes_over_files_it_did_not_write(tmp_path, capsys, user_file):
+    data = small_gray_dataset(tmp_path / "gray", per_class=3)
+    mine = tmp_path / "out" / user_file
+    mine.parent.mkdir(parents=True)
+    mine.write_text("the user's own")
+    assert main(["compare", str(data), "--models", "scratch-small,lite0", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files retrain did not write" in err and "--overwrite" in err and "Traceback" not in err
+    assert mine.read_text() == "the user's own" and sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        [Path(user_file).parts[0]]  # nothing trained, nothing written
+
+
+def test_a_comparison_may_replace_its_own_files(tmp_path):
+    from retrain.compare import write_comparison
+    from retrain.outputs import check_output_dir
+
+    runs = [Run("scratch-small", "scratch", 0.5, 2.0, [(1.0, 0.4), (2.0, 0.5)]),
+            Run("lite0", "head", 0.9, 1.0, [(1.0, 0.9)])]
+    write_comparison(runs, tmp_path / "out")
+    check_output_dir(tmp_path / "out", [], overwrite=False)  # retrain's: a rerun may write here
+    write_comparison(runs[::-1], tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())[0]["model"] == "lite0"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".retrain-staging")]

@@ -387,7 +387,10 @@ def add_compare_parser(sub) -> None:
     add_workers_option(cp)
     add_seed_option(cp)
     add_quiet_option(cp)
-    cp.set_defaults(run=lambda a: commands.compare(a.image_dir, a.models, compare_config(a), a.output))
+    cp.add_argument("--overwrite", action="store_true",
+                    help="write into an --output folder that holds files retrain did not write (it replaces only "
+                         "the comparison's files and the models' folders)")
+    cp.set_defaults(run=lambda a: commands.compare(a.image_dir, a.models, compare_config(a), a.output, a.overwrite))
 
 
 def add_import_idx_parser(sub) -> None:

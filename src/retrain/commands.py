@@ -168,12 +168,16 @@ def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     return 0
 
 
-def compare(image_dir: str, models: str | None, config: TrainConfig, output: str) -> int:
+def compare(image_dir: str, models: str | None, config: TrainConfig, output: str, overwrite: bool = False) -> int:
     """`retrain compare`: train each model on the same split; the table on stdout, the files in `output`."""
     from .compare import compare as compare_models
     from .compare import comparison_table, default_models
 
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_models(image_dir)
+    # before any training: neither the comparison's files nor a model's may replace the user's own
+    check_output_dir(output, _inputs(image_dir, config), overwrite, replaces="compare.txt, compare.json and compare.png")
+    for name in names:
+        check_output_dir(Path(output) / name, _inputs(image_dir, config), overwrite)
     runs = compare_models(image_dir, names, config, Path(output),
                           lambda msg: None if config.quiet else print(msg, file=sys.stderr))
     print(comparison_table(runs))

@@ -22,9 +22,10 @@ from .config import TrainConfig
 from .backbones import get_backbone
 from .errors import UserError
 from .evaluation import Timeline
-from .files import atomic_write_bytes, atomic_write_text, default_cache_dir
+from .files import default_cache_dir
 from .graphs import extractor_path
 from .guards import open_regular
+from .outputs import write_model_dir
 from .scan import walk_files
 
 SMALL_IMAGE_SIDE = 48  # images at most this size (shorter side) get scratch-small, bigger ones scratch-color
@@ -118,11 +119,15 @@ def _fmt_time(seconds: float) -> str:
 
 
 def write_comparison(runs: list[Run], output: Path) -> None:
-    """compare.txt (the table), compare.json (every curve) and compare.png (accuracy against time)."""
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "compare.txt", comparison_table(runs) + "\n")
-    atomic_write_text(output / "compare.json", json.dumps([r.__dict__ for r in runs], indent=1))
-    atomic_write_bytes(output / "compare.png", _plot(runs))
+    """compare.txt (the table), compare.json (every curve) and compare.png (accuracy against time).
+
+    Staged and marked as retrain's like a model folder, so that a rerun may replace them.
+    """
+    def write(folder: Path) -> None:
+        (folder / "compare.txt").write_text(comparison_table(runs) + "\n", encoding="utf-8")
+        (folder / "compare.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1), encoding="utf-8")
+        (folder / "compare.png").write_bytes(_plot(runs))
+    write_model_dir(output, write)
 
 
 def _plot(runs: list[Run]) -> bytes:

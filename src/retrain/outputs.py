@@ -61,7 +61,8 @@ def written_by_retrain(folder: Path) -> bool:
 
 
 def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool,
-                     flag: str = "--output") -> None:
+                     flag: str = "--output", replaces: str = "model.onnx, labels.txt, metrics.json and report.html"
+                     ) -> None:
     """Refuse, before any work, a model folder that would destroy user files or land among the photos."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -72,7 +73,7 @@ def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike 
         if theirs:
             raise UserError(f"{flag} {out} already holds files retrain did not write ({', '.join(theirs[:4])}"
                             f"{', ...' if len(theirs) > 4 else ''}): give a new or empty folder, or add --overwrite "
-                            "to replace model.onnx, labels.txt, metrics.json and report.html there")
+                            f"to replace {replaces} there")
     _probe_writable(out)
 
 
