@@ -12,9 +12,7 @@ DEMO   := demo
 $(BIN)/retrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# ray: so the --engine ray tests run too. --no-compile: Python compiles the modules it imports when it
-	# first imports them, instead of pip compiling every file of torch and ray up front (46 s -> 23 s setup)
-	$(BIN)/pip install --quiet --no-compile -e '.[test,ray]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'  # ray: so the --engine ray tests run too
 	@touch $@
 
 setup: $(BIN)/retrain
