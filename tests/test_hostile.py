@@ -594,3 +594,23 @@ def test_feature_cache_on_a_read_only_disk_is_a_one_line_error(photos, tiny, tmp
     code, err = run_cli(capsys, "train", photos, "--output", tmp_path / "m", "--backbone", tiny, "--quiet",
                         "--cache_dir", tmp_path / "cache")
     assert_one_line_error(code, err, f"cannot use {tmp_path / 'cache'}", "Read-only file system", "write elsewhere")
+
+
+def test_fine_tuning_that_diverges_stops_within_ten_steps_not_at_the_epochs_end(cache, tmp_path, monkeypatch, capsys):
+    import torch.nn.functional as F
+
+    import retrain.finetune as finetune_mod
+
+    data = make_dataset(tmp_path / "photos", per_class=30, classes=("ants", "bees"))  # 48 training photos
+    real, calls = F.cross_entropy, []
+
+    def nan_from_the_second_step(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss if len(calls) < 2 else loss * float("nan")
+    monkeypatch.setattr(finetune_mod.F, "cross_entropy", nan_from_the_second_step)
+    code, err = run_cli(capsys, "train", data, "--output", tmp_path / "m", "--backbone", "scratch-small",
+                        "--epochs", "3", "--finetune_batch_size", "2", "--cache_dir", cache, "--quiet")
+    assert_one_line_error(code, err, "training diverged at epoch 1", "lower --finetune_learning_rate")
+    assert len(calls) <= finetune_mod.CHECK_EVERY + 1 < 24  # an epoch has 24 steps of 2 photos
+    assert not (tmp_path / "m").exists()

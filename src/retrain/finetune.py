@@ -40,6 +40,7 @@ from .preprocess import Preprocessing, normalize_torch
 from .scan import SampleTable
 
 MAX_EPOCHS = 200  # the most a time budget can stretch a schedule to
+CHECK_EVERY = 10  # training steps between reads of the running loss (progress, divergence)
 EpochHook = Callable[[Callable[[], float]], None]  # called after each epoch with a test-accuracy function
 
 
@@ -432,8 +433,14 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
         correct += (out.argmax(1) == y).sum()
         loss_sum += loss.detach() * len(y)
         bar.update(1)
-        if not quiet and step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
+        if step % CHECK_EVERY == 0:
+            so_far = float(loss_sum)  # read every few steps only: on a GPU each read waits for it
+            # Diverged: every later step would be NaN too, and the caller ends the run. Under torchrun every
+            # process must leave the loop at the same step, so there it waits for the epoch's end.
+            if not math.isfinite(so_far) and not distributed.active():
+                break
+            if not quiet:
+                bar.set_postfix(loss=f"{so_far / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
         if stop:
             break
         if deadline and time.perf_counter() > deadline:
