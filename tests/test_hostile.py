@@ -454,7 +454,7 @@ def live_server(model_dir: Path, tmp_path: Path, **limits):
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(
         create_app(load(model_dir), config), host="127.0.0.1", port=port, access_log=False, log_config=None,
-        http=guarded_protocol(config.header_timeout_s, config.max_connections_per_client)))
+        http=guarded_protocol(config.header_timeout_s, config.max_connections_per_client, config.max_connections)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     started = time.monotonic()
@@ -547,6 +547,24 @@ def test_connections_per_client_are_capped_and_other_clients_still_served(model_
         try:
             assert extra.recv(4096) == b""  # the fourth from the same address is closed at once
             assert post_predict(port, body) == 200  # another address is served
+        finally:
+            for s in [*held, extra]:
+                s.close()
+
+
+def test_connections_are_capped_in_all_and_a_freed_one_is_served_again(model_dir, tmp_path):
+    body = multipart(image_bytes("squares", size=48))
+    with live_server(model_dir, tmp_path, max_connections=4) as port:
+        held = [socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{10 + i}", 0))
+                for i in range(4)]  # four addresses, one connection each: under the per-client cap
+        time.sleep(0.2)  # accepted
+        extra = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.20", 0))
+        extra.settimeout(10)
+        try:
+            assert extra.recv(4096) == b""  # a fifth, from yet another address, is closed at once
+            held.pop().close()
+            time.sleep(0.2)
+            assert post_predict(port, body) == 200
         finally:
             for s in [*held, extra]:
                 s.close()

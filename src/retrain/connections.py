@@ -7,7 +7,8 @@ timed the body out. Here:
   application sees the request, so a queue slot is only ever taken by a request that has
   arrived; a body not complete in time gets 408 and its connection is closed;
 - `guarded_protocol` gives uvicorn's HTTP/1.1 protocol a deadline for the request headers and
-  caps the connections one client address may hold open;
+  caps the connections one client address may hold open, and all clients together (loopback alone
+  offers millions of addresses; the cap keeps file descriptors for the server's own files);
 - a client that disconnects mid-request costs one short log line, not a traceback.
 """
 from __future__ import annotations
@@ -104,8 +105,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def guarded_protocol(header_timeout_s: float, max_per_client: int) -> type:
-    """uvicorn's h11 protocol with a deadline for each request's headers and a cap on connections per client address."""
+def guarded_protocol(header_timeout_s: float, max_per_client: int, max_total: int) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers and caps on open connections,
+    per client address and in all."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     open_by_client: Counter[str] = Counter()  # this server's connections by client address (one event loop)
@@ -119,6 +121,11 @@ def guarded_protocol(header_timeout_s: float, max_per_client: int) -> type:
             if open_by_client[self._host] >= max_per_client:
                 log.warning("%s: over %d open connections from one client: connection refused", self._host,
                             max_per_client)
+                transport.close()
+                return
+            if open_by_client.total() >= max_total:
+                log.warning("%s: the server holds %d open connections, its limit: connection refused", self._host,
+                            max_total)
                 transport.close()
                 return
             open_by_client[self._host] += 1

@@ -102,7 +102,8 @@ def serve(model: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 
     # In-flight requests finish on SIGTERM; a client that never finishes cannot hold shutdown forever.
     uvicorn.run(create_app(clf, config), host=host, port=port, timeout_graceful_shutdown=30,
                 access_log=False, server_header=False,
-                http=guarded_protocol(config.header_timeout_s, config.max_connections_per_client))
+                http=guarded_protocol(config.header_timeout_s, config.max_connections_per_client,
+                                     config.max_connections))
     return 0
 
 
