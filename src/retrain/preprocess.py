@@ -8,13 +8,15 @@ Training, export and prediction all read these definitions, so they cannot drift
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
 # Bump when anything here changes what a backbone sees: cached features are keyed by it.
-PREPROCESS_VERSION = 2
+# 3: fit_to_square resizes in two single-axis passes, horizontal first, without reducing_gap.
+PREPROCESS_VERSION = 3
 
 INPUT_NAME = "Placeholder"  # retrain.py's input name, so label_image's classic flags still match
 FEATURES_NAME = "features"
@@ -48,15 +50,22 @@ def fit_to_square(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     """Centre square of side crop_fraction * shorter side, resized to (size, size, 3) uint8.
 
     The same as scaling the shorter side to `resize_target` and centre-cropping, but only the
-    crop is ever resampled: a 2 x 60000 strip costs no more memory than a 2 x 2 image.
+    crop is ever resampled: a 2 x 60000 strip costs no more memory than a 2 x 2 image. PIL's
+    antialiased bilinear filter, as two single-axis resizes, horizontal first: in one call, PIL
+    13 chooses the order of its two passes from the scale factors, and the order changes how
+    the intermediate rounds (a grey level in about a sixth of the pixels); fixed, `geometry_graph`
+    reproduces every pixel. Only the rows the vertical pass reads are resized horizontally.
     """
     w, h = img.size
     side = min(w, h) * prep.crop_fraction
     left, top = (w - side) / 2, (h - side) / 2
-    # reducing_gap: a cheap box pre-shrink for big photos, then an antialiased bilinear pass.
-    img = img.resize((prep.size, prep.size), Image.Resampling.BILINEAR,
-                     box=(left, top, left + side, top + side), reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
+    reach = max(side / prep.size, 1.0) + 1  # the vertical filter's support, and a row to spare
+    first, last = max(0, math.floor(top - reach)), min(h, math.ceil(top + side + reach))
+    rows = img.resize((prep.size, last - first), Image.Resampling.BILINEAR,
+                      box=(left, first, left + side, last))  # rows kept whole: that pass copies them exactly
+    square = rows.resize((prep.size, prep.size), Image.Resampling.BILINEAR,
+                         box=(0, top - first, prep.size, top - first + side))
+    return np.asarray(square, dtype=np.uint8)
 
 
 def normalize_torch(batch_nhwc_uint8, prep: Preprocessing):
@@ -91,57 +100,96 @@ def normalizer_graph(prep: Preprocessing, opset: int):
 def geometry_graph(prep: Preprocessing, opset: int):
     """ONNX twin of `fit_to_square`: one uint8 (H, W, 3) `image` of any size -> uint8 (1, S, S, 3) `Placeholder`.
 
-    PIL's antialiased bilinear resize is separable, so it is written here as two matrix products
-    with PIL's own weights: for output pixel i along an axis, input pixel j gets the triangle
-    filter max(0, 1 - |j + 0.5 - centre_i| / support), rows normalised to 1, where
-    centre_i = offset + (i + 0.5) * side / S and support = max(side / S, 1). Like PIL, the
-    horizontal pass runs first and each pass rounds to uint8. PIL's extra integer pre-shrink
-    (reducing_gap) for crops over 6x the output is not reproduced; retrain decodes JPEGs that big
-    at a reduced scale anyway. ONNX Resize cannot do this: its crop-and-resize mode maps pixel
-    centres differently from PIL's box.
+    Pixel for pixel what `fit_to_square` computes with PIL. PIL's antialiased bilinear resize is
+    separable, so each axis is a matrix product with PIL's own fixed-point weights: for output pixel
+    i, input pixel j gets the triangle filter max(0, 1 - |((j - centre_i) + 0.5) / support|), where
+    centre_i = offset + (i + 0.5) * scale, scale = crop side / S (the box as PIL holds it, in
+    float32) and support = max(scale, 1); each row is normalised to 1 and rounded to 22-bit
+    integers; a pass adds 2^21 to the integer sums and keeps their top bits (a floor after dividing
+    by 2^22), clipped to 0-255; the horizontal pass runs first, as in `fit_to_square`. Every step
+    is in float64 and in PIL's order of operations: the sums stay below 2^31, so they are exact (a
+    float32 version was a grey level off in about 1% of pixels, which an int8 model turned into
+    probabilities 0.02 apart). ONNX Resize cannot do this: its crop-and-resize mode maps pixel
+    centres differently.
     """
     from onnx import TensorProto, helper, numpy_helper
 
     s = prep.size
+    bits = 22  # PIL's PRECISION_BITS for 8-bit images: 32 - 8 - 2
 
-    def const(name: str, value, dtype=np.float32):
+    def const(name: str, value, dtype=np.float64):
         return numpy_helper.from_array(np.array(value, dtype), f"geo_{name}")
 
     def node(op: str, inputs: list[str], output: str, **attrs):
         names = [i if i in (IMAGE_NAME, INPUT_NAME) else f"geo_{i}" for i in inputs]
         return helper.make_node(op, names, [output if output == INPUT_NAME else f"geo_{output}"], **attrs)
 
-    def axis_weights(axis: str, index: int, offset: str) -> list:  # (S, L) weights along one axis
+    def axis_weights(axis: str, index: int, relative: bool) -> list:
+        """(S, n) fixed-point weights for the n pixels in reach along one axis, as fit_to_square's PIL
+        call sees them; relative: that call gets only the rows in reach, so its box starts there."""
         p = axis + "_"
         return [node("Gather", ["hw", f"i{index}"], p + "len"),  # scalar length L
-                node("Range", ["zero", p + "len", "one"], p + "j"),  # (L,) input pixel indices
-                node("Add", [p + "j", "half"], p + "jc"),  # their centres
-                node("Mul", ["out_centres", "ratio"], p + "oc"),  # (S, 1)
-                node("Add", [p + "oc", offset], p + "centre"),
-                node("Sub", [p + "jc", p + "centre"], p + "dist"),  # (S, L)
-                node("Div", [p + "dist", "support"], p + "x"),
+                node("Gather", ["corner", f"i{index}"], p + "edge0"),  # the crop box's first edge
+                # Only pixels within the filter's reach of the box can weigh (fit_to_square's first
+                # and last): the rest of a big photo is sliced away before the matrix products.
+                node("Sub", [p + "edge0", "reach"], p + "reach0"),
+                node("Floor", [p + "reach0"], p + "lo_f"),
+                node("Max", [p + "lo_f", "zero"], p + "lo"),
+                node("Add", [p + "edge0", "side"], p + "edge1"),
+                node("Add", [p + "edge1", "reach"], p + "reach1"),
+                node("Ceil", [p + "reach1"], p + "hi_f"),
+                node("Min", [p + "hi_f", p + "len"], p + "hi"),
+                node("Identity", [p + "lo" if relative else "zero"], p + "origin"),
+                node("Sub", [p + "edge0", p + "origin"], p + "e0"),
+                node("Add", [p + "e0", "side"], p + "e1"),
+                # PIL takes the box as float32 and subtracts its edges in float32
+                node("Cast", [p + "e0"], p + "in0_f", to=TensorProto.FLOAT),
+                node("Cast", [p + "e1"], p + "in1_f", to=TensorProto.FLOAT),
+                node("Sub", [p + "in1_f", p + "in0_f"], p + "box_f"),
+                node("Cast", [p + "in0_f"], p + "in0", to=TensorProto.DOUBLE),
+                node("Cast", [p + "box_f"], p + "box", to=TensorProto.DOUBLE),
+                node("Div", [p + "box", "size"], p + "scale"),  # input pixels per output pixel
+                node("Max", [p + "scale", "one"], p + "support"),
+                node("Div", ["one", p + "support"], p + "ss"),
+                node("Sub", [p + "lo", p + "origin"], p + "j0"),
+                node("Sub", [p + "hi", p + "origin"], p + "j1"),
+                node("Range", [p + "j0", p + "j1", "one"], p + "j"),  # (n,) input pixel indices
+                node("Mul", ["out_centres", p + "scale"], p + "oc"),  # (S, 1)
+                node("Add", [p + "in0", p + "oc"], p + "centre"),
+                node("Sub", [p + "j", p + "centre"], p + "dist"),  # (S, L)
+                node("Add", [p + "dist", "half"], p + "dist_h"),
+                node("Mul", [p + "dist_h", p + "ss"], p + "x"),
                 node("Abs", [p + "x"], p + "ax"),
                 node("Sub", ["one", p + "ax"], p + "tri"),
                 node("Relu", [p + "tri"], p + "raw"),
                 node("ReduceSum", [p + "raw", "axis1"], p + "sum", keepdims=1),
-                node("Div", [p + "raw", p + "sum"], p + "w")]
+                node("Div", [p + "raw", p + "sum"], p + "k"),
+                node("Mul", [p + "k", "fixed_one"], p + "k_fixed"),
+                node("Add", [p + "k_fixed", "half"], p + "k_round"),
+                node("Floor", [p + "k_round"], p + "w")]  # weights are >= 0: PIL's (int) cast is a floor
 
-    def to_uint8_levels(x: str, out: str) -> list:  # PIL rounds half up and clips after each pass
-        return [node("Add", [x, "half"], out + "_h"), node("Floor", [out + "_h"], out + "_f"),
-                node("Clip", [out + "_f", "zero", "max255"], out)]
+    def to_uint8_levels(sums: str, out: str) -> list:  # PIL: clip8((2^21 + sum) >> 22)
+        return [node("Add", [sums, "fixed_half"], out + "_h"), node("Mul", [out + "_h", "fixed_unit"], out + "_s"),
+                node("Floor", [out + "_s"], out + "_f"), node("Clip", [out + "_f", "zero", "max255"], out)]
 
     nodes = [node("Shape", [IMAGE_NAME], "hw_i", end=2),
-             node("Cast", ["hw_i"], "hw", to=TensorProto.FLOAT),  # (2,): H, W
+             node("Cast", ["hw_i"], "hw", to=TensorProto.DOUBLE),  # (2,): H, W
              node("ReduceMin", ["hw"], "short", keepdims=0),
              node("Mul", ["short", "crop_fraction"], "side"),  # the crop's side, input pixels
              node("Sub", ["hw", "side"], "spare"),
              node("Mul", ["spare", "half"], "corner"),  # (2,): top, left
-             node("Gather", ["corner", "i0"], "top"), node("Gather", ["corner", "i1"], "left"),
-             node("Div", ["side", "size"], "ratio"),  # input pixels per output pixel
+             node("Div", ["side", "size"], "ratio"),
              node("Max", ["ratio", "one"], "support"),
-             *axis_weights("y", 0, "top"), *axis_weights("x", 1, "left"),
-             node("Cast", [IMAGE_NAME], "image_f", to=TensorProto.FLOAT),
-             node("Transpose", ["image_f"], "chw", perm=[2, 0, 1]),  # (3, H, W)
+             node("Add", ["support", "one"], "reach"),  # fit_to_square's reach, a pixel to spare
+             *axis_weights("y", 0, relative=True), *axis_weights("x", 1, relative=False),
+             *[node("Unsqueeze", [f"{a}_{end}", "axis0"], f"{a}_{end}1") for a in "yx" for end in ("lo", "hi")],
+             node("Concat", ["y_lo1", "x_lo1"], "starts_f", axis=0),
+             node("Concat", ["y_hi1", "x_hi1"], "ends_f", axis=0),
+             node("Cast", ["starts_f"], "starts", to=TensorProto.INT64),
+             node("Cast", ["ends_f"], "ends", to=TensorProto.INT64),
+             node("Slice", [IMAGE_NAME, "starts", "ends", "axes01"], "in_reach"),  # (n_y, n_x, 3)
+             node("Cast", ["in_reach"], "image_f", to=TensorProto.DOUBLE),
+             node("Transpose", ["image_f"], "chw", perm=[2, 0, 1]),  # (3, n_y, n_x)
              node("Transpose", ["x_w"], "x_wt", perm=[1, 0]),  # (W, S)
              node("MatMul", ["chw", "x_wt"], "horizontal"),  # (3, H, S)
              *to_uint8_levels("horizontal", "rows"),
@@ -152,8 +200,10 @@ def geometry_graph(prep: Preprocessing, opset: int):
              node("Unsqueeze", ["hwc", "axis0"], INPUT_NAME)]  # (1, S, S, 3)
     inits = [const("crop_fraction", prep.crop_fraction), const("half", 0.5), const("one", 1.0),
              const("zero", 0.0), const("max255", 255.0), const("size", float(s)),
+             const("fixed_one", float(1 << bits)), const("fixed_half", float(1 << (bits - 1))),
+             const("fixed_unit", 1.0 / (1 << bits)),
              const("i0", 0, np.int64), const("i1", 1, np.int64), const("axis0", [0], np.int64),
-             const("axis1", [1], np.int64), const("out_centres", (np.arange(s) + 0.5).reshape(s, 1))]
+             const("axis1", [1], np.int64), const("axes01", [0, 1], np.int64), const("out_centres", (np.arange(s) + 0.5).reshape(s, 1))]
     graph = helper.make_graph(
         nodes, "geometry",
         [helper.make_tensor_value_info(IMAGE_NAME, TensorProto.UINT8, ["H", "W", 3])],
