@@ -5,7 +5,7 @@ import pytest
 
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
-from retrain.config import AUTO_BUDGET_SECONDS, FinetuneConfig, TrainConfig
+from retrain.config import AUTO_BUDGET_SECONDS, Augment, FinetuneConfig, TrainConfig
 from retrain.plan import (CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, check_settings_apply,
                          estimated_seconds, plan_training)
 
@@ -148,5 +148,7 @@ def test_settings_that_are_read_pass():
     check_settings_apply(TrainConfig(mode="head", backbone="scratch-small", finetune=FinetuneConfig(epochs=3)))
     check_settings_apply(TrainConfig(time_budget=60.0))
     check_settings_apply(TrainConfig(mode="head", backbone="scratch-small", time_budget=60.0))
-    with pytest.raises(UserError, match="time_budget .* applies to --mode auto and to scratch backbones only"):
-        check_settings_apply(TrainConfig(mode="finetune", time_budget=60.0))
+    for unread in (TrainConfig(mode="finetune", time_budget=60.0),
+                   TrainConfig(time_budget=60.0, finetune=FinetuneConfig(augment=Augment(size=160)))):
+        with pytest.raises(UserError, match="time_budget .* applies to --mode auto without distortion flags"):
+            check_settings_apply(unread)

@@ -75,6 +75,7 @@ def test_normalize_torch_matches_onnx_normalizer():
     ((700, 523), Preprocessing()), ((333, 500), Preprocessing()),  # PIL 13 alone would resize this one vertically first
     ((4000, 3000), Preprocessing()),  # a crop over 6x the output: PIL's reducing_gap is not used
     ((523, 700), Preprocessing(size=240, crop_fraction=0.9)),  # a box that float32 cannot hold exactly
+    ((1, 40_000_001), Preprocessing()),  # row numbers past 2^24, which a float32 box cannot hold
 ])
 def test_geometry_graph_is_fit_to_square_in_onnx(size, prep):
     """The in-graph resize and crop give fit_to_square's pixels, bit for bit."""

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .config import ExportConfig, TrainConfig
 from .errors import UserError
-from .outputs import check_output_dir, check_output_file
+from .outputs import check_output_dir, check_output_file, written_by_retrain
 
 
 @dataclass
@@ -174,8 +174,12 @@ def compare(image_dir: str, models: str | None, config: TrainConfig, output: str
     from .compare import comparison_table, default_models
 
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_models(image_dir)
-    # before any training: neither the comparison's files nor a model's may replace the user's own
-    check_output_dir(output, _inputs(image_dir, config), overwrite, replaces="compare.txt, compare.json and compare.png")
+    # before any training: neither the comparison's files nor a model's may replace the user's own. A run
+    # stopped part-way leaves only model folders, each marked as retrain's: a rerun may write beside them.
+    out = Path(output)
+    models_only = out.is_dir() and all(p.is_dir() and written_by_retrain(p) for p in out.iterdir())
+    check_output_dir(output, _inputs(image_dir, config), overwrite or models_only,
+                     replaces="compare.txt, compare.json and compare.png")
     for name in names:
         check_output_dir(Path(output) / name, _inputs(image_dir, config), overwrite)
     runs = compare_models(image_dir, names, config, Path(output),

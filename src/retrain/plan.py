@@ -81,10 +81,13 @@ def check_settings_apply(config: TrainConfig) -> None:
     a backbone trains from random weights is the registry's to say, so TrainConfig cannot check it.
     """
     scratch = from_random_weights(config.backbone)
-    if config.time_budget is not None and config.mode != "auto" and not scratch:
-        raise UserError("time_budget (--time_budget) applies to --mode auto and to scratch backbones only")
-    if config.mode != "head" or scratch or config.finetune.augment is not None:
+    live_head = config.finetune.augment is not None  # distortions: the head trains on live photos, no budget
+    if config.time_budget is not None and not scratch and (config.mode != "auto" or live_head):
+        raise UserError("time_budget (--time_budget) applies to --mode auto without distortion flags and to scratch "
+                        "backbones only")
+    if config.mode != "head" or scratch or live_head:
         return
+    # Settings are compared with the recipe's values: one given equal to its default cannot be told apart.
     recipe = FinetuneConfig()
     unread = [f"{flag} ({name})" for name, flag in LIVE_IMAGE_SETTINGS.items()
               if getattr(config.finetune, name) != getattr(recipe, name)] + (["--resume (resume)"] * config.resume)
@@ -224,7 +227,8 @@ def estimated_seconds(config: TrainConfig, class_sizes: Sequence[int]) -> tuple[
     n_photos = sum(class_sizes)
     n_train = n_photos - n_val - sum(t for _, t in held_out)
     backbone = get_backbone(AUTO_FIRST if is_auto(config.backbone) else config.backbone)
-    cpu = replace(config, finetune=replace(config.finetune, device="cpu"))  # never import PyTorch to estimate
+    cpu = replace(config, finetune=replace(config.finetune, device="cpu"),  # never import PyTorch to estimate
+                  scratch=replace(config.scratch, device="cpu"))
     plan = plan_training(cpu, backbone, n_train, (None, n_val), n_photos)
     seconds = STARTUP_SECONDS + n_photos / (backbone.images_per_second or CPU_IMAGES_PER_SECOND)
     if plan.live:

@@ -61,8 +61,9 @@ def fit_to_square(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     left, top = (w - side) / 2, (h - side) / 2
     reach = max(side / prep.size, 1.0) + 1  # the vertical filter's support, and a row to spare
     first, last = max(0, math.floor(top - reach)), min(h, math.ceil(top + side + reach))
-    rows = img.resize((prep.size, last - first), Image.Resampling.BILINEAR,
-                      box=(left, first, left + side, last))  # rows kept whole: that pass copies them exactly
+    # An integer crop first: PIL holds a box in float32, which cannot hold row numbers past 2^24.
+    strip = img.crop((0, first, w, last))
+    rows = strip.resize((prep.size, last - first), Image.Resampling.BILINEAR, box=(left, 0, left + side, last - first))
     square = rows.resize((prep.size, prep.size), Image.Resampling.BILINEAR,
                          box=(0, top - first, prep.size, top - first + side))
     return np.asarray(square, dtype=np.uint8)

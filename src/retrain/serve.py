@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -103,8 +104,14 @@ def serve(model: str | os.PathLike | None, host: str = "127.0.0.1", port: int = 
     uvicorn.run(create_app(clf, config), host=host, port=port, timeout_graceful_shutdown=30,
                 access_log=False, server_header=False,
                 http=guarded_protocol(config.header_timeout_s, config.max_connections_per_client,
-                                     config.max_connections))
+                                     connection_cap(config.max_connections)))
     return 0
+
+
+def connection_cap(wanted: int) -> int:
+    """`wanted`, or half the open files this process may hold if that is fewer (macOS shells allow 256)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft // 2))
 
 
 def check_port_free(host: str, port: int) -> None:

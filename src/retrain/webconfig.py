@@ -31,7 +31,7 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # a connection's request headers must be complete within this
     body_timeout_s: float = 30.0  # and then its body: 32 MiB in 30 s needs ~9 Mbit/s
     max_connections_per_client: int = 64  # open connections from one client address
-    max_connections: int = 512  # open connections in all: well within the usual 1,024 open files a process may hold
+    max_connections: int = 512  # open connections in all (at most half the open files the process may hold)
 
     def workspace_dir(self) -> Path:
         return Path(self.workspace) if self.workspace else default_workspace()
