@@ -176,12 +176,11 @@ def compare(image_dir: str, models: str | None, config: TrainConfig, output: str
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_models(image_dir)
     # before any training: neither the comparison's files nor a model's may replace the user's own. A run
     # stopped part-way leaves only model folders, each marked as retrain's: a rerun may write beside them.
-    out = Path(output)
+    out, inputs = Path(output), _inputs(image_dir, config)
     models_only = out.is_dir() and all(p.is_dir() and written_by_retrain(p) for p in out.iterdir())
-    check_output_dir(output, _inputs(image_dir, config), overwrite or models_only,
-                     replaces="compare.txt, compare.json and compare.png")
+    check_output_dir(out, inputs, overwrite or models_only, replaces="compare.txt, compare.json and compare.png")
     for name in names:
-        check_output_dir(Path(output) / name, _inputs(image_dir, config), overwrite)
+        check_output_dir(out / name, inputs, overwrite)
     runs = compare_models(image_dir, names, config, Path(output),
                           lambda msg: None if config.quiet else print(msg, file=sys.stderr))
     print(comparison_table(runs))

@@ -67,10 +67,9 @@ class FinetuneConfig:
         return asdict(self)
 
 
-# FinetuneConfig's settings that only training on live images reads, with the command-line flag of each
-LIVE_IMAGE_SETTINGS = {"epochs": "--epochs", "unfreeze": "--unfreeze", "train_size": "--train_size",
-                       "learning_rate": "--finetune_learning_rate", "batch_size": "--finetune_batch_size",
-                       "device": "--device", "compile": "--compile", "hold_images": "--hold_images"}
+# FinetuneConfig's settings that have a command-line flag and that only training on live images reads
+LIVE_IMAGE_SETTINGS = ("epochs", "unfreeze", "train_size", "learning_rate", "batch_size", "device", "compile",
+                       "hold_images")
 
 
 @dataclass(frozen=True)

@@ -118,19 +118,21 @@ def guarded_protocol(header_timeout_s: float, max_per_client: int, max_total: in
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._host = self.client[0] if self.client else ""
-            if open_by_client[self._host] >= max_per_client:
-                log.warning("%s: over %d open connections from one client: connection refused", self._host,
-                            max_per_client)
-                transport.close()
-                return
-            if open_by_client.total() >= max_total:
-                log.warning("%s: the server holds %d open connections, its limit: connection refused", self._host,
-                            max_total)
+            if why := self._over_a_cap():
+                log.warning("%s: %s: connection refused", self._host, why)
                 transport.close()
                 return
             open_by_client[self._host] += 1
             self._counted = True
             self._arm()
+
+        def _over_a_cap(self) -> str:
+            """Why a new connection from this client is refused ('' when it is not)."""
+            if open_by_client[self._host] >= max_per_client:
+                return f"over {max_per_client} open connections from one client"
+            if open_by_client.total() >= max_total:
+                return f"the server holds {max_total} open connections, its limit"
+            return ""
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -337,7 +337,7 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     """
     if publish and distributed.is_main():
         publish(fitted)
-    identity = _planned_identity(config, fitted)
+    identity = _planned_identity(training_identity(config, fitted.dataset, fitted.backbone), fitted.plan)
     stored = scores_path(cache, identity)
     scores = load_scores(stored, identity)
     trained = {fitted.backbone.name: fitted}
@@ -379,13 +379,13 @@ def _contender(fitted: _Fitted, backbone: Backbone, config: TrainConfig, cache: 
     return replace(fitted, backbone=backbone, x=x, extractor=onnx.load(str(extractor)), layers=head.layers, head=head)
 
 
-def _planned_identity(config: TrainConfig, fitted: _Fitted) -> dict:
+def _planned_identity(identity: dict, plan: TrainingPlan) -> dict:
     """The training identity plus what the plan resolved: a cached result is reused only under both.
 
     The same settings on another machine, or under a retrain that plans differently (epochs, rates,
     device, candidates), must not reuse it.
     """
-    return training_identity(config, fitted.dataset, fitted.backbone) | {"plan": fitted.plan.to_dict()}
+    return identity | {"plan": plan.to_dict()}
 
 
 def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwatch,
@@ -401,7 +401,7 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwat
 
     plan, split, backbone = fitted.plan, fitted.split, fitted.backbone
     identity = training_identity(config, fitted.dataset, backbone)
-    planned = _planned_identity(config, fitted)
+    planned = _planned_identity(identity, plan)  # the data's fingerprint is hashed once
     stored = tuned_path(cache, planned)
     head_only = replace(fitted, plan=TrainingPlan(Mode.HEAD, "the first model: the head on cached features"))
     cached = load_tuned(stored, planned) if plan.anytime else None

@@ -17,6 +17,7 @@ from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETT
                      finetune_geometry, scratch_schedule)
 from .errors import UserError
 from .split import held_out_targets
+from .validate import FINETUNE_RULES
 
 MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
 NEAR_PERFECT = 0.99  # validation accuracy of the head past which fine-tuning has nothing left to show
@@ -89,11 +90,17 @@ def check_settings_apply(config: TrainConfig) -> None:
         return
     # Settings are compared with the recipe's values: one given equal to its default cannot be told apart.
     recipe = FinetuneConfig()
-    unread = [f"{flag} ({name})" for name, flag in LIVE_IMAGE_SETTINGS.items()
+    unread = [f"{flag_of(name)} ({name})" for name in LIVE_IMAGE_SETTINGS
               if getattr(config.finetune, name) != getattr(recipe, name)] + (["--resume (resume)"] * config.resume)
     if unread:
         raise UserError(f"{', '.join(unread)}: only for training on live images (--mode finetune or auto, a scratch "
                         "backbone, or distortion flags); --mode head trains on cached features")
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a FinetuneConfig setting (validate.py's rules record the ones spelt otherwise)."""
+    rule = FINETUNE_RULES.get(setting)
+    return rule.flag if rule and rule.flag.startswith("--") else f"--{setting}"
 
 
 def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,
@@ -226,7 +233,7 @@ def estimated_seconds(config: TrainConfig, class_sizes: Sequence[int]) -> tuple[
     n_val = sum(v for v, _ in held_out)
     n_photos = sum(class_sizes)
     n_train = n_photos - n_val - sum(t for _, t in held_out)
-    backbone = get_backbone(AUTO_FIRST if is_auto(config.backbone) else config.backbone)
+    backbone = get_backbone(config.backbone)  # auto: lite0, the run's first
     cpu = replace(config, finetune=replace(config.finetune, device="cpu"),  # never import PyTorch to estimate
                   scratch=replace(config.scratch, device="cpu"))
     plan = plan_training(cpu, backbone, n_train, (None, n_val), n_photos)
