@@ -86,8 +86,13 @@ def test_sigkill_mid_extraction_then_rerun_reuses_all_finished_work(tmp_path, fr
     assert 0 < len(finished) < 300, "the kill must land mid-extraction"
     assert len(finished) == size // record  # every whole record on disk is a good one
     assert not (out / "model.onnx").exists()
-    with open(store_file, "ab") as f:  # as if the kill had landed mid-write: half a record
+    # As if the kill had landed mid-write: half a record after the whole ones. Written over any tail
+    # the kill itself tore, which a run truncates before appending: two torn tails in a row never
+    # happen, and here they could add up to one whole record of garbage.
+    with open(store_file, "r+b") as f:
+        f.seek(len(finished) * record)
         f.write(os.urandom(record // 2))
+        f.truncate()
     assert len(store_of(fresh_cache)) == len(finished)
 
     rerun = subprocess.run(train_command(data, out, fresh_cache), capture_output=True, text=True, timeout=600)
