@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx.numpy_helper
 import pytest
 
 import retrain
@@ -21,6 +22,18 @@ def few_ants_and_bees(tmp_path_factory) -> Path:
 
 def default_config(cache_dir: Path, **kw) -> TrainConfig:
     return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=400, seed=0), **kw)
+
+
+def counted(function, calls: list):
+    """`function`, appending its arguments to `calls` on each call."""
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def weights(model) -> dict[str, bytes]:
+    return {tensor.name: onnx.numpy_helper.to_array(tensor).tobytes() for tensor in model.graph.initializer}
 
 
 def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_and_bees, cache_dir, tmp_path):
@@ -52,14 +65,21 @@ def test_a_backbone_named_by_the_user_is_kept(few_ants_and_bees, cache_dir):
     assert model.metrics.backbone == "lite0" and model.metrics.backbone_comparison is None
 
 
-def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_bees, cache_dir):
-    runs = []
+def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_bees, cache_dir, monkeypatch):
+    import retrain.pipeline
+
+    runs, trained_heads = [], []
     for _ in range(2):
-        said = []
-        model = retrain.train(few_ants_and_bees, default_config(cache_dir), log=said.append)
-        runs.append((model, said))
-    (one, said_one), (two, said_two) = runs
+        said, published = [], []
+        model = retrain.train(few_ants_and_bees, default_config(cache_dir), log=said.append, publish=published.append)
+        runs.append((model, said, published))
+        monkeypatch.setattr(retrain.pipeline, "train_head", counted(retrain.pipeline.train_head, trained_heads))
+    (one, said_one, _), (two, said_two, published_two) = runs
     assert any("Reusing the backbone comparison" in line for line in said_two)
+    # The rerun trains only the first head (the plan needs its validation accuracy), not the
+    # winner's again, and publishes no early model: its final one follows in seconds.
+    assert len(trained_heads) == 1 and published_two == []
+    assert weights(two.model) == weights(one.model)  # the same backbone and the same head, bit for bit
     assert two.metrics.backbone_comparison == one.metrics.backbone_comparison
     assert two.metrics.backbone == one.metrics.backbone
     assert two.metrics.test_accuracy == one.metrics.test_accuracy

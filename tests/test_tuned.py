@@ -55,15 +55,35 @@ def test_an_unwritable_cache_is_not_an_error(tmp_path):
     assert blocker.read_text().startswith("a file")
 
 
+def test_a_backbone_comparison_round_trips_with_its_winners_head(tmp_path):
+    from retrain.head import HeadResult
+    from retrain.metrics import BackboneScore
+    from retrain.tuned import load_scores, save_scores, scores_path
+
+    scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
+    head = HeadResult(tiny_run().layers, [{"step": 100, "validation_accuracy": 0.5}], 100, 400)
+    path = scores_path(tmp_path, {"run": 1})
+    save_scores(path, scores, {"run": 1}, ("lite1", head))
+    back, (name, back_head) = load_scores(path, {"run": 1})
+    assert back == scores and name == "lite1"
+    assert (back_head.history, back_head.best_step, back_head.steps_run) == (head.history, 100, 400)
+    np.testing.assert_array_equal(back_head.layers[0][0], head.layers[0][0])
+    np.testing.assert_array_equal(back_head.layers[0][1], head.layers[0][1])
+
+
 def test_a_damaged_or_foreign_backbone_comparison_is_not_reused(tmp_path):
+    from retrain.head import HeadResult
     from retrain.metrics import BackboneScore
     from retrain.tuned import load_scores, save_scores, scores_path
 
     scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
     path = scores_path(tmp_path, {"run": 1})
-    save_scores(path, scores, {"run": 1})
-    assert load_scores(path, {"run": 1}) == scores
+    save_scores(path, scores, {"run": 1}, ("lite1", HeadResult(tiny_run().layers)))
     assert load_scores(path, {"run": 2}) is None
+    heads = list(tmp_path.rglob("*.head.npz"))
+    assert len(heads) == 1
+    heads[0].write_bytes(b"damaged")  # the counts still stand; the head is trained again
+    assert load_scores(path, {"run": 1}) == (scores, None)
     path.write_text('{"identity": {"run": 1}, "scores": [{"name": "lite0"}]}', encoding="utf-8")
     assert load_scores(path, {"run": 1}) is None
     path.write_text("not json", encoding="utf-8")

@@ -35,7 +35,8 @@ from .config import Checkpoint, TrainConfig
 from .graphs import classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
 from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
-from .head import OUT_OF_FOLD_MAX_ROWS, cross_validated_correct, logits, out_of_fold_logits, softmax, train_head
+from .head import (OUT_OF_FOLD_MAX_ROWS, HeadResult, cross_validated_correct, logits, out_of_fold_logits, softmax,
+                   train_head)
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
@@ -208,7 +209,7 @@ class _Fitted:
     layers: list[tuple[np.ndarray, np.ndarray]]
     plan: TrainingPlan
     backbone: Backbone
-    head: "object | None" = None  # HeadResult
+    head: HeadResult | None = None
     tuned: FinetuneRecord | None = None
     backbone_scores: list[BackboneScore] | None = None  # the comparison that chose the backbone, if one ran
 
@@ -333,15 +334,16 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     fine-tuning that did not beat the head); the validation split alone would be too little to
     choose by, so each candidate's head is judged on every labelled photo it did not train on.
     `publish`, if given, receives the first candidate's model (already trained) before the others
-    extract; the counts are cached, so the same command on the same folder trains only the winner's head.
+    extract. The counts and the winner's head are cached: the same command on the same folder
+    trains neither again, and publishes nothing early (its final model follows in seconds).
     """
-    if publish and distributed.is_main():
-        publish(fitted)
     identity = _planned_identity(training_identity(config, fitted.dataset, fitted.backbone), fitted.plan)
     stored = scores_path(cache, identity)
-    scores = load_scores(stored, identity)
+    cached = load_scores(stored, identity)
+    if publish and cached is None and distributed.is_main():
+        publish(fitted)
     trained = {fitted.backbone.name: fitted}
-    if scores is None:
+    if cached is None:
         for name in fitted.plan.backbone_candidates:
             if name not in trained:
                 contender = _contender(fitted, get_backbone(name), config, cache, stage, log)
@@ -351,11 +353,15 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
             scores = [BackboneScore(name, cross_validated_correct(
                 np.concatenate([c.x["train"][0], c.x["validation"][0]]), y, len(fitted.dataset.classes), config.head,
                 c.head.best_step, FOLDS), len(y)) for name, c in trained.items()]
-        save_scores(stored, scores, identity)
+        best = _most_correct(scores)
+        save_scores(stored, scores, identity, (best, trained[best].head))
     else:
+        scores, winner = cached
         log(f"Reusing the backbone comparison of an identical earlier run (same photos and settings): {stored}")
-    best = max(scores, key=lambda score: score.correct).name  # a tie keeps the earlier, smaller backbone
-    chosen = trained.get(best) or _contender(fitted, get_backbone(best), config, cache, stage, log) or fitted
+        best = _most_correct(scores)
+        head = winner[1] if winner and winner[0] == best else None
+        trained |= {best: trained.get(best) or _contender(fitted, get_backbone(best), config, cache, stage, log, head)}
+    chosen = trained[best] or fitted
     summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
     log(f"Cross-validated ({FOLDS} folds) on {scores[0].photos} photos: {summary}; {chosen.backbone.name} is kept")
     return replace(chosen, backbone_scores=scores,
@@ -363,9 +369,14 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
                                 "kept"))
 
 
+def _most_correct(scores: list[BackboneScore]) -> str:
+    return max(scores, key=lambda score: score.correct).name  # a tie keeps the earlier, smaller backbone
+
+
 def _contender(fitted: _Fitted, backbone: Backbone, config: TrainConfig, cache: Path, stage: Stopwatch,
-               log: Callable[[str], None]) -> _Fitted | None:
-    """The head on `backbone`'s features of the same photos, or None if some photo failed through it."""
+               log: Callable[[str], None], head: HeadResult | None = None) -> _Fitted | None:
+    """The head (`head`, or one trained here) on `backbone`'s features of the same photos, or None if
+    some photo failed through it."""
     split = fitted.split
     rows = split["train"] + split["validation"] + split["test"]
     features, failures, extractor = _extract(rows, config, backbone, cache, stage)
@@ -373,9 +384,10 @@ def _contender(fitted: _Fitted, backbone: Backbone, config: TrainConfig, cache: 
         log(f"{backbone.name} left out of the comparison: {len(failures)} photo(s) failed through it")
         return None
     x = feature_matrices(split, features, backbone.feature_dim)
-    with stage("train"):
-        head = train_head(*x["train"], *x["validation"], len(fitted.dataset.classes), config.head,
-                          log=lambda message: None)
+    if head is None:
+        with stage("train"):
+            head = train_head(*x["train"], *x["validation"], len(fitted.dataset.classes), config.head,
+                              log=lambda message: None)
     return replace(fitted, backbone=backbone, x=x, extractor=onnx.load(str(extractor)), layers=head.layers, head=head)
 
 

@@ -11,9 +11,11 @@ cached network trained on, so starting from it would make validation lie.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .files import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
+from .head import HeadResult
 from .metrics import BackboneScore, FinetuneRecord
 
 RECORD, ARRAYS, NETWORK = "record.json", "arrays.npz", "network.onnx"
@@ -52,7 +55,7 @@ def save_tuned(path: Path, run: TunedRun, identity: dict) -> None:
         staging.mkdir(parents=True)
         if run.extractor is not None:
             onnx.save(run.extractor, str(staging / NETWORK))
-        arrays = {f"w{i}": w for i, (w, _) in enumerate(run.layers)} | {f"b{i}": b for i, (_, b) in enumerate(run.layers)}
+        arrays = _layer_arrays(run.layers)
         for split, (x, y) in run.x.items():
             arrays |= {f"x_{split}": x, f"y_{split}": y}
         np.savez(staging / ARRAYS, **arrays)
@@ -73,7 +76,7 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
         if record.get("identity") != identity:
             return None
         with np.load(path / ARRAYS) as arrays:
-            layers = [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(int(record["layers"]))]
+            layers = _layers_from(arrays, record["layers"])
             x = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in record["splits"]}
         network = onnx.load(str(path / NETWORK)) if record["network"] else None
         return TunedRun(network, layers, x, FinetuneRecord(**record["run"]))
@@ -85,21 +88,52 @@ def scores_path(cache: Path, identity: dict) -> Path:
     return cache / "tuned" / f"{identity_key(identity)}.backbones.json"
 
 
-def save_scores(path: Path, scores: list[BackboneScore], identity: dict) -> None:
-    """A backbone comparison's counts, so that the same command on the same folder skips its cross-validation."""
+def save_scores(path: Path, scores: list[BackboneScore], identity: dict, winner: tuple[str, HeadResult]) -> None:
+    """A backbone comparison's counts and the winning backbone's head, so that the same command on
+    the same folder neither cross-validates nor trains that head again."""
+    name, head = winner
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"identity": identity, "scores": [asdict(score) for score in scores]})
+        buffer = io.BytesIO()
+        np.savez(buffer, **_layer_arrays(head.layers))
+        atomic_write_bytes(_head_path(path), buffer.getvalue())  # first: the record below is the commit
+        atomic_write_json(path, {"identity": identity, "scores": [asdict(score) for score in scores],
+                                 "head": {"backbone": name, "layers": len(head.layers), "history": head.history,
+                                          "best_step": head.best_step, "steps_run": head.steps_run}})
     except OSError:  # a full or read-only cache: the next run compares again
         pass
 
 
-def load_scores(path: Path, identity: dict) -> list[BackboneScore] | None:
-    """The stored comparison of this identity; None when there is none, or it is damaged or of another run."""
+def load_scores(path: Path, identity: dict) -> tuple[list[BackboneScore], tuple[str, HeadResult] | None] | None:
+    """The stored comparison of this identity, with its winner's head where that is intact; None when
+    there is none, or it is damaged or of another run."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("identity") != identity:
             return None
-        return [BackboneScore(**score) for score in record["scores"]]
+        scores = [BackboneScore(**score) for score in record["scores"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    return scores, _stored_head(path, record.get("head"))
+
+
+def _stored_head(path: Path, head: object) -> tuple[str, HeadResult] | None:
+    """The winner's head saved beside the counts; None where it is missing or damaged (it is trained again)."""
+    try:
+        with np.load(_head_path(path)) as arrays:
+            layers = _layers_from(arrays, head["layers"])
+        return head["backbone"], HeadResult(layers, head["history"], head["best_step"], head["steps_run"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def _head_path(scores: Path) -> Path:
+    return scores.with_name(scores.name.replace(".json", ".head.npz"))
+
+
+def _layer_arrays(layers: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {f"w{i}": w for i, (w, _) in enumerate(layers)} | {f"b{i}": b for i, (_, b) in enumerate(layers)}
+
+
+def _layers_from(arrays: np.lib.npyio.NpzFile, n: object) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(int(n))]
