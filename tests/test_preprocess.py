@@ -81,7 +81,7 @@ def test_geometry_graph_is_fit_to_square_in_onnx(size, prep):
     """The in-graph resize and crop give fit_to_square's pixels, bit for bit."""
     rng = np.random.default_rng(sum(size))
     base = draw_shape("circles", rng, 64).resize(size, Image.Resampling.BICUBIC)
-    noisy = np.clip(np.asarray(base, np.int16) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255)
+    noisy = np.clip(np.asarray(base, np.int16) + rng.integers(-40, 40, (size[1], size[0], 3), dtype=np.int16), 0, 255)
     image = np.ascontiguousarray(noisy.astype(np.uint8))
     session = ort.InferenceSession(geometry_graph(prep, 17).SerializeToString(), providers=["CPUExecutionProvider"])
     ours = session.run(None, {IMAGE_NAME: image})[0][0].astype(int)
