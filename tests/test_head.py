@@ -67,3 +67,18 @@ def test_early_stopping_keeps_the_best_step():
     assert best["step"] == r.best_step
     acc = (predict_proba(r.layers, x[80:]).argmax(1) == y[80:]).mean()
     assert acc == best["validation_accuracy"]
+
+
+def test_a_head_fits_only_its_feature_size_and_classes_with_finite_float32_layers():
+    from retrain.head import HeadResult
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)).astype(np.float32), np.arange(60) % 3
+    for hidden in (0, 5):
+        head = train_head(x, y, x, y, 3, HeadConfig(steps=20, hidden_units=hidden, seed=0))
+        assert head.fits(8, 3) and not head.fits(9, 3) and not head.fits(8, 2)
+    w, b = head.layers[-1]
+    assert not HeadResult(head.layers[:-1] + [(w.astype(np.float64), b)]).fits(8, 3)
+    assert not HeadResult(head.layers[:-1] + [(np.full_like(w, np.nan), b)]).fits(8, 3)
+    assert not HeadResult(head.layers[:-1] + [(w, b[:, None])]).fits(8, 3)
+    assert not HeadResult([]).fits(8, 3)

@@ -1,6 +1,9 @@
 """pipeline.py: on a small folder the default run lets the Lite sizes compete by cross-validation."""
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx.numpy_helper
@@ -83,6 +86,34 @@ def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_b
     assert two.metrics.backbone_comparison == one.metrics.backbone_comparison
     assert two.metrics.backbone == one.metrics.backbone
     assert two.metrics.test_accuracy == one.metrics.test_accuracy
+
+
+def test_a_comparison_cached_without_its_winners_head_or_features_is_completed(few_ants_and_bees, cache_dir,
+                                                                                tmp_path, monkeypatch):
+    import retrain.pipeline
+
+    first = retrain.train(few_ants_and_bees, default_config(cache_dir))
+    assert first.metrics.backbone != "lite0", "the case under test: the winner's head is not the first head"
+    scores = [asdict(score) for score in first.metrics.backbone_comparison]
+    stored = next(path for path in (cache_dir / "tuned").glob("*.backbones.json")
+                  if json.loads(path.read_text())["scores"] == scores)
+    record = json.loads(stored.read_text())
+    stored.write_text(json.dumps({k: v for k, v in record.items() if k != "head"}))  # as an older retrain wrote it
+    # Features in a store that holds lite0's only: the winner's must be extracted again.
+    lite0 = get_backbone("lite0").identity
+    shutil.copytree(cache_dir / "features" / lite0, tmp_path / "features" / lite0)
+    config = default_config(cache_dir, bottleneck_dir=str(tmp_path / "features"))
+    trained_heads = []
+    monkeypatch.setattr(retrain.pipeline, "train_head", counted(retrain.pipeline.train_head, trained_heads))
+    published = []
+    again = retrain.train(few_ants_and_bees, config, publish=published.append)
+    # Extracting and training take a while: the first model is published, as on a first run.
+    assert len(trained_heads) == 2 and [m.metrics.backbone for m in published] == ["lite0"]
+    assert weights(again.model) == weights(first.model)
+    trained_heads.clear()
+    published.clear()
+    third = retrain.train(few_ants_and_bees, config, publish=published.append)  # the head was stored this time
+    assert len(trained_heads) == 1 and published == [] and weights(third.model) == weights(first.model)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """tuned.py: a finished fine-tuning run cached under its training identity, and nothing else read back."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -44,6 +46,10 @@ def test_another_identity_or_a_damaged_entry_reads_as_none(tmp_path):
     assert load_tuned(path, other) is None  # same folder, another run's record
     (path / "network.onnx").write_bytes(b"\x00garbage")
     assert load_tuned(path, identity) is None
+    save_tuned(path, tiny_run(), identity)
+    for damage in (b"", b"not a zip"):
+        (path / "arrays.npz").write_bytes(damage)
+        assert load_tuned(path, identity) is None
     (path / "record.json").write_text("{not json")
     assert load_tuned(path, identity) is None
 
@@ -77,13 +83,20 @@ def test_a_damaged_or_foreign_backbone_comparison_is_not_reused(tmp_path):
     from retrain.tuned import load_scores, save_scores, scores_path
 
     scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
-    path = scores_path(tmp_path, {"run": 1})
-    save_scores(path, scores, {"run": 1}, ("lite1", HeadResult(tiny_run().layers)))
+    path, other = scores_path(tmp_path, {"run": 1}), scores_path(tmp_path, {"run": 2})
+    save_scores(path, scores, {"run": 1}, ("lite1", HeadResult(tiny_run(1).layers)))
+    save_scores(other, scores, {"run": 2}, ("lite1", HeadResult(tiny_run(2).layers)))
     assert load_scores(path, {"run": 2}) is None
-    heads = list(tmp_path.rglob("*.head.npz"))
-    assert len(heads) == 1
-    heads[0].write_bytes(b"damaged")  # the counts still stand; the head is trained again
-    assert load_scores(path, {"run": 1}) == (scores, None)
+    heads = {p.name: p for p in tmp_path.rglob("*.head.npz")}
+    ours, theirs = (heads[p.name.replace(".json", ".head.npz")] for p in (path, other))
+    # The counts still stand where the head beside them is not the one they name; the head is trained again.
+    for damage in (b"", b"damaged", theirs.read_bytes()):  # empty, not a zip, another run's head
+        ours.write_bytes(damage)
+        assert load_scores(path, {"run": 1}) == (scores, None)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    for head in ("a string", [1, 2], None, {"backbone": "lite1"}):
+        path.write_text(json.dumps(record | {"head": head}), encoding="utf-8")
+        assert load_scores(path, {"run": 1}) == (scores, None)
     path.write_text('{"identity": {"run": 1}, "scores": [{"name": "lite0"}]}', encoding="utf-8")
     assert load_scores(path, {"run": 1}) is None
     path.write_text("not json", encoding="utf-8")

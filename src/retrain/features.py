@@ -122,6 +122,12 @@ def compute_features(samples: SampleTable, backbone: Backbone, extractor: Path, 
     return StoreFeatures(store, rows[rows >= 0]), failures
 
 
+def features_cached(samples: SampleTable, backbone: Backbone, stores: Path) -> bool:
+    """Whether the store in `stores` holds every sample's features through `backbone` (nothing to extract)."""
+    store = FeatureStore(Path(stores) / backbone.identity, backbone.feature_dim)
+    return bool((store.rows(samples.keys) >= 0).all())
+
+
 def _first_missing(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Positions of the first sample of each distinct digest the store lacks, in scan order."""
     missing = np.flatnonzero(rows < 0)

@@ -33,6 +33,13 @@ class HeadResult:
     best_step: int = 0
     steps_run: int = 0
 
+    def fits(self, dim: int, n_classes: int) -> bool:
+        """Whether these are finite float32 layers from `dim` features to `n_classes` logits."""
+        sizes = [dim] + [b.shape[0] if b.ndim == 1 else -1 for _, b in self.layers]
+        return bool(self.layers) and sizes[-1] == n_classes and all(
+            w.dtype == b.dtype == np.float32 and w.shape == (fan_in, fan_out) and np.isfinite(w).all()
+            and np.isfinite(b).all() for (w, b), fan_in, fan_out in zip(self.layers, sizes, sizes[1:]))
+
 
 def _init_layers(dim: int, n_classes: int, cfg: HeadConfig, rng: np.random.Generator) -> list[list[np.ndarray]]:
     """Uniform(+-1/sqrt(fan_in)) weights and biases, as torch.nn.Linear starts."""

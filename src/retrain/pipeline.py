@@ -28,7 +28,7 @@ from .errors import UserError
 from .checks import class_counts, quick_summary
 from .evaluation import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
                        verdict)
-from .features import compute_features, feature_matrices, features_of, store_folder
+from .features import compute_features, feature_matrices, features_cached, features_of, store_folder
 from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import Checkpoint, TrainConfig
@@ -335,12 +335,13 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     choose by, so each candidate's head is judged on every labelled photo it did not train on.
     `publish`, if given, receives the first candidate's model (already trained) before the others
     extract. The counts and the winner's head are cached: the same command on the same folder
-    trains neither again, and publishes nothing early (its final model follows in seconds).
+    trains neither again, and where the winner's features are cached too it publishes nothing
+    early (its final model follows in seconds).
     """
     identity = _planned_identity(training_identity(config, fitted.dataset, fitted.backbone), fitted.plan)
     stored = scores_path(cache, identity)
     cached = load_scores(stored, identity)
-    if publish and cached is None and distributed.is_main():
+    if publish and not _final_model_is_quick(cached, fitted, config, cache) and distributed.is_main():
         publish(fitted)
     trained = {fitted.backbone.name: fitted}
     if cached is None:
@@ -359,14 +360,33 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
         scores, winner = cached
         log(f"Reusing the backbone comparison of an identical earlier run (same photos and settings): {stored}")
         best = _most_correct(scores)
-        head = winner[1] if winner and winner[0] == best else None
-        trained |= {best: trained.get(best) or _contender(fitted, get_backbone(best), config, cache, stage, log, head)}
+        if best not in trained:
+            head = winner[1] if winner and winner[0] == best else None
+            trained[best] = _contender(fitted, get_backbone(best), config, cache, stage, log, head)
+            if trained[best] and trained[best].head is not head:  # trained again: stored for the next rerun
+                save_scores(stored, scores, identity, (best, trained[best].head))
     chosen = trained[best] or fitted
     summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
     log(f"Cross-validated ({FOLDS} folds) on {scores[0].photos} photos: {summary}; {chosen.backbone.name} is kept")
     return replace(chosen, backbone_scores=scores,
                    plan=replace(chosen.plan, reason=f"{chosen.plan.reason}: {summary} right; {chosen.backbone.name} "
                                 "kept"))
+
+
+def _final_model_is_quick(cached: tuple[list[BackboneScore], tuple[str, HeadResult] | None] | None,
+                          fitted: _Fitted, config: TrainConfig, cache: Path) -> bool:
+    """Whether a cached comparison leaves nothing slow to do: its winner is this head's backbone, or
+    the winner's head and features are cached (then publishing a first model would only cost time)."""
+    if cached is None:
+        return False
+    scores, winner = cached
+    best = _most_correct(scores)
+    return best == fitted.backbone.name or (winner is not None and winner[0] == best and features_cached(
+        _all_rows(fitted.split), get_backbone(best), store_folder(cache, config.bottleneck_dir)))
+
+
+def _all_rows(split: dict[str, SampleTable]) -> SampleTable:
+    return split["train"] + split["validation"] + split["test"]
 
 
 def _most_correct(scores: list[BackboneScore]) -> str:
@@ -378,13 +398,13 @@ def _contender(fitted: _Fitted, backbone: Backbone, config: TrainConfig, cache: 
     """The head (`head`, or one trained here) on `backbone`'s features of the same photos, or None if
     some photo failed through it."""
     split = fitted.split
-    rows = split["train"] + split["validation"] + split["test"]
+    rows = _all_rows(split)
     features, failures, extractor = _extract(rows, config, backbone, cache, stage)
     if not features.covers(rows).all():
         log(f"{backbone.name} left out of the comparison: {len(failures)} photo(s) failed through it")
         return None
     x = feature_matrices(split, features, backbone.feature_dim)
-    if head is None:
+    if head is None or not head.fits(backbone.feature_dim, len(fitted.dataset.classes)):
         with stage("train"):
             head = train_head(*x["train"], *x["validation"], len(fitted.dataset.classes), config.head,
                               log=lambda message: None)

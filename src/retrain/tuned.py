@@ -80,8 +80,8 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
             x = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in record["splits"]}
         network = onnx.load(str(path / NETWORK)) if record["network"] else None
         return TunedRun(network, layers, x, FinetuneRecord(**record["run"]))
-    except (OSError, ValueError, KeyError, TypeError, DecodeError):  # missing, damaged or of an older layout
-        return None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, DecodeError):
+        return None  # missing, damaged or of an older layout
 
 
 def scores_path(cache: Path, identity: dict) -> Path:
@@ -92,14 +92,16 @@ def save_scores(path: Path, scores: list[BackboneScore], identity: dict, winner:
     """A backbone comparison's counts and the winning backbone's head, so that the same command on
     the same folder neither cross-validates nor trains that head again."""
     name, head = winner
+    record = {"layers": len(head.layers), "history": head.history, "best_step": head.best_step,
+              "steps_run": head.steps_run}
+    buffer = io.BytesIO()
+    np.savez(buffer, record=np.array(json.dumps(record)), **_layer_arrays(head.layers))
+    data = buffer.getvalue()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez(buffer, **_layer_arrays(head.layers))
-        atomic_write_bytes(_head_path(path), buffer.getvalue())  # first: the record below is the commit
+        atomic_write_bytes(_head_path(path), data)  # first: the counts' record, naming its digest, is the commit
         atomic_write_json(path, {"identity": identity, "scores": [asdict(score) for score in scores],
-                                 "head": {"backbone": name, "layers": len(head.layers), "history": head.history,
-                                          "best_step": head.best_step, "steps_run": head.steps_run}})
+                                 "head": {"backbone": name, "sha256": hashlib.sha256(data).hexdigest()}})
     except OSError:  # a full or read-only cache: the next run compares again
         pass
 
@@ -118,12 +120,17 @@ def load_scores(path: Path, identity: dict) -> tuple[list[BackboneScore], tuple[
 
 
 def _stored_head(path: Path, head: object) -> tuple[str, HeadResult] | None:
-    """The winner's head saved beside the counts; None where it is missing or damaged (it is trained again)."""
+    """The winner's head saved beside the counts, if its bytes are the ones the counts name; None
+    where it is missing, damaged or another run's (it is trained again)."""
     try:
-        with np.load(_head_path(path)) as arrays:
-            layers = _layers_from(arrays, head["layers"])
-        return head["backbone"], HeadResult(layers, head["history"], head["best_step"], head["steps_run"])
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        data = _head_path(path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != head["sha256"]:
+            return None
+        with np.load(io.BytesIO(data)) as arrays:
+            record = json.loads(str(arrays["record"]))
+            layers = _layers_from(arrays, record["layers"])
+        return head["backbone"], HeadResult(layers, record["history"], record["best_step"], record["steps_run"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
 
 
