@@ -20,7 +20,7 @@ from retrain.api import TrainConfig
 from retrain.cli import label_image_main, retrain_main
 from retrain.export import ANY_SIZE_FILE, REPORT_FILE
 from retrain.head import HeadConfig
-from retrain.prediction import load
+from retrain.prediction import MODEL_FILE, load
 from retrain.preprocess import IMAGE_NAME, INPUT_NAME, fit_to_square
 from retrain.serve import ServeConfig, create_app
 
@@ -116,7 +116,13 @@ def test_int8_past_the_tolerance_is_refused_with_numbers_and_nothing_written(mod
 
 
 def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, capsys):
+    photos = tmp_path / "photos" / "ants"
+    photos.mkdir(parents=True)
+    draw_shape("circles", np.random.default_rng(0), 64).save(photos / "a.png")
     cases = [
+        (["export", str(model_dir), "--ort", "--output", str(photos.parent)], "files retrain did not write (ants)"),
+        (["export", str(model_dir), "--ort", "--output", str(photos)], "files retrain did not write (a.png)"),
+        (["export", str(exported), "--int8", "--output", str(tmp_path / "z")], "is already an int8 model"),
         (["export", str(model_dir), "--output", str(tmp_path / "x")], "nothing to export"),
         (["export", str(model_dir), "--ort", "--output", str(model_dir)], "the model's own directory"),
         (["export", str(model_dir), "--ort", "--output", str(exported)], "already holds model.onnx"),
@@ -127,7 +133,18 @@ def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, caps
         assert retrain_main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    assert [p.name for p in photos.parent.rglob("*")] == ["ants", "a.png"]
+
+
+@pytest.mark.parametrize("name", [ANY_SIZE_FILE, "model_any_size.ort"])
+def test_the_any_size_model_given_to_predict_or_label_image_is_refused_naming_model_onnx(exported, name, capsys):
+    photo = str(real_photos()[0])
+    for argv, run in ((["predict", str(exported / name), photo], retrain_main),
+                      (["--graph", str(exported / name), "--image", photo], label_image_main)):
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert "is the any-size model" in err and str(exported / MODEL_FILE) in err and "Traceback" not in err
 
 
 def int8_expected(exported: Path, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from .config import ExportConfig
 from .errors import UserError
 from .runtime import decoded_batches, inference_session
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .outputs import write_model_dir
+from .outputs import check_output_dir, write_model_dir
 from .graphs import any_size_model, tidy_opsets
 from .prediction import LABELS_FILE, MODEL_FILE, Classifier, load
 from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME
@@ -90,8 +90,10 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, config: Expo
     if not (config.int8 or config.any_size or config.ort):
         raise UserError("nothing to export: give --int8, --any-size and/or --ort")
     source = load(model_dir)
-    out = _check_output(Path(output), source.path.parent, config.overwrite)
+    out = _check_output(Path(output), source, config)
     model = tidy_opsets(onnx.load(str(source.path)))
+    if config.int8 and any(node.op_type == "DequantizeLinear" for node in model.graph.node):
+        raise UserError(f"{source.path} is already an int8 model: export --int8 from the fp32 model.onnx it came from")
     report: dict = {"source": str(source.path.resolve()), "int8": None}
     with tempfile.TemporaryDirectory(prefix="retrain-export-") as tmp:
         if config.int8:
@@ -118,17 +120,30 @@ def _write(out: Path, blobs: dict[str, bytes], labels: list[str], report: dict) 
     write_model_dir(out, write)
 
 
-def _check_output(out: Path, source_dir: Path, overwrite: bool) -> Path:
-    if out.resolve() == source_dir.resolve():
+def _check_output(out: Path, source: Classifier, config: ExportConfig) -> Path:
+    """Refused before any work: the source's own folder, a folder among the photos or holding the
+    user's files (as `retrain train --output`), and (without --overwrite) an earlier export's files."""
+    if out.resolve() == source.path.parent.resolve():
         raise UserError(f"--output {out} is the model's own directory: choose another, the source stays as it is")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file: give a directory")
     ours = (MODEL_FILE, ANY_SIZE_FILE, *(Path(n).with_suffix(".ort").name for n in (MODEL_FILE, ANY_SIZE_FILE)),
             LABELS_FILE, REPORT_FILE)
+    check_output_dir(out, _image_folders(source, config.image_dir), config.overwrite, replaces=", ".join(ours))
     taken = [n for n in ours if (out / n).exists()]
-    if taken and not overwrite:
+    if taken and not config.overwrite:
         raise UserError(f"{out} already holds {', '.join(taken)}: choose another --output or add --overwrite")
     return out
+
+
+def _image_folders(source: Classifier, image_dir: str | None) -> list[str | None]:
+    """The photo folders the model was trained and tested on (from its provenance), and --image_dir."""
+    provenance, settings = _provenance(source)
+    return [image_dir, provenance.get("image_dir"), settings.get("val_dir"), settings.get("test_dir")]
+
+
+def _provenance(source: Classifier) -> tuple[dict, dict]:
+    """The model's provenance record and the training settings in it ({} where it records none)."""
+    provenance = json.loads(source.metadata.get("retrain:provenance", "{}"))
+    return provenance, provenance.get("config", {})
 
 
 # ------------------------------------------------------------------------------------------ int8
@@ -161,8 +176,7 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
 
 def training_dataset(source: Classifier, image_dir: str | None, log: Callable[[str], None]) -> Dataset:
     """The model's photos, split as when it was trained (the split settings come from its provenance)."""
-    provenance = json.loads(source.metadata.get("retrain:provenance", "{}"))
-    settings = provenance.get("config", {})
+    provenance, settings = _provenance(source)
     folder = image_dir or provenance.get("image_dir")
     if not folder:
         raise UserError(f"{source.path} does not record the folder it was trained on: give it with --image_dir")

@@ -16,9 +16,11 @@ from .decode import UnreadableImage
 from .errors import UserError
 from .runtime import inference_session, run_model
 from .guards import open_regular
-from .preprocess import INPUT_NAME, Preprocessing
+from .preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from .engine import Engine
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE, REPORT_FILE = "model.onnx", "labels.txt", "metrics.json", "report.html"
@@ -70,6 +72,7 @@ class Classifier:
         except Exception as e:  # ORT raises its own exception types for bad files
             raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
         self.path, self.engine = path, engine
+        _refuse_other_inputs(self.session, path)
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         if "retrain:preprocessing" not in self.metadata:
             raise UserError(f"{path} was not written by retrain (no preprocessing metadata); "
@@ -116,6 +119,19 @@ class Classifier:
         best = np.argsort(-probs, kind="stable")[:k]
         return Prediction(name, [(self.labels[j], float(probs[j])) for j in best],
                           unknown=bool(probs[best[0]] < threshold))
+
+
+def _refuse_other_inputs(session: ort.InferenceSession, path: Path) -> None:
+    """A one-line error for a model that does not take retrain's batch of square uint8 images."""
+    names = [i.name for i in session.get_inputs()]
+    if names == [IMAGE_NAME]:
+        beside = path.with_name(MODEL_FILE)
+        raise UserError(f"{path} is the any-size model for apps (one decoded photo of any size a call); "
+                        f"predict, evaluate, label_image and serve read {beside if beside.is_file() else MODEL_FILE}, "
+                        "which `retrain export` writes beside it")
+    if names != [INPUT_NAME]:
+        raise UserError(f"{path} takes the input(s) {', '.join(names)}, not retrain's {INPUT_NAME}: "
+                        "give a model.onnx written by retrain")
 
 
 def _parse_metadata(metadata: dict[str, str]) -> tuple[Preprocessing, list[str], float]:
