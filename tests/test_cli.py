@@ -39,6 +39,10 @@ def test_classic_retrain_then_label_image(trained, shapes, capsys):
     assert names[0] == "stripes" and set(names) == {"circles", "squares", "stripes"}
     assert list(map(float, scores)) == sorted(map(float, scores), reverse=True)
     assert err == ""  # the classic tensor names match: no notes
+    # A folder is not an image: the error says which command classifies a folder.
+    assert label_image_main([f"--graph={graph}", f"--labels={labels}", f"--image={shapes / 'stripes'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "retrain predict" in err and "Traceback" not in err
 
 
 def test_classic_defaults_write_to_temp_dir(shapes, cache_dir, monkeypatch, tmp_path, capsys):

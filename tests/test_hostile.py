@@ -319,10 +319,11 @@ def test_output_naming_an_existing_file_is_refused_before_training(tmp_path, cap
     assert_one_line_error(code, err, "is an existing file")
 
 
-@pytest.mark.parametrize("flag", ["--output_graph", "--output_labels"])
-def test_classic_output_naming_a_folder_is_refused_before_training(flag, tmp_path, capsys):
+@pytest.mark.parametrize("flag, example", [("--output_graph", "output_graph.onnx"),
+                                           ("--output_labels", "output_labels.txt")])
+def test_classic_output_naming_a_folder_is_refused_before_training(flag, example, tmp_path, capsys):
     code, err = run_cli(capsys, "--image_dir", tmp_path / "no-such-folder", flag, tmp_path)
-    assert_one_line_error(code, err, f"{flag} {tmp_path} is a folder")
+    assert_one_line_error(code, err, f"{flag} {tmp_path} is a folder: give a file name, e.g. {tmp_path / example}")
 
 
 def test_predict_output_naming_a_folder_is_refused_before_predicting(model_dir, photos, tmp_path, capsys):

@@ -24,3 +24,17 @@ def test_lr_find_command(shapes_data, cache_dir, tmp_path, capsys):
     assert retrain_main(["lr-find", str(shapes_data), "--plot", str(tmp_path / "lr.png"), "--quiet",
                          "--cache_dir", str(cache_dir)]) == 0
     assert "Suggested --learning_rate" in capsys.readouterr().out and (tmp_path / "lr.png").exists()
+
+
+def test_the_plot_path_printed_is_the_file_written_and_a_folder_or_photo_folder_is_refused(shapes_data, cache_dir,
+                                                                                            tmp_path, capsys):
+    args = ["--quiet", "--cache_dir", str(cache_dir)]
+    assert retrain_main(["lr-find", str(shapes_data), "--plot", str(tmp_path / "curve"), *args]) == 0
+    assert f"(loss curve: {tmp_path / 'curve.png'})" in capsys.readouterr().out and (tmp_path / "curve.png").exists()
+    for plot, message in ((tmp_path / "folder.png", "is a folder: give a file name, e.g."),
+                          (shapes_data / "lr.png", "is inside the image folder")):
+        if plot.suffix and plot.parent == tmp_path:
+            plot.mkdir()
+        assert retrain_main(["lr-find", str(shapes_data), "--plot", str(plot), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (shapes_data / "lr.png").exists()

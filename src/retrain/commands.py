@@ -47,8 +47,9 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
     """`retrain --image_dir`: train, then write the model and its labels where retrain.py did."""
     from .pipeline import train
 
-    for flag, path in (("--output_graph", graph), ("--output_labels", labels)):  # a wrong path must not cost the run
-        check_output_file(path, flag, _inputs(image_dir, config))
+    for flag, path, example in (("--output_graph", graph, "output_graph.onnx"),
+                                ("--output_labels", labels, "output_labels.txt")):  # a wrong path must not cost the run
+        check_output_file(path, flag, _inputs(image_dir, config), example)
     model = train(image_dir, config, publish=_announced(lambda m: m.save_files(graph, labels), graph))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
@@ -162,9 +163,11 @@ def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     from .lrfind import lr_sweep, plot_sweep
     from .pipeline import head_training_data
 
+    path = Path(plot) if Path(plot).suffix else Path(plot).with_suffix(".png")  # as matplotlib would name it
+    check_output_file(path, "--plot", _inputs(image_dir, config), "lr_find.png")
     x, y, classes = head_training_data(image_dir, config)
     sweep = lr_sweep(x, y, len(classes), config.head)
-    print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, Path(plot))})")
+    print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, path)})")
     return 0
 
 
@@ -242,6 +245,9 @@ def label_image(image: str, graph: str | None, labels: str | None, top_k: int, m
     for note in compatibility_notes(compat, clf):
         print(f"Note: {note}", file=sys.stderr)
     path = Path(image)
+    if path.is_dir():
+        raise UserError(f"--image {path} is a folder: label_image classifies one image; "
+                        f"`retrain predict MODEL {path}` classifies every image in a folder")
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     pred = next(clf.predict_paths([path], top_k, min_confidence=min_confidence))

@@ -77,11 +77,12 @@ def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike 
     _probe_writable(out)
 
 
-def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = (),
+                      example: str = "output_graph.onnx") -> None:
     """Refuse, before any work, a file output that names a folder, sits in a file's place, or lies among the photos."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder: give a file name, e.g. {path / 'output_graph.onnx'}")
+        raise UserError(f"{flag} {path} is a folder: give a file name, e.g. {path / example}")
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
