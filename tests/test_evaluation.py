@@ -58,3 +58,12 @@ def test_a_folder_evaluation_with_predictions_is_json_and_agrees_with_itself(hea
         assert row["predicted"] == int(probs.argmax()) and row["confidence"] == pytest.approx(float(probs.max()))
     right = sum(r["predicted"] == r["label"] for r in rows)
     assert result["accuracy"] == pytest.approx(right / len(rows))
+
+
+def test_small_splits_that_disagree_are_told_in_counts_not_percentages():
+    from retrain.evaluation import small_splits_disagree
+
+    line = small_splits_disagree(1.0, 6, 5 / 6, 6)
+    assert line.startswith("Validation (6/6 right) and test (5/6 right) disagree") and "%" not in line
+    assert small_splits_disagree(1.0, 60, 5 / 6, 60) is None  # enough photos: the figures stand on their own
+    assert small_splits_disagree(0.9, 6, 0.85, 6) is None  # close enough: nothing to explain

@@ -212,3 +212,16 @@ def test_export_numbers_are_checked_before_any_work(flag, value, tmp_path, capsy
     err = capsys.readouterr().err
     assert flag in err and "ExportConfig" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_the_int8_table_gives_each_accuracy_its_evidence_when_photos_are_few():
+    from retrain.export import Int8Report, Measured
+
+    report = Int8Report(fp32=Measured(4_000_000, {"batch_1": 50.0}, {"validation": 1.0, "test": 5 / 6}),
+                        int8=Measured(1_000_000, {"batch_1": 80.0}, {"validation": 1.0, "test": 4 / 6}),
+                        images={"validation": 6, "test": 6}, top1_agreement=11 / 12, calibration_images=6,
+                        tolerance=1.0, cpu=[])
+    table = report.table()
+    assert "same top-1 label (N=12)" in table
+    assert "test: fp32 not measurable on 6 photos (5/6 right; 95% CI" in table
+    assert ", int8 not measurable on 6 photos (4/6 right; 95% CI" in table

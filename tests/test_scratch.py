@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -129,13 +130,17 @@ def test_scratch_color_architecture_shapes():
 
 
 def test_comparison_table_times_to_reach_each_others_best():
-    slow = Run("scratch-color", "scratch", 0.80, 100.0, [(10.0, 0.5), (50.0, 0.7), (100.0, 0.80)])
-    fast = Run("lite0", "head", 0.95, 12.0, [(12.0, 0.95)])
+    slow = Run("scratch-color", "scratch", 0.80, 200, 100.0, [(10.0, 0.5), (50.0, 0.7), (100.0, 0.80)])
+    fast = Run("lite0", "head", 0.95, 200, 12.0, [(12.0, 0.95)])
     assert slow.accuracy_at(12.0) == 0.5 and slow.accuracy_at(5.0) is None
     assert fast.time_to(0.80) == 12.0 and slow.time_to(0.95) is None
     table = comparison_table([slow, fast])
     assert "lite0 95.0%: not reached" in table and "scratch-color 80.0%: 12.0 s" in table
     assert "acc @ 12.0 s" in table
+    assert ("on the same 200 photos: scratch-color 80.0% (N=200, 95% CI 74-85%); lite0 95.0% (N=200, 95% CI 91-97%)"
+            in table)
+    few = comparison_table([replace(slow, test_images=6), replace(fast, test_images=6)])
+    assert "scratch-color not measurable on 6 photos (5/6 right; 95% CI" in few
 
 
 def test_default_models_follow_image_size(tmp_path):
@@ -212,8 +217,8 @@ def test_a_comparison_may_replace_its_own_files(tmp_path):
     from retrain.compare import write_comparison
     from retrain.outputs import check_output_dir
 
-    runs = [Run("scratch-small", "scratch", 0.5, 2.0, [(1.0, 0.4), (2.0, 0.5)]),
-            Run("lite0", "head", 0.9, 1.0, [(1.0, 0.9)])]
+    runs = [Run("scratch-small", "scratch", 0.5, 10, 2.0, [(1.0, 0.4), (2.0, 0.5)]),
+            Run("lite0", "head", 0.9, 10, 1.0, [(1.0, 0.9)])]
     write_comparison(runs, tmp_path / "out")
     check_output_dir(tmp_path / "out", [], overwrite=False)  # retrain's: a rerun may write here
     write_comparison(runs[::-1], tmp_path / "out")

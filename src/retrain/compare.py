@@ -21,7 +21,7 @@ from .pipeline import train
 from .config import TrainConfig
 from .backbones import get_backbone
 from .errors import UserError
-from .evaluation import Timeline
+from .evaluation import Timeline, describe_accuracy
 from .files import default_cache_dir
 from .graphs import extractor_path
 from .guards import open_regular
@@ -36,6 +36,7 @@ class Run:
     model: str
     mode: str
     test_accuracy: float
+    test_images: int  # the test photos the accuracies are over (the same split for every model)
     seconds: float  # training wall time until the model was exported
     points: list[tuple[float, float]]  # (seconds, test accuracy) along the way
 
@@ -92,7 +93,7 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
             accuracy = float("nan") if accuracy is None else accuracy  # no test split; 0.0 stays 0.0
             timeline.record(lambda: accuracy)
         model.save(output / name)
-        runs.append(Run(name, model.metrics.mode, accuracy,
+        runs.append(Run(name, model.metrics.mode, accuracy, model.metrics.num_images.get("test", 0),
                         timeline.points[-1][0], timeline.points))
     write_comparison(runs, output)
     return runs
@@ -111,6 +112,9 @@ def comparison_table(runs: list[Run]) -> str:
                           for o in runs if o is not r)
         lines.append(f"{r.model:<15} {r.mode:<9} {100 * r.test_accuracy:>7.1f}% {_fmt_time(r.seconds):>8} "
                      f"{(f'{100 * at:.1f}%' if at is not None else '-'):>12}  {reach}")
+    n = runs[0].test_images
+    lines.append(f"Each model's test accuracy, on the same {n} photos: "
+                 + "; ".join(f"{r.model} {describe_accuracy(r.test_accuracy, n)}" for r in runs))
     return "\n".join(lines)
 
 

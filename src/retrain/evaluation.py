@@ -58,7 +58,8 @@ def small_splits_disagree(val: float | None, n_val: int, test: float | None, n_t
     """One line when validation and test accuracy differ only because both are measured on few photos."""
     if val is None or test is None or min(n_val, n_test) >= 50 or abs(val - test) < 0.1:
         return None
-    return (f"Validation ({100 * val:.0f}% of {n_val}) and test ({100 * test:.0f}% of {n_test}) disagree because "
+    return (f"Validation ({round(val * n_val)}/{n_val} right) and test ({round(test * n_test)}/{n_test} right) "
+            "disagree because "
             "both are measured on few photos: neither figure is precise; more photos per class would settle it.")
 
 

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from .decode import decode_all
 from .config import ExportConfig
 from .errors import UserError
+from .evaluation import INTERVAL_BELOW, describe_accuracy
 from .runtime import decoded_batches, inference_session
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .outputs import check_output_dir, write_model_dir
@@ -77,8 +78,11 @@ class Int8Report:
         for split, drop in self.drops().items():
             rows.append((f"{split} accuracy (N={self.images[split]})", f"{100 * self.fp32.accuracy[split]:.1f}%",
                          f"{100 * self.int8.accuracy[split]:.1f}%", f"{0 - drop:+.1f} points"))
-        rows.append(("same top-1 label", "", f"{100 * self.top1_agreement:.1f}%", ""))
-        return "\n".join(f"{a:<32}{b:>10}{c:>10}{d:>14}" for a, b, c, d in rows)
+        rows.append((f"same top-1 label (N={sum(self.images.values())})", "", f"{100 * self.top1_agreement:.1f}%", ""))
+        evidence = [f"{split}: fp32 {describe_accuracy(self.fp32.accuracy[split], n)}, int8 "
+                    f"{describe_accuracy(self.int8.accuracy[split], n)}" for split, n in self.images.items()
+                    if n < INTERVAL_BELOW]  # what so few photos can say of the figures above
+        return "\n".join([f"{a:<32}{b:>10}{c:>10}{d:>14}" for a, b, c, d in rows] + evidence)
 
 
 def export(model_dir: str | os.PathLike, output: str | os.PathLike, config: ExportConfig,
