@@ -61,6 +61,10 @@ def test_report_command_on_another_folder(head_model, tmp_path, capsys):
     assert retrain_main(["report", str(tmp_path / "m"), str(other)]) == 0
     html = (tmp_path / "m" / "report.html").read_text()
     assert "N=12" in html and "images of" in html and str(other) in html
+    # It opens with a verdict on that folder's photos, and calibration is told as the model has it.
+    assert "<h2>Verdict</h2>" in html and f"of the photos in {other}; for comparison" in html
+    calibrated = head_model.model.metrics.calibration.calibrated
+    assert ("after temperature scaling" in html) == calibrated and ("without temperature scaling" in html) != calibrated
     assert retrain_main(["report", str(tmp_path / "nothing")]) == 2
 
 

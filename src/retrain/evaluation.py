@@ -135,8 +135,12 @@ def most_confused(confusion: list[list[int]], classes: list[str], top: int = 3) 
 
 
 def verdict(test: ClassificationMetrics | None, validation_accuracy: float | None, num_validation: int,
-            classes: list[str], unsplit_classes: list[str]) -> list[str]:
-    """The report's opening lines for a non-expert: the accuracy and what to compare it with, then what to fix."""
+            classes: list[str], unsplit_classes: list[str], photos: str = "") -> list[str]:
+    """The report's opening lines for a non-expert: the accuracy and what to compare it with, then what to fix.
+
+    `photos` names the photos `test` is over where they are not the model's own test split
+    (a report on another folder): nothing is then said of whether the model trained on them.
+    """
     lines = []
     if test and test.num_images:
         n, support = test.num_images, [m.support for m in test.per_class.values()]
@@ -144,11 +148,12 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
-            lines.append(f"Only {n} test photos: too few to measure accuracy ({round(test.accuracy * n)}/{n} right; "
-                         f"{_interval(test.accuracy, n)}). Add photos to every class.")
+            lines.append(f"Only {n} {photos or 'test photos'}: too few to measure accuracy "
+                         f"({round(test.accuracy * n)}/{n} right; {_interval(test.accuracy, n)}). "
+                         "Add photos to every class.")
         else:
-            lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of test photos the model never "
-                         f"trained on; for comparison, {baselines}.")
+            lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of "
+                         f"{photos or 'test photos the model never trained on'}; for comparison, {baselines}.")
         pairs = most_confused(test.confusion_matrix, classes)
         if pairs:
             lines.append("Most confused: " + "; ".join(f"{t} taken for {p} ({k} photo{'s' * (k > 1)})"

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
-from .evaluation import describe_accuracy, evaluation_of_folder, worst_mistakes  # noqa: E402
+from .evaluation import describe_accuracy, evaluation_of_folder, verdict, worst_mistakes  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -148,7 +148,8 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     preds = evaluation.predictions
     after = reliability(evaluation.probabilities, np.array([p.label for p in preds]))
     temperature = float(clf.metadata.get("retrain:temperature", 1.0))
-    cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why="",
+    why = metrics.calibration.why if metrics and metrics.calibration else ""  # the model's, not this folder's
+    cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why=why,
                             held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
                             test_ece_after=after["ece"], reliability_after=after["bins"])
     return evaluation.metrics, preds, cal
@@ -179,8 +180,10 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     evaluation, preds, cal = _evaluation(clf, metrics, image_dir)
     sections, pngs = [], {}
 
-    if metrics and metrics.verdict and not image_dir:
-        sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in metrics.verdict)))
+    lines = (verdict(evaluation, None, 0, classes, [], photos=f"the photos in {image_dir}") if image_dir
+             else metrics.verdict if metrics else [])
+    if lines:
+        sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in lines)))
     sections.append(("Dataset", _dataset_section(metrics, classes, clf.metadata.get("retrain:backbone", "?"))))
 
     curves = learning_curves(metrics) if metrics else None
@@ -214,7 +217,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         text += f"<p>Temperature {cal.temperature:.3f}. Expected calibration error "
         if cal.test_ece_before is not None:
             text += f"{100 * cal.test_ece_before:.1f}% before, "
-        text += f"{100 * cal.test_ece_after:.1f}% after temperature scaling.</p>"
+        text += f"{100 * cal.test_ece_after:.1f}% {'after' if cal.calibrated else 'without'} temperature scaling.</p>"
         if cal.unknown_threshold:
             text += (f"<p>Unknown threshold {cal.unknown_threshold:.3f}: {100 * (cal.test_false_rejection or 0):.1f}% "
                      "of in-class test photos are wrongly flagged unknown.</p>")
