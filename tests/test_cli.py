@@ -97,6 +97,16 @@ def test_a_misspelt_label_image_flag_names_the_flag_meant(tmp_path, capsys):
     assert capsys.readouterr().err == "label_image: error: unrecognized flag --grpah: did you mean --graph?\n"
 
 
+@pytest.mark.parametrize("argv, wrong, meant", [
+    (["train", "photos", "--outptu", "m"], "--outptu", "--output"),  # before argparse asks for the missing --output
+    (["predict", "m", "x.jpg", "--topk=3"], "--topk", "--top_k"),
+    (["serve", "m", "--prot", "8000"], "--prot", "--port"),
+])
+def test_a_misspelt_subcommand_flag_names_the_flag_meant(argv, wrong, meant, capsys):
+    assert retrain_main(argv) == 2
+    assert capsys.readouterr().err == f"retrain: error: unrecognized flag {wrong}: did you mean {meant}?\n"
+
+
 def test_unknown_and_retired_flags_are_errors(shapes, capsys):
     assert retrain_main([f"--image_dir={shapes}", "--how_many_trainig_steps=10"]) == 2
     err = capsys.readouterr().err

@@ -474,6 +474,11 @@ COMPAT_FLAGS = {"--input_layer": str, "--output_layer": str, "--input_height": i
 def parse_suggesting(p: argparse.ArgumentParser, argv: Sequence[str], lenient: Iterable[str] = ()) -> argparse.Namespace:
     """parse_args, but a misspelt flag is one line naming the flag meant, and a near miss of a
     `lenient` flag is read as that flag, with a note (course handouts spell `--input_layper`)."""
+    return p.parse_args(_near_misses_fixed(p, argv, lenient))
+
+
+def _near_misses_fixed(p: argparse.ArgumentParser, argv: Sequence[str], lenient: Iterable[str] = ()) -> list[str]:
+    """argv with near misses of `lenient` flags read as those flags; UserError naming the flag meant for others."""
     known = [flag for action in p._actions for flag in action.option_strings]
     fixed = []
     for arg in argv:
@@ -486,7 +491,7 @@ def parse_suggesting(p: argparse.ArgumentParser, argv: Sequence[str], lenient: I
             elif close:
                 raise UserError(f"unrecognized flag {name}: did you mean {close[0]}?")
         fixed.append(arg)
-    return p.parse_args(fixed)
+    return fixed
 
 
 # OSErrors that a user's paths, disks or ports cause: one line, not a traceback.
@@ -525,10 +530,18 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS or not argv or argv[0] in ("-h", "--help"):
         def modern() -> int:
-            args = modern_parser().parse_args(argv)
+            parser = modern_parser()
+            if argv and argv[0] in SUBCOMMANDS:  # before argparse, which would first ask for a missing --output
+                _near_misses_fixed(_subcommand_parser(parser, argv[0]), argv[1:])
+            args = parser.parse_args(argv)
             return args.run(args)
         return _run(modern, "retrain")
     return _run(lambda: legacy_retrain(argv), "retrain")
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
 
 
 def label_image_main(argv: Sequence[str] | None = None) -> int:
