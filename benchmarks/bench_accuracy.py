@@ -31,7 +31,7 @@ import numpy as np
 
 import retrain
 from retrain.config import TrainConfig
-from retrain.evaluation import wilson_interval
+from retrain.evidence import wilson_interval
 from retrain.files import default_cache_dir
 from retrain.metrics import RunMetrics
 from retrain.pipeline import feature_splits

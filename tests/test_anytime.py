@@ -24,7 +24,7 @@ PER_CLASS = 30  # 9 validation photos a class at 30%: 54 in all, just over what 
 # (plan.py's tests cover when one does): what is under test is fine-tuning's anytime behaviour.
 OPTIONS = ["--validation_percentage", "30", "--backbone", "lite0"]
 CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
-HEAD_LINE = re.compile(r"^Plan: finetune .*\(head: ([\d.]+)% on (\d+) validation photos")
+HEAD_LINE = re.compile(r"^Plan: finetune .*\(head: ([\d.]+)% \(N=(\d+), 95% CI [\d-]+%\) on validation")
 
 
 @pytest.fixture(scope="module")

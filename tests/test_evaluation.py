@@ -1,22 +1,8 @@
-"""Accuracy with its evidence: Wilson intervals, the words a small N gets, the verdict, per-class rows."""
+"""Evaluation: the verdict, per-class rows, what small splits that disagree are told."""
 import numpy as np
 import pytest
 
-from retrain.evaluation import classification_metrics, describe_accuracy, format_metrics, verdict, wilson_interval
-
-
-def test_wilson_interval_is_sound_at_the_edges():
-    lo, hi = wilson_interval(5, 5)
-    assert hi == 1.0 and 0.5 < lo < 0.6  # 5/5 right still leaves room for a 57% classifier
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    lo, hi = wilson_interval(900, 1000)
-    assert lo == pytest.approx(0.880, abs=0.002) and hi == pytest.approx(0.917, abs=0.002)
-
-
-def test_a_tiny_split_gets_words_not_a_figure():
-    assert describe_accuracy(1.0, 5, "test photos").startswith("not measurable on 5 test photos (5/5 right; 95% CI")
-    assert describe_accuracy(0.9, 200) == "90.0% (N=200, 95% CI 85-93%)"
-    assert describe_accuracy(None, 0) == "not measured: no photos"
+from retrain.evaluation import classification_metrics, format_metrics, verdict
 
 
 def scored(y_true, y_pred, classes=("ants", "bees")):

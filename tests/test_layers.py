@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "retrain"
 
 # Bottom to top: the data flows up this list, from a folder to a model and on to its users.
 LAYERS = [
-    ("foundations", {"errors", "files", "guards", "progress", "preprocess", "decode", "augment", "config", "stopping",
+    ("foundations", {"errors", "evidence", "files", "guards", "progress", "preprocess", "decode", "augment", "config", "stopping",
                      "prefetch",
                      "validate", "interrupts", "outputs", "distributed", "split", "connections"}),
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import describe
-from .evaluation import TOO_FEW_TO_MEASURE
+from .evidence import TOO_FEW_TO_MEASURE
 from .scan import SPLITS, Dataset, SampleTable
 
 MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable

@@ -21,7 +21,8 @@ from .pipeline import train
 from .config import TrainConfig
 from .backbones import get_backbone
 from .errors import UserError
-from .evaluation import Timeline, describe_accuracy
+from .evaluation import Timeline
+from .evidence import describe_accuracy
 from .files import default_cache_dir
 from .graphs import extractor_path
 from .guards import open_regular

@@ -9,23 +9,12 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy, interval_text, wilson_interval
 from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRecord, SkippedFile, to_json
 from .prediction import Classifier, load
 from .progress import progress
 from .scan import scan_labelled_folder
 
-TOO_FEW_TO_MEASURE = 10  # held-out photos: below this no accuracy is claimed, only its interval
-INTERVAL_BELOW = 1000  # photos: below this every accuracy shown comes with its 95% interval (+-3 points at 1000)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion: sound at 0/n and n/n, where the normal one collapses."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def accuracy_evidence(accuracy: float | None, n: int) -> Evidence:
@@ -35,23 +24,6 @@ def accuracy_evidence(accuracy: float | None, n: int) -> Evidence:
     correct = round(accuracy * n)
     return Evidence(accuracy=accuracy, n=n, interval=list(wilson_interval(correct, n)),
                     measurable=n >= TOO_FEW_TO_MEASURE)
-
-
-def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos") -> str:
-    """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none."""
-    if accuracy is None or n == 0:
-        return f"not measured: no {photos}"
-    interval = _interval(accuracy, n)
-    if n < TOO_FEW_TO_MEASURE:
-        return f"not measurable on {n} {photos} ({round(accuracy * n)}/{n} right; {interval})"
-    if n < INTERVAL_BELOW:
-        return f"{100 * accuracy:.1f}% (N={n}, {interval})"
-    return f"{100 * accuracy:.1f}% (N={n})"
-
-
-def _interval(accuracy: float, n: int) -> str:
-    lo, hi = wilson_interval(round(accuracy * n), n)
-    return f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%"
 
 
 def small_splits_disagree(val: float | None, n_val: int, test: float | None, n_test: int) -> str | None:
@@ -149,7 +121,7 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
             lines.append(f"Only {n} {photos or 'test photos'}: too few to measure accuracy "
-                         f"({round(test.accuracy * n)}/{n} right; {_interval(test.accuracy, n)}). "
+                         f"({round(test.accuracy * n)}/{n} right; {interval_text(test.accuracy, n)}). "
                          "Add photos to every class.")
         else:
             lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of "

@@ -32,7 +32,7 @@ import onnxruntime as ort
 from .decode import decode_all
 from .config import ExportConfig
 from .errors import UserError
-from .evaluation import INTERVAL_BELOW, describe_accuracy
+from .evidence import INTERVAL_BELOW, describe_accuracy
 from .runtime import decoded_batches, inference_session
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .outputs import check_output_dir, write_model_dir

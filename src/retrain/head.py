@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .evidence import describe_accuracy
 from .files import empty_matrix
 from .stopping import EarlyStopping
 from .config import HeadConfig
@@ -174,7 +175,7 @@ def _kept_line(result: HeadResult, cfg: HeadConfig, watched: str, n: int) -> str
     ending = (f"Early stop at step {result.steps_run}: {watched} accuracy did not improve for {cfg.patience} checks"
               if result.steps_run < cfg.steps else f"Finished {cfg.steps} steps")
     return (f"{ending}; keeping the weights of step {result.best_step} ({watched} accuracy "
-            f"{100 * accuracy:.1f}% on {n} photos, the best seen).")
+            f"{describe_accuracy(accuracy, n)}, the best seen).")
 
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is detected and reported as Diverged instead

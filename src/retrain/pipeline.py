@@ -26,8 +26,8 @@ from .decode import describe
 from .engine import open_engine
 from .errors import UserError
 from .checks import class_counts, quick_summary
-from .evaluation import (Timeline, accuracy_evidence, classification_metrics, describe_accuracy, small_splits_disagree,
-                       verdict)
+from .evaluation import Timeline, accuracy_evidence, classification_metrics, small_splits_disagree, verdict
+from .evidence import describe_accuracy
 from .features import compute_features, feature_matrices, features_cached, features_of, store_folder
 from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir

@@ -16,6 +16,7 @@ from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, from_random_weight
 from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, TrainConfig,
                      finetune_geometry, scratch_schedule)
 from .errors import UserError
+from .evidence import describe_accuracy
 from .split import held_out_targets
 from .validate import FINETUNE_RULES
 
@@ -147,8 +148,8 @@ def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_ac
     if n_val < MIN_VALIDATION:
         return _small_validation_plan(config, n_val, n_train + n_val, n_photos, budget)
     if head_accuracy is not None and head_accuracy >= NEAR_PERFECT:
-        return TrainingPlan(Mode.HEAD, f"not fine-tuning: the head is already {100 * head_accuracy:.1f}% right on "
-                            f"{n_val} validation photos")
+        return TrainingPlan(Mode.HEAD, "not fine-tuning: the head is already "
+                            f"{describe_accuracy(head_accuracy, n_val, 'validation photos')} right on validation")
     cfg, device = config.finetune, _device(config.finetune.device)
     gpu = device == "cuda"
     epoch_seconds = n_train / (GPU_IMAGES_PER_SECOND if gpu else CPU_IMAGES_PER_SECOND)
@@ -165,7 +166,8 @@ def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_ac
     compare_seconds = _comparison_seconds(n_photos)
     fallback = is_auto(config.backbone) and epochs * epoch_seconds + compare_seconds <= budget
     return TrainingPlan(Mode.FINETUNE, (
-        (f"head: {100 * head_accuracy:.1f}% on {n_val} validation photos" if head_accuracy is not None else
+        (f"head: {describe_accuracy(head_accuracy, n_val, 'validation photos')} on validation"
+         if head_accuracy is not None else
          f"the head first, measured on {n_val} validation photos") + "; fine-tuning for up to "
         f"~{_duration(min(budget, epochs * epoch_seconds))} to improve it ({epochs} epoch(s) on the "
         f"{'GPU' if gpu else 'CPU'}" + (", at gentler learning rates for so short a schedule" if rates else "") +

@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
-from .evaluation import describe_accuracy, evaluation_of_folder, verdict, worst_mistakes  # noqa: E402
+from .evaluation import evaluation_of_folder, verdict, worst_mistakes  # noqa: E402
+from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402

@@ -1,0 +1,34 @@
+"""How much a shown accuracy can be trusted: N, the 95% interval, and when there are too few photos to claim one."""
+from __future__ import annotations
+
+import numpy as np
+
+TOO_FEW_TO_MEASURE = 10  # held-out photos: below this no accuracy is claimed, only its interval
+INTERVAL_BELOW = 1000  # photos: below this every accuracy shown comes with its 95% interval (+-3 points at 1000)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sound at 0/n and n/n, where the normal one collapses."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos") -> str:
+    """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none."""
+    if accuracy is None or n == 0:
+        return f"not measured: no {photos}"
+    interval = interval_text(accuracy, n)
+    if n < TOO_FEW_TO_MEASURE:
+        return f"not measurable on {n} {photos} ({round(accuracy * n)}/{n} right; {interval})"
+    if n < INTERVAL_BELOW:
+        return f"{100 * accuracy:.1f}% (N={n}, {interval})"
+    return f"{100 * accuracy:.1f}% (N={n})"
+
+
+def interval_text(accuracy: float, n: int) -> str:
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    return f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%"
