@@ -224,6 +224,50 @@ def test_config_dataclasses_validate_where_the_api_receives_them():
         TrainConfig(validation_percentage=float("inf"))
     with pytest.raises(UserError, match=r"unknown_threshold"):
         TrainConfig(unknown_threshold=1.5)
+    # Objects and paths of the wrong kind: one line naming the field, not an AttributeError mid-run.
+    for field, value in (("head", {"steps": 10}), ("finetune", None), ("backbone", 3), ("cache_dir", 5)):
+        with pytest.raises(UserError, match=rf"TrainConfig.{field} must be"):
+            TrainConfig(**{field: value})
+
+
+def test_the_api_checks_its_arguments_and_settings_changed_after_the_config_was_made(photos, tmp_path):
+    config = TrainConfig(mode="head", cache_dir=str(tmp_path / "cache"))
+    config.head.steps = -5  # a plain dataclass: train() validates it again
+    with pytest.raises(UserError, match=r"HeadConfig.steps"):
+        retrain.train(photos, config)
+    config = TrainConfig(mode="head", cache_dir=str(tmp_path / "cache"))
+    config.mode = "fast"
+    with pytest.raises(UserError, match=r"unknown mode 'fast'"):
+        retrain.train(photos, config)
+    with pytest.raises(UserError, match=r"config must be a TrainConfig"):
+        retrain.train(photos, {"mode": "head"})
+    with pytest.raises(UserError, match=r"image_dir must be a folder's path"):
+        retrain.train(None, TrainConfig(mode="head"))
+    # Names the exported graph uses inside, or that ONNX tools cannot take: refused before any work.
+    for name in ("", "Placeholder", "unknown", "logits", "features", "has space", "head_top"):
+        with pytest.raises(UserError, match=r"output_name"):
+            retrain.train(photos, TrainConfig(mode="head", output_name=name, cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()  # nothing was scanned or exported
+
+
+def test_predict_and_evaluate_check_their_arguments(model_dir, photos):
+    one = next(p for p in sorted(Path(photos).rglob("*")) if p.is_file())
+    assert [p.path for p in retrain.predict(model_dir, one)] == [str(one)]  # one path: a list of one
+    assert [p.path for p in retrain.predict(model_dir, str(one))] == [str(one)]
+    for kwargs, named in (({"top_k": "3"}, "top_k"), ({"top_k": 0}, "top_k"), ({"min_confidence": "0.5"},
+                          "min_confidence"), ({"min_confidence": 5}, "min_confidence")):
+        with pytest.raises(UserError, match=named):
+            retrain.predict(model_dir, [one], **kwargs)
+    for workers in (0, "2"):
+        with pytest.raises(UserError, match=r"workers \(--workers\)"):
+            retrain.evaluate(model_dir, photos, workers=workers)
+
+
+def test_serve_config_refuses_settings_that_would_break_every_request():
+    for field, value in (("max_queue", 0), ("max_upload_bytes", "32"), ("max_classes", 1),
+                         ("header_timeout_s", 0), ("max_connections", -1)):
+        with pytest.raises(UserError, match=rf"ServeConfig.{field}"):
+            ServeConfig(**{field: value})
 
 
 def test_head_training_that_diverges_stops_and_says_so():

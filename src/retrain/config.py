@@ -6,11 +6,12 @@ numbers where it is made (validate.py), so the API refuses what the command line
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .validate import EXPORT_RULES, FINETUNE_RULES, HEAD_RULES, check, check_engine, check_train
+from .validate import EXPORT_RULES, FINETUNE_RULES, HEAD_RULES, check, check_engine, check_kinds, check_train
 
 DEFAULT_BACKBONE = "auto"  # lite0, or a larger Lite where cross-validation on a small folder prefers it
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
@@ -61,6 +62,9 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         check("FinetuneConfig", self, FINETUNE_RULES)
 
     def to_dict(self) -> dict:
@@ -130,6 +134,9 @@ class HeadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         check("HeadConfig", self, HEAD_RULES)
 
 
@@ -164,10 +171,25 @@ class TrainConfig:
         return asdict(self)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every setting checked, those inside head, finetune and scratch too. train() calls it again:
+        a setting changed after the config was made must not slip past (a config is a plain dataclass)."""
+        check_kinds("TrainConfig", self, TRAIN_KINDS)
+        for part in (self.head, self.finetune, self.scratch):
+            part.validate()
         if self.mode not in MODES:
             raise UserError(f"unknown mode '{self.mode}': choose head, finetune or auto")
         check_engine(self.engine, self.ray_address)
         check_train(self)  # NaN, inf, negative or absurd numbers: refused before any work
+
+
+_PATH = (str, os.PathLike, type(None))
+TRAIN_KINDS = {"head": (HeadConfig,), "finetune": (FinetuneConfig,), "scratch": (FinetuneConfig,),
+               "backbone": (str,), "output_name": (str,), "mode": (str,), "engine": (str,),
+               "val_dir": _PATH, "test_dir": _PATH, "cache_dir": _PATH, "bottleneck_dir": _PATH,
+               "ray_address": (str, type(None)), "resume": (bool,), "quiet": (bool,)}
 
 
 DEFAULT_TOLERANCE = 0.5  # accuracy points the int8 model may lose on validation or test

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from .backbones import Backbone
 from .config import OUTPUT_NAME
+from .errors import UserError
 from .files import cached_file
 from .preprocess import (FEATURES_NAME, IMAGE_NAME, INPUT_NAME, PIXELS_NAME, Preprocessing, geometry_graph,
                          normalizer_graph)
@@ -105,6 +107,22 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: floa
          helper.make_tensor_value_info(UNKNOWN_NAME, TensorProto.BOOL, ["N"])],
         initializer=inits)
     return helper.make_model(graph)
+
+
+def check_output_name(name: str) -> None:
+    """Refuse, before any training, an output name that ONNX tools cannot take or that the model's
+    own parts already use (the export would fail at the very end of the run)."""
+    tiny = [(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))]
+    inside = (_names(head_graph(tiny)) | _names(normalizer_graph(Preprocessing(), 17))) - {OUTPUT_NAME}
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in inside or name.startswith(("head_", "geo_")):
+        raise UserError(f"--final_tensor_name (output_name) must be a name such as {OUTPUT_NAME} (letters, digits "
+                        f"and _, starting with a letter) that the model does not already use inside; got {name!r}")
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return ({n for node in graph.node for n in [*node.input, *node.output]} | {t.name for t in graph.initializer}
+            | {v.name for v in [*graph.input, *graph.output]})
 
 
 def model_metadata(backbone: Backbone, classes: list[str], provenance: dict) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import os
 import platform
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -32,7 +33,7 @@ from .features import compute_features, feature_matrices, features_cached, featu
 from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import Checkpoint, TrainConfig
-from .graphs import classifier_model, extractor_model, extractor_path, model_metadata
+from .graphs import check_output_name, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
 from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
 from .head import (OUT_OF_FOLD_MAX_ROWS, HeadResult, cross_validated_correct, logits, out_of_fold_logits, softmax,
@@ -226,8 +227,14 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     it exists when the default run goes on to improve it (fine-tuning, or larger backbones compared on a small
     folder): its first usable model.
     """
-    config = config or TrainConfig()
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise UserError(f"config must be a TrainConfig; got {type(config).__name__}")
+    if not isinstance(image_dir, (str, os.PathLike)):
+        raise UserError(f"image_dir must be a folder's path; got {image_dir!r}")
+    config.validate()  # again: a setting may have been changed since the config was made
     check_settings_apply(config)
+    check_output_name(config.output_name)
     log = distributed.rank0_log(log or _log_for(config))
     stage = Stopwatch(after=release_free_heap)
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()

@@ -17,6 +17,7 @@ from .errors import UserError
 from .runtime import inference_session, run_model
 from .guards import open_regular
 from .preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing
+from .validate import Rule, check_argument
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE, REPORT_FILE = "model.onnx", "labels.txt", "metrics.json", "report.html"
+TOP_K_RULE = Rule("--top_k", 1, 1_000_000, integer=True)
+CONFIDENCE_RULE = Rule("--min_confidence", 0, 1, optional=True)
 
 
 @dataclass
@@ -98,6 +101,8 @@ class Classifier:
 
         `min_confidence` overrides the threshold stored in the model for flagging `unknown`.
         """
+        check_argument("top_k", top_k, TOP_K_RULE)
+        check_argument("min_confidence", min_confidence, CONFIDENCE_RULE)
         for i, probs, error in self.probabilities_of(paths, batch_size, workers):
             yield (Prediction(str(paths[i]), [], error) if error
                    else self.rank(str(paths[i]), probs, top_k, min_confidence))
@@ -164,7 +169,12 @@ def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLik
             min_confidence: float | None = None) -> list[Prediction]:
     """Classify image files (folders are searched for images) and return predictions in order."""
     clf = model if isinstance(model, Classifier) else load(model)
-    return list(clf.predict_paths(expand_images(images), top_k, min_confidence=min_confidence))
+    return list(clf.predict_paths(expand_images(as_list(images)), top_k, min_confidence=min_confidence))
+
+
+def as_list(images: list[str | os.PathLike] | str | os.PathLike) -> list[str | os.PathLike]:
+    """One path given where a list belongs, as a list of one (a string is not a list of its letters)."""
+    return [images] if isinstance(images, (str, os.PathLike)) else list(images)
 
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -252,6 +262,7 @@ def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os
     """
     clf = model if isinstance(model, Classifier) else load(model)
     k = max(1, min(top_k, len(clf.labels)))
+    images = as_list(images)
     paths = iter_images(images)  # missing inputs are reported before any file is created
     writer = RowWriter(output, k)
     bar = progress(desc="Predicting", unit="img", disable=quiet)

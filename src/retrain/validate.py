@@ -57,6 +57,23 @@ def check(owner: str, config: Any, rules: dict[str, Rule]) -> None:
             raise UserError(f"{rule.flag} ({owner}.{name}) {problem}; got {value!r}")
 
 
+def check_argument(name: str, value: Any, rule: Rule) -> None:
+    """A function argument's check: UserError naming it (and its flag) when it breaks `rule`."""
+    problem = rule.problem(value)
+    if problem:
+        raise UserError(f"{name} ({rule.flag}) {problem}; got {value!r}")
+
+
+def check_kinds(owner: str, config: Any, kinds: dict[str, tuple[type, ...]]) -> None:
+    """Raise UserError for the first field of `config` whose value is none of its allowed types
+    (a dict where a config belongs, a number where a path does): one line, not an AttributeError deep in a run."""
+    for name, allowed in kinds.items():
+        value = getattr(config, name)
+        if not isinstance(value, allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise UserError(f"{owner}.{name} must be {names}; got {value!r}")
+
+
 def _seed(flag: str = "--seed") -> Rule:
     return Rule(flag, 0, MAX_SEED, integer=True)
 

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .validate import Rule, check
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -12,6 +14,21 @@ def default_workspace() -> Path:
     """The per-user data folder where `retrain serve` keeps classes, photos and models between runs."""
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "retrain" / "workspace"
+
+
+def _count(flag: str, low: int = 1) -> Rule:
+    return Rule(flag, low, 10 ** 12, integer=True)
+
+
+SERVE_RULES = {
+    "max_upload_bytes": _count("--max_upload_mb"), "max_files": _count("max_files"), "max_queue": _count("--max_queue"),
+    "max_batch": _count("--max_batch"), "retry_after_s": _count("retry_after_s", 0),
+    "decode_threads": _count("decode_threads"), "max_classes": _count("max_classes", 2),
+    "max_workspace_bytes": _count("max_workspace_bytes"), "models_kept": _count("models_kept"),
+    "trash_kept": _count("trash_kept", 0), "header_timeout_s": Rule("header_timeout_s", 0, 86_400, low_open=True),
+    "body_timeout_s": Rule("body_timeout_s", 0, 86_400, low_open=True),
+    "max_connections_per_client": _count("max_connections_per_client"), "max_connections": _count("max_connections"),
+}
 
 
 @dataclass
@@ -32,6 +49,9 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # and then its body: 32 MiB in 30 s needs ~9 Mbit/s
     max_connections_per_client: int = 64  # open connections from one client address
     max_connections: int = 512  # open connections in all (at most half the open files the process may hold)
+
+    def __post_init__(self) -> None:
+        check("ServeConfig", self, SERVE_RULES)  # max_queue=0 would answer 503 to every request, for ever
 
     def workspace_dir(self) -> Path:
         return Path(self.workspace) if self.workspace else default_workspace()
