@@ -153,6 +153,18 @@ def test_nothing_readable_is_reported_not_a_crash(tmp_path, cache_dir):
     assert "not checked (see the note below)" in text and "found 0" in text
 
 
+def test_an_empty_class_folder_is_reported_beside_the_other_problems(tmp_path, cache_dir):
+    from conftest import make_dataset
+
+    root = make_dataset(tmp_path / "d", per_class=12)
+    (root / "wasps").mkdir()
+    (root / "circles" / "copy.png").write_bytes(next((root / "squares").iterdir()).read_bytes())
+    report = diagnose(root, cache_dir=cache_dir, quiet=True)
+    assert report.classes == sorted([*CLASSES, "wasps"])
+    assert any(w.startswith("no images in wasps: training refuses an empty class folder") for w in report.warnings)
+    assert [g.kind for g in report.exact_duplicates] == [ACROSS_CLASSES]  # the other checks still ran
+
+
 def test_missing_folder_is_a_one_line_error(tmp_path, capsys):
     assert retrain_main(["doctor", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -73,8 +73,10 @@ def class_counts(dataset: Dataset) -> dict[str, dict[str, int]]:
 
 def count_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
     totals = {c: sum(per_split.values()) for c, per_split in counts.items()}
-    warnings = []
-    few = [f"{c} ({n})" for c, n in totals.items() if n < MIN_IMAGES]
+    empty = [c for c, n in totals.items() if n == 0]
+    warnings = [f"no images in {', '.join(empty)}: training refuses an empty class folder; add photos or remove "
+                f"{'it' if len(empty) == 1 else 'them'}"] if empty else []
+    few = [f"{c} ({n})" for c, n in totals.items() if 0 < n < MIN_IMAGES]
     if few:
         warnings.append(f"few images (<{MIN_IMAGES}) for {', '.join(few)}: accuracy will be unreliable; "
                         "aim for 50+ per class")

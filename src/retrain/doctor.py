@@ -310,7 +310,8 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
     root, timer = Path(image_dir), Stopwatch()
     cache = Path(cache_dir or default_cache_dir())
     with timer("scan"):
-        dataset = scan_dataset(root, workers=workers + 2, quiet=quiet, split_records=cache / "splits")
+        dataset = scan_dataset(root, workers=workers + 2, quiet=quiet, split_records=cache / "splits",
+                               empty_classes_allowed=True)  # reported below, beside the other problems
     with timer("headers"):
         files = [f for f in (read_header(p, root) for p in dataset.samples.paths) if f]
     net = get_backbone(backbone)

@@ -401,7 +401,7 @@ def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -
 def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | None = None,
                  test_dir: str | os.PathLike | None = None, validation_percentage: float = 10,
                  testing_percentage: float = 10, workers: int = 4, quiet: bool = False,
-                 split_records: Path | None = None) -> Dataset:
+                 split_records: Path | None = None, empty_classes_allowed: bool = False) -> Dataset:
     """Scan, hash and split `image_dir`; fixed splits come from split folders or val/test dirs.
 
     split_records: the folder of split records (see split.py) that keeps every photo's split
@@ -424,7 +424,7 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     rows = _Rows()
     ignored = _labelled_files(train_dir, classes, NO_SPLIT, rows)
     empty = [c for c, n in zip(classes, rows.per_label(len(classes))) if n == 0]
-    if empty:
+    if empty and not empty_classes_allowed:  # training cannot learn them; `retrain doctor` reports them
         raise UserError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)} "
                         f"(supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     for split, folder in fixed.items():
