@@ -48,7 +48,8 @@ def check_image(name: str, data: bytes, prep) -> tuple[str, np.ndarray]:
 
 
 async def read_uploads(request: Request, max_files: int) -> list[tuple[str, bytes]]:
-    """[(display name, bytes)] of every file part of a multipart/form-data request."""
+    """[(display name, bytes)] of every file part of a multipart/form-data request, whatever the
+    part's name ('files' by convention; clients that say 'file' or 'image' are served too)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "send the images as multipart/form-data file parts (field name 'files')")
     form = await request.form(max_files=max_files, max_fields=16)
