@@ -216,3 +216,14 @@ def test_everything_is_still_there_after_a_restart(classifier, model_dir, worksp
         c.post(f"/undo/{token}")  # and a deletion from before the restart can still be undone
         assert sorted(photos_of(c, "circles")) == sorted(photos)
     assert json.loads((workspace / "models" / "active.json").read_text()) == {"model": model}
+
+
+def test_training_with_an_empty_class_names_it(client):
+    add_photos(client, "ants", "circles", 3)
+    r = client.post("/jobs", json={"quality": "fast"})
+    assert r.status_code == 400 and r.json()["error"].startswith("add photos to at least two classes first")
+    add_photos(client, "bees", "squares", 3)
+    client.post("/classes", json={"name": "wasps"})
+    r = client.post("/jobs", json={"quality": "fast"})
+    assert r.status_code == 400
+    assert r.json()["error"] == "every class needs photos: none yet in wasps (add some, or delete it)"

@@ -239,6 +239,9 @@ class Workspace:
     def ready_to_train(self) -> None:
         classes = self.classes()
         empty = [c["name"] for c in classes if not c["images"]]
-        if len(classes) < 2 or empty:
+        if len(classes) - len(empty) < 2:
             raise ApiError(400, "add photos to at least two classes first" +
                            (f" (no photos yet in: {', '.join(empty)})" if empty else ""))
+        if empty:
+            raise ApiError(400, f"every class needs photos: none yet in {', '.join(empty)} (add some, or delete "
+                           f"{'it' if len(empty) == 1 else 'them'})")
