@@ -20,7 +20,7 @@ class Gate:
     def enter(self, retry_after_s: int) -> None:
         if self.inside >= self.limit:
             self.refused += 1
-            raise ApiError(503, f"busy: {self.inside} requests in progress; retry shortly",
+            raise ApiError(503, f"busy: {self.inside} request{'s' * (self.inside != 1)} in progress; retry shortly",
                            {"Retry-After": str(retry_after_s)})
         self.inside += 1
 
