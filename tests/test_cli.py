@@ -107,6 +107,12 @@ def test_a_misspelt_subcommand_flag_names_the_flag_meant(argv, wrong, meant, cap
     assert capsys.readouterr().err == f"retrain: error: unrecognized flag {wrong}: did you mean {meant}?\n"
 
 
+def test_arguments_after_a_double_dash_are_never_read_as_flags(tmp_path, capsys):
+    assert retrain_main(["predict", str(tmp_path / "model"), "--", "--output.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean" not in err and "model not found" in err  # the model is looked at, not the file's name
+
+
 def test_unknown_and_retired_flags_are_errors(shapes, capsys):
     assert retrain_main([f"--image_dir={shapes}", "--how_many_trainig_steps=10"]) == 2
     err = capsys.readouterr().err

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -243,11 +244,24 @@ def test_the_api_checks_its_arguments_and_settings_changed_after_the_config_was_
         retrain.train(photos, {"mode": "head"})
     with pytest.raises(UserError, match=r"image_dir must be a folder's path"):
         retrain.train(None, TrainConfig(mode="head"))
-    # Names the exported graph uses inside, or that ONNX tools cannot take: refused before any work.
-    for name in ("", "Placeholder", "unknown", "logits", "features", "has space", "head_top"):
+    # Names the exported models use inside: refused before any work (they failed the export at the end).
+    for name in ("", "Placeholder", "unknown", "logits", "features", "image", "head_w1"):
         with pytest.raises(UserError, match=r"output_name"):
             retrain.train(photos, TrainConfig(mode="head", output_name=name, cache_dir=str(tmp_path / "cache")))
     assert not (tmp_path / "cache").exists()  # nothing was scanned or exported
+
+
+def test_output_names_that_worked_still_work_and_an_onnx_backbones_own_names_are_refused(photos, tiny, cache,
+                                                                                          tmp_path):
+    import onnx
+
+    config = TrainConfig(mode="head", backbone=str(tiny), cache_dir=str(cache), quiet=True, head=HeadConfig(steps=20))
+    for name in ("final_result:0", "output/probs", "probs.1"):  # TensorFlow-style names label_image users give
+        model = retrain.train(photos, replace(config, output_name=name))
+        assert [o.name for o in model.model.graph.output][0] == name
+    inside = next(n for node in onnx.load(str(tiny)).graph.node for n in node.output if n not in ("features",))
+    with pytest.raises(UserError, match=r"output_name"):
+        retrain.train(photos, replace(config, output_name=inside))
 
 
 def test_predict_and_evaluate_check_their_arguments(model_dir, photos):
@@ -268,6 +282,10 @@ def test_serve_config_refuses_settings_that_would_break_every_request():
                          ("header_timeout_s", 0), ("max_connections", -1)):
         with pytest.raises(UserError, match=rf"ServeConfig.{field}"):
             ServeConfig(**{field: value})
+    config = ServeConfig()
+    config.max_queue = 0  # changed after it was made: the app checks again
+    with pytest.raises(UserError, match=r"ServeConfig.max_queue"):
+        create_app(None, config)
 
 
 def test_head_training_that_diverges_stops_and_says_so():

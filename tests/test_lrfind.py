@@ -7,6 +7,7 @@ from retrain.cli import retrain_main
 from retrain.head import HeadConfig
 from retrain.lrfind import lr_sweep, plot_sweep
 
+from conftest import make_dataset
 from test_head import _blobs
 
 
@@ -32,9 +33,16 @@ def test_the_plot_path_printed_is_the_file_written_and_a_folder_or_photo_folder_
     assert retrain_main(["lr-find", str(shapes_data), "--plot", str(tmp_path / "curve"), *args]) == 0
     assert f"(loss curve: {tmp_path / 'curve.png'})" in capsys.readouterr().out and (tmp_path / "curve.png").exists()
     for plot, message in ((tmp_path / "folder.png", "is a folder: give a file name, e.g."),
-                          (shapes_data / "lr.png", "is inside the image folder")):
+                          (shapes_data / "circles" / "lr.png", "is inside the image folder")):
         if plot.suffix and plot.parent == tmp_path:
             plot.mkdir()
         assert retrain_main(["lr-find", str(shapes_data), "--plot", str(plot), *args]) == 2
         assert message in capsys.readouterr().err
-    assert not (shapes_data / "lr.png").exists()
+    assert not (shapes_data / "circles" / "lr.png").exists()  # a class folder: the next scan would read it
+
+
+def test_the_default_plot_may_sit_at_the_top_of_the_photo_folder(cache_dir, tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "photos", per_class=4)
+    monkeypatch.chdir(data)  # `cd photos && retrain lr-find .`: only class folders are scanned, not this file
+    assert retrain_main(["lr-find", ".", "--quiet", "--cache_dir", str(cache_dir)]) == 0
+    assert (data / "lr_find.png").is_file() and "Suggested --learning_rate" in capsys.readouterr().out

@@ -481,7 +481,9 @@ def _near_misses_fixed(p: argparse.ArgumentParser, argv: Sequence[str], lenient:
     """argv with near misses of `lenient` flags read as those flags; UserError naming the flag meant for others."""
     known = [flag for action in p._actions for flag in action.option_strings]
     fixed = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg == "--":  # what follows is positional, whatever it looks like
+            return fixed + list(argv[i:])
         name, eq, value = arg.partition("=")
         if name.startswith("--") and name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)

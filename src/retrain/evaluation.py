@@ -133,8 +133,8 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
                                                         for t, p, k in pairs) + ".")
         missing = [c for c, m in test.per_class.items() if not m.support]
         if missing:
-            lines.append(f"No test photos of {', '.join(missing)}: how well the model knows "
-                         f"{'them' if len(missing) > 1 else 'it'} is not measured.")
+            lines.append(f"No {'test photos' if not photos else 'photos in that folder'} of {', '.join(missing)}: "
+                         f"how well the model knows {'them' if len(missing) > 1 else 'it'} is not measured.")
     else:
         lines.append("No test photos: the accuracy on new photos is not measured. Add photos, or a test/ folder.")
     if unsplit_classes:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +108,17 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], *, temperature: floa
     return helper.make_model(graph)
 
 
-def check_output_name(name: str) -> None:
-    """Refuse, before any training, an output name that ONNX tools cannot take or that the model's
-    own parts already use (the export would fail at the very end of the run)."""
-    tiny = [(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))]
-    inside = (_names(head_graph(tiny)) | _names(normalizer_graph(Preprocessing(), 17))) - {OUTPUT_NAME}
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in inside or name.startswith(("head_", "geo_")):
-        raise UserError(f"--final_tensor_name (output_name) must be a name such as {OUTPUT_NAME} (letters, digits "
-                        f"and _, starting with a letter) that the model does not already use inside; got {name!r}")
+def check_output_name(name: str, *parts: onnx.ModelProto) -> None:
+    """Refuse an output name the exported models already use inside (the head's, the preprocessing's,
+    the any-size geometry's, and those of `parts`, e.g. the backbone's extractor): merging them would
+    fail at the very end of the run. Called before any work, and again once the extractor is known."""
+    tiny = [(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))] * 2  # two layers: the hidden layer's names too
+    prep = Preprocessing()
+    inside = set().union(*(_names(m) for m in (head_graph(tiny), normalizer_graph(prep, 17), geometry_graph(prep, 17),
+                                               *parts))) - {OUTPUT_NAME}
+    if not name or name in inside:
+        raise UserError(f"--final_tensor_name (output_name) {name!r} is a name the model uses inside: choose another, "
+                        f"such as {OUTPUT_NAME}")
 
 
 def _names(model: onnx.ModelProto) -> set[str]:

@@ -44,8 +44,12 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _refuse_inside_inputs(path: Path, flag: str, inputs: Iterable[str | os.PathLike | None]) -> None:
+def _refuse_inside_inputs(path: Path, flag: str, inputs: Iterable[str | os.PathLike | None],
+                          top_level_ok: bool = False) -> None:
+    """`top_level_ok`: a file directly in an image folder is never read as a photo (only class folders are)."""
     for folder in inputs:
+        if top_level_ok and folder and path.resolve().parent == Path(folder).resolve():
+            continue
         if folder and _inside(path, Path(folder)):
             raise UserError(f"{flag} {path} is inside the image folder {folder}: the next scan would read "
                             "the outputs as photos; write it somewhere else")
@@ -86,7 +90,7 @@ def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str |
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
-    _refuse_inside_inputs(path, flag, inputs)
+    _refuse_inside_inputs(path, flag, inputs, top_level_ok=True)
     _probe_writable(path.parent)
 
 

@@ -315,6 +315,8 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
                        log: Callable[[str], None], timeline: Timeline | None) -> _Fitted:
     """Pretrained backbones: the head on cached features, then (by mode) fine-tuning on live images."""
     dataset, split, x, extractor = _features_by_split(image_dir, config, backbone, cache, stage, log)
+    extractor = onnx.load(str(extractor))
+    check_output_name(config.output_name, extractor)  # an ONNX-file backbone's own names, before training
     if not split["validation"]:
         log("No validation images: early stopping watches training accuracy instead.")
     with stage("train"):
@@ -330,7 +332,7 @@ def _train_on_features(image_dir: str | Path, config: TrainConfig, backbone: Bac
                          n_photos=sum(len(rows) for rows in split.values()))
     if plan.mode is Mode.HEAD and config.mode == "auto":
         log(plan.describe())
-    return _Fitted(dataset, split, x, onnx.load(str(extractor)), head.layers, plan, backbone, head)
+    return _Fitted(dataset, split, x, extractor, head.layers, plan, backbone, head)
 
 
 def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwatch, log: Callable[[str], None],

@@ -47,8 +47,9 @@ def create_app(model: Classifier | str | os.PathLike | None, config: ServeConfig
 
     None: the workspace's last served model, or else the bundled ImageNet classifier.
     """
+    config = ServeConfig() if config is None else config
+    config.validate()  # again: a limit may have been changed since the config was made
     startup = model if isinstance(model, Classifier) or model is None else load(model)
-    config = config or ServeConfig()
     metrics = Metrics()
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ def _count(flag: str, low: int = 1) -> Rule:
 
 
 SERVE_RULES = {
-    "max_upload_bytes": _count("--max_upload_mb"), "max_files": _count("max_files"), "max_queue": _count("--max_queue"),
+    "max_upload_bytes": Rule("max_upload_bytes", 1, 2 ** 50, integer=True), "max_files": _count("max_files"), "max_queue": _count("--max_queue"),
     "max_batch": _count("--max_batch"), "retry_after_s": _count("retry_after_s", 0),
     "decode_threads": _count("decode_threads"), "max_classes": _count("max_classes", 2),
     "max_workspace_bytes": _count("max_workspace_bytes"), "models_kept": _count("models_kept"),
@@ -51,7 +51,12 @@ class ServeConfig:
     max_connections: int = 512  # open connections in all (at most half the open files the process may hold)
 
     def __post_init__(self) -> None:
-        check("ServeConfig", self, SERVE_RULES)  # max_queue=0 would answer 503 to every request, for ever
+        self.validate()
+
+    def validate(self) -> None:
+        """Every limit checked (max_queue=0 would answer 503 to every request, for ever); create_app
+        calls it again, for a setting changed after the config was made."""
+        check("ServeConfig", self, SERVE_RULES)
 
     def workspace_dir(self) -> Path:
         return Path(self.workspace) if self.workspace else default_workspace()
