@@ -79,7 +79,8 @@ def test_text_report_names_every_problem(planted):
     text = format_text(report)
     for needle in ("exact, across classes: 1", "exact, across splits: 1", "exact, within class: 1",
                    "train/circles/leaked.jpg", "s02 small.jpg", "train/squares/c05.jpg",
-                   "squares -> circles", "Summary: 1 warning(s), 0 unreadable, 3 exact and 2 near duplicate(s)"):
+                   "squares -> circles", "80 image files in 3 classes, 0 of them unreadable",
+                   "Summary: 1 warning(s), 0 unreadable, 0 tiny and 0 huge image(s), 3 exact and 2 near duplicate(s)"):
         assert needle in text, needle
 
 

@@ -458,7 +458,8 @@ def format_text(report: Report) -> str:
     split = "fixed split folders" if report.fixed_split else "split by class, stable as photos are added"
     outliers, suspects = len(report.outliers or []), len(report.suspects or [])
     out = [f"retrain doctor: {report.image_dir}",
-           f"{n} images in {len(report.classes)} classes ({split}); backbone {report.backbone}", "",
+           f"{n} image files in {len(report.classes)} classes, {len(report.unreadable)} of them unreadable "
+           f"({split}); backbone {report.backbone}", "",
            "Classes"] + _counts_table(report)
     out += [f"  ! {w}" for w in report.warnings] or ["  counts look fine"]
     out += ["", "Files"] + _file_lines(report)
@@ -469,9 +470,10 @@ def format_text(report: Report) -> str:
                 "of the folder's label, lowest first)" + (f": {suspects}" if report.suspects is not None else "")
             ] + _suspect_lines(report)
     out += [f"Note: {note}" for note in report.notes]
-    problems = (len(report.warnings) + len(report.unreadable) + len(report.exact_duplicates)
-                + len(report.near_duplicates) + outliers + suspects)
+    problems = (len(report.warnings) + len(report.unreadable) + len(report.tiny) + len(report.huge)
+                + len(report.exact_duplicates) + len(report.near_duplicates) + outliers + suspects)
     out += ["", f"Summary: {len(report.warnings)} warning(s), {len(report.unreadable)} unreadable, "
+                f"{len(report.tiny)} tiny and {len(report.huge)} huge image(s), "
                 f"{len(report.exact_duplicates)} exact and {len(report.near_duplicates)} near duplicate(s), "
                 f"{outliers} outlier(s), {suspects} suspected mislabel(s)"
                 + ("" if problems or report.notes else ": nothing to fix")]
