@@ -336,11 +336,17 @@ def test_training_state_is_folded_from_the_worker_events(tmp_path):
     job = Job("j", tmp_path, "fast")
     job.read_event({"type": "progress", "stage": "Extracting features (lite0)", "done": 8, "total": 16, "unit": "img"})
     job.read_event({"type": "log", "message": "Found 16 images in 2 classes"})
-    job.read_event({"type": "error", "message": "no usable training images left for class(es): cats"})
     state = job.to_dict()
     assert state["stage"] == "Extracting features (lite0)" and state["progress"] == 0.5
+    job.read_event({"type": "error", "message": "no usable training images left for class(es): cats"})
+    state = job.to_dict()
+    assert state["stage"] == "failed" and state["progress"] is None  # not the last stage it was in
     assert state["log"] == ["Found 16 images in 2 classes"]
     assert state["error"].startswith("no usable training images")
+    done = Job("k", tmp_path, "fast")
+    done.read_event({"type": "stage", "stage": "Checking the photos (doctor)"})
+    done.read_event({"type": "done", "result": {"model": "m"}})
+    assert done.to_dict()["stage"] == "done"
 
 
 def test_the_worker_reports_a_user_error_as_an_error_event(tmp_path, cache_dir):

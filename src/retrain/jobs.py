@@ -63,9 +63,9 @@ class Job:
             elif kind == "log":
                 self.log.append(str(event.get("message")))
             elif kind == "error":
-                self.error = str(event.get("message"))
+                self.error, self.stage, self.progress = str(event.get("message")), "failed", None
             elif kind == "done":
-                self.result = event.get("result")
+                self.result, self.stage, self.progress = event.get("result"), "done", None
 
 
 class Trainer:
@@ -128,7 +128,7 @@ class Trainer:
         if status == "failed" and not job.error:
             job.error = self._last_words(job, code)
         with job.lock:
-            job.status, job.finished = status, time.time()
+            job.status, job.finished, job.stage = status, time.time(), status  # not the last stage it was in
             job.progress = None if status != "done" else 1.0
         shutil.rmtree(job.folder, ignore_errors=True)
 
