@@ -105,7 +105,6 @@ def predict(model: str, images: list[str], *, labels: str | None, top_k: int, mi
     from .engine import open_engine
     from .prediction import load
 
-    positive("--top-k", top_k)
     with open_engine(engine, ray_address) as runner:
         clf = load(model, labels, runner)
         if output:  # streamed: one row per image as it comes, folders walked lazily
@@ -205,8 +204,8 @@ def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, wor
     from .webconfig import ServeConfig
 
     use_cache_dir(cache_dir)
-    for name, value in (("port", port), ("max_upload_mb", max_upload_mb), ("max_queue", max_queue),
-                        ("max_batch", max_batch)):
+    # ServeConfig checks its own limits; these two are read before it exists (the MB become bytes).
+    for name, value in (("port", port), ("max_upload_mb", max_upload_mb)):
         positive(f"--{name.replace('_', '-')}", value)
     return serve_model(model, host, port, ServeConfig(max_upload_bytes=max_upload_mb << 20, max_queue=max_queue,
                                                       max_batch=max_batch, workspace=workspace))
@@ -234,7 +233,6 @@ def label_image(image: str, graph: str | None, labels: str | None, top_k: int, m
     """`label_image`: top-k `label score` lines, best first; `unknown` first below the confidence threshold."""
     from .prediction import load, model_file
 
-    positive("--top_k", top_k)
     if graph:
         clf = load(onnx_beside(model_file(graph)), labels)
     else:

@@ -14,7 +14,7 @@ from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRe
 from .prediction import Classifier, load
 from .progress import progress
 from .scan import scan_labelled_folder
-from .validate import Rule, check_argument
+from .validate import TRAIN_RULES, check_argument
 
 
 
@@ -168,7 +168,7 @@ class FolderEvaluation:
 def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2,
                          quiet: bool = False) -> FolderEvaluation:
     """Run the exported model over a folder of class folders: its metrics, every prediction, the unreadable files."""
-    check_argument("workers", workers, Rule("--workers", 1, 1024, integer=True))
+    check_argument("workers", workers, TRAIN_RULES["workers"])
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = dataset.samples.paths

@@ -1,6 +1,7 @@
 """Building ONNX graphs: the cached feature extractor and the head on top of it."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -112,13 +113,19 @@ def check_output_name(name: str, *parts: onnx.ModelProto) -> None:
     """Refuse an output name the exported models already use inside (the head's, the preprocessing's,
     the any-size geometry's, and those of `parts`, e.g. the backbone's extractor): merging them would
     fail at the very end of the run. Called before any work, and again once the extractor is known."""
-    tiny = [(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))] * 2  # two layers: the hidden layer's names too
-    prep = Preprocessing()
-    inside = set().union(*(_names(m) for m in (head_graph(tiny), normalizer_graph(prep, 17), geometry_graph(prep, 17),
-                                               *parts))) - {OUTPUT_NAME}
+    inside = _own_names().union(*(_names(m) for m in parts)) - {OUTPUT_NAME}
     if not name or name in inside:
         raise UserError(f"--final_tensor_name (output_name) {name!r} is a name the model uses inside: choose another, "
                         f"such as {OUTPUT_NAME}")
+
+
+@functools.cache
+def _own_names() -> frozenset[str]:
+    """The names in the graphs retrain builds around a backbone: head (with a hidden layer), preprocessing, geometry."""
+    tiny = [(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))] * 2
+    prep = Preprocessing()
+    return frozenset().union(*(_names(m) for m in (head_graph(tiny), normalizer_graph(prep, 17),
+                                                   geometry_graph(prep, 17))))
 
 
 def _names(model: onnx.ModelProto) -> set[str]:

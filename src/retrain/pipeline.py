@@ -349,11 +349,11 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     """
     identity = _planned_identity(training_identity(config, fitted.dataset, fitted.backbone), fitted.plan)
     stored = scores_path(cache, identity)
-    cached = load_scores(stored, identity)
-    if publish and not _final_model_is_quick(cached, fitted, config, cache) and distributed.is_main():
+    choice = _stored_choice(load_scores(stored, identity))
+    if publish and not _final_model_is_quick(choice, fitted, config, cache) and distributed.is_main():
         publish(fitted)
     trained = {fitted.backbone.name: fitted}
-    if cached is None:
+    if choice is None:
         for name in fitted.plan.backbone_candidates:
             if name not in trained:
                 contender = _contender(fitted, get_backbone(name), config, cache, stage, log)
@@ -366,11 +366,9 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
         best = _most_correct(scores)
         save_scores(stored, scores, identity, (best, trained[best].head))
     else:
-        scores, winner = cached
+        scores, best, head = choice
         log(f"Reusing the backbone comparison of an identical earlier run (same photos and settings): {stored}")
-        best = _most_correct(scores)
         if best not in trained:
-            head = winner[1] if winner and winner[0] == best else None
             trained[best] = _contender(fitted, get_backbone(best), config, cache, stage, log, head)
             if trained[best] and trained[best].head is not head:  # trained again: stored for the next rerun
                 save_scores(stored, scores, identity, (best, trained[best].head))
@@ -382,15 +380,24 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
                                 "kept"))
 
 
-def _final_model_is_quick(cached: tuple[list[BackboneScore], tuple[str, HeadResult] | None] | None,
-                          fitted: _Fitted, config: TrainConfig, cache: Path) -> bool:
+def _stored_choice(cached: tuple[list[BackboneScore], tuple[str, HeadResult] | None] | None
+                   ) -> tuple[list[BackboneScore], str, HeadResult | None] | None:
+    """A cached comparison as (its counts, the winner's name, the winner's stored head or None)."""
+    if cached is None:
+        return None
+    scores, stored = cached
+    best = _most_correct(scores)
+    return scores, best, (stored[1] if stored and stored[0] == best else None)
+
+
+def _final_model_is_quick(choice: tuple[list[BackboneScore], str, HeadResult | None] | None, fitted: _Fitted,
+                          config: TrainConfig, cache: Path) -> bool:
     """Whether a cached comparison leaves nothing slow to do: its winner is this head's backbone, or
     the winner's head and features are cached (then publishing a first model would only cost time)."""
-    if cached is None:
+    if choice is None:
         return False
-    scores, winner = cached
-    best = _most_correct(scores)
-    return best == fitted.backbone.name or (winner is not None and winner[0] == best and features_cached(
+    _, best, head = choice
+    return best == fitted.backbone.name or (head is not None and features_cached(
         _all_rows(fitted.split), get_backbone(best), store_folder(cache, config.bottleneck_dir)))
 
 

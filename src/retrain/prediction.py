@@ -101,8 +101,7 @@ class Classifier:
 
         `min_confidence` overrides the threshold stored in the model for flagging `unknown`.
         """
-        check_argument("top_k", top_k, TOP_K_RULE)
-        check_argument("min_confidence", min_confidence, CONFIDENCE_RULE)
+        check_classify_options(top_k, min_confidence)
         for i, probs, error in self.probabilities_of(paths, batch_size, workers):
             yield (Prediction(str(paths[i]), [], error) if error
                    else self.rank(str(paths[i]), probs, top_k, min_confidence))
@@ -124,6 +123,11 @@ class Classifier:
         best = np.argsort(-probs, kind="stable")[:k]
         return Prediction(name, [(self.labels[j], float(probs[j])) for j in best],
                           unknown=bool(probs[best[0]] < threshold))
+
+
+def check_classify_options(top_k: object, min_confidence: object) -> None:
+    check_argument("top_k", top_k, TOP_K_RULE)
+    check_argument("min_confidence", min_confidence, CONFIDENCE_RULE)
 
 
 def _refuse_other_inputs(session: ort.InferenceSession, path: Path) -> None:
@@ -260,6 +264,7 @@ def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os
     grow with the number of images. Unreadable files get a row with their error. Raises
     UserError (and leaves no file) when no image is found.
     """
+    check_classify_options(top_k, min_confidence)  # before the writer is made from top_k
     clf = model if isinstance(model, Classifier) else load(model)
     k = max(1, min(top_k, len(clf.labels)))
     images = as_list(images)

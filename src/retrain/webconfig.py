@@ -21,8 +21,8 @@ def _count(flag: str, low: int = 1) -> Rule:
 
 
 SERVE_RULES = {
-    "max_upload_bytes": Rule("max_upload_bytes", 1, 2 ** 50, integer=True), "max_files": _count("max_files"), "max_queue": _count("--max_queue"),
-    "max_batch": _count("--max_batch"), "retry_after_s": _count("retry_after_s", 0),
+    "max_upload_bytes": Rule("max_upload_bytes", 1, 2 ** 50, integer=True), "max_files": _count("max_files"),
+    "max_queue": _count("--max_queue"),    "max_batch": _count("--max_batch"), "retry_after_s": _count("retry_after_s", 0),
     "decode_threads": _count("decode_threads"), "max_classes": _count("max_classes", 2),
     "max_workspace_bytes": _count("max_workspace_bytes"), "models_kept": _count("models_kept"),
     "trash_kept": _count("trash_kept", 0), "header_timeout_s": Rule("header_timeout_s", 0, 86_400, low_open=True),
