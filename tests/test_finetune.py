@@ -1,6 +1,8 @@
 """Fine-tuning: the exported ONNX matches PyTorch, interrupt + resume, determinism, augmentation, auto mode."""
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +17,7 @@ from retrain.augment import Augment, augment
 from retrain.backbones import get_backbone
 from retrain.decode import load_image
 from retrain.config import Checkpoint
+from retrain.data import PhotoFiles
 from retrain.finetune import FinetuneConfig, Network
 from retrain.head import HeadConfig, softmax
 from retrain.prediction import Classifier
@@ -89,6 +92,37 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     for (wa, ba), (wb, bb) in zip(whole.layers, resumed.layers):
         np.testing.assert_array_equal(wa, wb)
         np.testing.assert_array_equal(ba, bb)
+
+
+def test_a_ctrl_c_that_lands_while_an_epochs_prefetching_is_finalised_still_interrupts(shapes, tmp_path, monkeypatch):
+    # What failed in CI: --mode finetune went on to a complete model after Ctrl-C, because the
+    # KeyboardInterrupt was raised inside a generator being finalised, where Python prints and drops it.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
+    real = PhotoFiles.train_batches
+
+    def finalised_with_ctrl_c(self, epoch):
+        def left_unfinished():
+            try:
+                yield
+            finally:
+                if epoch == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+        pending = left_unfinished()
+        next(pending)
+        yield from real(self, epoch)
+        del pending  # dropped unexhausted: its finaliser runs now, as a prefetching pool's does
+    monkeypatch.setattr(PhotoFiles, "train_batches", finalised_with_ctrl_c)
+    ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
+    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    logs: list[str] = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head, tiny(epochs=3),
+                        logs.append, Checkpoint(tmp_path / "c.pt", {"data": ds.fingerprint()}))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (tmp_path / "c.pt").exists()
+    assert any(line.startswith("Epoch 1/3") for line in logs) and not any(line.startswith("Epoch 2/3") for line in logs)
 
 
 def test_warm_start_is_kept_when_no_epoch_beats_it(shapes, cache_dir, monkeypatch):

@@ -314,9 +314,12 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
     started, first = time.perf_counter(), state.epoch + 1
     deadline = started + time_budget if time_budget else None
-    # anytime: the first Ctrl-C ends the loop at its next step and the best epoch so far is kept; otherwise it
-    # raises as usual (a --resume run continues from its last checkpoint).
-    with stop_requested_by_interrupt() if anytime else nullcontext(StopRequest()) as stop:
+    # The first Ctrl-C ends the loop at its next step; a KeyboardInterrupt raised inside it could land while a
+    # prefetching generator is being closed and be lost. anytime keeps the best epoch so far; otherwise the run
+    # ends interrupted after the loop (a --resume run continues from its last checkpoint). Under torchrun every
+    # rank must leave at the same step, which a per-process request cannot promise: there it raises as usual.
+    asked = stop_requested_by_interrupt() if anytime or not distributed.active() else nullcontext(StopRequest())
+    with asked as stop:
         while state.epoch < state.planned_epochs:
             epoch = state.epoch + 1
             entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
@@ -351,6 +354,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
                 log(f"Time budget of {time_budget / 60:.1f} min spent " +
                     (f"during epoch {epoch}: it ended there." if entry.get("cut_short") else f"after epoch {epoch}."))
                 break
+    if stop and not anytime:
+        raise KeyboardInterrupt
     if stop:
         state.interrupted = True
         log(f"Interrupted (Ctrl-C) after {state.epoch} finished epoch(s): keeping the best network so far.")
