@@ -53,3 +53,12 @@ def test_small_splits_that_disagree_are_told_in_counts_not_percentages():
     assert line.startswith("Validation (6/6 right) and test (5/6 right) disagree") and "%" not in line
     assert small_splits_disagree(1.0, 60, 5 / 6, 60) is None  # enough photos: the figures stand on their own
     assert small_splits_disagree(0.9, 6, 0.85, 6) is None  # close enough: nothing to explain
+
+
+def test_a_class_never_predicted_has_no_precision_not_zero():
+    m = scored([0, 0, 1, 1], [0, 0, 0, 0])
+    assert m.per_class["bees"].precision is None and m.per_class["bees"].recall == 0.0
+    assert m.per_class["ants"].precision == 0.5
+    text = format_metrics(m)
+    bees = next(line for line in text.splitlines() if line.startswith("bees"))
+    assert bees.split()[1] == "-" and "never predicted this class" in text

@@ -48,8 +48,10 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         precision = tp / predicted if predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        # No photos of the class: recall and F1 are unknown, not 0 (which reads as a failing class).
-        per_class[name] = ClassMetrics(precision=float(precision), recall=float(recall) if actual else None,
+        # Never predicted: precision is 0/0, unknown. No photos of the class: recall and F1 are unknown.
+        # Either as 0 would read as a failing class.
+        per_class[name] = ClassMetrics(precision=float(precision) if predicted else None,
+                                       recall=float(recall) if actual else None,
                                        f1=float(f1) if actual else None, support=int(actual))
     present = [m for m in per_class.values() if m.support]
     return ClassificationMetrics(
@@ -63,6 +65,14 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     )
 
 
+NEVER_PREDICTED = "-: the model never predicted this class on these photos, so its precision is undefined."
+
+
+def precision_text(m: ClassMetrics, digits: int = 3) -> str:
+    """A class's precision, or '-' where it was never predicted."""
+    return "-" if m.precision is None else f"{m.precision:.{digits}f}"
+
+
 def format_metrics(metrics: ClassificationMetrics) -> str:
     """A plain-text table of per-class metrics and the confusion matrix."""
     classes = metrics.classes
@@ -73,7 +83,9 @@ def format_metrics(metrics: ClassificationMetrics) -> str:
         if not m.support:
             lines.append(f"{name:<{width}}  {'no photos of this class':>24}  {0:7d}")
             continue
-        lines.append(f"{name:<{width}}  {m.precision:9.3f}  {m.recall:6.3f}  {m.f1:5.3f}  {m.support:7d}")
+        lines.append(f"{name:<{width}}  {precision_text(m):>9}  {m.recall:6.3f}  {m.f1:5.3f}  {m.support:7d}")
+    if any(m.support and m.precision is None for m in metrics.per_class.values()):
+        lines.append(NEVER_PREDICTED)
     lines += ["", "Confusion matrix (rows: true class, columns: predicted):",
               " " * width + "  " + "  ".join(f"{c[:8]:>8}" for c in classes)]
     for name, row in zip(classes, metrics.confusion_matrix):

@@ -33,7 +33,7 @@ def optional(**kwargs: Any) -> Any:
 
 @dataclass
 class ClassMetrics:
-    precision: float
+    precision: float | None  # None: never predicted, so undefined (0 would read as wrong predictions)
     recall: float | None  # None: no photos of the class, so unknown (0 would read as a failing class)
     f1: float | None
     support: int

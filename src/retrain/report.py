@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import reliability  # noqa: E402
-from .evaluation import evaluation_of_folder, verdict, worst_mistakes  # noqa: E402
+from .evaluation import NEVER_PREDICTED, evaluation_of_folder, precision_text, verdict, worst_mistakes  # noqa: E402
 from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -195,14 +195,16 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     if evaluation and evaluation.confusion_matrix:
         cm = np.array(evaluation.confusion_matrix)
         pngs["confusion_matrix.png"] = confusion_plot(cm, classes)
-        rows = [[html.escape(name), f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support)]
+        rows = [[html.escape(name), precision_text(m), f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support)]
                 if m.support else [html.escape(name), "no test photos", "", "", "0"]
                 for name, m in evaluation.per_class.items()]
         accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images)
         sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
                          + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
-        sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])))
+        never = any(m.support and m.precision is None for m in evaluation.per_class.values())
+        sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])
+                         + (f"<p>{html.escape(NEVER_PREDICTED)}</p>" if never else "")))
 
     mistakes = worst_mistakes(preds)
     cells = [f"<figure>{_thumbnail(p.path)}<figcaption>true <b>{html.escape(classes[p.label])}</b><br>"

@@ -22,7 +22,9 @@ function perClassTable(perClass) {
   const head = el("tr", {}, ...["class", "precision", "recall", "F1", "test photos"].map(h => el("th", {scope: "col"}, h)));
   const rows = Object.entries(perClass).map(([name, m]) => el("tr", {},
     el("th", {scope: "row"}, name),
-    ...(m.support ? [m.precision, m.recall, m.f1].map(v => el("td", {}, v.toFixed(2))) : [el("td", {colspan: "3"}, "no test photos")]),
+    ...(m.support ? [m.precision, m.recall, m.f1].map(v => v === null
+      ? el("td", {title: "never predicted: precision undefined"}, "-") : el("td", {}, v.toFixed(2)))
+      : [el("td", {colspan: "3"}, "no test photos")]),
     el("td", {}, String(m.support))));
   return el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows));
 }
