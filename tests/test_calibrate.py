@@ -75,7 +75,9 @@ def test_threshold_is_baked_into_the_model_and_honoured(shapes, cache_dir, tmp_p
     assert label_image_main([f"--graph={tmp_path / 'm' / 'model.onnx'}", f"--image={image}",
                              f"--min_confidence={min(1.0, top + 1e-4)}"]) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines()[0].startswith("unknown ") and "below the confidence threshold" in err
+    lines = out.splitlines()
+    assert lines[0] == "unknown" and "below the confidence threshold" in err
+    assert len(lines) > 1 and all(len(line.split()) == 2 for line in lines[1:])  # then `label score` lines
 
 
 def test_auto_threshold_flags_a_class_never_seen(tmp_path, cache_dir):

@@ -253,7 +253,7 @@ def label_image(image: str, graph: str | None, labels: str | None, top_k: int, m
         raise UserError(f"cannot classify {path}: {pred.error}")
     if pred.unknown:
         threshold = clf.unknown_threshold if min_confidence is None else min_confidence
-        print(f"unknown {1 - pred.top[0][1]:.6f}")
+        print("unknown")  # no score: the model gives no probability of 'none of these', only the flag
         print(f"Note: the top probability {pred.top[0][1]:.3f} is below the confidence threshold "
               f"{threshold:.3f}: probably none of these classes", file=sys.stderr)
     for label, score in pred.top:
