@@ -35,14 +35,27 @@ def counted(function, calls: list):
     return wrapper
 
 
+def fold_runs(calls: list) -> list:
+    """k of each counted out_of_fold_logits call; 'calibration' where the k was left at its default."""
+    return [args[5] if len(args) > 5 else "calibration" for args in calls]
+
+
 def weights(model) -> dict[str, bytes]:
     return {tensor.name: onnx.numpy_helper.to_array(tensor).tobytes() for tensor in model.graph.initializer}
 
 
-def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_and_bees, cache_dir, tmp_path):
-    published = []
+def test_the_backbone_with_the_most_cross_validated_hits_is_exported(few_ants_and_bees, cache_dir, tmp_path,
+                                                                    monkeypatch):
+    import retrain.pipeline
+
+    published, folds = [], []
+    monkeypatch.setattr(retrain.pipeline, "out_of_fold_logits", counted(retrain.pipeline.out_of_fold_logits, folds))
     model = retrain.train(few_ants_and_bees, default_config(cache_dir), publish=published.append)
     metrics = model.metrics
+    # One k-fold run per candidate, and one for the first model's calibration; the final model's
+    # calibration reuses the winner's (every training and validation photo held out once).
+    assert fold_runs(folds) == ["calibration", 5, 5, 5]
+    assert metrics.calibration.held_out_predictions == metrics.num_images["train"] + metrics.num_images["validation"]
     scores = metrics.backbone_comparison
     labelled = metrics.num_images["train"] + metrics.num_images["validation"]
     assert [s.name for s in scores] == ["lite0", "lite1", "lite2"]
@@ -71,17 +84,19 @@ def test_a_backbone_named_by_the_user_is_kept(few_ants_and_bees, cache_dir):
 def test_a_rerun_reuses_the_comparison_and_exports_the_same_model(few_ants_and_bees, cache_dir, monkeypatch):
     import retrain.pipeline
 
-    runs, trained_heads = [], []
+    runs, trained_heads, folds = [], [], []
     for _ in range(2):
         said, published = [], []
         model = retrain.train(few_ants_and_bees, default_config(cache_dir), log=said.append, publish=published.append)
         runs.append((model, said, published))
         monkeypatch.setattr(retrain.pipeline, "train_head", counted(retrain.pipeline.train_head, trained_heads))
+        monkeypatch.setattr(retrain.pipeline, "out_of_fold_logits", counted(retrain.pipeline.out_of_fold_logits, folds))
     (one, said_one, _), (two, said_two, published_two) = runs
     assert any("Reusing the backbone comparison" in line for line in said_two)
-    # The rerun trains only the first head (the plan needs its validation accuracy), not the
-    # winner's again, and publishes no early model: its final one follows in seconds.
-    assert len(trained_heads) == 1 and published_two == []
+    # The rerun trains only the first head (the plan needs its validation accuracy), neither the
+    # winner's nor any fold's again, and publishes no early model: its final one follows in seconds.
+    assert len(trained_heads) == 1 and folds == [] and published_two == []
+    assert two.metrics.calibration == one.metrics.calibration
     assert weights(two.model) == weights(one.model)  # the same backbone and the same head, bit for bit
     assert two.metrics.backbone_comparison == one.metrics.backbone_comparison
     assert two.metrics.backbone == one.metrics.backbone
@@ -103,17 +118,43 @@ def test_a_comparison_cached_without_its_winners_head_or_features_is_completed(f
     lite0 = get_backbone("lite0").identity
     shutil.copytree(cache_dir / "features" / lite0, tmp_path / "features" / lite0)
     config = default_config(cache_dir, bottleneck_dir=str(tmp_path / "features"))
-    trained_heads = []
+    trained_heads, folds = [], []
     monkeypatch.setattr(retrain.pipeline, "train_head", counted(retrain.pipeline.train_head, trained_heads))
+    monkeypatch.setattr(retrain.pipeline, "out_of_fold_logits", counted(retrain.pipeline.out_of_fold_logits, folds))
     published = []
     again = retrain.train(few_ants_and_bees, config, publish=published.append)
-    # Extracting and training take a while: the first model is published, as on a first run.
+    # Extracting and training take a while: the first model is published, as on a first run. The
+    # winner's folds run again (and the first model's calibration runs its own).
     assert len(trained_heads) == 2 and [m.metrics.backbone for m in published] == ["lite0"]
-    assert weights(again.model) == weights(first.model)
-    trained_heads.clear()
-    published.clear()
+    assert fold_runs(folds) == ["calibration", 5]
+    assert weights(again.model) == weights(first.model) and again.metrics.calibration == first.metrics.calibration
+    trained_heads.clear(), published.clear(), folds.clear()
     third = retrain.train(few_ants_and_bees, config, publish=published.append)  # the head was stored this time
-    assert len(trained_heads) == 1 and published == [] and weights(third.model) == weights(first.model)
+    assert len(trained_heads) == 1 and folds == [] and published == [] and weights(third.model) == weights(first.model)
+
+
+def test_a_comparison_cached_with_its_winners_head_but_not_its_logits_is_completed(few_ants_and_bees, cache_dir,
+                                                                                  monkeypatch):
+    import retrain.pipeline
+    from retrain.tuned import Winner, load_scores, save_scores
+
+    first = retrain.train(few_ants_and_bees, default_config(cache_dir))
+    scores = [asdict(score) for score in first.metrics.backbone_comparison]
+    stored = next(path for path in (cache_dir / "tuned").glob("*.backbones.json")
+                  if json.loads(path.read_text())["scores"] == scores)
+    identity = json.loads(stored.read_text())["identity"]
+    counts, winner = load_scores(stored, identity)
+    save_scores(stored, counts, identity, Winner(winner.backbone, winner.head))  # as the previous retrain wrote it
+    trained_heads, folds = [], []
+    monkeypatch.setattr(retrain.pipeline, "train_head", counted(retrain.pipeline.train_head, trained_heads))
+    monkeypatch.setattr(retrain.pipeline, "out_of_fold_logits", counted(retrain.pipeline.out_of_fold_logits, folds))
+    again = retrain.train(few_ants_and_bees, default_config(cache_dir))
+    assert len(trained_heads) == 1 and fold_runs(folds) == [5]  # the stored head is used; its folds run
+    assert weights(again.model) == weights(first.model) and again.metrics.calibration == first.metrics.calibration
+    assert load_scores(stored, identity)[1].held_out_fits(first.metrics.backbone_comparison[0].photos, 2)
+    folds.clear()
+    retrain.train(few_ants_and_bees, default_config(cache_dir))
+    assert folds == []
 
 
 @pytest.mark.slow

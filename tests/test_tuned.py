@@ -61,31 +61,41 @@ def test_an_unwritable_cache_is_not_an_error(tmp_path):
     assert blocker.read_text().startswith("a file")
 
 
-def test_a_backbone_comparison_round_trips_with_its_winners_head(tmp_path):
+def test_a_backbone_comparison_round_trips_with_its_winners_head_and_logits(tmp_path):
     from retrain.head import HeadResult
     from retrain.metrics import BackboneScore
-    from retrain.tuned import load_scores, save_scores, scores_path
+    from retrain.tuned import Winner, load_scores, save_scores, scores_path
 
     scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
     head = HeadResult(tiny_run().layers, [{"step": 100, "validation_accuracy": 0.5}], 100, 400)
+    held_out = np.random.default_rng(0).normal(size=(54, 3)).astype(np.float32)
     path = scores_path(tmp_path, {"run": 1})
-    save_scores(path, scores, {"run": 1}, ("lite1", head))
-    back, (name, back_head) = load_scores(path, {"run": 1})
-    assert back == scores and name == "lite1"
-    assert (back_head.history, back_head.best_step, back_head.steps_run) == (head.history, 100, 400)
-    np.testing.assert_array_equal(back_head.layers[0][0], head.layers[0][0])
-    np.testing.assert_array_equal(back_head.layers[0][1], head.layers[0][1])
+    save_scores(path, scores, {"run": 1}, Winner("lite1", head, held_out))
+    back, winner = load_scores(path, {"run": 1})
+    assert back == scores and winner.backbone == "lite1"
+    assert (winner.head.history, winner.head.best_step, winner.head.steps_run) == (head.history, 100, 400)
+    np.testing.assert_array_equal(winner.head.layers[0][0], head.layers[0][0])
+    np.testing.assert_array_equal(winner.head.layers[0][1], head.layers[0][1])
+    np.testing.assert_array_equal(winner.held_out, held_out)
+    assert winner.held_out_fits(54, 3) and not winner.held_out_fits(53, 3) and not winner.held_out_fits(54, 4)
+    held_out[0, 0] = np.nan
+    assert not Winner("lite1", head, held_out).held_out_fits(54, 3)
+    assert not Winner("lite1", head, held_out.astype(np.float64)).held_out_fits(54, 3)
+    # A comparison stored before the logits were kept: its head still counts, the logits are computed again.
+    save_scores(path, scores, {"run": 1}, Winner("lite1", head))
+    _, winner = load_scores(path, {"run": 1})
+    assert winner.held_out is None and not winner.held_out_fits(54, 3) and winner.head.best_step == 100
 
 
 def test_a_damaged_or_foreign_backbone_comparison_is_not_reused(tmp_path):
     from retrain.head import HeadResult
     from retrain.metrics import BackboneScore
-    from retrain.tuned import load_scores, save_scores, scores_path
+    from retrain.tuned import Winner, load_scores, save_scores, scores_path
 
     scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
     path, other = scores_path(tmp_path, {"run": 1}), scores_path(tmp_path, {"run": 2})
-    save_scores(path, scores, {"run": 1}, ("lite1", HeadResult(tiny_run(1).layers)))
-    save_scores(other, scores, {"run": 2}, ("lite1", HeadResult(tiny_run(2).layers)))
+    save_scores(path, scores, {"run": 1}, Winner("lite1", HeadResult(tiny_run(1).layers)))
+    save_scores(other, scores, {"run": 2}, Winner("lite1", HeadResult(tiny_run(2).layers)))
     assert load_scores(path, {"run": 2}) is None
     heads = {p.name: p for p in tmp_path.rglob("*.head.npz")}
     ours, theirs = (heads[p.name.replace(".json", ".head.npz")] for p in (path, other))

@@ -3,7 +3,8 @@
 Temperature scaling (Guo et al., 2017) divides the logits by one scalar T; it changes no
 prediction, only how confident they are, so that among photos given 0.9, about 90% are right.
 T is fitted on held-out predictions: the validation split's, plus, for a head on cached
-features, out-of-fold predictions on the training split (cheap, and many more of them). On a
+features, out-of-fold predictions on the training split (cheap, and many more of them), or
+after a backbone comparison its winner's out-of-fold predictions on both splits. On a
 small folder a T fitted on a handful of photos does harm (2 validation photos once gave T 4.88
 and raised the test error from 0.6% to 24.9%), so T is kept only with enough evidence and only
 when, fitted on one half of the held-out predictions, it lowers the calibration error of the

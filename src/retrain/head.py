@@ -241,12 +241,6 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
 OUT_OF_FOLD_MAX_ROWS = 20_000  # beyond this the validation split alone is ample evidence for calibration
 
 
-def cross_validated_correct(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, steps: int,
-                            folds: int) -> int:
-    """How many of the rows a head trained without them classifies right (k-fold)."""
-    return int((out_of_fold_logits(x, y, n_classes, cfg, steps, folds).argmax(1) == y).sum())
-
-
 def out_of_fold_logits(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, steps: int,
                        folds: int = 3) -> np.ndarray:
     """Logits of each training row from a head that never saw it (k-fold, stratified by class).

@@ -36,15 +36,14 @@ from .config import Checkpoint, TrainConfig
 from .graphs import check_output_name, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate
 from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
-from .head import (OUT_OF_FOLD_MAX_ROWS, HeadResult, cross_validated_correct, logits, out_of_fold_logits, softmax,
-                   train_head)
+from .head import OUT_OF_FOLD_MAX_ROWS, HeadResult, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
 from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
-from .tuned import (TunedRun, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
+from .tuned import (TunedRun, Winner, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
                     tuned_path)
 
 
@@ -213,6 +212,8 @@ class _Fitted:
     head: HeadResult | None = None
     tuned: FinetuneRecord | None = None
     backbone_scores: list[BackboneScore] | None = None  # the comparison that chose the backbone, if one ran
+    # That comparison's out-of-fold logits of the training and validation photos (rows in that order), for calibration.
+    held_out: np.ndarray | None = None
 
 
 def train(image_dir: str | Path, config: TrainConfig | None = None,
@@ -342,62 +343,83 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     It runs where the head is the final model (validation too small to judge fine-tuning, or
     fine-tuning that did not beat the head); the validation split alone would be too little to
     choose by, so each candidate's head is judged on every labelled photo it did not train on.
+    The winner's out-of-fold logits are those photos' held-out evidence for calibration too.
     `publish`, if given, receives the first candidate's model (already trained) before the others
-    extract. The counts and the winner's head are cached: the same command on the same folder
-    trains neither again, and where the winner's features are cached too it publishes nothing
-    early (its final model follows in seconds).
+    extract. The counts and the winner (head and logits) are cached: the same command on the same
+    folder trains none of them again, and where the winner's features are cached too it publishes
+    nothing early (its final model follows in seconds).
     """
     identity = _planned_identity(training_identity(config, fitted.dataset, fitted.backbone), fitted.plan)
     stored = scores_path(cache, identity)
-    choice = _stored_choice(load_scores(stored, identity))
-    if publish and not _final_model_is_quick(choice, fitted, config, cache) and distributed.is_main():
+    cached = load_scores(stored, identity)
+    if publish and not _final_model_is_quick(cached, fitted, config, cache) and distributed.is_main():
         publish(fitted)
     trained = {fitted.backbone.name: fitted}
-    if choice is None:
+    y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
+    if cached is None:
         for name in fitted.plan.backbone_candidates:
             if name not in trained:
                 contender = _contender(fitted, get_backbone(name), config, cache, stage, log)
                 trained |= {name: contender} if contender else {}
-        y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
         with stage("train"):
-            scores = [BackboneScore(name, cross_validated_correct(
-                np.concatenate([c.x["train"][0], c.x["validation"][0]]), y, len(fitted.dataset.classes), config.head,
-                c.head.best_step, FOLDS), len(y)) for name, c in trained.items()]
+            held = {name: _out_of_fold(c, y, config) for name, c in trained.items()}
+        scores = [BackboneScore(name, int((z.argmax(1) == y).sum()), len(y)) for name, z in held.items()]
         best = _most_correct(scores)
-        save_scores(stored, scores, identity, (best, trained[best].head))
+        winner = Winner(best, trained[best].head, held[best])
+        save_scores(stored, scores, identity, winner)
     else:
-        scores, best, head = choice
+        scores, winner = cached
+        best = _most_correct(scores)
         log(f"Reusing the backbone comparison of an identical earlier run (same photos and settings): {stored}")
+        stored_winner = winner if winner and winner.backbone == best else None
         if best not in trained:
-            trained[best] = _contender(fitted, get_backbone(best), config, cache, stage, log, head)
-            if trained[best] and trained[best].head is not head:  # trained again: stored for the next rerun
-                save_scores(stored, scores, identity, (best, trained[best].head))
+            trained[best] = _contender(fitted, get_backbone(best), config, cache, stage, log,
+                                       stored_winner.head if stored_winner else None)
+        winner = _completed_winner(stored_winner, trained[best], y, config, stage)
+        if winner is not None and winner is not stored_winner:  # made whole again: stored for the next rerun
+            save_scores(stored, scores, identity, winner)
     chosen = trained[best] or fitted
     summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
     log(f"Cross-validated ({FOLDS} folds) on {scores[0].photos} photos: {summary}; {chosen.backbone.name} is kept")
-    return replace(chosen, backbone_scores=scores,
+    return replace(chosen, backbone_scores=scores, held_out=winner.held_out if trained[best] else None,
                    plan=replace(chosen.plan, reason=f"{chosen.plan.reason}: {summary} right; {chosen.backbone.name} "
                                 "kept"))
 
 
-def _stored_choice(cached: tuple[list[BackboneScore], tuple[str, HeadResult] | None] | None
-                   ) -> tuple[list[BackboneScore], str, HeadResult | None] | None:
-    """A cached comparison as (its counts, the winner's name, the winner's stored head or None)."""
-    if cached is None:
+def _out_of_fold(candidate: _Fitted, y: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """A candidate head's out-of-fold logits of the training and validation photos (the comparison's folds)."""
+    x = np.concatenate([candidate.x["train"][0], candidate.x["validation"][0]])
+    return out_of_fold_logits(x, y, len(candidate.dataset.classes), config.head, candidate.head.best_step, FOLDS)
+
+
+def _completed_winner(stored: Winner | None, contender: _Fitted | None, y: np.ndarray, config: TrainConfig,
+                      stage: Stopwatch) -> Winner | None:
+    """The cached winner where it is whole; otherwise made whole from the contender (the head that
+    `_contender` used or trained, and out-of-fold logits computed again where the stored ones are
+    missing or were counted at another step). None: no contender."""
+    if contender is None:
         return None
-    scores, stored = cached
-    best = _most_correct(scores)
-    return scores, best, (stored[1] if stored and stored[0] == best else None)
+    n_classes = len(contender.dataset.classes)
+    # The folds' heads train for the full head's best step: stored logits stand while that step does.
+    logits_stand = stored is not None and stored.held_out_fits(len(y), n_classes) and \
+        stored.head.best_step == contender.head.best_step
+    if logits_stand and stored.head.fits(contender.backbone.feature_dim, n_classes):
+        return stored
+    if logits_stand:
+        return Winner(contender.backbone.name, contender.head, stored.held_out)
+    with stage("train"):
+        return Winner(contender.backbone.name, contender.head, _out_of_fold(contender, y, config))
 
 
-def _final_model_is_quick(choice: tuple[list[BackboneScore], str, HeadResult | None] | None, fitted: _Fitted,
+def _final_model_is_quick(cached: tuple[list[BackboneScore], Winner | None] | None, fitted: _Fitted,
                           config: TrainConfig, cache: Path) -> bool:
     """Whether a cached comparison leaves nothing slow to do: its winner is this head's backbone, or
     the winner's head and features are cached (then publishing a first model would only cost time)."""
-    if choice is None:
+    if cached is None:
         return False
-    _, best, head = choice
-    return best == fitted.backbone.name or (head is not None and features_cached(
+    scores, winner = cached
+    best = _most_correct(scores)
+    return best == fitted.backbone.name or (winner is not None and winner.backbone == best and features_cached(
         _all_rows(fitted.split), get_backbone(best), store_folder(cache, config.bottleneck_dir)))
 
 
@@ -563,10 +585,13 @@ def tuned_extractor(tuned, backbone: Backbone) -> onnx.ModelProto:
 def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Logits of photos the final model did not train on, for calibration.
 
-    Validation always; for a head on cached features also out-of-fold logits of the training
-    split, many more photos for the price of a few small heads (a fine-tuned network's would
-    need as many fine-tuning runs).
+    After a backbone comparison, the winner's out-of-fold logits of every training and validation
+    photo (already computed to count its score). Otherwise validation always; for a head on cached
+    features also out-of-fold logits of the training split, many more photos for the price of a few
+    small heads (a fine-tuned network's would need as many fine-tuning runs).
     """
+    if fitted.held_out is not None:
+        return fitted.held_out, np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]]).astype(np.int64)
     x_va, y_va = fitted.x["validation"]
     z, y = logits(fitted.layers, x_va), y_va
     x_tr, y_tr = fitted.x.get("train", (np.empty((0, 0)), np.empty(0)))

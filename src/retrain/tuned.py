@@ -84,31 +84,45 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
         return None  # missing, damaged or of an older layout
 
 
+@dataclass(frozen=True)
+class Winner:
+    """A backbone comparison's winner: its head, and the out-of-fold logits of the training and
+    validation photos that its score was counted from (calibration reuses them; None: not stored)."""
+    backbone: str
+    head: HeadResult
+    held_out: np.ndarray | None = None
+
+    def held_out_fits(self, rows: int, n_classes: int) -> bool:
+        h = self.held_out
+        return h is not None and h.dtype == np.float32 and h.shape == (rows, n_classes) and bool(np.isfinite(h).all())
+
+
 def scores_path(cache: Path, identity: dict) -> Path:
     return cache / "tuned" / f"{identity_key(identity)}.backbones.json"
 
 
-def save_scores(path: Path, scores: list[BackboneScore], identity: dict, winner: tuple[str, HeadResult]) -> None:
-    """A backbone comparison's counts and the winning backbone's head, so that the same command on
-    the same folder neither cross-validates nor trains that head again."""
-    name, head = winner
+def save_scores(path: Path, scores: list[BackboneScore], identity: dict, winner: Winner) -> None:
+    """A backbone comparison's counts and its winner, so that the same command on the same folder
+    neither cross-validates nor trains the winner's head again."""
+    head = winner.head
     record = {"layers": len(head.layers), "history": head.history, "best_step": head.best_step,
               "steps_run": head.steps_run}
+    held_out = {} if winner.held_out is None else {"held_out": winner.held_out}
     buffer = io.BytesIO()
-    np.savez(buffer, record=np.array(json.dumps(record)), **_layer_arrays(head.layers))
+    np.savez(buffer, record=np.array(json.dumps(record)), **_layer_arrays(head.layers), **held_out)
     data = buffer.getvalue()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(_head_path(path), data)  # first: the counts' record, naming its digest, is the commit
         atomic_write_json(path, {"identity": identity, "scores": [asdict(score) for score in scores],
-                                 "head": {"backbone": name, "sha256": hashlib.sha256(data).hexdigest()}})
+                                 "head": {"backbone": winner.backbone, "sha256": hashlib.sha256(data).hexdigest()}})
     except OSError:  # a full or read-only cache: the next run compares again
         pass
 
 
-def load_scores(path: Path, identity: dict) -> tuple[list[BackboneScore], tuple[str, HeadResult] | None] | None:
-    """The stored comparison of this identity, with its winner's head where that is intact; None when
-    there is none, or it is damaged or of another run."""
+def load_scores(path: Path, identity: dict) -> tuple[list[BackboneScore], Winner | None] | None:
+    """The stored comparison of this identity, with its winner where that is intact; None when there
+    is none, or it is damaged or of another run."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("identity") != identity:
@@ -119,9 +133,9 @@ def load_scores(path: Path, identity: dict) -> tuple[list[BackboneScore], tuple[
     return scores, _stored_head(path, record.get("head"))
 
 
-def _stored_head(path: Path, head: object) -> tuple[str, HeadResult] | None:
-    """The winner's head saved beside the counts, if its bytes are the ones the counts name; None
-    where it is missing, damaged or another run's (it is trained again)."""
+def _stored_head(path: Path, head: object) -> Winner | None:
+    """The winner saved beside the counts, if its bytes are the ones the counts name; None where it
+    is missing, damaged or another run's (it is trained again)."""
     try:
         data = _head_path(path).read_bytes()
         if hashlib.sha256(data).hexdigest() != head["sha256"]:
@@ -129,7 +143,9 @@ def _stored_head(path: Path, head: object) -> tuple[str, HeadResult] | None:
         with np.load(io.BytesIO(data)) as arrays:
             record = json.loads(str(arrays["record"]))
             layers = _layers_from(arrays, record["layers"])
-        return head["backbone"], HeadResult(layers, record["history"], record["best_step"], record["steps_run"])
+            held_out = arrays["held_out"] if "held_out" in arrays.files else None  # older caches lack it
+        return Winner(head["backbone"], HeadResult(layers, record["history"], record["best_step"], record["steps_run"]),
+                      held_out)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
 
