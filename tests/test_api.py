@@ -150,3 +150,22 @@ def test_the_default_run_says_why_it_does_not_fine_tune(shapes_data, cache_dir):
     plan, n_val = model.metrics.plan, model.metrics.num_validation
     assert plan["mode"] == "head" and plan["epochs"] is None and 0 < n_val < 50
     assert plan["reason"].startswith(f"not fine-tuning: {n_val} validation photos are too few to tell a gain from")
+
+
+def test_a_test_folder_that_overlaps_the_training_photos_is_not_called_unseen(shapes_data, cache_dir):
+    said = []
+    model = retrain.train(shapes_data, quick_config(cache_dir, test_dir=str(shapes_data)), log=said.append)
+    evidence, n_test = model.metrics.test_evidence, model.metrics.test.num_images
+    seen = model.metrics.num_images["train"] + model.metrics.num_images["validation"]
+    # Every training and validation photo is in the test folder too (the test split is the whole folder).
+    assert evidence.copies_of_training == seen > 0 and n_test == seen and not evidence.measurable
+    assert model.metrics.verdict[0].startswith(f"{seen} of the {n_test} test photos are copies of photos the model "
+                                               "trained on")
+    assert not any("never trained on" in line for line in model.metrics.verdict)
+    assert any(line.startswith("Warning: ") and "test accuracy is inflated" in line for line in said)
+
+
+def test_a_test_split_of_the_folder_itself_is_unseen(shapes_data, cache_dir):
+    metrics = retrain.train(shapes_data, quick_config(cache_dir, testing_percentage=25)).metrics
+    assert metrics.test_evidence.copies_of_training == 0 and metrics.test_evidence.measurable
+    assert any("test photos the model never trained on" in line for line in metrics.verdict)

@@ -62,3 +62,20 @@ def test_a_class_never_predicted_has_no_precision_not_zero():
     text = format_metrics(m)
     bees = next(line for line in text.splitlines() if line.startswith("bees"))
     assert bees.split()[1] == "-" and "never predicted this class" in text
+
+
+def test_evaluating_the_folder_the_model_was_trained_from_warns_that_it_is_inflated(head_model, shapes_data,
+                                                                                    tmp_path, capsys):
+    import json
+    import shutil
+
+    from retrain.cli import retrain_main
+
+    assert retrain_main(["evaluate", str(head_model.folder), str(shapes_data)]) == 0
+    out, err = capsys.readouterr()
+    assert f"Warning: {shapes_data} is the folder this model was trained from" in err and "Accuracy =" in out
+    assert retrain_main(["evaluate", str(head_model.folder), str(shapes_data / "circles" / ".."), "--json"]) == 0
+    assert "inflated" in json.loads(capsys.readouterr().out)["warning"]
+    copy = shutil.copytree(shapes_data, tmp_path / "elsewhere")  # the same photos elsewhere: not recognised
+    assert retrain_main(["evaluate", str(head_model.folder), str(copy), "--json"]) == 0
+    assert "warning" not in json.loads(capsys.readouterr().out)

@@ -65,7 +65,15 @@ def test_report_command_on_another_folder(head_model, tmp_path, capsys):
     assert "<h2>Verdict</h2>" in html and f"of the photos in {other}; for comparison" in html
     calibrated = head_model.model.metrics.calibration.calibrated
     assert ("after temperature scaling" in html) == calibrated and ("without temperature scaling" in html) != calibrated
+    assert "folder this model was trained from" not in html
     assert retrain_main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_report_on_the_models_own_training_folder_says_its_accuracy_is_inflated(head_model, shapes_data, tmp_path):
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    assert retrain_main(["report", str(tmp_path / "m"), str(shapes_data)]) == 0
+    html = (tmp_path / "m" / "report.html").read_text()
+    assert "is the folder this model was trained from" in html and "accuracy is inflated" in html
 
 
 def test_tensorboard_summaries(head_model, tmp_path):

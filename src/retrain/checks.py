@@ -122,6 +122,13 @@ def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[Duplica
     return sorted(groups, key=lambda g: (KINDS.index(g.kind), g.images[0].path))
 
 
+def copies_of_training(split: dict[str, SampleTable]) -> int:
+    """Test photos whose bytes are also among the training or validation photos (a test folder that
+    overlaps the image folder, or copies in it): the model has seen them, so they inflate test accuracy."""
+    seen = np.concatenate([split["train"].keys, split["validation"].keys])
+    return int(np.isin(split["test"].keys, seen).sum())
+
+
 def quick_summary(dataset: Dataset) -> list[str]:
     """The checks that need only the scan (no image is decoded), as short lines for `retrain train`."""
     lines = [f"Warning: {w}" for w in count_warnings(class_counts(dataset))]

@@ -144,6 +144,8 @@ def evaluate(model: str, image_dir: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(evaluation.to_json(), indent=2, ensure_ascii=False))
     else:
+        if evaluation.warning:
+            print(f"Warning: {evaluation.warning}", file=sys.stderr)
         print(format_metrics(evaluation.metrics))
         if evaluation.skipped:
             print(f"\nSkipped {len(evaluation.skipped)} unreadable file(s).")

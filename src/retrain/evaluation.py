@@ -1,6 +1,7 @@
 """Evaluation metrics: accuracy with its uncertainty, per-class precision/recall/F1, the confusion matrix."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,20 @@ from .validate import TRAIN_RULES, check_argument
 
 
 
-def accuracy_evidence(accuracy: float | None, n: int) -> Evidence:
-    """What a shown accuracy rests on: N, its 95% interval, and whether N is enough to claim a figure."""
+def accuracy_evidence(accuracy: float | None, n: int, copies_of_training: int = 0) -> Evidence:
+    """What a shown accuracy rests on: N, its 95% interval, and whether N is enough to claim a figure
+    (photos the model trained on do not count towards that)."""
     if accuracy is None or n == 0:
         return Evidence(accuracy=None, n=0, interval=None, measurable=False)
     correct = round(accuracy * n)
     return Evidence(accuracy=accuracy, n=n, interval=list(wilson_interval(correct, n)),
-                    measurable=n >= TOO_FEW_TO_MEASURE)
+                    measurable=n - copies_of_training >= TOO_FEW_TO_MEASURE, copies_of_training=copies_of_training)
+
+
+def copies_warning(copies: int, n: int) -> str:
+    """One line for test photos that are copies of training photos."""
+    return (f"{copies} of the {n} test photos are copies of photos the model trained on (the test folder overlaps "
+            "the training photos): the test accuracy is inflated; `retrain doctor` lists them.")
 
 
 def small_splits_disagree(val: float | None, n_val: int, test: float | None, n_test: int) -> str | None:
@@ -120,13 +128,14 @@ def most_confused(confusion: list[list[int]], classes: list[str], top: int = 3) 
 
 
 def verdict(test: ClassificationMetrics | None, validation_accuracy: float | None, num_validation: int,
-            classes: list[str], unsplit_classes: list[str], photos: str = "") -> list[str]:
+            classes: list[str], unsplit_classes: list[str], photos: str = "", copies_of_training: int = 0) -> list[str]:
     """The report's opening lines for a non-expert: the accuracy and what to compare it with, then what to fix.
 
     `photos` names the photos `test` is over where they are not the model's own test split
     (a report on another folder): nothing is then said of whether the model trained on them.
     """
-    lines = []
+    lines = [copies_warning(copies_of_training, test.num_images)] if test and copies_of_training else []
+    never_seen = "" if copies_of_training else " the model never trained on"
     if test and test.num_images:
         n, support = test.num_images, [m.support for m in test.per_class.values()]
         largest = classes[int(np.argmax(support))]
@@ -138,7 +147,7 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
                          "Add photos to every class.")
         else:
             lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of "
-                         f"{photos or 'test photos the model never trained on'}; for comparison, {baselines}.")
+                         f"{photos or 'test photos' + never_seen}; for comparison, {baselines}.")
         pairs = most_confused(test.confusion_matrix, classes)
         if pairs:
             lines.append("Most confused: " + "; ".join(f"{t} taken for {p} ({k} photo{'s' * (k > 1)})"
@@ -168,10 +177,12 @@ class FolderEvaluation:
     predictions: list[PredictionRecord]  # per readable image, in scan order
     probabilities: np.ndarray  # (images, classes): row i belongs to predictions[i]
     skipped: list[SkippedFile]
+    warning: str | None = None  # the folder is the model's own training folder: the accuracy is inflated
 
     def to_json(self, with_predictions: bool = False) -> dict:
         """The metrics and skipped files as JSON-ready values (what `retrain evaluate --json` prints)."""
-        result = to_json(self.metrics) | {"skipped_files": to_json(self.skipped)}
+        result = to_json(self.metrics) | {"skipped_files": to_json(self.skipped)} | (
+            {"warning": self.warning} if self.warning else {})
         return result | ({"predictions": [to_json(p) | {"probabilities": row.tolist()}
                                           for p, row in zip(self.predictions, self.probabilities)]}
                          if with_predictions else {})
@@ -201,7 +212,22 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
     metrics = classification_metrics(np.array([p.label for p in predictions]),
                                      np.array([p.predicted for p in predictions]), clf.labels)
     return FolderEvaluation(metrics, predictions, np.array(probabilities, np.float32),
-                            [SkippedFile(str(p), why) for p, why in skipped])
+                            [SkippedFile(str(p), why) for p, why in skipped], training_folder_warning(clf, image_dir))
+
+
+def training_folder_warning(clf: Classifier, image_dir: str | Path) -> str | None:
+    """A warning where `image_dir` is the folder the model was trained from (or lies inside it, or holds
+    it): most of its photos trained the model, so an accuracy measured on them is inflated."""
+    try:
+        trained = Path(json.loads(clf.metadata["retrain:provenance"])["image_dir"]).resolve()
+    except (KeyError, TypeError, ValueError, OSError):  # a model made elsewhere, or without provenance
+        return None
+    here = Path(image_dir).resolve()
+    if here != trained and trained not in here.parents and here not in trained.parents:
+        return None
+    return (f"{image_dir} is the folder this model was trained from: most of these photos trained it, so this "
+            "accuracy is inflated; measure it on photos the model never saw (its own test split's accuracy is "
+            "in metrics.json and report.html).")
 
 
 def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,

@@ -58,6 +58,7 @@ class Evidence:
     n: int
     interval: list[float] | None
     measurable: bool
+    copies_of_training: int = 0  # of the N, photos whose bytes the model trained on: they inflate the figure
 
 
 @dataclass

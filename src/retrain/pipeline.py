@@ -26,8 +26,9 @@ from .backbones import Backbone, export_torch_network, get_backbone
 from .decode import describe
 from .engine import open_engine
 from .errors import UserError
-from .checks import class_counts, quick_summary
-from .evaluation import Timeline, accuracy_evidence, classification_metrics, small_splits_disagree, verdict
+from .checks import class_counts, copies_of_training, quick_summary
+from .evaluation import (Timeline, accuracy_evidence, classification_metrics, copies_warning, small_splits_disagree,
+                         verdict)
 from .evidence import describe_accuracy
 from .features import compute_features, feature_matrices, features_cached, features_of, store_folder
 from .runtime import inference_session_from
@@ -605,6 +606,8 @@ def result_lines(metrics: RunMetrics) -> list[str]:
     """What a run ends with: the test accuracy with its evidence, a tiny-split caveat, what calibration did."""
     n_val, n_test = metrics.num_validation, metrics.test.num_images if metrics.test else 0
     lines = [f"Final test accuracy = {describe_accuracy(metrics.test_accuracy, n_test, 'test photos')}"]
+    copies = metrics.test_evidence.copies_of_training
+    lines += [f"Warning: {copies_warning(copies, n_test)}"] if copies else []
     disagree = small_splits_disagree(metrics.validation_accuracy, n_val, metrics.test_accuracy, n_test)
     lines += [disagree] if disagree else []
     cal = metrics.calibration
@@ -632,10 +635,11 @@ def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetri
                          for s, p in zip(split["test"], pred) if s.label != p]
         predictions = [PredictionRecord(str(s.path), int(s.label), int(p), float(c))
                        for s, p, c in zip(split["test"], pred, probs.max(axis=1))]
-    test_accuracy = test.accuracy if test else None
+    test_accuracy, copies = test.accuracy if test else None, copies_of_training(split)
     metrics = RunMetrics(
         **record, validation_accuracy=validation_accuracy, test_accuracy=test_accuracy, num_validation=len(y_va),
         validation_evidence=accuracy_evidence(validation_accuracy, len(y_va)),
-        test_evidence=accuracy_evidence(test_accuracy, len(y_te)), test=test, test_predictions=predictions,
-        verdict=verdict(test, validation_accuracy, len(y_va), classes, fitted.dataset.unsplit_classes))
+        test_evidence=accuracy_evidence(test_accuracy, len(y_te), copies), test=test, test_predictions=predictions,
+        verdict=verdict(test, validation_accuracy, len(y_va), classes, fitted.dataset.unsplit_classes,
+                        copies_of_training=copies))
     return metrics, misclassified

@@ -141,10 +141,11 @@ def _thumbnail(path: str, side: int = 128) -> str:
 
 
 def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Path | None
-                ) -> tuple[ClassificationMetrics | None, list[PredictionRecord], CalibrationReport | None]:
-    """(confusion/per-class metrics, predictions with confidence, calibration report) to show."""
+                ) -> tuple[ClassificationMetrics | None, list[PredictionRecord], CalibrationReport | None, list[str]]:
+    """(confusion/per-class metrics, predictions with confidence, calibration report, warnings) to show."""
     if image_dir is None:
-        return ((metrics.test, metrics.test_predictions or [], metrics.calibration) if metrics else (None, [], None))
+        return ((metrics.test, metrics.test_predictions or [], metrics.calibration, []) if metrics
+                else (None, [], None, []))
     evaluation = evaluation_of_folder(clf, image_dir, quiet=True)
     preds = evaluation.predictions
     after = reliability(evaluation.probabilities, np.array([p.label for p in preds]))
@@ -153,7 +154,7 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why=why,
                             held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
                             test_ece_after=after["ece"], reliability_after=after["bins"])
-    return evaluation.metrics, preds, cal
+    return evaluation.metrics, preds, cal, [evaluation.warning] if evaluation.warning else []
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -178,10 +179,10 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         metrics = read_metrics(model_dir / METRICS_FILE)
     clf = Classifier(model_dir / MODEL_FILE)
     classes = clf.labels
-    evaluation, preds, cal = _evaluation(clf, metrics, image_dir)
+    evaluation, preds, cal, warnings = _evaluation(clf, metrics, image_dir)
     sections, pngs = [], {}
 
-    lines = (verdict(evaluation, None, 0, classes, [], photos=f"the photos in {image_dir}") if image_dir
+    lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"the photos in {image_dir}") if image_dir
              else metrics.verdict if metrics else [])
     if lines:
         sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in lines)))
