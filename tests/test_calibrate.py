@@ -6,7 +6,7 @@ import pytest
 
 import retrain
 from retrain.api import TrainConfig
-from retrain.calibrate import auto_threshold, calibrate, fit_temperature, nll, reliability
+from retrain.calibrate import auto_threshold, calibrate, fit_temperature, nll, reliability, unknown_threshold_text
 from retrain.cli import label_image_main
 from retrain.head import HeadConfig, softmax
 from retrain.prediction import Classifier
@@ -82,13 +82,15 @@ def test_threshold_is_baked_into_the_model_and_honoured(shapes, cache_dir, tmp_p
 
 def test_auto_threshold_flags_a_class_never_seen(tmp_path, cache_dir):
     """Hold one class out of training: its photos should be rejected far more often than in-class ones."""
-    root = make_dataset(tmp_path / "d", per_class=30, classes=("circles", "squares"))
+    # 70 a class: over the 100 held-out predictions `auto` needs.
+    root = make_dataset(tmp_path / "d", per_class=70, classes=("circles", "squares"))
     cfg = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=300),
                       unknown_threshold="auto", validation_percentage=30, testing_percentage=20)
     model = retrain.train(root, cfg)
     model.save(tmp_path / "m", report=False)
     cal = model.metrics.calibration
-    assert 0 < cal.unknown_threshold == cal.suggested_unknown_threshold
+    assert 0 < cal.unknown_threshold == cal.suggested_unknown_threshold and cal.held_out_predictions >= 100
+    assert cal.unknown_threshold_why == f"auto: rejects about 5% of {cal.held_out_predictions} held-out in-class predictions"
     rng = np.random.default_rng(5)
     for i in range(20):
         draw_shape("stripes", rng, 120).save(tmp_path / f"stripes_{i}.png")
@@ -103,6 +105,24 @@ def test_too_little_evidence_leaves_confidence_alone_and_says_so():
     assert cal.temperature == 1.0 and not cal.report.calibrated
     assert "40 held-out predictions are too few" in cal.report.why
     assert cal.report.test_ece_after == cal.report.test_ece_before
+
+
+def test_auto_sets_no_threshold_on_too_few_held_out_predictions_and_says_so():
+    # What an auditor met: 10 held-out predictions, all near 1.0, gave a threshold of 0.9995 that
+    # flagged 9 of 16 new in-class photos as unknown.
+    z, y = _sampled(0.2, n=400, seed=3)
+    few = calibrate(z[:40], y[:40], z, y, threshold="auto")
+    assert few.unknown_threshold == 0.0 and few.report.test_false_rejection == 0.0
+    assert few.report.unknown_threshold_why.startswith("no unknown threshold set: 40 held-out predictions are too few")
+    assert unknown_threshold_text(few.report, 400) == few.report.unknown_threshold_why
+    enough = calibrate(z, y, z[:40], y[:40], threshold="auto")
+    assert enough.unknown_threshold == enough.suggested_threshold > 0
+    text = unknown_threshold_text(enough.report, 40)
+    flagged = round(enough.report.test_false_rejection * 40)
+    assert text.startswith(f"Unknown threshold {enough.unknown_threshold:.3f} (auto: rejects about 5% of 400 held-out")
+    assert f"it flags {flagged}/40 in-class test photos as unknown" in text and "95% CI" in text
+    assert calibrate(z[:40], y[:40], z, y, threshold=0.5).unknown_threshold == 0.5  # a given value is the user's call
+    assert unknown_threshold_text(calibrate(z, y, z, y, threshold=None).report, 400) is None
 
 
 def test_a_temperature_that_does_not_help_held_out_halves_is_not_kept():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .evidence import INTERVAL_BELOW, interval_text
 from .head import nll, softmax
 from .metrics import CalibrationReport
 
@@ -127,14 +128,41 @@ class Calibration:
     report: CalibrationReport
 
 
+def _threshold(asked: float | str | None, suggested: float, held_out: int) -> tuple[float, str | None]:
+    """(unknown threshold, how it was set): `auto` needs as much held-out evidence as a temperature,
+    for a 5% quantile of a few overconfident predictions rejects far more than 5% of new photos."""
+    if asked == "auto" and held_out < MIN_EVIDENCE:
+        return 0.0, (f"no unknown threshold set: {held_out} held-out predictions are too few to choose one "
+                     f"(auto needs {MIN_EVIDENCE}); give --unknown_threshold a probability to set one")
+    if asked == "auto":
+        return suggested, (f"auto: rejects about {100 * DEFAULT_FALSE_REJECTION:.0f}% of {held_out} held-out "
+                           "in-class predictions")
+    return float(asked or 0.0), ("set by --unknown_threshold" if asked else None)
+
+
+def unknown_threshold_text(report: CalibrationReport, n_test: int) -> str | None:
+    """The unknown threshold as a user reads it: its value, how it was set and the in-class test photos it
+    flags, counted (with the interval under INTERVAL_BELOW photos); or why `auto` set none; None: not asked."""
+    t, why = report.unknown_threshold, report.unknown_threshold_why
+    if not t:
+        return why
+    text = f"Unknown threshold {t:.3f}" + (f" ({why})" if why else "")
+    if report.test_false_rejection is not None and n_test:
+        flagged = round(report.test_false_rejection * n_test)
+        interval = f"; {interval_text(flagged / n_test, n_test)}" if n_test < INTERVAL_BELOW else ""
+        text += f": it flags {flagged}/{n_test} in-class test photos as unknown ({100 * flagged / n_test:.1f}%{interval})"
+    return text
+
+
 def calibrate(z_held: np.ndarray, y_held: np.ndarray, z_test: np.ndarray, y_test: np.ndarray,
               threshold: float | str | None, may_sharpen: bool = True, seed: int = 0) -> Calibration:
     """Choose T on held-out logits, measure ECE before/after on test, and settle the unknown threshold."""
     t, why = choose_temperature(z_held, y_held, may_sharpen, seed)
     suggested = auto_threshold(softmax(z_held, t)) if len(z_held) else 0.0
-    chosen = suggested if threshold == "auto" else float(threshold or 0.0)
+    chosen, threshold_why = _threshold(threshold, suggested, len(y_held))
     report = CalibrationReport(temperature=t, calibrated=t != 1.0, why=why, held_out_predictions=len(y_held),
-                               suggested_unknown_threshold=suggested, unknown_threshold=chosen)
+                               suggested_unknown_threshold=suggested, unknown_threshold=chosen,
+                               unknown_threshold_why=threshold_why)
     if len(z_test):
         before, after = reliability(softmax(z_test), y_test), reliability(softmax(z_test, t), y_test)
         top = softmax(z_test, t).max(axis=1)

@@ -92,6 +92,7 @@ class CalibrationReport:
     reliability_before: list[dict] | None = optional()
     test_false_rejection: float | None = optional()
     test_false_rejection_at_suggested: float | None = optional()
+    unknown_threshold_why: str | None = optional()  # how the threshold was set, or why `auto` set none
 
 
 @dataclass

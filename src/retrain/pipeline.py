@@ -35,7 +35,7 @@ from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import Checkpoint, TrainConfig
 from .graphs import check_output_name, classifier_model, extractor_model, extractor_path, model_metadata
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, calibrate, unknown_threshold_text
 from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
 from .head import OUT_OF_FOLD_MAX_ROWS, HeadResult, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
@@ -614,8 +614,9 @@ def result_lines(metrics: RunMetrics) -> list[str]:
     line = f"Calibration: {cal.why}"
     if cal.calibrated and cal.test_ece_after is not None:
         line += (f"; test expected calibration error {100 * cal.test_ece_before:.1f}% -> "
-                 f"{100 * cal.test_ece_after:.1f}%")
-    return lines + [line]
+                 f"{100 * cal.test_ece_after:.1f}% (N={n_test})")
+    threshold = unknown_threshold_text(cal, n_test)
+    return lines + [line] + ([threshold] if threshold else [])
 
 
 def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetrics, list[tuple[str, str, str]]]:

@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .calibrate import reliability  # noqa: E402
+from .calibrate import reliability, unknown_threshold_text  # noqa: E402
 from .evaluation import NEVER_PREDICTED, evaluation_of_folder, precision_text, verdict, worst_mistakes  # noqa: E402
-from .evidence import describe_accuracy  # noqa: E402
+from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -157,6 +157,15 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     return evaluation.metrics, preds, cal, [evaluation.warning] if evaluation.warning else []
 
 
+def _calibration_error_text(cal: CalibrationReport, n: int) -> str:
+    """The expected calibration error on the n photos shown, or why it is not measurable on them."""
+    if n < TOO_FEW_TO_MEASURE:
+        return f"Expected calibration error: not measurable on {n} photos."
+    before = f"{100 * cal.test_ece_before:.1f}% before, " if cal.test_ece_before is not None else ""
+    return (f"Expected calibration error on {n} photos: {before}{100 * cal.test_ece_after:.1f}% "
+            f"{'after' if cal.calibrated else 'without'} temperature scaling.")
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -212,20 +221,20 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
              f"predicted <b>{html.escape(classes[p.predicted])}</b> ({p.confidence:.2f})</figcaption></figure>"
              for p in mistakes[:MISTAKES_SHOWN]]
     sections.append(("Worst mistakes", f'<div class="grid">{"".join(cells)}</div>' if cells
-                     else "<p>No mistakes on these images.</p>"))
+                     else "<p>No mistakes on these images.</p>" if preds else "<p>No test photos: no mistakes to "
+                     "show.</p>"))
 
+    n_shown = len(preds)
+    threshold = unknown_threshold_text(cal, n_shown) if cal else None
     if cal and cal.reliability_after:
         pngs["reliability.png"] = reliability_plot(cal.reliability_before or [], cal.reliability_after,
                                                    _or_nan(cal.test_ece_before), cal.test_ece_after)
         text = f"<p>{html.escape(cal.why)}.</p>" if cal.why else ""
-        text += f"<p>Temperature {cal.temperature:.3f}. Expected calibration error "
-        if cal.test_ece_before is not None:
-            text += f"{100 * cal.test_ece_before:.1f}% before, "
-        text += f"{100 * cal.test_ece_after:.1f}% {'after' if cal.calibrated else 'without'} temperature scaling.</p>"
-        if cal.unknown_threshold:
-            text += (f"<p>Unknown threshold {cal.unknown_threshold:.3f}: {100 * (cal.test_false_rejection or 0):.1f}% "
-                     "of in-class test photos are wrongly flagged unknown.</p>")
-        sections.append(("Calibration", text + _img_tag(pngs["reliability.png"], "reliability diagram")))
+        text += f"<p>Temperature {cal.temperature:.3f}. " + html.escape(_calibration_error_text(cal, n_shown)) + "</p>"
+        sections.append(("Calibration", text + (f"<p>{html.escape(threshold)}.</p>" if threshold else "")
+                         + _img_tag(pngs["reliability.png"], "reliability diagram")))
+    elif threshold:
+        sections.append(("Calibration", f"<p>{html.escape(threshold)}.</p>"))
 
     chosen = (mistakes[:SALIENCY_SHOWN // 2] + [p for p in preds if p.label == p.predicted][:SALIENCY_SHOWN // 2])
     figs = []
