@@ -11,6 +11,7 @@ whole and a one-line message naming the path.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -110,9 +111,12 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     """Run `write(staging)` in a staging folder inside `out`, then rename every file it made into `out`.
 
     A failure part-way (a full disk, a read-only mount) removes the staging folder and leaves the
-    previous model in `out` untouched; the UserError names the path and what to do.
+    previous model in `out` untouched; the UserError names the path and what to do. Files the
+    previous write listed and this one did not make (a saliency map, the plots of a split that is
+    gone) are removed: beside the new model they would describe the old one.
     """
     out = Path(out)
+    previous = _files_written_before(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".retrain-staging-", dir=out))
@@ -122,13 +126,28 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Pa
         names = _stage(staging, write, out)
         try:
             with interrupts_deferred():  # Ctrl-C between two renames would pair a new model with old labels
-                for name in names:  # renames within one folder: no space needed, each one atomic
+                for name in names[:-1]:  # renames within one folder: no space needed, each one atomic
                     os.replace(staging / name, out / name)
+                for name in previous - set(names):
+                    with contextlib.suppress(OSError):  # a stale file that cannot go is no reason to fail the model
+                        (out / name).unlink(missing_ok=True)
+                os.replace(staging / MARKER, out / MARKER)  # last: until it lands, the old note lists the old files
         except OSError as e:
             raise UserError(os_error_message(e, "move the model into", out)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _files_written_before(out: Path) -> set[str]:
+    """The plain file names the MARKER in `out` lists (what retrain wrote there last); none if it is unreadable."""
+    try:
+        files = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    # Only names of files directly in `out`: a note edited by hand must not reach anything else.
+    return {f for f in files if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..", MARKER)} \
+        if isinstance(files, list) else set()
 
 
 def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]:

@@ -1,0 +1,40 @@
+"""outputs.py: a model folder is replaced whole; what the previous model alone had does not linger beside the new one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from retrain.outputs import MARKER, write_model_dir
+
+
+def writer(files: dict[str, bytes]):
+    def write(folder: Path) -> None:
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+    return write
+
+
+def test_files_only_the_previous_model_had_are_removed_and_the_users_stay(tmp_path):
+    out = tmp_path / "model"
+    write_model_dir(out, writer({"model.onnx": b"old", "saliency_3.png": b"old", "reliability.png": b"old"}))
+    (out / "notes.txt").write_text("mine")  # the user's: never listed in the note, never touched
+    write_model_dir(out, writer({"model.onnx": b"new"}))
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "model.onnx", "notes.txt"])
+    assert (out / "model.onnx").read_bytes() == b"new" and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / MARKER).read_text())["files"] == ["model.onnx"]
+
+
+def test_a_note_edited_to_name_other_places_removes_nothing_outside_the_folder(tmp_path):
+    out, outside = tmp_path / "model", tmp_path / "precious.txt"
+    outside.write_text("keep")
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "inner.txt").write_text("keep")
+    (out / "dir").mkdir()
+    (out / MARKER).write_text(json.dumps({"files": ["../precious.txt", "sub/inner.txt", "..", "", "dir", 3]}))
+    write_model_dir(out, writer({"model.onnx": b"new"}))
+    assert outside.read_text() == "keep" and (out / "sub" / "inner.txt").read_text() == "keep"
+    assert (out / "dir").is_dir() and (out / "model.onnx").read_bytes() == b"new"
+    for damaged in ("not json", "[1, 2]", '{"files": "model.onnx"}'):
+        (out / MARKER).write_text(damaged)
+        write_model_dir(out, writer({"labels.txt": b"x"}))
+        assert (out / "model.onnx").exists()  # unlisted by a readable note: kept
