@@ -66,6 +66,7 @@ def test_int8_model_is_smaller_with_the_same_interface_and_metadata(model_dir, e
     report = json.loads((exported / REPORT_FILE).read_text())["int8"]
     assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"] / 3
     assert set(report["int8"]["accuracy"]) == {"validation", "test"}
+    assert report["judged_splits"] == ["validation", "test"]  # each has 10+ photos
     assert all(v > 0 for v in report["int8"]["images_per_second"].values())
 
 
@@ -113,6 +114,21 @@ def test_int8_past_the_tolerance_is_refused_with_numbers_and_nothing_written(mod
     assert "over the 0.5-point tolerance" in err and "Traceback" not in err
     assert re.search(r"validation: fp32 \d+\.\d%, int8 \d+\.\d%; test: fp32", err)
     assert not out.exists()
+
+
+def test_int8_is_refused_where_no_held_out_split_can_tell_a_lost_point_from_chance(cache_dir, tmp_path, capsys):
+    data = make_dataset(tmp_path / "shapes", per_class=6)
+    config = TrainConfig(cache_dir=str(cache_dir), quiet=True, validation_percentage=20, testing_percentage=20,
+                         head=HeadConfig(steps=100, seed=0), mode="head")
+    model = retrain.train(data, config)
+    n_val, n_test = model.metrics.num_images["validation"], model.metrics.num_images["test"]
+    assert 0 < max(n_val, n_test) < 10
+    model_dir = model.save(tmp_path / "model", report=False)
+    capsys.readouterr()
+    assert retrain_main(["export", str(model_dir), "--int8", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"only {n_val} validation and {n_test} test photos: too few to check" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, capsys):

@@ -32,7 +32,7 @@ import onnxruntime as ort
 from .decode import decode_all
 from .config import ExportConfig
 from .errors import UserError
-from .evidence import INTERVAL_BELOW, describe_accuracy
+from .evidence import INTERVAL_BELOW, TOO_FEW_TO_MEASURE, describe_accuracy
 from .runtime import decoded_batches, inference_session
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .outputs import check_output_dir, write_model_dir
@@ -68,6 +68,10 @@ class Int8Report:
         """Accuracy points lost per split (negative: the int8 model is more accurate)."""
         return {s: 100 * (self.fp32.accuracy[s] - self.int8.accuracy[s]) for s in self.fp32.accuracy}
 
+    def judged(self) -> list[str]:
+        """The splits with photos enough for the tolerance to mean something (one photo of 4 is 25 points)."""
+        return [s for s, n in self.images.items() if n >= TOO_FEW_TO_MEASURE]
+
     def table(self) -> str:
         rows = [("", "fp32", "int8", "ratio"),
                 ("size (MB)", f"{self.fp32.size_bytes / 1e6:.1f}", f"{self.int8.size_bytes / 1e6:.1f}",
@@ -102,7 +106,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, config: Expo
     with tempfile.TemporaryDirectory(prefix="retrain-export-") as tmp:
         if config.int8:
             model, int8 = int8_model(source, model, Path(tmp), config, log)
-            report["int8"] = asdict(int8) | {"accuracy_drop_points": int8.drops()}
+            report["int8"] = asdict(int8) | {"accuracy_drop_points": int8.drops(), "judged_splits": int8.judged()}
         files = {MODEL_FILE: model}
         if config.any_size:
             files[ANY_SIZE_FILE] = any_size_model(model, source.prep)
@@ -156,6 +160,7 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
                log: Callable[[str], None]) -> tuple[onnx.ModelProto, Int8Report]:
     """The quantized classifier and its numbers beside the fp32 one's; UserError past the tolerance."""
     dataset = training_dataset(source, config.image_dir, log)
+    _check_enough_to_judge(dataset)
     calibration = calibration_images(dataset.split("train"), source, config)
     log(f"Quantizing to int8, calibrated on {len(calibration)} training photos ...")
     quantized = quantize(model, calibration, tmp)
@@ -169,13 +174,25 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
         images=images, top1_agreement=agreement, calibration_images=len(calibration),
         tolerance=config.tolerance, cpu=cpu_instructions())
     log(report.table())
-    worse = {s: d for s, d in report.drops().items() if d > config.tolerance}
+    if not report.judged():  # some photos failed to decode since the check above
+        _check_enough_to_judge(dataset, report.images)
+    worse = {s: d for s, d in report.drops().items() if d > config.tolerance and s in report.judged()}
     if worse:
         raise UserError("the int8 model loses " + ", ".join(f"{d:.1f} points of {s} accuracy" for s, d in worse.items())
                         + f", over the {config.tolerance:g}-point tolerance (--tolerance); nothing written. "
                         + "; ".join(f"{s}: fp32 {100 * report.fp32.accuracy[s]:.1f}%, int8 "
                                     f"{100 * report.int8.accuracy[s]:.1f}%" for s in report.drops()))
     return quantized, report
+
+
+def _check_enough_to_judge(dataset: Dataset, images: dict[str, int] | None = None) -> None:
+    """Refuse int8 where no held-out split has the photos to tell a lost point from chance."""
+    images = images if images is not None else {s: len(dataset.split(s)) for s in ("validation", "test")}
+    if max(images.values(), default=0) < TOO_FEW_TO_MEASURE:
+        raise UserError(f"only {images.get('validation', 0)} validation and {images.get('test', 0)} test photos: "
+                        f"too few to check that the int8 model keeps the fp32 model's accuracy (a split of "
+                        f"{TOO_FEW_TO_MEASURE} or more is needed); nothing written. Add photos to every class and "
+                        "train again, or export without --int8")
 
 
 def training_dataset(source: Classifier, image_dir: str | None, log: Callable[[str], None]) -> Dataset:
@@ -333,10 +350,7 @@ def compare_accuracy(fp32: ort.InferenceSession, int8: ort.InferenceSession, dat
             total += n
             for name in right:
                 accuracy[name][split] = right[name] / n
-    if not total:
-        raise UserError("no validation or test photos to check the int8 model's accuracy on: "
-                        "train with a validation or test split")
-    return accuracy, images, agree / total
+    return accuracy, images, agree / total if total else 0.0
 
 
 def ort_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], object]:
