@@ -48,6 +48,15 @@ def model_dir(cache_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def untested_model_dir(cache_dir, tmp_path_factory) -> Path:
+    """A model trained on 4 photos a class: too few to hold any out, so it has no test photos at all."""
+    data = make_dataset(tmp_path_factory.mktemp("untested-data") / "shapes", per_class=4,
+                        classes=("circles", "stripes"))
+    config = TrainConfig(cache_dir=str(cache_dir), quiet=True, mode="head", head=HeadConfig(steps=50, seed=0))
+    return retrain.train(data, config).save(tmp_path_factory.mktemp("untested-model") / "model")
+
+
+@pytest.fixture(scope="module")
 def classifier(model_dir):
     return load(model_dir)
 
@@ -317,6 +326,11 @@ def test_train_in_background_while_serving_then_download(client, tmp_path):
     job = wait_for_job(client, job["id"])
     assert job["status"] == "done", job
     assert job["result"]["classes"] == ["circles", "stripes"] and job["progress"] == 1.0
+    # One test photo a class: the accuracy comes with its N and interval, and says it cannot be claimed.
+    evidence = job["result"]["test_evidence"]
+    assert evidence["n"] == 2 and evidence["measurable"] is False and len(evidence["interval"]) == 2
+    assert job["result"]["test_accuracy"] == evidence["accuracy"]  # kept for older clients
+    assert job["result"]["test_accuracy_text"].startswith("not measurable on 2 test photos (")
     assert any(line.startswith("Found 16 images in 2 classes; split") for line in job["log"])  # the whole log
     assert not any("/tmp" in line or "Saved" in line for line in job["log"])
     # The new model is served at once, without a restart.

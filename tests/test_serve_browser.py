@@ -5,8 +5,12 @@ script), and a second tab following and cancelling a run.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +21,7 @@ from webflow import FAKE_CAMERA, Flow, card, count_is, shape_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 model_dir = test_serve.model_dir  # the module fixture: a small trained model to start the server with
+untested_model_dir = test_serve.untested_model_dir  # and one with no test photos
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +136,30 @@ def test_a_second_tab_follows_and_cancels_a_run(context, server, tmp_path):
         page.wait_for_function("() => document.getElementById('job-status').textContent === 'Cancelled.'")
         assert page.is_hidden("#progress") and page.is_hidden("#job-error")  # no full bar, no stale error
         assert page.is_enabled("#train")
+
+
+def place_model(model: Path, workspace: Path, model_id: str, mtime: float) -> None:
+    """A trained model in the workspace's store, as a finished run leaves it (the store lists its folder)."""
+    shutil.copytree(model, workspace / "models" / model_id)
+    os.utime(workspace / "models" / model_id, (mtime, mtime))  # the store lists newest first
+
+
+def test_test_accuracy_is_shown_with_its_evidence_and_no_test_photos_are_said(context, server, tmp_path, model_dir,
+                                                                              untested_model_dir):
+    workspace = tmp_path / "workspace"
+    place_model(model_dir, workspace, "0123456789ab", time.time() - 60)
+    place_model(untested_model_dir, workspace, "0123456789ac", time.time())  # the newest: step 4 shows it
+    recorded = json.loads((model_dir / "metrics.json").read_text())["test_evidence"]
+    page = context.new_page()
+    page.goto(server + "/")
+    page.wait_for_function("() => document.querySelectorAll('#model-select option').length === 3")
+    untested, tested = [page.inner_text(f"#model-select option[value='{i}']") for i in ("0123456789ac", "0123456789ab")]
+    assert untested.endswith("(circles, stripes; test accuracy not measured: no test photos)")
+    assert f"; test accuracy not measurable on {recorded['n']} test photos (" in tested and "95% CI" in tested
+    page.wait_for_function("() => document.getElementById('mistakes').textContent.startsWith('No test photos')")
+    assert "no test photos" in page.inner_text("#per-class")
+    assert "No mistakes" not in page.inner_text("#understand-step")
+    page.select_option("#model-select", "0123456789ab")  # served now, so step 4 shows it
+    page.wait_for_function("() => document.getElementById('serving').textContent.includes('not measurable on')")
+    expected = f"No mistakes on the {recorded['n']} test photos." if recorded["accuracy"] == 1 else "→"
+    page.wait_for_function(f"() => document.getElementById('mistakes').textContent.includes({json.dumps(expected)})")

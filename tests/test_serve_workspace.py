@@ -11,13 +11,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrain.errors import UserError
+from retrain.metrics import Evidence
 from retrain.serve import ServeConfig, create_app
+from retrain.trainjob import evidence_text
 from retrain.workspace import Workspace
 
 import test_serve
 from test_serve import LOCAL, image_bytes, upload
 
-model_dir, classifier = test_serve.model_dir, test_serve.classifier  # the module fixtures: a small trained model
+# The module fixtures: a small trained model, and one with no test photos.
+model_dir, classifier, untested_model_dir = test_serve.model_dir, test_serve.classifier, test_serve.untested_model_dir
 
 ATTACKER = {"origin": "http://attacker.example"}
 
@@ -167,12 +170,12 @@ def test_cross_origin_writes_to_new_routes_are_refused(client, method, path, bod
     assert client.get("/classes").json()["classes"] == [{"name": "ants", "images": 0}]
 
 
-def keep_model(client, model_dir) -> str:
+def keep_model(client, model_dir, model_id: str = "0123456789ab") -> str:
     """Keep a copy of `model_dir` as if a training run had made it (the store's own path)."""
-    copy = client.app.state.serve.workspace.root / "jobs" / "copy"
+    copy = client.app.state.serve.workspace.root / "jobs" / f"copy-{model_id}"
     shutil.copytree(model_dir, copy)
-    client.app.state.serve.models.add("0123456789ab", copy)
-    return "0123456789ab"
+    client.app.state.serve.models.add(model_id, copy)
+    return model_id
 
 
 def test_models_switch_without_a_restart_and_show_their_report(client, model_dir, classifier):
@@ -191,6 +194,32 @@ def test_models_switch_without_a_restart_and_show_their_report(client, model_dir
     with zipfile.ZipFile(io.BytesIO(client.get(f"/models/{model}/model.zip").content)) as z:
         assert "report.html" in z.namelist()
     assert client.get(f"/models/{model}/findings").json()["notes"] == ["doctor's checks did not run for this model"]
+
+
+def test_a_models_test_accuracy_comes_with_the_evidence_its_metrics_recorded(client, model_dir, untested_model_dir):
+    tested = keep_model(client, model_dir)
+    untested = keep_model(client, untested_model_dir, "0123456789ac")
+    listed = {m["id"]: m for m in client.get("/models").json()["models"]}
+    recorded = json.loads((model_dir / "metrics.json").read_text())["test_evidence"]
+    n, accuracy = recorded["n"], recorded["accuracy"]
+    assert 0 < n < 10 and not recorded["measurable"]  # two test photos a class
+    assert listed[tested]["test_evidence"] == recorded  # metrics.json's record, not a second computation
+    assert listed[tested]["test_accuracy"] == accuracy  # kept for older clients
+    assert listed[tested]["test_accuracy_text"].startswith(
+        f"not measurable on {n} test photos ({round(accuracy * n)}/{n} right; 95% CI ")
+    evidence = listed[untested]["test_evidence"]
+    assert [evidence[k] for k in ("accuracy", "n", "interval", "measurable")] == [None, 0, None, False]
+    assert listed[untested]["test_accuracy"] is None
+    assert listed[untested]["test_accuracy_text"] == "not measured: no test photos"
+    assert client.get(f"/models/{untested}/mistakes").json() == {"mistakes": []}  # the page says why: no test photos
+
+
+def test_a_figure_the_record_calls_unmeasurable_never_reads_as_a_measurement():
+    enough = Evidence(accuracy=0.9, n=40, interval=[0.77, 0.96], measurable=True)
+    assert evidence_text(enough) == "90.0% (N=40, 95% CI 77-96%)"  # the CLI's words (describe_accuracy)
+    doubtful = Evidence(accuracy=0.9, n=40, interval=[0.77, 0.96], measurable=False, copies_of_training=35)
+    assert evidence_text(doubtful) == ("90.0% (N=40, 95% CI 77-96%), inflated: 35 of them are copies of photos the "
+                                       "model trained on")
 
 
 def test_one_server_per_workspace_and_a_stopped_one_leaves_no_run_behind(classifier, workspace):

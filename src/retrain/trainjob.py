@@ -17,7 +17,8 @@ from typing import Callable, TextIO
 
 from .config import TrainConfig
 from .errors import UserError
-from .metrics import RunMetrics
+from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy
+from .metrics import Evidence, RunMetrics, to_json
 from .plan import estimated_seconds
 from .progress import subscribed
 
@@ -40,10 +41,27 @@ def estimate(quality: str, class_sizes: list[int]) -> dict:
 
 
 def result_of(metrics: RunMetrics) -> dict:
-    """What the web page shows of a run's metrics.json."""
+    """What the web page shows of a run's metrics.json (GET /jobs/{id} and each model of GET /models).
+
+    test_accuracy stays for older clients; the page shows test_accuracy_text, the figure with the
+    evidence metrics.json recorded for it (test_evidence: N, interval, measurable), never a bare figure.
+    """
     return {"classes": metrics.classes, "test_accuracy": metrics.test_accuracy,
+            "test_evidence": to_json(metrics.test_evidence), "test_accuracy_text": evidence_text(metrics.test_evidence),
             "validation_accuracy": metrics.validation_accuracy, "num_images": metrics.num_images,
             "backbone": metrics.backbone, "verdict": metrics.verdict, "mode": metrics.mode}
+
+
+def evidence_text(evidence: Evidence, photos: str = "test photos") -> str:
+    """The recorded evidence in the CLI's words ("not measurable on 4 test photos (4/4 right; 95% CI 51-100%)"),
+    written here so that the page's scripts show it as it is and never re-implement the rule."""
+    text = describe_accuracy(evidence.accuracy, evidence.n, photos)
+    if evidence.n >= TOO_FEW_TO_MEASURE and not evidence.measurable:
+        # The record knows more than N: the figure describe_accuracy gives must not read as a measurement.
+        copies = evidence.copies_of_training
+        text += (f", inflated: {copies} of them are copies of photos the model trained on" if copies
+                 else ", but not measurable on them")
+    return text
 
 
 def findings(data: Path, cache_dir: str | None, log: Callable[[str], None]) -> dict:

@@ -22,7 +22,8 @@ async function showModels() {
 function modelName(m) {
   if (m.id === "startup") return `${m.name} (started with)`;
   const when = m.created ? new Date(m.created).toLocaleString() : m.id;
-  const acc = m.test_accuracy === null || m.test_accuracy === undefined ? "" : `, ${(100 * m.test_accuracy).toFixed(0)}% test`;
+  // The server's words for the test accuracy carry its N and interval, or say why there is no figure.
+  const acc = m.test_accuracy_text ? `; test accuracy ${m.test_accuracy_text}` : "";
   return `trained ${when} (${m.classes.join(", ")}${acc})`;
 }
 

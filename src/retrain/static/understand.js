@@ -26,23 +26,33 @@ function perClassTable(perClass) {
       ? el("td", {title: "never predicted: precision undefined"}, "-") : el("td", {}, v.toFixed(2)))
       : [el("td", {colspan: "3"}, "no test photos")]),
     el("td", {}, String(m.support))));
+  if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "5"}, "no test photos")));
   return el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows));
 }
 
 async function showFixes() {
   if (!shownModel) return;
-  const id = shownModel.id;
+  const model = shownModel, id = model.id;  // the model asked about, even if another is shown meanwhile
   try {
     const [{mistakes}, {items, notes}] = await Promise.all([api(`/models/${id}/mistakes`), api(`/models/${id}/findings`)]);
     $("mistakes").replaceChildren(...(mistakes.length ? mistakes.map(m => m.class
       ? thumb(m.photo, m.class, `${m.label} → ${m.predicted} (${(100 * m.confidence).toFixed(0)}%)${m.class !== m.label ? ", now in " + m.class : ""}`)
       : el("span", {class: "muted"}, `${m.label} → ${m.predicted}: photo deleted`))
-      : [el("p", {class: "muted"}, "No mistakes on the test photos.")]));
+      : [el("p", {class: "muted"}, noMistakes(model))]));
     $("findings").replaceChildren(...items.map(finding), ...notes.map(n => el("li", {class: "muted"}, n)));
     if (!items.length && !notes.length) $("findings").append(el("li", {class: "muted"}, "Nothing found."));
   } catch (e) {
     $("findings").replaceChildren(el("li", {class: "error"}, e.message));
   }
+}
+
+// Why the list of mistakes is empty: none made, or nothing tested (no test photos: not a clean record).
+function noMistakes(model) {
+  if (!model.test_evidence) return `Its test results are unknown: ${model.note || "it records none"}.`;
+  const n = model.test_evidence.n;
+  if (!n) return "No test photos: none were held out to test the model on, so its mistakes are not known. " +
+                 "Add photos to every class.";
+  return `No mistakes on the ${n} test photo${n === 1 ? "" : "s"}.`;
 }
 
 function finding(item) {
