@@ -5,7 +5,7 @@ import pytest
 
 from retrain.backbones import get_backbone
 from retrain.errors import UserError
-from retrain.config import AUTO_BUDGET_SECONDS, Augment, FinetuneConfig, TrainConfig
+from retrain.config import AUTO_BUDGET_SECONDS, Augment, FinetuneConfig, HeadConfig, TrainConfig
 from retrain.plan import (CPU_IMAGES_PER_SECOND, GENTLE_RATES, MIN_VALIDATION, NEAR_PERFECT, Mode, check_settings_apply,
                          estimated_seconds, plan_training)
 
@@ -141,6 +141,17 @@ def test_settings_a_head_run_never_reads_are_refused_by_the_api(config, named):
     with pytest.raises(UserError, match="only for training on live images") as refused:
         check_settings_apply(config)
     assert named in str(refused.value)
+
+
+def test_head_settings_are_refused_for_a_scratch_backbone_which_trains_no_head():
+    # What an auditor met: six head flags accepted with scratch-small and the two models bit-identical.
+    config = TrainConfig(backbone="scratch-small", head=HeadConfig(learning_rate=0.5, steps=10, hidden_units=64))
+    with pytest.raises(UserError, match="which a scratch backbone") as refused:
+        check_settings_apply(config)
+    for named in ("--how_many_training_steps (steps)", "--learning_rate (learning_rate)", "--hidden_units"):
+        assert named in str(refused.value)
+    check_settings_apply(TrainConfig(backbone="scratch-small", head=HeadConfig(seed=3)))  # the seed seeds more
+    check_settings_apply(TrainConfig(head=HeadConfig(learning_rate=0.5)))  # a pretrained backbone's head reads it
 
 
 def test_settings_that_are_read_pass():

@@ -13,12 +13,12 @@ from enum import Enum
 from typing import Sequence
 
 from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, from_random_weights, get_backbone, is_auto
-from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, TrainConfig,
-                     finetune_geometry, scratch_schedule)
+from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, HeadConfig,
+                     TrainConfig, finetune_geometry, scratch_schedule)
 from .errors import UserError
 from .evidence import describe_accuracy
 from .split import held_out_targets
-from .validate import FINETUNE_RULES
+from .validate import FINETUNE_RULES, HEAD_RULES
 
 MIN_VALIDATION = 50  # photos: under this, a fine-tuned network's gain cannot be told from noise
 NEAR_PERFECT = 0.99  # validation accuracy of the head past which fine-tuning has nothing left to show
@@ -87,6 +87,8 @@ def check_settings_apply(config: TrainConfig) -> None:
     if config.time_budget is not None and not scratch and (config.mode != "auto" or live_head):
         raise UserError("time_budget (--time_budget) applies to --mode auto without distortion flags and to scratch "
                         "backbones only")
+    if scratch:
+        _refuse_head_settings(config)
     if config.mode != "head" or scratch or live_head:
         return
     # Settings are compared with the recipe's values: one given equal to its default cannot be told apart.
@@ -96,6 +98,18 @@ def check_settings_apply(config: TrainConfig) -> None:
     if unread:
         raise UserError(f"{', '.join(unread)}: only for training on live images (--mode finetune or auto, a scratch "
                         "backbone, or distortion flags); --mode head trains on cached features")
+
+
+def _refuse_head_settings(config: TrainConfig) -> None:
+    """A scratch backbone trains the whole network from random weights: no head on cached features
+    trains, so the head's settings (its seed apart, which seeds more than the head) would be ignored."""
+    recipe = HeadConfig()
+    unread = [f"{HEAD_RULES[name].flag} ({name})" if HEAD_RULES[name].flag.startswith("--") else name
+              for name in HEAD_RULES if name != "seed" and getattr(config.head, name) != getattr(recipe, name)]
+    if unread:
+        raise UserError(f"{', '.join(unread)}: settings of the head on cached features, which a scratch backbone "
+                        f"({config.backbone}) does not train; it trains the whole network: use --epochs, "
+                        "--finetune_learning_rate and --finetune_batch_size")
 
 
 def flag_of(setting: str) -> str:
