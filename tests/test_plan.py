@@ -163,3 +163,12 @@ def test_settings_that_are_read_pass():
                    TrainConfig(time_budget=60.0, finetune=FinetuneConfig(augment=Augment(size=160)))):
         with pytest.raises(UserError, match="time_budget .* applies to --mode auto without distortion flags"):
             check_settings_apply(unread)
+
+
+def test_fine_tuning_settings_the_default_does_not_use_are_named():
+    config = TrainConfig(finetune=FinetuneConfig(epochs=5, unfreeze=2))
+    plan = plan_training(config, get_backbone("lite0"), 20, (0.9, 4), 30)  # 4 validation photos: no fine-tuning
+    assert not plan.live and plan.unused == ("--epochs (epochs)", "--unfreeze (unfreeze)")
+    assert plan.describe().endswith("; not fine-tuning, so --epochs (epochs), --unfreeze (unfreeze) go unused")
+    assert plan_training(TrainConfig(), get_backbone("lite0"), 20, (0.9, 4), 30).unused == ()
+    assert plan_training(config, get_backbone("lite0"), 2000, (0.8, 300), 2600).live  # they are read here

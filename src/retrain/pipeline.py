@@ -616,7 +616,9 @@ def result_lines(metrics: RunMetrics) -> list[str]:
         line += (f"; test expected calibration error {100 * cal.test_ece_before:.1f}% -> "
                  f"{100 * cal.test_ece_after:.1f}% (N={n_test})")
     threshold = unknown_threshold_text(cal, n_test)
-    return lines + [line] + ([threshold] if threshold else [])
+    unused = metrics.plan.get("unused")
+    return lines + [line] + ([threshold] if threshold else []) + (
+        [f"Note: not fine-tuned, so {', '.join(unused)} went unused: {metrics.plan.get('reason', '')}"] if unused else [])
 
 
 def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetrics, list[tuple[str, str, str]]]:

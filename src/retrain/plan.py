@@ -54,6 +54,7 @@ class TrainingPlan:
     rates: dict | None = None  # learning rates that replace the recipe's (a short anytime schedule)
     anytime: bool = False  # the head's model is saved first; fine-tuning may only replace it with a better one
     backbone_candidates: tuple[str, ...] = ()  # their heads compete by cross-validation where the head stays
+    unused: tuple[str, ...] = ()  # fine-tuning settings the user gave that a plan without fine-tuning leaves unread
 
     @property
     def live(self) -> bool:
@@ -67,13 +68,17 @@ class TrainingPlan:
 
     def describe(self) -> str:
         if not self.live:
-            return f"Plan: {self.mode.value} ({self.reason})"
+            return f"Plan: {self.mode.value} ({self.reason})" + (f"; {self.unused_text()}" if self.unused else "")
         return (f"Plan: {self.mode.value} on the {self.device.upper() if self.device == 'cpu' else 'GPU'}, "
                 f"{self.epochs} epoch(s), batch {self.batch_size}, {self.train_size} px ({self.reason})")
 
+    def unused_text(self) -> str:
+        return f"not fine-tuning, so {', '.join(self.unused)} go unused"
+
     def to_dict(self) -> dict:
         """JSON's form: what a cached run's stored plan is compared with after its round trip."""
-        return asdict(self) | {"mode": self.mode.value, "backbone_candidates": list(self.backbone_candidates)}
+        return asdict(self) | {"mode": self.mode.value, "backbone_candidates": list(self.backbone_candidates),
+                               "unused": list(self.unused)}
 
 
 def check_settings_apply(config: TrainConfig) -> None:
@@ -91,13 +96,18 @@ def check_settings_apply(config: TrainConfig) -> None:
         _refuse_head_settings(config)
     if config.mode != "head" or scratch or live_head:
         return
-    # Settings are compared with the recipe's values: one given equal to its default cannot be told apart.
-    recipe = FinetuneConfig()
-    unread = [f"{flag_of(name)} ({name})" for name in LIVE_IMAGE_SETTINGS
-              if getattr(config.finetune, name) != getattr(recipe, name)] + (["--resume (resume)"] * config.resume)
+    unread = given_live_image_settings(config) + (["--resume (resume)"] * config.resume)
     if unread:
         raise UserError(f"{', '.join(unread)}: only for training on live images (--mode finetune or auto, a scratch "
                         "backbone, or distortion flags); --mode head trains on cached features")
+
+
+def given_live_image_settings(config: TrainConfig) -> list[str]:
+    """The fine-tuning settings given other than the recipe's, as flags (one given equal to its default
+    cannot be told apart)."""
+    recipe = FinetuneConfig()
+    return [f"{flag_of(name)} ({name})" for name in LIVE_IMAGE_SETTINGS
+            if getattr(config.finetune, name) != getattr(recipe, name)]
 
 
 def _refuse_head_settings(config: TrainConfig) -> None:
@@ -136,7 +146,9 @@ def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,
                             train_size=backbone.prep.size,
                             stretch_to_budget=not cfg.epochs)
     if config.mode == "auto" and config.finetune.augment is None:  # distortions: the head on live photos
-        return _anytime_plan(config, backbone, n_train, *head_validation, n_photos)
+        plan = _anytime_plan(config, backbone, n_train, *head_validation, n_photos)
+        # The default may decide not to fine-tune: settings given for fine-tuning are then said to go unused.
+        return plan if plan.live else replace(plan, unused=tuple(given_live_image_settings(config)))
     mode, reason = _pretrained_mode(config)
     if mode is Mode.HEAD:
         return TrainingPlan(mode, reason)
