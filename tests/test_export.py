@@ -144,12 +144,16 @@ def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, caps
         (["export", str(model_dir), "--ort", "--output", str(exported)], "already holds model.onnx"),
         (["export", str(model_dir), "--int8", "--image_dir", str(tmp_path / "gone"), "--output", str(tmp_path / "y")],
          "are not at"),
+        (["export", str(model_dir), "--any-size", "--tolerance", "5", "--output", str(tmp_path / "w")],
+         "--tolerance: only for --int8"),
+        (["export", str(model_dir), "--ort", "--image_dir", str(photos.parent), "--calibration_images", "9",
+          "--output", str(tmp_path / "w")], "--calibration_images, --image_dir: only for --int8"),
     ]
     for argv, message in cases:
         assert retrain_main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    assert not any((tmp_path / name).exists() for name in "wxyz")
     assert [p.name for p in photos.parent.rglob("*")] == ["ants", "a.png"]
 
 

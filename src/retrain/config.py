@@ -209,3 +209,9 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         check("ExportConfig", self, EXPORT_RULES)  # a NaN tolerance would let any int8 loss through
+        given = [flag for flag, value, default in (("--tolerance", self.tolerance, DEFAULT_TOLERANCE),
+                                                   ("--calibration_images", self.calibration_images, CALIBRATION_IMAGES),
+                                                   ("--image_dir", self.image_dir, None)) if value != default]
+        if given and not self.int8:
+            raise UserError(f"{', '.join(given)}: only for --int8 (the photos that calibrate and check the int8 "
+                            "model); --any-size and --ort convert the model as it is")
