@@ -110,3 +110,24 @@ def test_cli_predict_output_flag(model_dir, folder_with_bad_files, tmp_path, cap
     captured = capsys.readouterr()
     assert captured.out == ""  # results go to the file, not stdout
     assert "11" in captured.err and str(out) in captured.err
+
+
+@pytest.mark.parametrize("name", ["preds.csv", "preds.jsonl"])
+def test_an_existing_file_is_replaced_only_if_it_holds_earlier_predictions(model_dir, folder_with_bad_files, tmp_path,
+                                                                          name, capsys):
+    from retrain.cli import retrain_main as main
+
+    out = tmp_path / name
+    out.write_text("precious,notes\n1,2\n")  # what an auditor lost: a CSV of the user's own
+    argv = ["predict", str(model_dir), str(folder_with_bad_files), "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already exists and is not a predictions file retrain wrote" in err and "--overwrite" in err
+    assert out.read_text() == "precious,notes\n1,2\n" and not out.with_name(name + ".partial").exists()
+    assert main(argv + ["--overwrite"]) == 1  # asked for: replaced (1: the two unreadable files)
+    first = out.read_text()
+    assert first.startswith("path,unknown,error,") or json.loads(first.splitlines()[0])["path"]
+    assert main(argv) == 1 and out.read_text() == first  # an earlier predictions file: replaced without asking
+    capsys.readouterr()
+    assert main(["predict", str(model_dir), str(folder_with_bad_files), "--overwrite"]) == 2
+    assert "--overwrite: only with --output" in capsys.readouterr().err

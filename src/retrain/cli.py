@@ -339,10 +339,12 @@ def add_predict_parser(sub) -> None:
     add_json_option(pr, "one JSON object per image (JSON Lines)")
     pr.add_argument("--output", "-o", help="stream one row per image to this .csv or .jsonl file instead "
                                            "(written as FILE.partial, renamed when complete)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace an --output file that is not an earlier predictions file (those are replaced anyway)")
     add_engine_options(pr, "decoding and classification")
     pr.set_defaults(run=lambda a: commands.predict(
         a.model, a.images, labels=a.labels, top_k=a.top_k, min_confidence=a.min_confidence, output=a.output,
-        as_json=a.json, engine=a.engine, ray_address=a.ray_address))
+        as_json=a.json, engine=a.engine, ray_address=a.ray_address, overwrite=a.overwrite))
 
 
 def add_evaluate_parsers(sub) -> None:

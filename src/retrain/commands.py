@@ -100,17 +100,19 @@ def _after_training(model, afterwards: Afterwards) -> None:
 
 
 def predict(model: str, images: list[str], *, labels: str | None, top_k: int, min_confidence: float | None,
-            output: str | None, as_json: bool, engine: str, ray_address: str | None) -> int:
+            output: str | None, as_json: bool, engine: str, ray_address: str | None, overwrite: bool = False) -> int:
     """`retrain predict`: the top classes of each image, printed or streamed to a file; 1 if any was unreadable."""
     from .engine import open_engine
     from .prediction import load
 
+    if overwrite and not output:
+        raise UserError("--overwrite: only with --output (it lets a run replace that file)")
     with open_engine(engine, ray_address) as runner:
         clf = load(model, labels, runner)
         if output:  # streamed: one row per image as it comes, folders walked lazily
             from .prediction import predict_to_file
 
-            done = predict_to_file(clf, images, output, top_k, min_confidence, quiet=False)
+            done = predict_to_file(clf, images, output, top_k, min_confidence, quiet=False, overwrite=overwrite)
             print(f"Wrote {done.rows} predictions ({done.failures} unreadable) to {done.path}", file=sys.stderr)
             return 1 if done.failures else 0
         return _print_predictions(clf, images, top_k, min_confidence, as_json)

@@ -212,6 +212,24 @@ def csv_row(pred: Prediction, top_k: int) -> list:
     return [pred.path, str(pred.unknown).lower(), ""] + cells + [""] * (2 * top_k - len(cells))
 
 
+def _predictions_file(path: Path) -> bool:
+    """Whether `path` starts as retrain's predictions do (a CSV header or a JSON Lines row of its keys)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if first.startswith(",".join(csv_header(1)[:3]) + ","):
+        return True
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    # A row is Prediction.to_dict(): a path with its predictions, or with its error.
+    return isinstance(row, dict) and "path" in row and row.keys() <= {"path", "unknown", "predictions", "error"} \
+        and ("predictions" in row or "error" in row)
+
+
 class RowWriter:
     """Writes predictions to FILE.partial as they come, one whole row per write, then renames it to FILE.
 
@@ -219,10 +237,13 @@ class RowWriter:
     when every image has its row.
     """
 
-    def __init__(self, path: str | os.PathLike, top_k: int):
+    def __init__(self, path: str | os.PathLike, top_k: int, overwrite: bool = False):
         self.path, self.top_k, self.format = Path(path), top_k, output_format(path)
         if self.path.is_dir():  # found now, not by the rename after every image is classified
             raise UserError(f"--output {self.path} is a folder: give a file name ending in .csv or .jsonl")
+        if not overwrite and self.path.exists() and not _predictions_file(self.path):
+            raise UserError(f"--output {self.path} already exists and is not a predictions file retrain wrote: give "
+                            "a new file name, or add --overwrite to replace it")
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.partial, "w", encoding="utf-8", newline="")
@@ -257,19 +278,21 @@ class RowWriter:
 
 def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os.PathLike],
                     output: str | os.PathLike, top_k: int = 5, min_confidence: float | None = None, *,
-                    batch_size: int = 32, workers: int = 2, quiet: bool = True) -> StreamSummary:
+                    batch_size: int = 32, workers: int = 2, quiet: bool = True,
+                    overwrite: bool = False) -> StreamSummary:
     """Classify image files and folders, streaming one row per image to a .csv or .jsonl file.
 
     Folders are walked lazily and classified STREAM_CHUNK files at a time, so memory does not
     grow with the number of images. Unreadable files get a row with their error. Raises
-    UserError (and leaves no file) when no image is found.
+    UserError (and leaves no file) when no image is found. An existing `output` is replaced only if
+    it is an earlier predictions file, or with `overwrite`.
     """
     check_classify_options(top_k, min_confidence)  # before the writer is made from top_k
     clf = model if isinstance(model, Classifier) else load(model)
     k = max(1, min(top_k, len(clf.labels)))
     images = as_list(images)
     paths = iter_images(images)  # missing inputs are reported before any file is created
-    writer = RowWriter(output, k)
+    writer = RowWriter(output, k, overwrite)
     bar = progress(desc="Predicting", unit="img", disable=quiet)
     try:
         for chunk in _chunks(paths, STREAM_CHUNK):
