@@ -45,6 +45,20 @@ def test_classic_retrain_then_label_image(trained, shapes, capsys):
     assert "is a folder" in err and "retrain predict" in err and "Traceback" not in err
 
 
+def test_classic_output_graph_replaces_an_earlier_model_but_not_a_file_of_the_users(trained, shapes_data, tmp_path,
+                                                                                  capsys):
+    notes, labels = tmp_path / "notes.txt", tmp_path / "labels.txt"
+    notes.write_text("my notes")  # what an auditor lost: it became an ONNX binary
+    argv = [f"--image_dir={shapes_data}", f"--output_labels={labels}", *FAST]
+    assert retrain_main([f"--output_graph={notes}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "already exists and is not an ONNX model" in err and "Traceback" not in err
+    assert notes.read_text() == "my notes" and not labels.exists()
+    graph = tmp_path / "graph.onnx"
+    graph.write_bytes(trained[0].read_bytes())  # an earlier model: replaced, as retrain.py did
+    assert retrain_main([f"--output_graph={graph}", *argv]) == 0
+
+
 def test_classic_defaults_write_to_temp_dir(shapes, cache_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert retrain_main([f"--image_dir={shapes}", *FAST]) == 0

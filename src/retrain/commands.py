@@ -50,6 +50,7 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
     for flag, path, example in (("--output_graph", graph, "output_graph.onnx"),
                                 ("--output_labels", labels, "output_labels.txt")):  # a wrong path must not cost the run
         check_output_file(path, flag, _inputs(image_dir, config), example)
+    _refuse_replacing_a_non_model(Path(graph))
     model = train(image_dir, config, publish=_announced(lambda m: m.save_files(graph, labels), graph))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
@@ -57,6 +58,22 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
     _after_training(model, afterwards)
     print(f"Saved the model to {graph} and its labels to {labels}", file=sys.stderr)
     return 0
+
+
+def _refuse_replacing_a_non_model(graph: Path) -> None:
+    """retrain.py replaced --output_graph whatever it was; a file of the user's that is not a model is kept."""
+    if not graph.is_file():
+        return
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:  # protobuf reads some arbitrary bytes without complaint: a model has nodes
+        is_model = len(onnx.load(str(graph), load_external_data=False).graph.node) > 0
+    except (OSError, ValueError, DecodeError):
+        is_model = False
+    if not is_model:
+        raise UserError(f"--output_graph {graph} already exists and is not an ONNX model: give another path "
+                        "(retrain replaces only an earlier model there)")
 
 
 def train_dir(image_dir: str, config: TrainConfig, output: str, overwrite: bool, afterwards: Afterwards) -> int:
