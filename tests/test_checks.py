@@ -22,6 +22,8 @@ def test_classes_without_held_out_photos_are_flagged():
     assert any(w.startswith("no validation photos of bees:") for w in warnings)
     assert any(w.startswith("no test photos of bees:") for w in warnings)
     assert sum("too few to measure" in w for w in warnings) == 2
+    one = split_warnings({"a": {"train": 20, "validation": 1, "test": 0}})
+    assert "the validation split has only 1 photo: too few" in one[0]
     assert split_warnings({"a": {"train": 80, "validation": 10, "test": 10},
                            "b": {"train": 80, "validation": 10, "test": 10}}) == []
 

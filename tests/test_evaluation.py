@@ -79,3 +79,8 @@ def test_evaluating_the_folder_the_model_was_trained_from_warns_that_it_is_infla
     copy = shutil.copytree(shapes_data, tmp_path / "elsewhere")  # the same photos elsewhere: not recognised
     assert retrain_main(["evaluate", str(head_model.folder), str(copy), "--json"]) == 0
     assert "warning" not in json.loads(capsys.readouterr().out)
+
+
+def test_a_tiny_other_folder_is_named_in_plain_words():
+    lines = verdict(scored([0, 0, 1], [0, 0, 1]), None, 0, ["ants", "bees"], [], photos="the photos in testmiss")
+    assert lines[0].startswith("Only 3 photos in testmiss: too few to measure accuracy (3/3 right")

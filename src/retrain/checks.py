@@ -100,7 +100,7 @@ def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
             warnings.append(f"no {split} photos of {', '.join(missing)}: {split} accuracy says nothing about "
                             f"{'them' if len(missing) > 1 else 'it'}; add photos to {'those classes' if len(missing) > 1 else 'that class'}")
         if 0 < n < TOO_FEW_TO_MEASURE:
-            warnings.append(f"the {split} split has only {n} photos: too few to measure accuracy "
+            warnings.append(f"the {split} split has only {n} photo{'s' * (n != 1)}: too few to measure accuracy "
                             f"(a 95% interval spans tens of points); aim for 50+ photos per class")
     return warnings
 

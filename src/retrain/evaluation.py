@@ -142,8 +142,8 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
-            lines.append(f"Only {n} {photos or 'test photos'}: too few to measure accuracy "
-                         f"({round(test.accuracy * n)}/{n} right; {interval_text(test.accuracy, n)}). "
+            lines.append(f"Only {n} {photos.removeprefix('the ') if photos else 'test photos'}: too few to measure "
+                         f"accuracy ({round(test.accuracy * n)}/{n} right; {interval_text(test.accuracy, n)}). "
                          "Add photos to every class.")
         else:
             lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of "
