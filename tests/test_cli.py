@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,9 @@ def test_final_test_accuracy_line(shapes, cache_dir, tmp_path, capfd):
                   f"--output_labels={tmp_path / 'l.txt'}", "--testing_percentage=25", "--how_many_training_steps=100"])
     err = capfd.readouterr().err
     assert "Train accuracy = " in err and "Validation accuracy = " in err
+    # The shapes folder holds 4 validation photos: progress says so, not a bare percentage.
+    step = next(l for l in err.splitlines() if "Validation accuracy = " in l)
+    assert re.search(r"Validation accuracy = not measurable on \d validation photos \(\d/\d right; 95% CI", step), step
     line = next(l for l in err.splitlines() if l.startswith("Final test accuracy = "))
     assert line.endswith(")") and "(N=" in line
 

@@ -32,6 +32,7 @@ from .config import Augment, Checkpoint, FinetuneConfig, finetune_geometry
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
+from .evidence import describe_accuracy
 from .interrupts import StopRequest, stop_requested_by_interrupt
 from .head import Diverged
 from .metrics import FinetuneRecord
@@ -307,8 +308,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         if checked:
             (state.warm_key, entry), state.warm_model = checked, _cpu_state(net)
             state.history.append(entry)
-            log(f"Before fine-tuning: Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
-                f"(N={data.count('validation')})")
+            log("Before fine-tuning: Validation accuracy = "
+                + describe_accuracy(entry["validation_accuracy"], data.count("validation"), "validation photos"))
 
     log(f"{what} on {device.type} at {data.train_size} px: {detail}, "
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
@@ -333,8 +334,9 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
             state.history.append(entry)
             state.epoch = epoch
             log(f"Epoch {epoch}/{state.planned_epochs}: Train accuracy = {100 * entry['train_accuracy']:.1f}%, loss "
-                f"{entry['train_loss']:.4f}" + (f"; Validation accuracy = {100 * entry['validation_accuracy']:.1f}% "
-                                                f"(N={data.count('validation')})" if "validation_accuracy" in entry else "")
+                f"{entry['train_loss']:.4f}" + ("; Validation accuracy = " + describe_accuracy(
+                    entry["validation_accuracy"], data.count("validation"), "validation photos")
+                    if "validation_accuracy" in entry else "")
                 + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
             if state.stopping.improved(key):
                 state.best_epoch, state.best_model = epoch, _cpu_state(net)

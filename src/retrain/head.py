@@ -223,7 +223,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         if len(x_val):
             val_acc, val_loss = _measure(layers, x_val, y_val)
             entry |= {"validation_accuracy": val_acc, "validation_loss": val_loss}
-            line += f"; Validation accuracy = {100 * val_acc:.1f}% (N={len(x_val)})"
+            line += f"; Validation accuracy = {describe_accuracy(val_acc, len(x_val), 'validation photos')}"
             key = (val_acc, -val_loss)
         result.history.append(entry)
         if stopping.best is None or key[0] > stopping.best[0] or len(result.history) % QUIET_CHECKS == 0:
