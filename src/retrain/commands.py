@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ExportConfig, TrainConfig
+from .config import ExportConfig, HeadConfig, TrainConfig
 from .errors import UserError
 from .outputs import check_output_dir, check_output_file, written_by_retrain
 
@@ -180,6 +180,7 @@ def report(model: str, image_dir: str | None) -> int:
 
 def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     """`retrain lr-find`: sweep the head's learning rate on the training features; plot it and suggest one."""
+    from .checks import MIN_IMAGES
     from .lrfind import lr_sweep, plot_sweep
     from .pipeline import head_training_data
 
@@ -188,6 +189,10 @@ def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     x, y, classes = head_training_data(image_dir, config)
     sweep = lr_sweep(x, y, len(classes), config.head)
     print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, path)})")
+    if len(y) < MIN_IMAGES * len(classes):
+        print(f"Note: the sweep ran on {len(y)} training photos (fewer than {MIN_IMAGES} a class): its loss curve is "
+              f"noise as much as signal, so the suggestion is a guess; the default {HeadConfig().learning_rate:g} is "
+              "as good a start with so few", file=sys.stderr)
     return 0
 
 
