@@ -6,6 +6,7 @@ in the session cache); the hostile-file cases run through the doctor in test_int
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from retrain.cli import retrain_main
 from retrain.checks import ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS
 from retrain.doctor import diagnose, format_text
 
-from conftest import photo, planted_folder, shared_dataset
+from conftest import photo, photo_folder, planted_folder, shared_dataset
 
 CLASSES = ("circles", "squares", "stripes")
 
@@ -164,6 +165,54 @@ def test_an_empty_class_folder_is_reported_beside_the_other_problems(tmp_path, c
     assert report.classes == sorted([*CLASSES, "wasps"])
     assert any(w.startswith("no images in wasps: training refuses an empty class folder") for w in report.warnings)
     assert [g.kind for g in report.exact_duplicates] == [ACROSS_CLASSES]  # the other checks still ran
+
+
+def test_no_held_out_photos_is_said_and_checks_that_did_not_run_are_not_counted_as_none(tmp_path, cache_dir):
+    """3 photos a class: none can be held out, and too few for outliers and mislabels."""
+    report = diagnose(photo_folder(tmp_path / "d", per_class=3), cache_dir=cache_dir, quiet=True)
+    empty = [w for w in report.warnings if w.startswith("no validation or test photos of any class")]
+    assert len(empty) == 1, report.warnings
+    assert "needs 5+ photos" in empty[0] and "circles, squares, stripes have fewer" in empty[0]
+    assert report.outliers is None and report.suspects is None
+    summary = format_text(report).splitlines()[-1]
+    assert summary.endswith("outliers not checked, mislabels not checked"), summary
+    assert "0 outlier" not in summary and "0 suspected" not in summary
+
+
+def test_an_empty_test_folder_is_named_rather_than_blamed_on_small_classes():
+    counts = {"a": {"train": 27, "validation": 3, "test": 0}, "b": {"train": 4, "validation": 0, "test": 0}}
+    assert doctor.empty_split_warnings(counts, ["b"], {"test": "test/"}) == [
+        "the test folder test/ holds no readable photo of these classes: test accuracy cannot be measured; "
+        "put photos in its class folders"]
+
+
+def test_a_class_is_too_small_to_judge_when_few_and_outnumbered_not_when_few_alone():
+    judged = doctor.too_small_to_judge
+    assert judged(np.array([30, 4])).tolist() == [False, True]
+    assert judged(np.array([24, 12, 13, 0])).tolist() == [False, True, False, False]  # an empty class: nothing to judge
+    assert not judged(np.array([12, 12, 12])).any()  # few but balanced: the fold models favour no class
+    assert not judged(np.array([90, 20])).any()  # outnumbered but 20+ photos
+
+
+def test_mislabels_are_not_looked_for_in_a_class_too_small_to_judge(tmp_path, cache_dir):
+    """30 buildings and 4 forest photos, and a 5th forest photo filed under buildings. With 3 or 4 forest photos
+    to learn from, the fold models called 3 of the 4 (rightly labelled) forest photos suspects."""
+    source, root = shared_dataset("intel_scenes") / "train", tmp_path / "d"
+    for cls, names in (("buildings", sorted((source / "buildings").iterdir())[:30]),
+                       ("forest", sorted((source / "forest").iterdir())[:4])):
+        (root / cls).mkdir(parents=True)
+        for photo_path in names:
+            shutil.copy(photo_path, root / cls / photo_path.name)
+    planted = sorted((source / "forest").iterdir())[4]
+    shutil.copy(planted, root / "buildings" / f"planted {planted.name}")
+    report = diagnose(root, cache_dir=cache_dir, quiet=True)
+    assert [(s.image.path, s.preferred) for s in report.suspects] == [(f"buildings/planted {planted.name}", "forest")]
+    assert report.mislabels_unchecked == ["forest"]
+    assert any(n.startswith("suspected mislabels are not looked for in forest (4 photos), beside 31 of buildings: "
+                            "in a class of under 20 photos that another outnumbers 2x or more") for n in report.notes)
+    text = format_text(report)
+    assert "not checked in forest: too few photos beside the bigger classes" in text
+    assert text.splitlines()[-1].endswith("1 suspected mislabel(s) (forest not checked)")
 
 
 def test_missing_folder_is_a_one_line_error(tmp_path, capsys):

@@ -182,6 +182,71 @@ def test_compare_model_suffix_other_than_finetune_is_an_error(tmp_path, cache_di
     assert rc != 0 and "the only suffix is +finetune" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_training(monkeypatch) -> None:
+    """compare() may not start training any model: each refusal must come before the first one trains."""
+    def train(image_dir, config, log, timeline):
+        raise AssertionError(f"{config.backbone} started training before the refusal")
+    monkeypatch.setattr("retrain.compare.train", train)
+
+
+def refused(args: list[str], capsys, out: Path) -> str:
+    """Run `retrain compare ARGS`; assert a one-line error and nothing written, and return the error."""
+    assert main(["compare", *args, "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retrain: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("models, says", [
+    ("lite0,bogus", ["unknown backbone 'bogus'", "lite0, lite1, lite2, scratch-color, scratch-small"]),
+    ("lite0,lite0", ["the same model twice ('lite0' and 'lite0')"]),
+    ("lite0,EfficientNet_Lite0", ["the same model twice ('lite0' and 'EfficientNet_Lite0')"]),
+    ("scratch-small+finetune,lite0", ["model 'scratch-small+finetune': +finetune fine-tunes a pretrained backbone",
+                                      "scratch-small starts from random weights"]),
+])
+def test_compare_checks_every_model_before_training_any(tmp_path, cache_dir, capsys, no_training, models, says):
+    data = small_gray_dataset(tmp_path / "gray", per_class=5)  # a test split: the models are what is wrong
+    err = refused([str(data), "--models", models, "--cache_dir", str(cache_dir)], capsys, tmp_path / "out")
+    assert all(s in err for s in says), err
+
+
+@pytest.mark.parametrize("per_class, options, says", [
+    (3, [], "none is held out: a class needs 5+ photos before any of it is, and circles, squares, stripes have "
+            "fewer; add photos (50+ per class), or give test photos with --test_dir"),
+    (5, ["--testing_percentage", "0"], "--testing_percentage 0 holds none out"),
+    (5, ["--test_dir", "EMPTY"], "the test folder EMPTY holds no readable photo of these classes"),
+])
+def test_compare_without_test_photos_is_refused_before_training(tmp_path, cache_dir, capsys, no_training,
+                                                                per_class, options, says):
+    """There would be no accuracy to compare: the table said nan% and compare.json held bare NaN (not JSON)."""
+    data = small_gray_dataset(tmp_path / "gray", per_class=per_class)
+    empty = tmp_path / "empty test"
+    for cls in ("circles", "squares", "stripes"):
+        (empty / cls).mkdir(parents=True)
+    options = [str(empty) if o == "EMPTY" else o for o in options]
+    err = refused([str(data), "--models", "scratch-small,lite0", "--cache_dir", str(cache_dir), *options], capsys,
+                  tmp_path / "out")
+    assert "compare measures every model on test photos, and " + says.replace("EMPTY", str(empty)) in err, err
+
+
+def test_compare_whose_test_photos_are_all_unreadable_stops_at_the_first_model(tmp_path, cache_dir, capsys):
+    """They hash, so the split has test photos, but none decodes: the first model finds it, and writes nothing."""
+    data = small_gray_dataset(tmp_path / "gray", per_class=5)
+    broken = tmp_path / "broken test"
+    for cls in ("circles", "squares", "stripes"):
+        (broken / cls).mkdir(parents=True)
+        (broken / cls / "x.png").write_bytes(b"not a photo " + cls.encode())
+    out = tmp_path / "out"
+    assert main(["compare", str(data), "--models", "lite0,scratch-small", "--test_dir", str(broken), "--output",
+                 str(out), "--cache_dir", str(cache_dir), "--quiet", "--time_budget", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("retrain: error: lite0: none of the test photos could be read, so there is no "
+                                    "accuracy to compare; `retrain doctor` lists the unreadable files")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("user_file", ["notes.txt", "lite0/model.onnx"])
 def test_compare_never_writes_over_files_it_did_not_write(tmp_path, capsys, user_file):
     from retrain.outputs import MARKER
@@ -202,15 +267,17 @@ def test_compare_never_writes_over_files_it_did_not_write(tmp_path, capsys, user
 
 
 def test_a_comparison_stopped_part_way_can_be_run_again(tmp_path, cache_dir):
-    """Only a model folder of an earlier, interrupted compare is there: that folder is retrain's. (Three photos
-    a class leave no test split, so every accuracy is NaN: the plot used to crash on that.)"""
+    """Only a model folder of an earlier, interrupted compare is there: that folder is retrain's. (Five photos a
+    class: the fewest that hold one out for testing.)"""
     from retrain.outputs import write_model_dir
 
-    data = small_gray_dataset(tmp_path / "gray", per_class=3)
+    data = small_gray_dataset(tmp_path / "gray", per_class=5)
     write_model_dir(tmp_path / "out" / "scratch-small", lambda folder: (folder / "model.onnx").write_bytes(b"x"))
     assert main(["compare", str(data), "--models", "scratch-small,lite0", "--output", str(tmp_path / "out"),
                  "--cache_dir", str(cache_dir), "--quiet", "--time_budget", "0.02"]) == 0
-    assert (tmp_path / "out" / "compare.json").exists()
+    runs = json.loads((tmp_path / "out" / "compare.json").read_text(),  # strict JSON: no bare NaN
+                      parse_constant=lambda name: pytest.fail(f"compare.json holds {name}"))
+    assert [r["model"] for r in runs] == ["scratch-small", "lite0"] and all(r["test_images"] > 0 for r in runs)
 
 
 def test_a_comparison_may_replace_its_own_files(tmp_path):

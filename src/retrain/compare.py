@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 
 from .pipeline import train
 from .config import TrainConfig
-from .backbones import get_backbone
+from .backbones import Backbone, get_backbone
 from .errors import UserError
 from .evaluation import Timeline
 from .evidence import describe_accuracy
@@ -27,7 +26,8 @@ from .files import default_cache_dir
 from .graphs import extractor_path
 from .guards import open_regular
 from .outputs import write_model_dir
-from .scan import walk_files
+from .scan import Dataset, find_split_dirs, scan_dataset, walk_files
+from .split import MIN_HELD_OUT
 
 SMALL_IMAGE_SIDE = 48  # images at most this size (shorter side) get scratch-small, bigger ones scratch-color
 
@@ -68,18 +68,74 @@ def default_models(image_dir: str | Path) -> list[str]:
     return ["scratch-small" if small else "scratch-color", "lite0"]
 
 
-def compare(image_dir: str | Path, models: list[str], config: TrainConfig, output: Path,
-            log: Callable[[str], None]) -> list[Run]:
-    """Train each model on the same split; save each model and the comparison under `output`."""
+@dataclass(frozen=True)
+class Contender:
+    """One --models entry, checked before anything trains."""
+    name: str  # as the user wrote it: the model's folder and its row in the table
+    spec: str  # the backbone as the user wrote it (the name without +finetune), for TrainConfig.backbone
+    backbone: Backbone
+    mode: str  # "finetune" (the +finetune suffix) or "" (a head for pretrained backbones)
+
+
+def contenders(models: list[str]) -> list[Contender]:
+    """Every --models entry checked (a known backbone, a meaningful suffix, no repeats), so that a
+    mistake in the last one is found before the first one trains."""
     if len(models) < 2:
         raise UserError("compare needs at least two models, e.g. --models scratch-color,lite0")
-    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    runs = []
+    found: list[Contender] = []
     for name in models:
         backbone_name, _, mode = name.partition("+")  # lite0+finetune: transfer with fine-tuning
         if mode not in ("", "finetune"):
             raise UserError(f"model '{name}': the only suffix is +finetune (e.g. lite0+finetune)")
-        backbone = get_backbone(backbone_name)
+        try:
+            backbone = get_backbone(backbone_name)
+        except UserError as e:
+            raise UserError(f"--models: {e}") from None
+        if mode and not backbone.pretrained:  # the registry's word, not the name's spelling
+            raise UserError(f"model '{name}': +finetune fine-tunes a pretrained backbone, and {backbone.name} starts "
+                            f"from random weights (its whole network trains anyway): write {backbone_name}")
+        same = next((c for c in found if (c.backbone.name, c.mode) == (backbone.name, mode)), None)
+        if same:  # one model folder and two rows of one model: refused rather than trained twice
+            raise UserError(f"--models names the same model twice ('{same.name}' and '{name}'): give each once")
+        found.append(Contender(name, backbone_name, backbone, mode))
+    return found
+
+
+def check_test_photos(image_dir: str | Path, config: TrainConfig, cache: Path) -> None:
+    """Refuse, before anything trains, a split with no test photo: there would be no accuracy to compare.
+
+    Scans as train() does (same split options, same split record), so the split is the one every model gets.
+    """
+    dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
+                           validation_percentage=config.validation_percentage,
+                           testing_percentage=config.testing_percentage, workers=config.workers + 2,
+                           quiet=config.quiet, split_records=cache / "splits")
+    if not dataset.counts()["test"]:
+        why = _why_no_test_photos(image_dir, dataset, config)
+        raise UserError(f"compare measures every model on test photos, and {why}")
+
+
+def _why_no_test_photos(image_dir: str | Path, dataset: Dataset, config: TrainConfig) -> str:
+    folder = config.test_dir or find_split_dirs(Path(image_dir)).get("test")
+    if folder:
+        return f"the test folder {folder} holds no readable photo of these classes: put photos in its class folders"
+    if not config.testing_percentage:
+        return "--testing_percentage 0 holds none out: give a percentage above 0, or test photos with --test_dir"
+    # Carved at a percentage, the test split is empty only when every class is too small to hold any out.
+    return (f"none is held out: a class needs {MIN_HELD_OUT}+ photos before any of it is, and "
+            f"{', '.join(dataset.unsplit_classes)} {'has' if len(dataset.unsplit_classes) == 1 else 'have'} "
+            "fewer; add photos (50+ per class), or give test photos with --test_dir")
+
+
+def compare(image_dir: str | Path, models: list[str], config: TrainConfig, output: Path,
+            log: Callable[[str], None]) -> list[Run]:
+    """Train each model on the same split; save each model and the comparison under `output`."""
+    entries = contenders(models)
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    check_test_photos(image_dir, config, cache)
+    runs = []
+    for entry in entries:
+        name, backbone = entry.name, entry.backbone
         if backbone.pretrained:
             extractor_path(backbone, cache)  # one-off ONNX export, outside the clock
         log(f"=== {name} ===")
@@ -87,11 +143,13 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
             timeline = Timeline()
             # the time budget is for the networks that train from random weights
             budget = config.time_budget if not backbone.pretrained else None
-            run_config = replace(config, backbone=backbone_name, bottleneck_dir=features, mode=mode or "head",
-                                 time_budget=budget)
+            run_config = replace(config, backbone=entry.spec, bottleneck_dir=features,
+                                 mode=entry.mode or "head", time_budget=budget)
             model = train(image_dir, run_config, log, timeline)
             accuracy = model.metrics.test_accuracy
-            accuracy = float("nan") if accuracy is None else accuracy  # no test split; 0.0 stays 0.0
+            if accuracy is None:  # test photos were there, but none could be decoded: nothing was measured
+                raise UserError(f"{name}: none of the test photos could be read, so there is no accuracy to compare; "
+                                "`retrain doctor` lists the unreadable files")
             timeline.record(lambda: accuracy)
         model.save(output / name)
         runs.append(Run(name, model.metrics.mode, accuracy, model.metrics.num_images.get("test", 0),
@@ -157,8 +215,8 @@ def _plot(runs: list[Run]) -> bytes:
     ax.minorticks_off()
     ax.set_xlabel("training wall time, seconds (log scale)")
     ax.set_ylabel("test accuracy, %")
-    lows = [100 * a for r in runs for _, a in r.points if not math.isnan(a)]
-    ax.set_ylim(max(0.0, min(lows, default=5.0) - 5), 100.5)  # no test photos: every accuracy is NaN
+    lows = [100 * a for r in runs for _, a in r.points]
+    ax.set_ylim(max(0.0, min(lows) - 5), 100.5)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("From random weights vs transfer learning")
