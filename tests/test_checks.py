@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from retrain.checks import exact_duplicates, quick_summary, split_warnings
+from retrain.checks import exact_duplicates, quick_summary, split_warnings, why_none_held_out
 from retrain.scan import scan_dataset
 
 from conftest import photo_folder, planted_folder
@@ -57,3 +57,9 @@ def test_empty_files_are_not_reported_as_duplicates(tmp_path):
     (root / "a" / "empty1.jpg").write_bytes(b"")
     (root / "b" / "empty2.jpg").write_bytes(b"")
     assert exact_duplicates(scan_dataset(root, quiet=True)) == []
+
+
+def test_why_nothing_is_held_out_names_small_classes_or_else_the_recorded_split():
+    assert why_none_held_out(["ants"]).startswith("a class needs 5+ photos before any of it is held out, and ants has")
+    # Classes grown past the bar since a split was recorded: blaming their size would be false.
+    assert why_none_held_out([]).startswith("the split recorded for this folder (the cache's splits/) keeps")

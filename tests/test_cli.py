@@ -58,6 +58,9 @@ def test_classic_output_graph_replaces_an_earlier_model_but_not_a_file_of_the_us
     graph = tmp_path / "graph.onnx"
     graph.write_bytes(trained[0].read_bytes())  # an earlier model: replaced, as retrain.py did
     assert retrain_main([f"--output_graph={graph}", *argv]) == 0
+    empty = tmp_path / "made_by_mktemp.onnx"
+    empty.touch()  # nothing to lose
+    assert retrain_main([f"--output_graph={empty}", *argv]) == 0 and empty.stat().st_size > 1_000_000
 
 
 def test_classic_defaults_write_to_temp_dir(shapes, cache_dir, monkeypatch, tmp_path, capsys):

@@ -84,3 +84,22 @@ def test_evaluating_the_folder_the_model_was_trained_from_warns_that_it_is_infla
 def test_a_tiny_other_folder_is_named_in_plain_words():
     lines = verdict(scored([0, 0, 1], [0, 0, 1]), None, 0, ["ants", "bees"], [], photos="the photos in testmiss")
     assert lines[0].startswith("Only 3 photos in testmiss: too few to measure accuracy (3/3 right")
+
+
+def test_a_test_folder_beside_train_is_not_taken_for_training_photos(cache_dir, tmp_path, capsys):
+    import json
+
+    import retrain
+    from retrain.cli import retrain_main
+
+    from conftest import make_dataset, quick_config
+
+    root = tmp_path / "dataset"
+    make_dataset(root / "train", per_class=8)
+    make_dataset(root / "test", per_class=4, seed=7)
+    model = retrain.train(root, quick_config(cache_dir)).save(tmp_path / "model", report=False)
+    capsys.readouterr()
+    assert retrain_main(["evaluate", str(model), str(root / "test"), "--json"]) == 0
+    assert "warning" not in json.loads(capsys.readouterr().out)
+    assert retrain_main(["evaluate", str(model), str(root / "train"), "--json"]) == 0
+    assert "was trained from" in json.loads(capsys.readouterr().out)["warning"]

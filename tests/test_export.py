@@ -66,7 +66,7 @@ def test_int8_model_is_smaller_with_the_same_interface_and_metadata(model_dir, e
     report = json.loads((exported / REPORT_FILE).read_text())["int8"]
     assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"] / 3
     assert set(report["int8"]["accuracy"]) == {"validation", "test"}
-    assert report["judged_splits"] == ["validation", "test"]  # each has 10+ photos
+    assert report["judged_splits"] == ["validation", "test", "validation and test"]  # each has 10+ photos
     assert all(v > 0 for v in report["int8"]["images_per_second"].values())
 
 
@@ -122,13 +122,25 @@ def test_int8_is_refused_where_no_held_out_split_can_tell_a_lost_point_from_chan
                          head=HeadConfig(steps=100, seed=0), mode="head")
     model = retrain.train(data, config)
     n_val, n_test = model.metrics.num_images["validation"], model.metrics.num_images["test"]
-    assert 0 < max(n_val, n_test) < 10
+    assert 0 < n_val + n_test < 10
     model_dir = model.save(tmp_path / "model", report=False)
     capsys.readouterr()
     assert retrain_main(["export", str(model_dir), "--int8", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"only {n_val} validation and {n_test} test photos: too few to check" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    # Asked to accept any loss, it writes the model (the table still gives what the few photos said).
+    assert retrain_main(["export", str(model_dir), "--int8", "--tolerance", "100", "--output", str(tmp_path / "out")]) == 0
+
+
+def test_a_small_split_that_the_int8_model_gets_wrong_counts_in_the_pooled_drop():
+    from retrain.export import POOLED, Int8Report, Measured
+
+    fp32 = Measured(4_000_000, {}, {"validation": 1.0, "test": 1.0})
+    int8 = Measured(1_000_000, {}, {"validation": 1.0, "test": 4 / 9})  # 5 of 9 test photos lost
+    report = Int8Report(fp32, int8, {"validation": 12, "test": 9}, 16 / 21, 12, 0.5, [])
+    assert report.judged() == ["validation", POOLED]  # 9 test photos alone are too few; pooled they count
+    assert report.drops()[POOLED] == pytest.approx(100 * 5 / 21)
 
 
 def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, capsys):

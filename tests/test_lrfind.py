@@ -27,7 +27,7 @@ def test_lr_find_command(shapes_data, cache_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "Suggested --learning_rate" in out and (tmp_path / "lr.png").exists()
     # 16 photos a class, some held out: too few for the sweep's curve to mean much, and it says so.
-    assert "fewer than 20 a class): its loss curve is noise as much as signal" in err
+    assert "in the smallest class (fewer than 20): its loss curve is noise as much as signal" in err
 
 
 def test_a_sweep_on_enough_photos_carries_no_caveat(cache_dir, tmp_path, capsys):

@@ -54,10 +54,11 @@ def test_sections_that_are_not_there_leave_no_key():
     assert "unknown_threshold" in data["calibration"]
 
 
-def test_an_unversioned_file_reads_as_version_1():
+def test_an_unversioned_or_version_1_file_reads_as_the_current_version():
     data = through_a_file(run_metrics())
     del data["schema_version"]
     assert RunMetrics.from_json(data, "metrics.json") == run_metrics()
+    assert RunMetrics.from_json(data | {"schema_version": 1}, "metrics.json") == run_metrics()
 
 
 def test_a_newer_version_is_refused_with_what_to_do(tmp_path):

@@ -16,9 +16,9 @@ def writer(files: dict[str, bytes]):
 
 def test_files_only_the_previous_model_had_are_removed_and_the_users_stay(tmp_path):
     out = tmp_path / "model"
-    write_model_dir(out, writer({"model.onnx": b"old", "saliency_3.png": b"old", "reliability.png": b"old"}))
+    write_model_dir(out, writer({"model.onnx": b"old", "saliency_3.png": b"old", "reliability.png": b"old"}), "model")
     (out / "notes.txt").write_text("mine")  # the user's: never listed in the note, never touched
-    write_model_dir(out, writer({"model.onnx": b"new"}))
+    write_model_dir(out, writer({"model.onnx": b"new"}), "model")
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "model.onnx", "notes.txt"])
     assert (out / "model.onnx").read_bytes() == b"new" and (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / MARKER).read_text())["files"] == ["model.onnx"]
@@ -30,11 +30,21 @@ def test_a_note_edited_to_name_other_places_removes_nothing_outside_the_folder(t
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "inner.txt").write_text("keep")
     (out / "dir").mkdir()
-    (out / MARKER).write_text(json.dumps({"files": ["../precious.txt", "sub/inner.txt", "..", "", "dir", 3]}))
-    write_model_dir(out, writer({"model.onnx": b"new"}))
+    (out / MARKER).write_text(json.dumps({"kind": "model",
+                                          "files": ["../precious.txt", "sub/inner.txt", "..", "", "dir", 3]}))
+    write_model_dir(out, writer({"model.onnx": b"new"}), "model")
     assert outside.read_text() == "keep" and (out / "sub" / "inner.txt").read_text() == "keep"
     assert (out / "dir").is_dir() and (out / "model.onnx").read_bytes() == b"new"
-    for damaged in ("not json", "[1, 2]", '{"files": "model.onnx"}'):
+    for damaged in ("not json", "[1, 2]", '{"kind": "model", "files": "model.onnx"}', '{"files": ["model.onnx"]}'):
         (out / MARKER).write_text(damaged)
-        write_model_dir(out, writer({"labels.txt": b"x"}))
+        write_model_dir(out, writer({"labels.txt": b"x"}), "model")
         assert (out / "model.onnx").exists()  # unlisted by a readable note: kept
+
+
+def test_a_write_of_another_kind_leaves_the_previous_ones_files(tmp_path):
+    # A comparison written into a model's folder (allowed: the folder is retrain's) must not take the model away.
+    out = tmp_path / "runs"
+    write_model_dir(out, writer({"model.onnx": b"m", "report.html": b"r"}), "model")
+    write_model_dir(out, writer({"compare.txt": b"c"}), "comparison")
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "compare.txt", "model.onnx", "report.html"])
+    assert json.loads((out / MARKER).read_text())["kind"] == "comparison"

@@ -213,8 +213,8 @@ def test_compare_checks_every_model_before_training_any(tmp_path, cache_dir, cap
 
 
 @pytest.mark.parametrize("per_class, options, says", [
-    (3, [], "none is held out: a class needs 5+ photos before any of it is, and circles, squares, stripes have "
-            "fewer; add photos (50+ per class), or give test photos with --test_dir"),
+    (3, [], "none is held out: a class needs 5+ photos before any of it is held out, and circles, squares, stripes "
+            "have fewer; add photos (50+ per class), or give test photos with --test_dir"),
     (5, ["--testing_percentage", "0"], "--testing_percentage 0 holds none out"),
     (5, ["--test_dir", "EMPTY"], "the test folder EMPTY holds no readable photo of these classes"),
 ])
@@ -272,7 +272,8 @@ def test_a_comparison_stopped_part_way_can_be_run_again(tmp_path, cache_dir):
     from retrain.outputs import write_model_dir
 
     data = small_gray_dataset(tmp_path / "gray", per_class=5)
-    write_model_dir(tmp_path / "out" / "scratch-small", lambda folder: (folder / "model.onnx").write_bytes(b"x"))
+    write_model_dir(tmp_path / "out" / "scratch-small", lambda folder: (folder / "model.onnx").write_bytes(b"x"),
+                    "model")
     assert main(["compare", str(data), "--models", "scratch-small,lite0", "--output", str(tmp_path / "out"),
                  "--cache_dir", str(cache_dir), "--quiet", "--time_budget", "0.02"]) == 0
     runs = json.loads((tmp_path / "out" / "compare.json").read_text(),  # strict JSON: no bare NaN
@@ -291,3 +292,15 @@ def test_a_comparison_may_replace_its_own_files(tmp_path):
     write_comparison(runs[::-1], tmp_path / "out")
     assert json.loads((tmp_path / "out" / "compare.json").read_text())[0]["model"] == "lite0"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".retrain-staging")]
+
+
+def test_compare_called_with_settings_one_model_would_ignore_trains_none(tmp_path, cache_dir, no_training):
+    from retrain.compare import compare
+    from retrain.config import HeadConfig, TrainConfig
+    from retrain.errors import UserError
+
+    data = small_gray_dataset(tmp_path / "gray", per_class=5)
+    config = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(hidden_units=64))
+    with pytest.raises(UserError, match="--hidden_units"):
+        compare(data, ["lite0", "scratch-small"], config, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()

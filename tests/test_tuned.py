@@ -69,22 +69,24 @@ def test_a_backbone_comparison_round_trips_with_its_winners_head_and_logits(tmp_
     scores = [BackboneScore("lite0", 40, 54), BackboneScore("lite1", 43, 54)]
     head = HeadResult(tiny_run().layers, [{"step": 100, "validation_accuracy": 0.5}], 100, 400)
     held_out = np.random.default_rng(0).normal(size=(54, 3)).astype(np.float32)
+    y = np.arange(54) % 3
     path = scores_path(tmp_path, {"run": 1})
-    save_scores(path, scores, {"run": 1}, Winner("lite1", head, held_out))
+    save_scores(path, scores, {"run": 1}, Winner("lite1", head, held_out, y))
     back, winner = load_scores(path, {"run": 1})
     assert back == scores and winner.backbone == "lite1"
     assert (winner.head.history, winner.head.best_step, winner.head.steps_run) == (head.history, 100, 400)
     np.testing.assert_array_equal(winner.head.layers[0][0], head.layers[0][0])
     np.testing.assert_array_equal(winner.head.layers[0][1], head.layers[0][1])
     np.testing.assert_array_equal(winner.held_out, held_out)
-    assert winner.held_out_fits(54, 3) and not winner.held_out_fits(53, 3) and not winner.held_out_fits(54, 4)
+    assert winner.held_out_fits(y, 3) and not winner.held_out_fits(y[:-1], 3) and not winner.held_out_fits(y, 4)
+    assert not winner.held_out_fits(np.roll(y, 1), 3)  # the rows of other photos, or in another order
     held_out[0, 0] = np.nan
-    assert not Winner("lite1", head, held_out).held_out_fits(54, 3)
-    assert not Winner("lite1", head, held_out.astype(np.float64)).held_out_fits(54, 3)
+    assert not Winner("lite1", head, held_out, y).held_out_fits(y, 3)
+    assert not Winner("lite1", head, held_out.astype(np.float64), y).held_out_fits(y, 3)
     # A comparison stored before the logits were kept: its head still counts, the logits are computed again.
     save_scores(path, scores, {"run": 1}, Winner("lite1", head))
     _, winner = load_scores(path, {"run": 1})
-    assert winner.held_out is None and not winner.held_out_fits(54, 3) and winner.head.best_step == 100
+    assert winner.held_out is None and not winner.held_out_fits(y, 3) and winner.head.best_step == 100
 
 
 def test_a_damaged_or_foreign_backbone_comparison_is_not_reused(tmp_path):

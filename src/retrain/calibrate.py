@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .evidence import INTERVAL_BELOW, interval_text
+from .evidence import INTERVAL_BELOW, TOO_FEW_TO_MEASURE, interval_text
 from .head import nll, softmax
 from .metrics import CalibrationReport
 
@@ -138,6 +138,15 @@ def _threshold(asked: float | str | None, suggested: float, held_out: int) -> tu
         return suggested, (f"auto: rejects about {100 * DEFAULT_FALSE_REJECTION:.0f}% of {held_out} held-out "
                            "in-class predictions")
     return float(asked or 0.0), ("set by --unknown_threshold" if asked else None)
+
+
+def calibration_error_text(report: CalibrationReport, n: int) -> str:
+    """The expected calibration error on the n photos it was measured on, or why it is not measurable there."""
+    if n < TOO_FEW_TO_MEASURE:
+        return f"Expected calibration error: not measurable on {n} photos."
+    before = f"{100 * report.test_ece_before:.1f}% before, " if report.test_ece_before is not None else ""
+    return (f"Expected calibration error on {n} photos: {before}{100 * report.test_ece_after:.1f}% "
+            f"{'after' if report.calibrated else 'without'} temperature scaling.")
 
 
 def unknown_threshold_text(report: CalibrationReport, n_test: int) -> str | None:

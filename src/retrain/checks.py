@@ -14,6 +14,7 @@ import numpy as np
 from .decode import describe
 from .evidence import TOO_FEW_TO_MEASURE
 from .scan import SPLITS, Dataset, SampleTable
+from .split import MIN_HELD_OUT
 
 MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable
 IMBALANCE_RATIO = 4.0  # largest class / smallest class
@@ -103,6 +104,16 @@ def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
             warnings.append(f"the {split} split has only {n} photo{'s' * (n != 1)}: too few to measure accuracy "
                             f"(a 95% interval spans tens of points); aim for 50+ photos per class")
     return warnings
+
+
+def why_none_held_out(unsplit: list[str]) -> str:
+    """Why a split carved at a percentage holds no photo at all, and what to do."""
+    if unsplit:
+        return (f"a class needs {MIN_HELD_OUT}+ photos before any of it is held out, and {', '.join(unsplit)} "
+                f"{'has' if len(unsplit) == 1 else 'have'} fewer; add photos (50+ per class)")
+    # Every class is big enough now: the split recorded when they were smaller keeps their photos in training.
+    return ("the split recorded for this folder (the cache's splits/) keeps its photos in training, as it did when "
+            "the classes were smaller; give held-out photos in val/ and test/ folders")
 
 
 def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[DuplicateGroup]:

@@ -61,8 +61,10 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
 
 
 def _refuse_replacing_a_non_model(graph: Path) -> None:
-    """retrain.py replaced --output_graph whatever it was; a file of the user's that is not a model is kept."""
-    if not graph.is_file():
+    """retrain.py replaced --output_graph whatever it was; a file of the user's that is not a model is kept
+    (an empty one holds nothing to keep). --output_labels is replaced as retrain.py did: any text file could
+    be an earlier run's labels, /tmp/output_labels.txt beside retrain.py's output_graph.pb among them."""
+    if not graph.is_file() or graph.stat().st_size == 0:
         return
     import onnx
     from google.protobuf.message import DecodeError
@@ -180,6 +182,8 @@ def report(model: str, image_dir: str | None) -> int:
 
 def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     """`retrain lr-find`: sweep the head's learning rate on the training features; plot it and suggest one."""
+    import numpy as np
+
     from .checks import MIN_IMAGES
     from .lrfind import lr_sweep, plot_sweep
     from .pipeline import head_training_data
@@ -189,10 +193,11 @@ def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     x, y, classes = head_training_data(image_dir, config)
     sweep = lr_sweep(x, y, len(classes), config.head)
     print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, path)})")
-    if len(y) < MIN_IMAGES * len(classes):
-        print(f"Note: the sweep ran on {len(y)} training photos (fewer than {MIN_IMAGES} a class): its loss curve is "
-              f"noise as much as signal, so the suggestion is a guess; the default {HeadConfig().learning_rate:g} is "
-              "as good a start with so few", file=sys.stderr)
+    smallest = int(np.bincount(y, minlength=len(classes)).min())
+    if smallest < MIN_IMAGES:
+        print(f"Note: the sweep ran on {len(y)} training photos, {smallest} in the smallest class (fewer than "
+              f"{MIN_IMAGES}): its loss curve is noise as much as signal, so the suggestion is a guess; the default "
+              f"{HeadConfig().learning_rate:g} is as good a start with so few", file=sys.stderr)
     return 0
 
 

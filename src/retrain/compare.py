@@ -16,7 +16,8 @@ from typing import Callable
 
 from PIL import Image
 
-from .pipeline import train
+from .pipeline import scan_for_training, train
+from .plan import check_settings_apply
 from .config import TrainConfig
 from .backbones import Backbone, get_backbone
 from .errors import UserError
@@ -26,8 +27,8 @@ from .files import default_cache_dir
 from .graphs import extractor_path
 from .guards import open_regular
 from .outputs import write_model_dir
-from .scan import Dataset, find_split_dirs, scan_dataset, walk_files
-from .split import MIN_HELD_OUT
+from .scan import Dataset, find_split_dirs, walk_files
+from .checks import why_none_held_out
 
 SMALL_IMAGE_SIDE = 48  # images at most this size (shorter side) get scratch-small, bigger ones scratch-color
 
@@ -106,10 +107,7 @@ def check_test_photos(image_dir: str | Path, config: TrainConfig, cache: Path) -
 
     Scans as train() does (same split options, same split record), so the split is the one every model gets.
     """
-    dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
-                           validation_percentage=config.validation_percentage,
-                           testing_percentage=config.testing_percentage, workers=config.workers + 2,
-                           quiet=config.quiet, split_records=cache / "splits")
+    dataset = scan_for_training(image_dir, config, cache)
     if not dataset.counts()["test"]:
         why = _why_no_test_photos(image_dir, dataset, config)
         raise UserError(f"compare measures every model on test photos, and {why}")
@@ -121,10 +119,13 @@ def _why_no_test_photos(image_dir: str | Path, dataset: Dataset, config: TrainCo
         return f"the test folder {folder} holds no readable photo of these classes: put photos in its class folders"
     if not config.testing_percentage:
         return "--testing_percentage 0 holds none out: give a percentage above 0, or test photos with --test_dir"
-    # Carved at a percentage, the test split is empty only when every class is too small to hold any out.
-    return (f"none is held out: a class needs {MIN_HELD_OUT}+ photos before any of it is, and "
-            f"{', '.join(dataset.unsplit_classes)} {'has' if len(dataset.unsplit_classes) == 1 else 'have'} "
-            "fewer; add photos (50+ per class), or give test photos with --test_dir")
+    return f"none is held out: {why_none_held_out(dataset.unsplit_classes)}, or give test photos with --test_dir"
+
+
+def _run_config(config: TrainConfig, entry: Contender) -> TrainConfig:
+    """One model's settings; the time budget is for the networks that train from random weights."""
+    return replace(config, backbone=entry.spec, mode=entry.mode or "head",
+                   time_budget=config.time_budget if not entry.backbone.pretrained else None)
 
 
 def compare(image_dir: str | Path, models: list[str], config: TrainConfig, output: Path,
@@ -133,19 +134,19 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
     entries = contenders(models)
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     check_test_photos(image_dir, config, cache)
+    # Every model's settings checked before the first trains (a head setting a scratch backbone would ignore).
+    configs = [_run_config(config, entry) for entry in entries]
+    for run_config in configs:
+        check_settings_apply(run_config)
     runs = []
-    for entry in entries:
+    for entry, run_config in zip(entries, configs):
         name, backbone = entry.name, entry.backbone
         if backbone.pretrained:
             extractor_path(backbone, cache)  # one-off ONNX export, outside the clock
         log(f"=== {name} ===")
         with tempfile.TemporaryDirectory() as features:  # an empty feature cache: extraction is timed
             timeline = Timeline()
-            # the time budget is for the networks that train from random weights
-            budget = config.time_budget if not backbone.pretrained else None
-            run_config = replace(config, backbone=entry.spec, bottleneck_dir=features,
-                                 mode=entry.mode or "head", time_budget=budget)
-            model = train(image_dir, run_config, log, timeline)
+            model = train(image_dir, replace(run_config, bottleneck_dir=features), log, timeline)
             accuracy = model.metrics.test_accuracy
             if accuracy is None:  # test photos were there, but none could be decoded: nothing was measured
                 raise UserError(f"{name}: none of the test photos could be read, so there is no accuracy to compare; "
@@ -190,7 +191,7 @@ def write_comparison(runs: list[Run], output: Path) -> None:
         (folder / "compare.txt").write_text(comparison_table(runs) + "\n", encoding="utf-8")
         (folder / "compare.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1), encoding="utf-8")
         (folder / "compare.png").write_bytes(_plot(runs))
-    write_model_dir(output, write)
+    write_model_dir(output, write, "comparison")
 
 
 def _plot(runs: list[Run]) -> bytes:

@@ -39,7 +39,7 @@ from PIL import Image
 from .backbones import get_backbone
 from .config import DEFAULT_BACKBONE, HeadConfig
 from .checks import (ACROSS_SPLITS, IMBALANCE_RATIO, KINDS, MEANING, MIN_IMAGES, DuplicateGroup, Entry, entry_at,
-                     duplicate_kind, display_path, class_counts, count_warnings, exact_duplicates)
+                     duplicate_kind, display_path, class_counts, count_warnings, exact_duplicates, why_none_held_out)
 from .features import compute_features, feature_matrix, store_folder
 from .graphs import extractor_path
 from .runtime import decoded_batches
@@ -49,7 +49,6 @@ from .head import predict_proba, train_head
 from .preprocess import Preprocessing
 from .progress import Stopwatch
 from .scan import Dataset, SampleTable, find_split_dirs, scan_dataset
-from .split import MIN_HELD_OUT
 
 TINY_SIDE = 32  # pixels, shorter side
 HUGE_PIXELS = 50_000_000  # slow to decode; over 64 MP after JPEG draft scaling they are refused
@@ -159,11 +158,9 @@ def empty_split_warnings(counts: dict[str, dict[str, int]], unsplit: list[str], 
     warnings = [f"the {split} folder {folders[split]} holds no readable photo of these classes: {split} accuracy "
                 "cannot be measured; put photos in its class folders" for split in empty if split in folders]
     carved = [split for split in empty if split not in folders]
-    if carved:  # carved at a percentage, a split is empty only when every class is too small to hold any out
-        warnings.append(f"no {' or '.join(carved)} photos of any class: a class needs {MIN_HELD_OUT}+ photos before "
-                        f"any is held out, and {', '.join(unsplit)} {'has' if len(unsplit) == 1 else 'have'} fewer; "
-                        f"{' and '.join(carved)} accuracy cannot be measured; add photos (50+ per class), or put "
-                        "held-out photos in val/ and test/ folders beside train/")
+    if carved:
+        warnings.append(f"no {' or '.join(carved)} photos of any class ({' and '.join(carved)} accuracy cannot be "
+                        f"measured): {why_none_held_out(unsplit)}")
     return warnings
 
 

@@ -14,7 +14,7 @@ from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy, interval_text, wils
 from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRecord, SkippedFile, to_json
 from .prediction import Classifier, load
 from .progress import progress
-from .scan import scan_labelled_folder
+from .scan import find_split_dirs, scan_labelled_folder
 from .validate import TRAIN_RULES, check_argument
 
 
@@ -219,11 +219,17 @@ def training_folder_warning(clf: Classifier, image_dir: str | Path) -> str | Non
     """A warning where `image_dir` is the folder the model was trained from (or lies inside it, or holds
     it): most of its photos trained the model, so an accuracy measured on them is inflated."""
     try:
-        trained = Path(json.loads(clf.metadata["retrain:provenance"])["image_dir"]).resolve()
-    except (KeyError, TypeError, ValueError, OSError):  # a model made elsewhere, or without provenance
+        provenance = json.loads(clf.metadata["retrain:provenance"])
+        trained = Path(provenance["image_dir"]).resolve()
+        held_out = [Path(provenance["config"][key]).resolve() for key in ("val_dir", "test_dir")
+                    if provenance["config"].get(key)]
+        held_out += [p.resolve() for split, p in find_split_dirs(trained).items() if split != "train"]
+    except (KeyError, TypeError, ValueError, OSError, AttributeError, UserError):  # made elsewhere, or moved
         return None
     here = Path(image_dir).resolve()
     if here != trained and trained not in here.parents and here not in trained.parents:
+        return None
+    if any(here == p or p in here.parents for p in held_out):  # a val/ or test/ folder: photos it never trained on
         return None
     return (f"{image_dir} is the folder this model was trained from: most of these photos trained it, so this "
             "accuracy is inflated; measure it on photos the model never saw (its own test split's accuracy is "

@@ -318,14 +318,15 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     # The first Ctrl-C ends the loop at its next step; a KeyboardInterrupt raised inside it could land while a
     # prefetching generator is being closed and be lost. anytime keeps the best epoch so far; otherwise the run
     # ends interrupted after the loop (a --resume run continues from its last checkpoint). Under torchrun every
-    # rank must leave at the same step, which a per-process request cannot promise: there it raises as usual.
+    # rank must leave at the same step, which a per-process request cannot promise: without anytime Ctrl-C
+    # raises there as it always did; with it, ranks may leave at different steps (a known limit).
     asked = stop_requested_by_interrupt() if anytime or not distributed.active() else nullcontext(StopRequest())
     with asked as stop:
         while state.epoch < state.planned_epochs:
             epoch = state.epoch + 1
             entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
                                  backbone.prep, quiet, deadline, stop)
-            if stop:  # the epoch was cut by Ctrl-C: the weights it left are not compared or kept
+            if entry.pop("cut_by_stop", False):  # Ctrl-C cut the epoch: the weights it left are not compared or kept
                 break
             if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
                 raise Diverged(f"epoch {epoch}", cfg.learning_rate, cfg.weight_decay, "--finetune_learning_rate")
@@ -419,12 +420,13 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
                  device: torch.device, prep: Preprocessing, quiet: bool = False, deadline: float | None = None,
                  stop: StopRequest | None = None) -> dict:
     """One pass over the training photos; at `deadline` (perf_counter seconds) or a stop request it ends after
-    the current step."""
+    the current step (marked cut_short or cut_by_stop when that was before the last one)."""
     _set_train_mode(net, trainable)
-    start, seen, cut_short = time.perf_counter(), 0, False
+    start, seen, cut_short, cut_by_stop = time.perf_counter(), 0, False, False
+    steps = max(1, data.n_train // cfg.batch_size)
     # Summed on the device: reading them every step would make the CPU wait for the GPU each time.
     correct, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
-    bar = progress(total=max(1, data.n_train // cfg.batch_size), desc=f"Epoch {epoch}/{epochs}", unit="step",
+    bar = progress(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step",
                leave=False, disable=quiet)
     for step, (batch, labels) in enumerate(data.train_batches(epoch)):
         x = _to_device(torch.as_tensor(batch), prep, device)
@@ -448,10 +450,11 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
                 break
             if not quiet:
                 bar.set_postfix(loss=f"{so_far / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
-        if stop:
+        if stop:  # a request on the last step leaves a whole epoch, kept like any other
+            cut_by_stop = step + 1 < steps
             break
         if deadline and time.perf_counter() > deadline:
-            cut_short = step + 1 < max(1, data.n_train // cfg.batch_size)
+            cut_short = step + 1 < steps
             break
     bar.close()
     correct, loss_sum = int(correct), float(loss_sum)
@@ -459,4 +462,4 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
     seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)
     return {"epoch": epoch, "train_accuracy": correct / max(1, seen), "train_loss": loss_sum / max(1, seen),
             "seconds": round(secs, 2), "images_per_second": seen / secs if secs else 0.0} | (
-        {"cut_short": True} if cut_short else {})
+        {"cut_short": True} if cut_short else {}) | ({"cut_by_stop": True} if cut_by_stop else {})

@@ -7,8 +7,9 @@ do not know, so a section such as `finetune` can grow without a new version.
 
 Versions: 0 is a file written before the schema had a version (no "schema_version" key). It has
 the same keys as version 1 and is read as version 1 (migration: none needed); one that lacks a
-key version 1 requires is refused, naming the key. A version newer than SCHEMA_VERSION is refused
-with a UserError that says to upgrade retrain.
+key version 1 requires is refused, naming the key. 2: a class's precision may be null (never
+predicted: 0/0), which version 1's readers took for an error; versions 0 and 1 read as 2 unchanged.
+A version newer than SCHEMA_VERSION is refused with a UserError that says to upgrade retrain.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 T = TypeVar("T")
 
@@ -160,7 +161,7 @@ class RunMetrics:
         if version > SCHEMA_VERSION:
             raise UserError(f"{where} has schema version {version}; this retrain reads up to {SCHEMA_VERSION}: "
                             "upgrade retrain to read it")
-        return from_json(cls, data | {"schema_version": SCHEMA_VERSION}, where)  # version 0 reads as 1
+        return from_json(cls, data | {"schema_version": SCHEMA_VERSION}, where)  # versions 0 and 1 read as 2
 
 
 def read_metrics(path: str | Path) -> RunMetrics:

@@ -107,23 +107,24 @@ def _probe_writable(folder: Path) -> None:
         raise UserError(os_error_message(e, "write to")) from None
 
 
-def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None], kind: str) -> Path:
     """Run `write(staging)` in a staging folder inside `out`, then rename every file it made into `out`.
 
     A failure part-way (a full disk, a read-only mount) removes the staging folder and leaves the
-    previous model in `out` untouched; the UserError names the path and what to do. Files the
-    previous write listed and this one did not make (a saliency map, the plots of a split that is
-    gone) are removed: beside the new model they would describe the old one.
+    previous model in `out` untouched; the UserError names the path and what to do. Files that the
+    previous write of the same `kind` ("model", "export", "comparison") listed and this one did not
+    make (a saliency map, the plots of a split that is gone) are removed: beside the new model they
+    would describe the old one. Another kind's files are left as they are.
     """
     out = Path(out)
-    previous = _files_written_before(out)
+    previous = _files_written_before(out, kind)
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".retrain-staging-", dir=out))
     except OSError as e:
         raise UserError(os_error_message(e, "write the model to")) from None
     try:
-        names = _stage(staging, write, out)
+        names = _stage(staging, write, out, kind)
         try:
             with interrupts_deferred():  # Ctrl-C between two renames would pair a new model with old labels
                 for name in names[:-1]:  # renames within one folder: no space needed, each one atomic
@@ -139,23 +140,25 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     return out
 
 
-def _files_written_before(out: Path) -> set[str]:
-    """The plain file names the MARKER in `out` lists (what retrain wrote there last); none if it is unreadable."""
+def _files_written_before(out: Path, kind: str) -> set[str]:
+    """The plain file names the MARKER in `out` lists, if a write of this kind made it; none if it is
+    unreadable, of another kind, or from before kinds were recorded."""
     try:
-        files = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        note = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        files = note["files"] if note.get("kind") == kind else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     # Only names of files directly in `out`: a note edited by hand must not reach anything else.
     return {f for f in files if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..", MARKER)} \
         if isinstance(files, list) else set()
 
 
-def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]:
+def _stage(staging: Path, write: Callable[[Path], None], out: Path, kind: str) -> list[str]:
     """Every file of the model written into `staging`, MARKER last; their names, MARKER last."""
     try:
         write(staging)
         names = sorted(p.name for p in staging.iterdir())
-        atomic_write_json(staging / MARKER, {"written_by": "retrain", "files": names})
+        atomic_write_json(staging / MARKER, {"written_by": "retrain", "kind": kind, "files": names})
     except OSError as e:
         raise UserError(os_error_message(e, "write the model to", out) + "; the folder's previous contents are "
                         "unchanged") from None

@@ -35,14 +35,14 @@ from .runtime import inference_session_from
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import Checkpoint, TrainConfig
 from .graphs import check_output_name, classifier_model, extractor_model, extractor_path, model_metadata
-from .calibrate import Calibration, calibrate, unknown_threshold_text
+from .calibrate import Calibration, calibrate, calibration_error_text, unknown_threshold_text
 from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
 from .head import OUT_OF_FOLD_MAX_ROWS, HeadResult, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
-from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training
+from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training, unused_note
 from .scan import SPLITS, Dataset, SampleTable, scan_dataset
 from .tuned import (TunedRun, Winner, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
                     tuned_path)
@@ -63,7 +63,7 @@ class TrainedModel:
         All or nothing (outputs.write_model_dir): a full or read-only disk leaves the previous model whole.
         """
         title = Path(output_dir).resolve().name
-        return write_model_dir(output_dir, lambda out: self._write_into(out, report, title))
+        return write_model_dir(output_dir, lambda out: self._write_into(out, report, title), "model")
 
     def _write_into(self, out: Path, report: bool, title: str) -> None:
         self._write_files(out / MODEL_FILE, out / LABELS_FILE)
@@ -170,12 +170,17 @@ def _extract(samples: SampleTable, config: TrainConfig, backbone: Backbone, cach
 def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: Stopwatch,
           log: Callable[[str], None]) -> Dataset:
     with stage("scan"):
-        dataset = scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
-                               validation_percentage=config.validation_percentage,
-                               testing_percentage=config.testing_percentage, workers=config.workers + 2,
-                               quiet=config.quiet, split_records=cache / "splits")
+        dataset = scan_for_training(image_dir, config, cache)
         _summarize(dataset, log)
     return dataset
+
+
+def scan_for_training(image_dir: str | Path, config: TrainConfig, cache: Path) -> Dataset:
+    """The folder scanned and split as train() does (the split record in `cache` keeps every run's split)."""
+    return scan_dataset(image_dir, val_dir=config.val_dir, test_dir=config.test_dir,
+                        validation_percentage=config.validation_percentage,
+                        testing_percentage=config.testing_percentage, workers=config.workers + 2,
+                        quiet=config.quiet, split_records=cache / "splits")
 
 
 def _log_skipped(dataset: Dataset, log: Callable[[str], None]) -> None:
@@ -366,7 +371,7 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
             held = {name: _out_of_fold(c, y, config) for name, c in trained.items()}
         scores = [BackboneScore(name, int((z.argmax(1) == y).sum()), len(y)) for name, z in held.items()]
         best = _most_correct(scores)
-        winner = Winner(best, trained[best].head, held[best])
+        winner = Winner(best, trained[best].head, held[best], y)
         save_scores(stored, scores, identity, winner)
     else:
         scores, winner = cached
@@ -402,14 +407,14 @@ def _completed_winner(stored: Winner | None, contender: _Fitted | None, y: np.nd
         return None
     n_classes = len(contender.dataset.classes)
     # The folds' heads train for the full head's best step: stored logits stand while that step does.
-    logits_stand = stored is not None and stored.held_out_fits(len(y), n_classes) and \
+    logits_stand = stored is not None and stored.held_out_fits(y, n_classes) and \
         stored.head.best_step == contender.head.best_step
     if logits_stand and stored.head.fits(contender.backbone.feature_dim, n_classes):
         return stored
     if logits_stand:
-        return Winner(contender.backbone.name, contender.head, stored.held_out)
+        return Winner(contender.backbone.name, contender.head, stored.held_out, y)
     with stage("train"):
-        return Winner(contender.backbone.name, contender.head, _out_of_fold(contender, y, config))
+        return Winner(contender.backbone.name, contender.head, _out_of_fold(contender, y, config), y)
 
 
 def _final_model_is_quick(cached: tuple[list[BackboneScore], Winner | None] | None, fitted: _Fitted,
@@ -613,12 +618,12 @@ def result_lines(metrics: RunMetrics) -> list[str]:
     cal = metrics.calibration
     line = f"Calibration: {cal.why}"
     if cal.calibrated and cal.test_ece_after is not None:
-        line += (f"; test expected calibration error {100 * cal.test_ece_before:.1f}% -> "
-                 f"{100 * cal.test_ece_after:.1f}% (N={n_test})")
+        text = calibration_error_text(cal, n_test)  # over the test photos
+        line += f"; {text[0].lower()}{text[1:].rstrip('.')}"
     threshold = unknown_threshold_text(cal, n_test)
     unused = metrics.plan.get("unused")
     return lines + [line] + ([threshold] if threshold else []) + (
-        [f"Note: not fine-tuned, so {', '.join(unused)} went unused: {metrics.plan.get('reason', '')}"] if unused else [])
+        [f"Note: {unused_note(unused)} ({metrics.plan.get('reason', '')})"] if unused else [])
 
 
 def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetrics, list[tuple[str, str, str]]]:

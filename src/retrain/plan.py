@@ -68,12 +68,9 @@ class TrainingPlan:
 
     def describe(self) -> str:
         if not self.live:
-            return f"Plan: {self.mode.value} ({self.reason})" + (f"; {self.unused_text()}" if self.unused else "")
+            return f"Plan: {self.mode.value} ({self.reason})" + (f"; {unused_note(self.unused)}" if self.unused else "")
         return (f"Plan: {self.mode.value} on the {self.device.upper() if self.device == 'cpu' else 'GPU'}, "
                 f"{self.epochs} epoch(s), batch {self.batch_size}, {self.train_size} px ({self.reason})")
-
-    def unused_text(self) -> str:
-        return f"not fine-tuning, so {', '.join(self.unused)} go unused"
 
     def to_dict(self) -> dict:
         """JSON's form: what a cached run's stored plan is compared with after its round trip."""
@@ -155,6 +152,11 @@ def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,
     cfg, device = config.finetune, _device(config.finetune.device)
     train_size, batch_size = finetune_geometry(cfg, backbone.prep.size, n_train, device == "cuda")
     return TrainingPlan(mode, reason, device=device, epochs=cfg.epochs, batch_size=batch_size, train_size=train_size)
+
+
+def unused_note(unused: Sequence[str]) -> str:
+    """What a plan without fine-tuning says of the fine-tuning settings it leaves unread."""
+    return f"not fine-tuning, so {', '.join(unused)} go unused"
 
 
 def _pretrained_mode(config: TrainConfig) -> tuple[Mode, str]:

@@ -214,6 +214,8 @@ def csv_row(pred: Prediction, top_k: int) -> list:
 
 def _predictions_file(path: Path) -> bool:
     """Whether `path` starts as retrain's predictions do (a CSV header or a JSON Lines row of its keys)."""
+    if not path.is_file():  # a pipe would block the read; a device is nobody's earlier predictions
+        return False
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline(4096)

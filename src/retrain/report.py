@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .calibrate import reliability, unknown_threshold_text  # noqa: E402
+from .calibrate import calibration_error_text, reliability, unknown_threshold_text  # noqa: E402
 from .evaluation import NEVER_PREDICTED, evaluation_of_folder, precision_text, verdict, worst_mistakes  # noqa: E402
-from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy  # noqa: E402
+from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -157,15 +157,6 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     return evaluation.metrics, preds, cal, [evaluation.warning] if evaluation.warning else []
 
 
-def _calibration_error_text(cal: CalibrationReport, n: int) -> str:
-    """The expected calibration error on the n photos shown, or why it is not measurable on them."""
-    if n < TOO_FEW_TO_MEASURE:
-        return f"Expected calibration error: not measurable on {n} photos."
-    before = f"{100 * cal.test_ece_before:.1f}% before, " if cal.test_ece_before is not None else ""
-    return (f"Expected calibration error on {n} photos: {before}{100 * cal.test_ece_after:.1f}% "
-            f"{'after' if cal.calibrated else 'without'} temperature scaling.")
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -230,7 +221,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         pngs["reliability.png"] = reliability_plot(cal.reliability_before or [], cal.reliability_after,
                                                    _or_nan(cal.test_ece_before), cal.test_ece_after)
         text = f"<p>{html.escape(cal.why)}.</p>" if cal.why else ""
-        text += f"<p>Temperature {cal.temperature:.3f}. " + html.escape(_calibration_error_text(cal, n_shown)) + "</p>"
+        text += f"<p>Temperature {cal.temperature:.3f}. " + html.escape(calibration_error_text(cal, n_shown)) + "</p>"
         sections.append(("Calibration", text + (f"<p>{html.escape(threshold)}.</p>" if threshold else "")
                          + _img_tag(pngs["reliability.png"], "reliability diagram")))
     elif threshold:

@@ -56,11 +56,11 @@ def evidence_text(evidence: Evidence, photos: str = "test photos") -> str:
     """The recorded evidence in the CLI's words ("not measurable on 4 test photos (4/4 right; 95% CI 51-100%)"),
     written here so that the page's scripts show it as it is and never re-implement the rule."""
     text = describe_accuracy(evidence.accuracy, evidence.n, photos)
+    copies = evidence.copies_of_training
+    if copies:  # any copy inflates the figure, measurable or not
+        return text + f", inflated: {copies} of them are copies of photos the model trained on"
     if evidence.n >= TOO_FEW_TO_MEASURE and not evidence.measurable:
-        # The record knows more than N: the figure describe_accuracy gives must not read as a measurement.
-        copies = evidence.copies_of_training
-        text += (f", inflated: {copies} of them are copies of photos the model trained on" if copies
-                 else ", but not measurable on them")
+        return text + ", but not measurable on them"  # the record knows more than N: not a measurement
     return text
 
 

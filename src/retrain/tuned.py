@@ -87,14 +87,18 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
 @dataclass(frozen=True)
 class Winner:
     """A backbone comparison's winner: its head, and the out-of-fold logits of the training and
-    validation photos that its score was counted from (calibration reuses them; None: not stored)."""
+    validation photos that its score was counted from, with their labels (calibration reuses them;
+    None: not stored)."""
     backbone: str
     head: HeadResult
     held_out: np.ndarray | None = None
+    held_out_labels: np.ndarray | None = None
 
-    def held_out_fits(self, rows: int, n_classes: int) -> bool:
-        h = self.held_out
-        return h is not None and h.dtype == np.float32 and h.shape == (rows, n_classes) and bool(np.isfinite(h).all())
+    def held_out_fits(self, y: np.ndarray, n_classes: int) -> bool:
+        """Whether the stored logits are finite float32 rows of these labels, in this order, and classes."""
+        h, labels = self.held_out, self.held_out_labels
+        return h is not None and labels is not None and h.dtype == np.float32 and h.shape == (len(y), n_classes) \
+            and np.array_equal(labels, y) and bool(np.isfinite(h).all())
 
 
 def scores_path(cache: Path, identity: dict) -> Path:
@@ -107,7 +111,8 @@ def save_scores(path: Path, scores: list[BackboneScore], identity: dict, winner:
     head = winner.head
     record = {"layers": len(head.layers), "history": head.history, "best_step": head.best_step,
               "steps_run": head.steps_run}
-    held_out = {} if winner.held_out is None else {"held_out": winner.held_out}
+    held_out = {} if winner.held_out is None else {"held_out": winner.held_out,
+                                                   "held_out_labels": winner.held_out_labels}
     buffer = io.BytesIO()
     np.savez(buffer, record=np.array(json.dumps(record)), **_layer_arrays(head.layers), **held_out)
     data = buffer.getvalue()
@@ -143,9 +148,9 @@ def _stored_head(path: Path, head: object) -> Winner | None:
         with np.load(io.BytesIO(data)) as arrays:
             record = json.loads(str(arrays["record"]))
             layers = _layers_from(arrays, record["layers"])
-            held_out = arrays["held_out"] if "held_out" in arrays.files else None  # older caches lack it
+            stored = {k: arrays[k] for k in ("held_out", "held_out_labels") if k in arrays.files}  # older caches lack them
         return Winner(head["backbone"], HeadResult(layers, record["history"], record["best_step"], record["steps_run"]),
-                      held_out)
+                      stored.get("held_out"), stored.get("held_out_labels"))
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
 
