@@ -62,4 +62,4 @@ def test_empty_files_are_not_reported_as_duplicates(tmp_path):
 def test_why_nothing_is_held_out_names_small_classes_or_else_the_recorded_split():
     assert why_none_held_out(["ants"]).startswith("a class needs 5+ photos before any of it is held out, and ants has")
     # Classes grown past the bar since a split was recorded: blaming their size would be false.
-    assert why_none_held_out([]).startswith("the split recorded for this folder (the cache's splits/) keeps")
+    assert why_none_held_out([]).startswith("the split recorded for this folder in the cache (splits/) keeps")

@@ -65,8 +65,9 @@ def test_int8_model_is_smaller_with_the_same_interface_and_metadata(model_dir, e
     assert meta8 == meta32
     report = json.loads((exported / REPORT_FILE).read_text())["int8"]
     assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"] / 3
-    assert set(report["int8"]["accuracy"]) == {"validation", "test"}
-    assert report["judged_splits"] == ["validation", "test", "validation and test"]  # each has 10+ photos
+    assert set(report["int8"]["accuracy"]) == {"validation", "test", "validation and test"}
+    assert report["judged"] == ["validation", "test", "validation and test"]  # each has 10+ photos
+    assert report["images"]["validation and test"] == report["images"]["validation"] + report["images"]["test"]
     assert all(v > 0 for v in report["int8"]["images_per_second"].values())
 
 
@@ -136,11 +137,12 @@ def test_int8_is_refused_where_no_held_out_split_can_tell_a_lost_point_from_chan
 def test_a_small_split_that_the_int8_model_gets_wrong_counts_in_the_pooled_drop():
     from retrain.export import POOLED, Int8Report, Measured
 
-    fp32 = Measured(4_000_000, {}, {"validation": 1.0, "test": 1.0})
-    int8 = Measured(1_000_000, {}, {"validation": 1.0, "test": 4 / 9})  # 5 of 9 test photos lost
-    report = Int8Report(fp32, int8, {"validation": 12, "test": 9}, 16 / 21, 12, 0.5, [])
+    fp32 = Measured(4_000_000, {}, {"validation": 1.0, "test": 1.0, POOLED: 1.0})
+    int8 = Measured(1_000_000, {}, {"validation": 1.0, "test": 4 / 9, POOLED: 16 / 21})  # 5 of 9 test photos lost
+    report = Int8Report(fp32, int8, {"validation": 12, "test": 9, POOLED: 21}, 16 / 21, 12, 0.5, [])
     assert report.judged() == ["validation", POOLED]  # 9 test photos alone are too few; pooled they count
-    assert report.drops()[POOLED] == pytest.approx(100 * 5 / 21)
+    assert report.drops()[POOLED] == pytest.approx(100 * 5 / 21) and report.photos() == 21
+    assert "validation and test accuracy (N=21)" in report.table() and "same top-1 label (N=21)" in report.table()
 
 
 def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -94,10 +95,26 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
         np.testing.assert_array_equal(ba, bb)
 
 
-def test_a_ctrl_c_that_lands_while_an_epochs_prefetching_is_finalised_still_interrupts(shapes, tmp_path, monkeypatch):
+def interrupted_fine_tuning(shapes, tmp_path, train_batches) -> list[str]:
+    """Fine-tune 3 epochs with `train_batches` in place of PhotoFiles'; assert Ctrl-C ended it; its log lines."""
+    ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
+    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    logs: list[str] = []
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
+    try:
+        with mock.patch.object(PhotoFiles, "train_batches", train_batches), pytest.raises(KeyboardInterrupt):
+            # On the CPU: a GPU would hold the photos on the device instead of decoding them per epoch.
+            ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head,
+                        tiny(epochs=3, device="cpu"), logs.append,
+                        Checkpoint(tmp_path / "c.pt", {"data": ds.fingerprint()}))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    return logs
+
+
+def test_a_ctrl_c_that_lands_while_an_epochs_prefetching_is_finalised_still_interrupts(shapes, tmp_path):
     # What failed in CI: --mode finetune went on to a complete model after Ctrl-C, because the
     # KeyboardInterrupt was raised inside a generator being finalised, where Python prints and drops it.
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
     real = PhotoFiles.train_batches
 
     def finalised_with_ctrl_c(self, epoch):
@@ -111,21 +128,23 @@ def test_a_ctrl_c_that_lands_while_an_epochs_prefetching_is_finalised_still_inte
         next(pending)
         yield from real(self, epoch)
         del pending  # dropped unexhausted: its finaliser runs now, as a prefetching pool's does
-    monkeypatch.setattr(PhotoFiles, "train_batches", finalised_with_ctrl_c)
-    ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
-    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
-    logs: list[str] = []
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            # On the CPU: a GPU would hold the photos on the device instead of decoding them per epoch.
-            ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head,
-                        tiny(epochs=3, device="cpu"),
-                        logs.append, Checkpoint(tmp_path / "c.pt", {"data": ds.fingerprint()}))
-    finally:
-        signal.signal(signal.SIGINT, before)
+    logs = interrupted_fine_tuning(shapes, tmp_path, finalised_with_ctrl_c)
     # The request came as epoch 2's last batch was drawn: that epoch is whole, so it is kept, and no third starts.
-    assert (tmp_path / "c.pt").exists() and torch.load(tmp_path / "c.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["epoch"] == 2
     assert any(line.startswith("Epoch 2/3") for line in logs) and not any(line.startswith("Epoch 3/3") for line in logs)
+
+
+def test_a_ctrl_c_in_the_middle_of_an_epoch_drops_that_epoch_and_keeps_the_last_checkpoint(shapes, tmp_path):
+    real = PhotoFiles.train_batches
+
+    def ctrl_c_after_the_first_batch(self, epoch):
+        for i, batch in enumerate(real(self, epoch)):
+            yield batch
+            if epoch == 2 and i == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+    logs = interrupted_fine_tuning(shapes, tmp_path, ctrl_c_after_the_first_batch)
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["epoch"] == 1  # a --resume run continues from epoch 1
+    assert any(line.startswith("Epoch 1/3") for line in logs) and not any(line.startswith("Epoch 2/3") for line in logs)
 
 
 def test_warm_start_is_kept_when_no_epoch_beats_it(shapes, cache_dir, monkeypatch):

@@ -30,21 +30,45 @@ def test_a_note_edited_to_name_other_places_removes_nothing_outside_the_folder(t
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "inner.txt").write_text("keep")
     (out / "dir").mkdir()
-    (out / MARKER).write_text(json.dumps({"kind": "model",
-                                          "files": ["../precious.txt", "sub/inner.txt", "..", "", "dir", 3]}))
+    (out / MARKER).write_text(json.dumps({"by_kind": {
+        "model": ["../precious.txt", "sub/inner.txt", "..", "", "dir", 3]}}))
     write_model_dir(out, writer({"model.onnx": b"new"}), "model")
     assert outside.read_text() == "keep" and (out / "sub" / "inner.txt").read_text() == "keep"
     assert (out / "dir").is_dir() and (out / "model.onnx").read_bytes() == b"new"
-    for damaged in ("not json", "[1, 2]", '{"kind": "model", "files": "model.onnx"}', '{"files": ["model.onnx"]}'):
+    for damaged in ("not json", "[1, 2]", '{"files": "model.onnx"}', '{"by_kind": {"model": "model.onnx"}}'):
         (out / MARKER).write_text(damaged)
         write_model_dir(out, writer({"labels.txt": b"x"}), "model")
         assert (out / "model.onnx").exists()  # unlisted by a readable note: kept
 
 
-def test_a_write_of_another_kind_leaves_the_previous_ones_files(tmp_path):
-    # A comparison written into a model's folder (allowed: the folder is retrain's) must not take the model away.
+def test_a_comparison_beside_a_model_leaves_it_and_both_stay_listed(tmp_path):
+    # A comparison written into a model's folder (allowed: the folder is retrain's) must not take the model away,
+    # and the model written again later still cleans up after itself.
     out = tmp_path / "runs"
-    write_model_dir(out, writer({"model.onnx": b"m", "report.html": b"r"}), "model")
+    write_model_dir(out, writer({"model.onnx": b"m", "report.html": b"r", "saliency_3.png": b"s"}), "model")
     write_model_dir(out, writer({"compare.txt": b"c"}), "comparison")
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "compare.txt", "model.onnx", "report.html",
+                                                            "saliency_3.png"])
+    write_model_dir(out, writer({"model.onnx": b"m2", "report.html": b"r2"}), "model")
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "compare.txt", "model.onnx", "report.html"])
-    assert json.loads((out / MARKER).read_text())["kind"] == "comparison"
+    assert json.loads((out / MARKER).read_text())["by_kind"] == {"comparison": ["compare.txt"],
+                                                                 "model": ["model.onnx", "report.html"]}
+
+
+def test_an_export_over_a_model_replaces_the_models_other_files_and_the_other_way(tmp_path):
+    out = tmp_path / "shared"
+    write_model_dir(out, writer({"model.onnx": b"e", "model.ort": b"o", "export.json": b"{}"}), "export")
+    write_model_dir(out, writer({"model.onnx": b"m", "metrics.json": b"{}"}), "model")  # shares model.onnx
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "metrics.json", "model.onnx"])
+    write_model_dir(out, writer({"model.onnx": b"e2", "export.json": b"{}"}), "export")
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "export.json", "model.onnx"])
+
+
+def test_a_note_written_before_kinds_were_recorded_is_read_by_its_files(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("model.onnx", "saliency_3.png"):
+        (out / name).write_bytes(b"old")
+    (out / MARKER).write_text(json.dumps({"written_by": "retrain", "files": ["model.onnx", "saliency_3.png"]}))
+    write_model_dir(out, writer({"model.onnx": b"new"}), "model")
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "model.onnx"])

@@ -173,3 +173,26 @@ def test_when_fine_tuning_does_not_beat_the_head_the_lite_sizes_compete(tmp_path
     assert [s.name for s in scores] == ["lite0", "lite1", "lite2"]
     assert metrics.backbone == max(scores, key=lambda s: s.correct).name
     assert "no fine-tuned epoch beat the head" in metrics.plan["reason"]
+
+
+def test_the_closing_lines_carry_their_evidence_and_name_unused_settings():
+    from dataclasses import replace
+
+    from retrain.pipeline import result_lines
+
+    from test_metrics import run_metrics
+
+    metrics = run_metrics()  # "auto" threshold on 200 held-out predictions, 100 test photos
+    lines = result_lines(metrics)
+    assert lines[0].startswith("Final test accuracy = ") and "(N=100" in lines[0]
+    assert any(line.startswith("Unknown threshold ") and "in-class test photos as unknown" in line for line in lines)
+    calibrated = replace(metrics.calibration, calibrated=True, test_ece_before=0.1, test_ece_after=0.05)
+    few = replace(metrics, calibration=calibrated, test=replace(metrics.test, num_images=4))
+    line = next(line for line in result_lines(few) if line.startswith("Calibration: "))
+    assert line.endswith("; expected calibration error: not measurable on 4 test photos")
+    line = next(line for line in result_lines(replace(metrics, calibration=calibrated)) if line.startswith("Calib"))
+    assert line.endswith("; expected calibration error on 100 test photos: 10.0% before, 5.0% after temperature "
+                         "scaling")
+    unused = replace(metrics, plan={"mode": "head", "unused": ["--epochs (epochs)"], "reason": "too few photos"})
+    assert result_lines(unused)[-1] == "Note: not fine-tuning, so --epochs (epochs) go unused (too few photos)"
+    assert result_lines(replace(unused, plan={"unused": ["--epochs (epochs)"]}))[-1].endswith("go unused")

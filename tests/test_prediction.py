@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,12 @@ def test_an_existing_file_is_replaced_only_if_it_holds_earlier_predictions(model
     capsys.readouterr()
     assert main(["predict", str(model_dir), str(folder_with_bad_files), "--overwrite"]) == 2
     assert "--overwrite: only with --output" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_pipe_is_refused_without_reading_it(model_dir, folder_with_bad_files, tmp_path, capsys):
+    from retrain.cli import retrain_main as main
+
+    pipe = tmp_path / "out.csv"
+    os.mkfifo(pipe)  # reading it to see whether it holds predictions would block forever
+    assert main(["predict", str(model_dir), str(folder_with_bad_files), "--output", str(pipe), "--overwrite"]) == 2
+    assert "is not a regular file (a pipe or a device)" in capsys.readouterr().err

@@ -214,7 +214,8 @@ def test_compare_checks_every_model_before_training_any(tmp_path, cache_dir, cap
 
 @pytest.mark.parametrize("per_class, options, says", [
     (3, [], "none is held out: a class needs 5+ photos before any of it is held out, and circles, squares, stripes "
-            "have fewer; add photos (50+ per class), or give test photos with --test_dir"),
+            "have fewer; add photos (50+ per class), or put held-out photos in val/ and test/ folders beside train/ "
+            "(or give --test_dir)"),
     (5, ["--testing_percentage", "0"], "--testing_percentage 0 holds none out"),
     (5, ["--test_dir", "EMPTY"], "the test folder EMPTY holds no readable photo of these classes"),
 ])
@@ -301,6 +302,6 @@ def test_compare_called_with_settings_one_model_would_ignore_trains_none(tmp_pat
 
     data = small_gray_dataset(tmp_path / "gray", per_class=5)
     config = TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(hidden_units=64))
-    with pytest.raises(UserError, match="--hidden_units"):
+    with pytest.raises(UserError, match="model 'scratch-small': --hidden_units"):
         compare(data, ["lite0", "scratch-small"], config, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()

@@ -140,12 +140,12 @@ def _threshold(asked: float | str | None, suggested: float, held_out: int) -> tu
     return float(asked or 0.0), ("set by --unknown_threshold" if asked else None)
 
 
-def calibration_error_text(report: CalibrationReport, n: int) -> str:
+def calibration_error_text(report: CalibrationReport, n: int, photos: str = "photos") -> str:
     """The expected calibration error on the n photos it was measured on, or why it is not measurable there."""
     if n < TOO_FEW_TO_MEASURE:
-        return f"Expected calibration error: not measurable on {n} photos."
+        return f"Expected calibration error: not measurable on {n} {photos}."
     before = f"{100 * report.test_ece_before:.1f}% before, " if report.test_ece_before is not None else ""
-    return (f"Expected calibration error on {n} photos: {before}{100 * report.test_ece_after:.1f}% "
+    return (f"Expected calibration error on {n} {photos}: {before}{100 * report.test_ece_after:.1f}% "
             f"{'after' if report.calibrated else 'without'} temperature scaling.")
 
 

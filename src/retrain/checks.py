@@ -108,12 +108,14 @@ def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
 
 def why_none_held_out(unsplit: list[str]) -> str:
     """Why a split carved at a percentage holds no photo at all, and what to do."""
+    instead = "or put held-out photos in val/ and test/ folders beside train/"
     if unsplit:
         return (f"a class needs {MIN_HELD_OUT}+ photos before any of it is held out, and {', '.join(unsplit)} "
-                f"{'has' if len(unsplit) == 1 else 'have'} fewer; add photos (50+ per class)")
-    # Every class is big enough now: the split recorded when they were smaller keeps their photos in training.
-    return ("the split recorded for this folder (the cache's splits/) keeps its photos in training, as it did when "
-            "the classes were smaller; give held-out photos in val/ and test/ folders")
+                f"{'has' if len(unsplit) == 1 else 'have'} fewer; add photos (50+ per class), {instead}")
+    # Every class is big enough now: the split recorded when they were smaller keeps those photos in training,
+    # and the few added since filled validation first.
+    return ("the split recorded for this folder in the cache (splits/) keeps the photos it first saw in training; "
+            f"add more photos to every class, {instead}")
 
 
 def exact_duplicates(dataset: Dataset, root: Path | None = None) -> list[DuplicateGroup]:

@@ -119,7 +119,7 @@ def _why_no_test_photos(image_dir: str | Path, dataset: Dataset, config: TrainCo
         return f"the test folder {folder} holds no readable photo of these classes: put photos in its class folders"
     if not config.testing_percentage:
         return "--testing_percentage 0 holds none out: give a percentage above 0, or test photos with --test_dir"
-    return f"none is held out: {why_none_held_out(dataset.unsplit_classes)}, or give test photos with --test_dir"
+    return f"none is held out: {why_none_held_out(dataset.unsplit_classes)} (or give --test_dir)"
 
 
 def _run_config(config: TrainConfig, entry: Contender) -> TrainConfig:
@@ -136,8 +136,11 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
     check_test_photos(image_dir, config, cache)
     # Every model's settings checked before the first trains (a head setting a scratch backbone would ignore).
     configs = [_run_config(config, entry) for entry in entries]
-    for run_config in configs:
-        check_settings_apply(run_config)
+    for entry, run_config in zip(entries, configs):
+        try:
+            check_settings_apply(run_config)
+        except UserError as e:
+            raise UserError(f"model '{entry.name}': {e}") from None
     runs = []
     for entry, run_config in zip(entries, configs):
         name, backbone = entry.name, entry.backbone

@@ -221,19 +221,26 @@ def training_folder_warning(clf: Classifier, image_dir: str | Path) -> str | Non
     try:
         provenance = json.loads(clf.metadata["retrain:provenance"])
         trained = Path(provenance["image_dir"]).resolve()
-        held_out = [Path(provenance["config"][key]).resolve() for key in ("val_dir", "test_dir")
-                    if provenance["config"].get(key)]
-        held_out += [p.resolve() for split, p in find_split_dirs(trained).items() if split != "train"]
-    except (KeyError, TypeError, ValueError, OSError, AttributeError, UserError):  # made elsewhere, or moved
+    except (KeyError, TypeError, ValueError, OSError):  # a model made elsewhere, or without provenance
         return None
     here = Path(image_dir).resolve()
     if here != trained and trained not in here.parents and here not in trained.parents:
         return None
-    if any(here == p or p in here.parents for p in held_out):  # a val/ or test/ folder: photos it never trained on
-        return None
+    if any(here == p or p in here.parents for p in _held_out_folders(trained, provenance)):
+        return None  # a val/ or test/ folder: photos the model never trained on
     return (f"{image_dir} is the folder this model was trained from: most of these photos trained it, so this "
             "accuracy is inflated; measure it on photos the model never saw (its own test split's accuracy is "
             "in metrics.json and report.html).")
+
+
+def _held_out_folders(trained: Path, provenance: dict) -> list[Path]:
+    """The recorded --val_dir/--test_dir and the val/ and test/ folders beside train/, where they still read."""
+    config = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
+    folders = [Path(config[key]).resolve() for key in ("val_dir", "test_dir") if isinstance(config.get(key), str)]
+    try:
+        return folders + [p.resolve() for split, p in find_split_dirs(trained).items() if split != "train"]
+    except (OSError, UserError):  # the folder changed since (a folder added beside the splits): the recorded ones
+        return folders
 
 
 def evaluate_folder(model: str | Path | Classifier, image_dir: str | Path, *, workers: int = 2, quiet: bool = False,

@@ -34,7 +34,7 @@ from .config import ExportConfig
 from .errors import UserError
 from .evidence import INTERVAL_BELOW, TOO_FEW_TO_MEASURE, describe_accuracy
 from .runtime import decoded_batches, inference_session
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
 from .outputs import check_output_dir, write_model_dir
 from .graphs import any_size_model, tidy_opsets
 from .prediction import LABELS_FILE, MODEL_FILE, Classifier, load
@@ -61,24 +61,24 @@ POOLED = "validation and test"
 class Int8Report:
     fp32: Measured
     int8: Measured
-    images: dict[str, int]  # photos per split the accuracies are over
+    images: dict[str, int]  # photos per split the accuracies are over (POOLED: both splits together)
     top1_agreement: float  # fraction of those photos both models give the same label
     calibration_images: int
     tolerance: float
     cpu: list[str]  # AVX2 / AVX-512 VNNI / BF16 flags: which int8 kernels ONNX Runtime could choose
 
     def drops(self) -> dict[str, float]:
-        """Accuracy points lost per split and over all of them pooled (negative: the int8 model is more accurate)."""
-        per_split = {s: 100 * (self.fp32.accuracy[s] - self.int8.accuracy[s]) for s in self.fp32.accuracy}
-        total = sum(self.images.values())
-        pooled = sum(per_split[s] * self.images[s] for s in per_split) / total if total else 0.0
-        return per_split | ({POOLED: pooled} if len(per_split) > 1 else {})
+        """Accuracy points lost per split, and pooled (negative: the int8 model is more accurate)."""
+        return {s: 100 * (self.fp32.accuracy[s] - self.int8.accuracy[s]) for s in self.fp32.accuracy}
 
     def judged(self) -> list[str]:
         """The drops with photos enough for the tolerance to mean something (one photo of 4 is 25 points):
         each split of 10+ photos, and the splits pooled (a small split's losses count there)."""
-        counts = self.images | {POOLED: sum(self.images.values())}
-        return [s for s in self.drops() if counts[s] >= TOO_FEW_TO_MEASURE]
+        return [s for s in self.drops() if self.images[s] >= TOO_FEW_TO_MEASURE]
+
+    def photos(self) -> int:
+        """Distinct photos both models ran on."""
+        return self.images.get(POOLED, sum(self.images.values()))
 
     def table(self) -> str:
         rows = [("", "fp32", "int8", "ratio"),
@@ -87,10 +87,11 @@ class Int8Report:
         for key in self.fp32.images_per_second:
             a, b = self.fp32.images_per_second[key], self.int8.images_per_second[key]
             rows.append((f"images/s, {key.replace('_', ' ')}", f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x"))
-        for split, drop in ((s, d) for s, d in self.drops().items() if s in self.images):
+        for split, drop in self.drops().items():
             rows.append((f"{split} accuracy (N={self.images[split]})", f"{100 * self.fp32.accuracy[split]:.1f}%",
                          f"{100 * self.int8.accuracy[split]:.1f}%", f"{0 - drop:+.1f} points"))
-        rows.append((f"same top-1 label (N={sum(self.images.values())})", "", f"{100 * self.top1_agreement:.1f}%", ""))
+        agreement = f"{100 * self.top1_agreement:.1f}%" if self.photos() else "n/a"
+        rows.append((f"same top-1 label (N={self.photos()})", "", agreement, ""))
         evidence = [f"{split}: fp32 {describe_accuracy(self.fp32.accuracy[split], n)}, int8 "
                     f"{describe_accuracy(self.int8.accuracy[split], n)}" for split, n in self.images.items()
                     if n < INTERVAL_BELOW]  # what so few photos can say of the figures above
@@ -114,7 +115,7 @@ def export(model_dir: str | os.PathLike, output: str | os.PathLike, config: Expo
     with tempfile.TemporaryDirectory(prefix="retrain-export-") as tmp:
         if config.int8:
             model, int8 = int8_model(source, model, Path(tmp), config, log)
-            report["int8"] = asdict(int8) | {"accuracy_drop_points": int8.drops(), "judged_splits": int8.judged()}
+            report["int8"] = asdict(int8) | {"accuracy_drop_points": int8.drops(), "judged": int8.judged()}
         files = {MODEL_FILE: model}
         if config.any_size:
             files[ANY_SIZE_FILE] = any_size_model(model, source.prep)
@@ -197,7 +198,7 @@ def _check_enough_to_judge(dataset: Dataset, tolerance: float, images: dict[str,
     """Refuse int8 where the held-out photos, pooled, are too few to tell a lost point from chance, unless
     the tolerance accepts any loss."""
     images = images if images is not None else {s: len(dataset.split(s)) for s in ("validation", "test")}
-    if sum(images.values()) < TOO_FEW_TO_MEASURE and tolerance < 100:
+    if images.get(POOLED, sum(images.values())) < TOO_FEW_TO_MEASURE and tolerance < 100:
         raise UserError(f"only {images.get('validation', 0)} validation and {images.get('test', 0)} test photos: "
                         f"too few to check that the int8 model keeps the fp32 model's accuracy ({TOO_FEW_TO_MEASURE} "
                         "or more are needed); nothing written. Add photos to every class and train again, export "
@@ -213,9 +214,12 @@ def training_dataset(source: Classifier, image_dir: str | None, log: Callable[[s
     if not Path(folder).is_dir():
         raise UserError(f"the training photos of {source.path} are not at {folder} any more: give their folder "
                         "with --image_dir (int8 calibration and the accuracy check need them)")
+    # The split recorded in training's cache: a folder grown since keeps its first photos where training put them.
+    records = Path(settings.get("cache_dir") or default_cache_dir()) / "splits"
     dataset = scan_dataset(folder, val_dir=settings.get("val_dir"), test_dir=settings.get("test_dir"),
                            validation_percentage=settings.get("validation_percentage", 10.0),
-                           testing_percentage=settings.get("testing_percentage", 10.0), quiet=True)
+                           testing_percentage=settings.get("testing_percentage", 10.0), quiet=True,
+                           split_records=records)
     if dataset.classes != source.labels:
         raise UserError(f"the class folders of {folder} ({', '.join(dataset.classes)}) are not the model's classes "
                         f"({', '.join(source.labels)}): give the training folder with --image_dir")
@@ -338,10 +342,10 @@ def _keep_interface(quantized: onnx.ModelProto, model: onnx.ModelProto, calibrat
 
 def compare_accuracy(fp32: ort.InferenceSession, int8: ort.InferenceSession, dataset: Dataset, source: Classifier,
                      workers: int) -> tuple[dict[str, dict[str, float]], dict[str, int], float]:
-    """({"fp32"|"int8": {split: accuracy}}, {split: photos}, top-1 agreement) over validation and test,
-    each photo decoded once and given to both models."""
+    """({"fp32"|"int8": {split: accuracy}}, {split: photos}, top-1 agreement) over validation and test, and
+    over both pooled (POOLED) where both have photos; each photo decoded once and given to both models."""
     accuracy: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
-    images, agree, total = {}, 0, 0
+    images, agree, total, pooled = {}, 0, 0, {"fp32": 0, "int8": 0}
     for split in ("validation", "test"):
         samples = dataset.split(split)
         if not len(samples):
@@ -359,6 +363,11 @@ def compare_accuracy(fp32: ort.InferenceSession, int8: ort.InferenceSession, dat
             total += n
             for name in right:
                 accuracy[name][split] = right[name] / n
+                pooled[name] += right[name]
+    if len(images) > 1:  # a split too small to judge alone still counts here
+        images[POOLED] = total
+        for name in pooled:
+            accuracy[name][POOLED] = pooled[name] / total
     return accuracy, images, agree / total if total else 0.0
 
 

@@ -428,7 +428,8 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
     correct, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
     bar = progress(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step",
                leave=False, disable=quiet)
-    for step, (batch, labels) in enumerate(data.train_batches(epoch)):
+    batches = iter(data.train_batches(epoch))
+    for step, (batch, labels) in enumerate(batches):
         x = _to_device(torch.as_tensor(batch), prep, device)
         y = torch.as_tensor(labels).to(device, non_blocking=True)
         with _autocast(device):
@@ -450,8 +451,10 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
                 break
             if not quiet:
                 bar.set_postfix(loss=f"{so_far / seen:.3f}", acc=f"{float(correct) / seen:.3f}")
-        if stop:  # a request on the last step leaves a whole epoch, kept like any other
-            cut_by_stop = step + 1 < steps
+        if stop:
+            # A request on the last step leaves a whole epoch, kept like any other. Only the source knows
+            # whether a batch is left: batches of unreadable photos are skipped.
+            cut_by_stop = next(batches, None) is not None
             break
         if deadline and time.perf_counter() > deadline:
             cut_short = step + 1 < steps

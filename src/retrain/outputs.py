@@ -111,25 +111,34 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None], kind:
     """Run `write(staging)` in a staging folder inside `out`, then rename every file it made into `out`.
 
     A failure part-way (a full disk, a read-only mount) removes the staging folder and leaves the
-    previous model in `out` untouched; the UserError names the path and what to do. Files that the
-    previous write of the same `kind` ("model", "export", "comparison") listed and this one did not
-    make (a saliency map, the plots of a split that is gone) are removed: beside the new model they
-    would describe the old one. Another kind's files are left as they are.
+    previous model in `out` untouched; the UserError names the path and what to do. The note lists
+    each kind's files ("model", "export", "comparison"). A write replaces its own kind's files and
+    those of any kind it shares a name with (a model and an export both write model.onnx): what
+    those listed and this write did not make (a saliency map, the plots of a split that is gone, an
+    export's .ort) is removed, since beside the new model it would describe the old one. A kind
+    that shares no name with it (a comparison beside a model) is left as it is.
     """
     out = Path(out)
-    previous = _files_written_before(out, kind)
+    previous = _files_by_kind(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".retrain-staging-", dir=out))
     except OSError as e:
         raise UserError(os_error_message(e, "write the model to")) from None
     try:
-        names = _stage(staging, write, out, kind)
+        names = _stage(staging, write, out)
+        made = set(names)
+        kept = {k: files for k, files in previous.items() if k != kind and not files & made}
+        stale = set().union(*previous.values()) - made - set().union(*kept.values())
+        try:
+            _note(staging, kind, names[:-1], kept)
+        except OSError as e:
+            raise _not_written(e, out) from None
         try:
             with interrupts_deferred():  # Ctrl-C between two renames would pair a new model with old labels
                 for name in names[:-1]:  # renames within one folder: no space needed, each one atomic
                     os.replace(staging / name, out / name)
-                for name in previous - set(names):
+                for name in stale:
                     with contextlib.suppress(OSError):  # a stale file that cannot go is no reason to fail the model
                         (out / name).unlink(missing_ok=True)
                 os.replace(staging / MARKER, out / MARKER)  # last: until it lands, the old note lists the old files
@@ -140,26 +149,44 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None], kind:
     return out
 
 
-def _files_written_before(out: Path, kind: str) -> set[str]:
-    """The plain file names the MARKER in `out` lists, if a write of this kind made it; none if it is
-    unreadable, of another kind, or from before kinds were recorded."""
+def _files_by_kind(out: Path) -> dict[str, set[str]]:
+    """{kind: plain file names} from the MARKER in `out`; {} if there is none or it is unreadable. A note
+    from before kinds were recorded lists one write's files: its kind is told by them."""
     try:
         note = json.loads((out / MARKER).read_text(encoding="utf-8"))
-        files = note["files"] if note.get("kind") == kind else []
+        by_kind = note.get("by_kind") or {_kind_of(note["files"]): note["files"]}
+        return {str(k): _plain_names(files) for k, files in by_kind.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
-    # Only names of files directly in `out`: a note edited by hand must not reach anything else.
-    return {f for f in files if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..", MARKER)} \
-        if isinstance(files, list) else set()
+        return {}
 
 
-def _stage(staging: Path, write: Callable[[Path], None], out: Path, kind: str) -> list[str]:
-    """Every file of the model written into `staging`, MARKER last; their names, MARKER last."""
+def _kind_of(files: list) -> str:
+    return "comparison" if "compare.json" in files else "export" if "export.json" in files else "model"
+
+
+def _plain_names(files: object) -> set[str]:
+    """Only names of files directly in the folder: a note edited by hand must not reach anything else."""
+    if not isinstance(files, list):
+        raise TypeError("not a list of names")
+    return {f for f in files if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..", MARKER)}
+
+
+def _not_written(e: OSError, out: Path) -> UserError:
+    return UserError(os_error_message(e, "write the model to", out) + "; the folder's previous contents are unchanged")
+
+
+def _note(staging: Path, kind: str, names: list[str], kept: dict[str, set[str]]) -> None:
+    """MARKER: this write's files and those of the kinds it leaves in place, each under its kind."""
+    by_kind = {k: sorted(files) for k, files in kept.items()} | {kind: names}
+    atomic_write_json(staging / MARKER, {"written_by": "retrain", "kind": kind, "by_kind": by_kind,
+                                         "files": sorted(set().union(*map(set, by_kind.values())))})
+
+
+def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]:
+    """Every file of the model written into `staging`; their names, MARKER last (written by _note)."""
     try:
         write(staging)
         names = sorted(p.name for p in staging.iterdir())
-        atomic_write_json(staging / MARKER, {"written_by": "retrain", "kind": kind, "files": names})
     except OSError as e:
-        raise UserError(os_error_message(e, "write the model to", out) + "; the folder's previous contents are "
-                        "unchanged") from None
+        raise _not_written(e, out) from None
     return [*names, MARKER]

@@ -36,7 +36,8 @@ from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, def
 from .config import Checkpoint, TrainConfig
 from .graphs import check_output_name, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate, calibration_error_text, unknown_threshold_text
-from .metrics import BackboneScore, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics, SkippedFile
+from .metrics import (BackboneScore, CalibrationReport, FinetuneRecord, HeadRecord, PredictionRecord, RunMetrics,
+                      SkippedFile)
 from .head import OUT_OF_FOLD_MAX_ROWS, HeadResult, logits, out_of_fold_logits, softmax, train_head
 from .prediction import LABELS_FILE, METRICS_FILE, MODEL_FILE
 from .split import MIN_HELD_OUT
@@ -615,15 +616,20 @@ def result_lines(metrics: RunMetrics) -> list[str]:
     lines += [f"Warning: {copies_warning(copies, n_test)}"] if copies else []
     disagree = small_splits_disagree(metrics.validation_accuracy, n_val, metrics.test_accuracy, n_test)
     lines += [disagree] if disagree else []
-    cal = metrics.calibration
+    lines.append(_calibration_line(metrics.calibration, n_test))
+    threshold = unknown_threshold_text(metrics.calibration, n_test)
+    lines += [threshold] if threshold else []
+    unused, reason = metrics.plan.get("unused"), metrics.plan.get("reason")
+    return lines + ([f"Note: {unused_note(unused)}" + (f" ({reason})" if reason else "")] if unused else [])
+
+
+def _calibration_line(cal: CalibrationReport, n_test: int) -> str:
+    """What calibration did, and the calibration error it left on the test photos (or that it is not measurable)."""
     line = f"Calibration: {cal.why}"
     if cal.calibrated and cal.test_ece_after is not None:
-        text = calibration_error_text(cal, n_test)  # over the test photos
+        text = calibration_error_text(cal, n_test, "test photos")
         line += f"; {text[0].lower()}{text[1:].rstrip('.')}"
-    threshold = unknown_threshold_text(cal, n_test)
-    unused = metrics.plan.get("unused")
-    return lines + [line] + ([threshold] if threshold else []) + (
-        [f"Note: {unused_note(unused)} ({metrics.plan.get('reason', '')})"] if unused else [])
+    return line
 
 
 def _evaluate(fitted: _Fitted, cal: Calibration, record: dict) -> tuple[RunMetrics, list[tuple[str, str, str]]]:

@@ -243,6 +243,9 @@ class RowWriter:
         self.path, self.top_k, self.format = Path(path), top_k, output_format(path)
         if self.path.is_dir():  # found now, not by the rename after every image is classified
             raise UserError(f"--output {self.path} is a folder: give a file name ending in .csv or .jsonl")
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"--output {self.path} is not a regular file (a pipe or a device): give a file name; the "
+                            "predictions are written beside it and renamed into place when complete")
         if not overwrite and self.path.exists() and not _predictions_file(self.path):
             raise UserError(f"--output {self.path} already exists and is not a predictions file retrain wrote: give "
                             "a new file name, or add --overwrite to replace it")

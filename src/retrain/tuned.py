@@ -111,8 +111,9 @@ def save_scores(path: Path, scores: list[BackboneScore], identity: dict, winner:
     head = winner.head
     record = {"layers": len(head.layers), "history": head.history, "best_step": head.best_step,
               "steps_run": head.steps_run}
-    held_out = {} if winner.held_out is None else {"held_out": winner.held_out,
-                                                   "held_out_labels": winner.held_out_labels}
+    # The logits only with their labels: a cache without them computes both again, never pairs them wrongly.
+    held_out = {} if winner.held_out is None or winner.held_out_labels is None else {
+        "held_out": winner.held_out, "held_out_labels": np.asarray(winner.held_out_labels, np.int64)}
     buffer = io.BytesIO()
     np.savez(buffer, record=np.array(json.dumps(record)), **_layer_arrays(head.layers), **held_out)
     data = buffer.getvalue()
