@@ -9,7 +9,8 @@ small folder a T fitted on a handful of photos does harm (2 validation photos on
 and raised the test error from 0.6% to 24.9%), so T is kept only with enough evidence and only
 when, fitted on one half of the held-out predictions, it lowers the calibration error of the
 other half, over repeated random halves. The rejection rule flags a photo as unknown when its
-calibrated top probability is below a threshold chosen on the held-out predictions.
+calibrated top probability is below a threshold chosen on the held-out predictions ("auto":
+with as much evidence as a temperature needs, else none).
 """
 from __future__ import annotations
 
