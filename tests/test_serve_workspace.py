@@ -249,6 +249,28 @@ def test_everything_is_still_there_after_a_restart(classifier, model_dir, worksp
     assert json.loads((workspace / "models" / "active.json").read_text()) == {"model": model}
 
 
+def test_a_model_left_half_kept_by_a_killed_server_is_never_listed_broken(classifier, model_dir, workspace):
+    # What an auditor met: killed while keeping a model, the server listed it after a restart and its download
+    # answered 500 (the folder had moved in before its zip was written).
+    models = workspace / "models"
+    with open_client(classifier, workspace) as c:
+        keep_model(c, model_dir, "aaaaaaaaaaaa")
+    half = models / "bbbbbbbbbbbb"
+    shutil.copytree(model_dir, half)  # moved in, zip not yet written: as an older retrain left it
+    (half / ".model.zip").write_bytes(b"PK")
+    partial = models / "cccccccccccc"
+    partial.mkdir()
+    shutil.copy(model_dir / "model.onnx", partial / "model.onnx")  # not a whole model: never listed
+    with open_client(classifier, workspace) as c:
+        listed = [m["id"] for m in c.get("/models").json()["models"]]
+        assert "bbbbbbbbbbbb" in listed and "cccccccccccc" not in listed
+        r = c.get("/models/bbbbbbbbbbbb/model.zip")  # zipped again at start-up, whole
+        assert r.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+            assert sorted(z.namelist()) == ["labels.txt", "metrics.json", "model.onnx", "report.html"]
+        assert c.get("/models/cccccccccccc/model.zip").status_code == 404
+
+
 def test_training_with_an_empty_class_names_it(client):
     add_photos(client, "ants", "circles", 3)
     r = client.post("/jobs", json={"quality": "fast"})

@@ -50,6 +50,8 @@ class ModelStore:
         """startup: the model asked for; None serves the workspace's last model, else `fallback()`."""
         self.root, self.kept, self.lock = root, kept, threading.Lock()
         self._metrics: dict[str, RunMetrics | None] = {}  # a kept model's folder never changes: read it once
+        for unzipped in (p for p in root.iterdir() if self._complete_but_unzipped(p)):
+            _zip(unzipped)  # an earlier retrain moved the folder in first; a server killed then left it unzipped
         active = self._saved_active()
         if startup is None and active:
             self.startup, self.startup_name, self.active, self.clf = None, None, active, load(self.folder(active))
@@ -63,10 +65,19 @@ class ModelStore:
             active = json.loads((self.root / ACTIVE_FILE).read_text(encoding="utf-8"))["model"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return active if MODEL_ID.fullmatch(str(active)) and (self.root / active / MODEL_FILE).is_file() else None
+        return active if self._kept(str(active)) else None
+
+    def _kept(self, name: str) -> bool:
+        """Whether `name` is a kept model: a model folder with its zip."""
+        folder = self.root / name
+        return bool(MODEL_ID.fullmatch(name)) and (folder / MODEL_FILE).is_file() and (folder / ZIP_FILE).is_file()
+
+    def _complete_but_unzipped(self, folder: Path) -> bool:
+        return bool(MODEL_ID.fullmatch(folder.name)) and all((folder / n).is_file() for n in ZIPPED) and \
+            not (folder / ZIP_FILE).is_file()
 
     def folder(self, model_id: str) -> Path:
-        if not MODEL_ID.fullmatch(model_id) or not (self.root / model_id / MODEL_FILE).is_file():
+        if not self._kept(model_id):
             raise ApiError(404, f"no trained model '{model_id[:40]}'")
         return self.root / model_id
 
@@ -86,8 +97,8 @@ class ModelStore:
         return found
 
     def ids(self) -> list[str]:
-        """Trained models, newest first."""
-        found = [p for p in self.root.iterdir() if MODEL_ID.fullmatch(p.name) and (p / MODEL_FILE).is_file()]
+        """Trained models, newest first: those kept whole (a server killed while keeping one left it without its zip)."""
+        found = [p for p in self.root.iterdir() if self._kept(p.name)]
         return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def describe(self, model_id: str) -> dict:
@@ -114,14 +125,11 @@ class ModelStore:
             atomic_write_json(self.root / ACTIVE_FILE, {"model": model_id})
 
     def add(self, model_id: str, model_dir: Path) -> None:
-        """Keep a finished run's model, zip it with its report, serve it, and forget the oldest."""
-        target = self.root / model_id
-        os.replace(model_dir, target)
-        with zipfile.ZipFile(target / ".model.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-            for name in ZIPPED:
-                if (target / name).is_file():
-                    z.write(target / name, name)
-        os.replace(target / ".model.zip", target / ZIP_FILE)
+        """Keep a finished run's model, zip it with its report, serve it, and forget the oldest.
+
+        The zip is made before the folder moves in: a server killed part-way leaves no model half kept."""
+        _zip(model_dir)
+        os.replace(model_dir, self.root / model_id)
         self.use(model_id)
         for old in self.ids()[self.kept:]:
             if old != self.active:
@@ -144,6 +152,15 @@ class ModelStore:
         except (OSError, ValueError):
             return {"items": [], "notes": ["doctor's checks did not run for this model"]}
         return {"items": findings_items(report), "notes": report.get("warnings", []) + report.get("notes", [])}
+
+
+def _zip(folder: Path) -> None:
+    """ZIP_FILE in `folder`: the model's files, written beside it and renamed when whole."""
+    with zipfile.ZipFile(folder / ".model.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name in ZIPPED:
+            if (folder / name).is_file():
+                z.write(folder / name, name)
+    os.replace(folder / ".model.zip", folder / ZIP_FILE)
 
 
 def _entry(e: dict) -> dict:
