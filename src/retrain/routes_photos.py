@@ -43,9 +43,12 @@ class MoveTo(BaseModel):
 def add_photo_routes(app: FastAPI) -> None:
     @app.get("/classes", summary="Training classes, their photo counts, and how long training would take")
     async def classes(request: Request) -> dict:
-        found = state(request).workspace.classes()
+        s = state(request)
+        found = s.workspace.classes()
         sizes = [c["images"] for c in found]
-        return {"classes": found, "estimates": {q: estimate(q, sizes) for q in QUALITIES}}
+        # The page sizes its upload requests by these, so that a batch of big phone photos is not refused whole.
+        limits = {"bytes": s.config.max_upload_bytes, "files": s.config.max_files}
+        return {"classes": found, "estimates": {q: estimate(q, sizes) for q in QUALITIES}, "upload_limits": limits}
 
     @app.post("/classes", status_code=201, summary="Create a training class (names are unique ignoring case)")
     async def create_class(request: Request, body: NewClass) -> dict:

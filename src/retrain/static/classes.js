@@ -1,14 +1,15 @@
 // Step 1: classes and their photos. Everything shown comes from the server, so a reload shows it all again.
 "use strict";
 
-const UPLOAD_CHUNK = 8;  // photos per request: well under the server's per-request limits
-let classNames = [];
+const UPLOAD_CHUNK = 8;  // photos per request at most
+let classNames = [], uploadLimits = {bytes: 32 << 20, files: 16};  // the server's, once /classes is read
 
 function seconds(s) { return s < 90 ? `~${s} s` : `~${Math.round(s / 60)} min`; }
 
 async function refreshClasses() {
-  const {classes, estimates} = await api("/classes");
+  const {classes, estimates, upload_limits} = await api("/classes");
   classNames = classes.map(c => c.name);
+  uploadLimits = upload_limits || uploadLimits;
   $("estimate-fast").textContent = `(${seconds(estimates.fast.seconds)} for ${photoCount(classes)})`;
   $("estimate-accurate").textContent = `(up to ${seconds(estimates.accurate.seconds)})`;
   $("plan-accurate").textContent = classes.length ? `More accurate, on these photos: ${estimates.accurate.plan}.` : "";
@@ -63,17 +64,17 @@ function classCard(name) {
 async function upload(card, files) {
   const problems = [], duplicates = [], doubts = [];
   let added = 0;
-  for (let i = 0; i < files.length; i += UPLOAD_CHUNK) {
+  for (const chunk of uploadChunks(files)) {
     const form = new FormData();
-    for (const file of files.slice(i, i + UPLOAD_CHUNK)) form.append("files", file, file.name);
+    for (const file of chunk) form.append("files", file, file.name);
     try {
       const reply = await api(`${classUrl(card.dataset.class)}/images`, {method: "POST", body: form});
       added += reply.added.length;
       duplicates.push(...reply.duplicates);
       doubts.push(...reply.doubts);
       problems.push(...reply.rejected.map(r => r.error));
-    } catch (e) {
-      problems.push(e.message);
+    } catch (e) {  // the whole request was refused: say which photos it held
+      problems.push(`${chunk.map(f => f.name).join(", ")}: ${e.message}`);
     }
   }
   const note = [`${added} photo${added === 1 ? "" : "s"} added`];
@@ -82,6 +83,24 @@ async function upload(card, files) {
   card.querySelector(".note").textContent = note.join("; ");
   showError(card.querySelector(".error"), problems.length ? problems.join("; ") : null);
   changed("classes");
+}
+
+// Requests of at most UPLOAD_CHUNK photos that stay under the server's body limit (a little is kept for
+// the form's own bytes); a photo over the limit on its own goes alone, and the server names the limit.
+function uploadChunks(files) {
+  const room = uploadLimits.bytes - (64 << 10), most = Math.min(UPLOAD_CHUNK, uploadLimits.files);
+  const chunks = [];
+  let chunk = [], size = 0;
+  for (const file of files) {
+    if (chunk.length && (chunk.length === most || size + file.size > room)) {
+      chunks.push(chunk);
+      chunk = [], size = 0;
+    }
+    chunk.push(file);
+    size += file.size;
+  }
+  if (chunk.length) chunks.push(chunk);
+  return chunks;
 }
 
 async function deleteClass(card) {
