@@ -271,6 +271,28 @@ def test_a_model_left_half_kept_by_a_killed_server_is_never_listed_broken(classi
         assert c.get("/models/cccccccccccc/model.zip").status_code == 404
 
 
+def test_an_undo_never_puts_a_photo_in_two_classes_or_makes_a_class_past_the_limit(classifier, workspace):
+    with open_client(classifier, workspace) as c:
+        [photo] = add_photos(c, "forest", "circles", 1)
+        token = c.delete(f"/classes/forest/photos/{photo}").json()["undo"]
+        c.post("/classes", json={"name": "café"})
+        r = c.post("/classes/café/images", files=upload(("again.png", image_bytes("circles", seed=0, size=64))))
+        assert r.json()["added"] == [photo]  # the same bytes, now in another class
+        r = c.post(f"/undo/{token}")
+        assert r.status_code == 409 and "now in 'café'" in r.json()["error"]
+        assert photos_of(c, "forest") == [] and photos_of(c, "café") == [photo]  # nothing moved
+        c.delete(f"/classes/café/photos/{photo}")
+        assert c.post(f"/undo/{token}").json()["restored"] and photos_of(c, "forest") == [photo]  # now it may
+    config = ServeConfig(workspace=str(workspace), max_classes=2)
+    with TestClient(create_app(classifier, config), base_url=LOCAL) as c:
+        c.delete("/classes/café")
+        token = c.delete("/classes/forest").json()["undo"]
+        assert [c.post("/classes", json={"name": n}).status_code for n in "ab"] == [201, 201]
+        r = c.post(f"/undo/{token}")
+        assert r.status_code == 409 and "there are 2 already (the most)" in r.json()["error"]
+        assert [x["name"] for x in c.get("/classes").json()["classes"]] == ["a", "b"]
+
+
 def test_training_with_an_empty_class_names_it(client):
     add_photos(client, "ants", "circles", 3)
     r = client.post("/jobs", json={"quality": "fast"})

@@ -217,12 +217,26 @@ class Workspace:
         what = json.loads((place / "what.json").read_text(encoding="utf-8"))
         with self.lock:
             target = self._find(what["class"]) or self.data / what["class"]
+            self._check_undo(place / what["class"], target)
             target.mkdir(exist_ok=True)
             for photo in (place / what["class"]).iterdir():
                 self.used_bytes += photo.stat().st_size
                 os.replace(photo, target / photo.name)
             shutil.rmtree(place)
         return what | {"restored": True}
+
+    def _check_undo(self, held: Path, target: Path) -> None:
+        """Refuse an undo that would break a rule the upload keeps: one class per photo, at most max_classes.
+        The deleted photos stay in the trash, so the undo can be tried again once the conflict is gone."""
+        photos = [held] if held.is_file() else list(held.iterdir())
+        elsewhere = {p.name: c for p in photos if (c := self.class_of(p.name)) and c != target.name}
+        if elsewhere:
+            named = ", ".join(f"{p} (now in '{c}')" for p, c in list(elsewhere.items())[:3])
+            raise ApiError(409, f"cannot undo: {len(elsewhere)} of its photos were added to another class since: "
+                           f"{named}; a photo belongs to one class: delete or move it there, then undo again")
+        if not target.is_dir() and sum(p.is_dir() for p in self.data.iterdir()) >= self.config.max_classes:
+            raise ApiError(409, f"cannot undo: it would make a class again, and there are {self.config.max_classes} "
+                           "already (the most); delete one, then undo again")
 
     def _prune_trash(self) -> None:
         held = sorted(self.trash.iterdir(), key=lambda p: p.stat().st_mtime)
