@@ -482,12 +482,16 @@ def test_retrain_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     assert code == 2 and "Traceback" in err and "retrain: error: image folder not found" in err
 
 
-def test_serving_on_a_port_in_use_is_a_one_line_error(model_dir, capsys):
+def test_serving_on_a_port_in_use_or_out_of_range_or_an_unusable_cache_is_a_one_line_error(model_dir, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         code, err = run_cli(capsys, "serve", model_dir, "--port", busy.getsockname()[1])
     assert_one_line_error(code, err, "cannot listen on 127.0.0.1", "Address already in use")
+    code, err = run_cli(capsys, "serve", model_dir, "--port", 99999)  # bind() would raise OverflowError
+    assert_one_line_error(code, err, "--port 99999: a TCP port is 1 to 65535")
+    code, err = run_cli(capsys, "serve", model_dir, "--cache_dir", "/proc/no-such-cache")  # found at start-up before
+    assert_one_line_error(code, err, "--cache_dir /proc/no-such-cache: ")
 
 
 # ---------------------------------------------------------------- 5. cached backbones are verified

@@ -35,6 +35,10 @@ def use_cache_dir(cache_dir: str | None) -> None:
     """For serve, whose training runs reach the cache only through defaults: --cache_dir DIR means
     RETRAIN_CACHE=DIR for this process and the ones it starts."""
     if cache_dir:
+        try:  # now, as a one-line error: the server reaches the cache only once it has started
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--cache_dir {cache_dir}: {e.strerror or e}") from None
         os.environ["RETRAIN_CACHE"] = cache_dir
 
 
@@ -238,6 +242,8 @@ def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, wor
     # ServeConfig checks its own limits; these two are read before it exists (the MB become bytes).
     for name, value in (("port", port), ("max_upload_mb", max_upload_mb)):
         positive(f"--{name.replace('_', '-')}", value)
+    if port > 65535:
+        raise UserError(f"--port {port}: a TCP port is 1 to 65535")
     return serve_model(model, host, port, ServeConfig(max_upload_bytes=max_upload_mb << 20, max_queue=max_queue,
                                                       max_batch=max_batch, workspace=workspace))
 
