@@ -242,7 +242,8 @@ def _run_requests(model: FakeModel, max_batch: int, sizes: list[int]) -> list[np
 def test_batcher_merges_waiting_requests_up_to_max_batch():
     model = FakeModel()
     results = _run_requests(model, max_batch=8, sizes=[3, 3, 3, 1, 12])
-    assert model.sizes == [6, 4, 12]  # in arrival order; a request over max_batch runs alone
+    # In arrival order; a request over max_batch runs alone, max_batch images a call (--max_batch 1: no batching).
+    assert model.sizes == [6, 4, 8, 4]
     for i, (res, n) in enumerate(zip(results, [3, 3, 3, 1, 12])):
         assert res.shape == (n, 1) and (res == i).all()  # every request gets exactly its own rows
 

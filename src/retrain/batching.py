@@ -66,13 +66,17 @@ class Batcher:
             await self.ready.wait()
             taken = self._take()
             batch = np.concatenate([images for _, images, _ in taken])
-            try:
-                probs = await loop.run_in_executor(self.runner, taken[0][0].probabilities, batch)
+            parts = []
+            try:  # one request of more images than max_batch still goes max_batch at a time
+                for start in range(0, len(batch), self.max_batch):
+                    parts.append(await loop.run_in_executor(self.runner, taken[0][0].probabilities,
+                                                            batch[start:start + self.max_batch]))
             except Exception as e:  # a model failure fails these requests, not the server
                 for _, _, future in taken:
                     future.done() or future.set_exception(ApiError(500, f"inference failed: {e}"))
                 continue
-            self.calls, self.images = self.calls + 1, self.images + len(batch)
+            probs = np.concatenate(parts)
+            self.calls, self.images = self.calls + len(parts), self.images + len(batch)
             start = 0
             for _, images, future in taken:  # a cancelled future is a client that went away
                 future.done() or future.set_result(probs[start:start + len(images)])
