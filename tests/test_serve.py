@@ -364,6 +364,23 @@ def test_training_state_is_folded_from_the_worker_events(tmp_path):
     assert done.to_dict()["stage"] == "done"
 
 
+def test_a_run_that_said_done_is_not_cancelled_and_keeps_its_model(tmp_path):
+    # What an auditor met: cancelled in the second between the done event and the worker's exit, the run ended
+    # "cancelled" with its results shown and its model thrown away.
+    from unittest import mock
+
+    from retrain.jobs import Trainer
+
+    trainer = Trainer(workspace=None, finished=lambda job, folder: None)
+    job = Job("j", tmp_path, "fast", process=mock.Mock())
+    trainer.jobs["j"] = job
+    job.read_event({"type": "done", "result": {"model": "m"}})
+    assert trainer.cancel("j").status == "running" and not job.process.terminate.called
+    running = Job("r", tmp_path, "fast", process=mock.Mock())
+    trainer.jobs["r"] = running
+    assert trainer.cancel("r").status == "cancelled" and running.process.terminate.called
+
+
 def test_the_worker_reports_a_user_error_as_an_error_event(tmp_path, cache_dir):
     for kind in ("cats", "dogs"):
         (tmp_path / "data" / kind).mkdir(parents=True)

@@ -145,7 +145,9 @@ class Trainer:
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         with job.lock:
-            if job.status != "running":
+            # After the done event the model is saved and about to be kept: too late to cancel, and a run
+            # that says "done" must not end as cancelled with its model thrown away.
+            if job.status != "running" or job.result is not None:
                 return job
             job.status, job.stage, job.progress = "cancelled", "cancelled", None
         job.process.terminate()
