@@ -293,6 +293,21 @@ def test_an_undo_never_puts_a_photo_in_two_classes_or_makes_a_class_past_the_lim
         assert [x["name"] for x in c.get("/classes").json()["classes"]] == ["a", "b"]
 
 
+def test_a_tiff_photo_is_shown_as_a_png_browsers_can_draw(client):
+    from PIL import Image
+
+    client.post("/classes", json={"name": "scans"})
+    tiff = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes("circles", size=64))).save(tiff, format="TIFF")
+    [photo] = client.post("/classes/scans/images", files=upload(("scan.tif", tiff.getvalue()))).json()["added"]
+    assert photo.endswith(".tif")  # stored as sent
+    r = client.get(f"/photos/{photo}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (64, 64)
+    [png] = client.post("/classes/scans/images", files=upload(("c.png", image_bytes("stripes", size=64)))).json()["added"]
+    assert client.get(f"/photos/{png}").content == (client.app.state.serve.workspace.find_photo(png)).read_bytes()
+
+
 def test_training_with_an_empty_class_names_it(client):
     add_photos(client, "ants", "circles", 3)
     r = client.post("/jobs", json={"quality": "fast"})

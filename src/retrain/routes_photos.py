@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from .prediction import Classifier
@@ -14,6 +17,18 @@ from .uploads import MULTIPART_BODY, read_uploads
 from .webconfig import ApiError
 from .webstate import State, state
 from .workspace import photo_count
+
+BROWSERS_SHOW = {".jpg", ".png", ".gif", ".bmp", ".webp"}  # of uploads.EXTENSIONS: TIFF is stored, not shown
+PREVIEW_SIDE = 1024
+
+
+def as_png(path: Path) -> bytes:
+    """A stored photo browsers cannot show (TIFF), as a PNG of at most PREVIEW_SIDE pixels a side."""
+    with Image.open(path) as image:
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        buffer = io.BytesIO()
+        image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 DOUBT = 0.8  # the served model's probability for another class at which an added photo is questioned
@@ -81,7 +96,10 @@ def add_photo_routes(app: FastAPI) -> None:
     @app.get("/photos/{photo}", summary="One training photo, whichever class holds it")
     async def photo(request: Request, photo: str):
         path = state(request).workspace.find_photo(photo)
-        return FileResponse(path, headers={"Cache-Control": "max-age=3600"})  # media type from the extension
+        cache = {"Cache-Control": "max-age=3600"}
+        if path.suffix in BROWSERS_SHOW:
+            return FileResponse(path, headers=cache)  # media type from the extension
+        return Response(await asyncio.to_thread(as_png, path), media_type="image/png", headers=cache)
 
     @app.delete("/classes/{name}/photos/{photo}", summary="Delete one photo (undo with POST /undo/{token})")
     async def delete_photo(request: Request, name: str, photo: str) -> dict:
