@@ -308,6 +308,16 @@ def test_a_tiff_photo_is_shown_as_a_png_browsers_can_draw(client):
     assert client.get(f"/photos/{png}").content == (client.app.state.serve.workspace.find_photo(png)).read_bytes()
 
 
+def test_a_field_a_route_does_not_know_is_refused_not_dropped(client):
+    for method, path, body in (("post", "/jobs", {"quality": "fast", "time_budget": 1}),
+                               ("post", "/classes", {"name": "x9", "color": "red"}),
+                               ("put", "/model", {"model": "startup", "now": True})):
+        r = getattr(client, method)(path, json=body)
+        extra = next(k for k in body if k not in ("quality", "name", "model"))
+        assert r.status_code == 422 and f"body.{extra}: Extra inputs are not permitted" in r.json()["error"], r.text
+    assert client.get("/classes").json()["classes"] == []  # nothing was made
+
+
 def test_training_with_an_empty_class_names_it(client):
     add_photos(client, "ants", "circles", 3)
     r = client.post("/jobs", json={"quality": "fast"})

@@ -9,12 +9,12 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from .prediction import Classifier
 from .trainjob import QUALITIES, estimate
 from .uploads import MULTIPART_BODY, read_uploads
-from .webconfig import ApiError
+from .webconfig import ApiError, RequestBody
 from .webstate import State, state
 from .workspace import photo_count
 
@@ -47,11 +47,11 @@ async def doubts(s: State, clf: Classifier, name: str, added: list[dict]) -> lis
     return found
 
 
-class NewClass(BaseModel):
+class NewClass(RequestBody):
     name: str = Field(max_length=1000)  # class_name says what is wrong with a long one
 
 
-class MoveTo(BaseModel):
+class MoveTo(RequestBody):
     to: str = Field(max_length=1000)
 
 

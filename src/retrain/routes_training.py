@@ -5,21 +5,21 @@ import asyncio
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from .httpguard import REPORT_HEADERS
 from .modelstore import ZIP_FILE
 from .prediction import REPORT_FILE
-from .webconfig import ApiError
+from .webconfig import ApiError, RequestBody
 from .webstate import state
 
 
-class NewJob(BaseModel):
+class NewJob(RequestBody):
     quality: str = Field("fast", description="fast: a new last layer on cached features (seconds); accurate: "
                                              "fine-tuning the whole network when it fits the time budget")
 
 
-class UseModel(BaseModel):
+class UseModel(RequestBody):
     model: str = Field(max_length=40)
 
 

@@ -1,9 +1,12 @@
-"""The web app's settings and its one error type, shared by its modules (serve.py puts them together)."""
+"""The web app's settings, its one error type and its request bodies' base, shared by its modules (serve.py puts
+them together)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
 
 from .validate import Rule, check
 
@@ -60,6 +63,12 @@ class ServeConfig:
 
     def workspace_dir(self) -> Path:
         return Path(self.workspace) if self.workspace else default_workspace()
+
+
+class RequestBody(BaseModel):
+    """A JSON request body whose unknown fields are refused (422 naming them): {"time_budget": 1} given to a
+    route that has no such field would otherwise be dropped, and the caller believe it was used."""
+    model_config = ConfigDict(extra="forbid")
 
 
 class ApiError(Exception):
