@@ -148,7 +148,10 @@ def test_a_second_tab_follows_and_cancels_a_run(context, server, tmp_path):
 
 def place_model(model: Path, workspace: Path, model_id: str, mtime: float) -> None:
     """A trained model in the workspace's store, as a finished run leaves it (the store lists its folder)."""
+    from retrain.modelstore import zip_model
+
     shutil.copytree(model, workspace / "models" / model_id)
+    zip_model(workspace / "models" / model_id)
     os.utime(workspace / "models" / model_id, (mtime, mtime))  # the store lists newest first
 
 
@@ -192,3 +195,4 @@ def test_big_photos_go_in_requests_under_the_servers_body_limit(context, model_d
         page.wait_for_selector(card("noise"))
         page.set_input_files(f"{card('noise')} input[type=file]", [str(p) for p in photos])
         count_is(page, "noise", 5)
+        page.close()  # before the server goes: the page polls it

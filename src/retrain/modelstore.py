@@ -51,7 +51,7 @@ class ModelStore:
         self.root, self.kept, self.lock = root, kept, threading.Lock()
         self._metrics: dict[str, RunMetrics | None] = {}  # a kept model's folder never changes: read it once
         for unzipped in (p for p in root.iterdir() if self._complete_but_unzipped(p)):
-            _zip(unzipped)  # an earlier retrain moved the folder in first; a server killed then left it unzipped
+            zip_model(unzipped)  # an earlier retrain moved the folder in first; a server killed then left it unzipped
         active = self._saved_active()
         if startup is None and active:
             self.startup, self.startup_name, self.active, self.clf = None, None, active, load(self.folder(active))
@@ -128,7 +128,7 @@ class ModelStore:
         """Keep a finished run's model, zip it with its report, serve it, and forget the oldest.
 
         The zip is made before the folder moves in: a server killed part-way leaves no model half kept."""
-        _zip(model_dir)
+        zip_model(model_dir)
         os.replace(model_dir, self.root / model_id)
         self.use(model_id)
         for old in self.ids()[self.kept:]:
@@ -154,7 +154,7 @@ class ModelStore:
         return {"items": findings_items(report), "notes": report.get("warnings", []) + report.get("notes", [])}
 
 
-def _zip(folder: Path) -> None:
+def zip_model(folder: Path) -> None:
     """ZIP_FILE in `folder`: the model's files, written beside it and renamed when whole."""
     with zipfile.ZipFile(folder / ".model.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         for name in ZIPPED:
