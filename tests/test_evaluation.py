@@ -82,7 +82,7 @@ def test_evaluating_the_folder_the_model_was_trained_from_warns_that_it_is_infla
 
 
 def test_a_tiny_other_folder_is_named_in_plain_words():
-    lines = verdict(scored([0, 0, 1], [0, 0, 1]), None, 0, ["ants", "bees"], [], photos="the photos in testmiss")
+    lines = verdict(scored([0, 0, 1], [0, 0, 1]), None, 0, ["ants", "bees"], [], photos="photos in testmiss")
     assert lines[0].startswith("Only 3 photos in testmiss: too few to measure accuracy (3/3 right")
 
 

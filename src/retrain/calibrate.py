@@ -142,12 +142,13 @@ def _threshold(asked: float | str | None, suggested: float, held_out: int) -> tu
 
 
 def calibration_error_text(report: CalibrationReport, n: int, photos: str = "photos") -> str:
-    """The expected calibration error on the n photos it was measured on, or why it is not measurable there."""
+    """The expected calibration error on the n photos it was measured on, or why it is not measurable there:
+    a clause ("expected calibration error on 40 photos: ...") that callers put into their sentence."""
     if n < TOO_FEW_TO_MEASURE:
-        return f"Expected calibration error: not measurable on {n} {photos}."
+        return f"expected calibration error: not measurable on {n} {photos}"
     before = f"{100 * report.test_ece_before:.1f}% before, " if report.test_ece_before is not None else ""
-    return (f"Expected calibration error on {n} {photos}: {before}{100 * report.test_ece_after:.1f}% "
-            f"{'after' if report.calibrated else 'without'} temperature scaling.")
+    return (f"expected calibration error on {n} {photos}: {before}{100 * report.test_ece_after:.1f}% "
+            f"{'after' if report.calibrated else 'without'} temperature scaling")
 
 
 def unknown_threshold_text(report: CalibrationReport, n_test: int) -> str | None:

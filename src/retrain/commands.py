@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ExportConfig, HeadConfig, TrainConfig
+from .config import ExportConfig, TrainConfig
 from .errors import UserError
+from .validate import Rule, check_argument
 from .outputs import check_output_dir, check_output_file, written_by_retrain
 
 
@@ -186,9 +187,6 @@ def report(model: str, image_dir: str | None) -> int:
 
 def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     """`retrain lr-find`: sweep the head's learning rate on the training features; plot it and suggest one."""
-    import numpy as np
-
-    from .checks import MIN_IMAGES
     from .lrfind import lr_sweep, plot_sweep
     from .pipeline import head_training_data
 
@@ -197,11 +195,8 @@ def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     x, y, classes = head_training_data(image_dir, config)
     sweep = lr_sweep(x, y, len(classes), config.head)
     print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, path)})")
-    smallest = int(np.bincount(y, minlength=len(classes)).min())
-    if smallest < MIN_IMAGES:
-        print(f"Note: the sweep ran on {len(y)} training photos, {smallest} in the smallest class (fewer than "
-              f"{MIN_IMAGES}): its loss curve is noise as much as signal, so the suggestion is a guess; the default "
-              f"{HeadConfig().learning_rate:g} is as good a start with so few", file=sys.stderr)
+    if caveat := sweep.caveat():
+        print(f"Note: {caveat}", file=sys.stderr)
     return 0
 
 
@@ -240,10 +235,8 @@ def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, wor
 
     use_cache_dir(cache_dir)
     # ServeConfig checks its own limits; these two are read before it exists (the MB become bytes).
-    for name, value in (("port", port), ("max_upload_mb", max_upload_mb)):
-        positive(f"--{name.replace('_', '-')}", value)
-    if port > 65535:
-        raise UserError(f"--port {port}: a TCP port is 1 to 65535")
+    check_argument("port", port, Rule("--port", 1, 65535, integer=True))
+    positive("--max-upload-mb", max_upload_mb)
     return serve_model(model, host, port, ServeConfig(max_upload_bytes=max_upload_mb << 20, max_queue=max_queue,
                                                       max_batch=max_batch, workspace=workspace))
 

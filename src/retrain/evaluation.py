@@ -81,6 +81,11 @@ def precision_text(m: ClassMetrics, digits: int = 3) -> str:
     return "-" if m.precision is None else f"{m.precision:.{digits}f}"
 
 
+def never_predicted(metrics: ClassificationMetrics) -> bool:
+    """Whether some class with photos was never predicted (its precision is undefined: NEVER_PREDICTED says so)."""
+    return any(m.support and m.precision is None for m in metrics.per_class.values())
+
+
 def format_metrics(metrics: ClassificationMetrics) -> str:
     """A plain-text table of per-class metrics and the confusion matrix."""
     classes = metrics.classes
@@ -92,8 +97,7 @@ def format_metrics(metrics: ClassificationMetrics) -> str:
             lines.append(f"{name:<{width}}  {'no photos of this class':>24}  {0:7d}")
             continue
         lines.append(f"{name:<{width}}  {precision_text(m):>9}  {m.recall:6.3f}  {m.f1:5.3f}  {m.support:7d}")
-    if any(m.support and m.precision is None for m in metrics.per_class.values()):
-        lines.append(NEVER_PREDICTED)
+    lines += [NEVER_PREDICTED] if never_predicted(metrics) else []
     lines += ["", "Confusion matrix (rows: true class, columns: predicted):",
               " " * width + "  " + "  ".join(f"{c[:8]:>8}" for c in classes)]
     for name, row in zip(classes, metrics.confusion_matrix):
@@ -131,8 +135,9 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
             classes: list[str], unsplit_classes: list[str], photos: str = "", copies_of_training: int = 0) -> list[str]:
     """The report's opening lines for a non-expert: the accuracy and what to compare it with, then what to fix.
 
-    `photos` names the photos `test` is over where they are not the model's own test split
-    (a report on another folder): nothing is then said of whether the model trained on them.
+    `photos` names the photos `test` is over where they are not the model's own test split, without an
+    article ("photos in DIR", for a report on another folder): nothing is then said of whether the model
+    trained on them.
     """
     lines = [copies_warning(copies_of_training, test.num_images)] if test and copies_of_training else []
     never_seen = "" if copies_of_training else " the model never trained on"
@@ -142,12 +147,12 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
         if n < TOO_FEW_TO_MEASURE:
-            lines.append(f"Only {n} {photos.removeprefix('the ') if photos else 'test photos'}: too few to measure "
+            lines.append(f"Only {n} {photos or 'test photos'}: too few to measure "
                          f"accuracy ({round(test.accuracy * n)}/{n} right; {interval_text(test.accuracy, n)}). "
                          "Add photos to every class.")
         else:
             lines.append(f"Right on {describe_accuracy(test.accuracy, n)} of "
-                         f"{photos or 'test photos' + never_seen}; for comparison, {baselines}.")
+                         f"{'the ' + photos if photos else 'test photos' + never_seen}; for comparison, {baselines}.")
         pairs = most_confused(test.confusion_matrix, classes)
         if pairs:
             lines.append("Most confused: " + "; ".join(f"{t} taken for {p} ({k} photo{'s' * (k > 1)})"

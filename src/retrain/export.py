@@ -57,6 +57,11 @@ class Measured:
 POOLED = "validation and test"
 
 
+def pooled_photos(images: dict[str, int]) -> int:
+    """Distinct photos in {split: photos}, which holds POOLED once there are two splits."""
+    return images.get(POOLED, sum(images.values()))
+
+
 @dataclass
 class Int8Report:
     fp32: Measured
@@ -78,7 +83,7 @@ class Int8Report:
 
     def photos(self) -> int:
         """Distinct photos both models ran on."""
-        return self.images.get(POOLED, sum(self.images.values()))
+        return pooled_photos(self.images)
 
     def table(self) -> str:
         rows = [("", "fp32", "int8", "ratio"),
@@ -169,7 +174,7 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
                log: Callable[[str], None]) -> tuple[onnx.ModelProto, Int8Report]:
     """The quantized classifier and its numbers beside the fp32 one's; UserError past the tolerance."""
     dataset = training_dataset(source, config.image_dir, log)
-    _check_enough_to_judge(dataset, config.tolerance)
+    _check_enough_to_judge({s: len(dataset.split(s)) for s in ("validation", "test")}, config.tolerance)
     calibration = calibration_images(dataset.split("train"), source, config)
     log(f"Quantizing to int8, calibrated on {len(calibration)} training photos ...")
     quantized = quantize(model, calibration, tmp)
@@ -183,9 +188,9 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
         images=images, top1_agreement=agreement, calibration_images=len(calibration),
         tolerance=config.tolerance, cpu=cpu_instructions())
     log(report.table())
-    if not report.judged():  # some photos failed to decode since the check above
-        _check_enough_to_judge(dataset, config.tolerance, report.images)
-    worse = {s: d for s, d in report.drops().items() if d > config.tolerance and s in report.judged()}
+    _check_enough_to_judge(report.images, config.tolerance)  # again: some photos may have failed to decode
+    judged = set(report.judged())
+    worse = {s: d for s, d in report.drops().items() if d > config.tolerance and s in judged}
     if worse:
         raise UserError("the int8 model loses " + ", ".join(f"{d:.1f} points of {s} accuracy" for s, d in worse.items())
                         + f", over the {config.tolerance:g}-point tolerance (--tolerance); nothing written. "
@@ -194,11 +199,10 @@ def int8_model(source: Classifier, model: onnx.ModelProto, tmp: Path, config: Ex
     return quantized, report
 
 
-def _check_enough_to_judge(dataset: Dataset, tolerance: float, images: dict[str, int] | None = None) -> None:
-    """Refuse int8 where the held-out photos, pooled, are too few to tell a lost point from chance, unless
-    the tolerance accepts any loss."""
-    images = images if images is not None else {s: len(dataset.split(s)) for s in ("validation", "test")}
-    if images.get(POOLED, sum(images.values())) < TOO_FEW_TO_MEASURE and tolerance < 100:
+def _check_enough_to_judge(images: dict[str, int], tolerance: float) -> None:
+    """Refuse int8 where the held-out photos ({split: photos}), pooled, are too few to tell a lost point from
+    chance, unless the tolerance accepts any loss."""
+    if pooled_photos(images) < TOO_FEW_TO_MEASURE and tolerance < 100:
         raise UserError(f"only {images.get('validation', 0)} validation and {images.get('test', 0)} test photos: "
                         f"too few to check that the int8 model keeps the fp32 model's accuracy ({TOO_FEW_TO_MEASURE} "
                         "or more are needed); nothing written. Add photos to every class and train again, export "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import MIN_IMAGES
 from .config import HeadConfig
 from .head import _AdamW, _forward_backward, _init_layers, _measure
 
@@ -19,6 +20,16 @@ class LrSweep:
     rates: np.ndarray
     losses: np.ndarray  # smoothed training loss after each step
     suggestion: float
+    photos: int = 0  # the training photos it ran on
+    smallest_class: int = 0  # of them, in the smallest class
+
+    def caveat(self) -> str | None:
+        """Why the suggestion is a guess, where the sweep ran on too few photos a class."""
+        if self.smallest_class >= MIN_IMAGES:
+            return None
+        return (f"the sweep ran on {self.photos} training photos, {self.smallest_class} in the smallest class (fewer "
+                f"than {MIN_IMAGES}): its loss curve is noise as much as signal, so the suggestion is a guess; the "
+                f"default {HeadConfig().learning_rate:g} is as good a start with so few")
 
 
 def lr_sweep(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, low: float = 1e-5,
@@ -45,7 +56,8 @@ def lr_sweep(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, low:
     rates = rates[:len(losses_arr)]
     slope = np.gradient(losses_arr, np.log(rates)) if len(losses_arr) > 2 else np.zeros(1)
     cut = max(1, int(np.argmin(losses_arr)))  # only where the loss is still falling
-    return LrSweep(rates, losses_arr, float(rates[int(np.argmin(slope[:cut]))]))
+    return LrSweep(rates, losses_arr, float(rates[int(np.argmin(slope[:cut]))]), len(y),
+                   int(np.bincount(y, minlength=n_classes).min()))
 
 
 def plot_sweep(sweep: LrSweep, path: Path) -> Path:

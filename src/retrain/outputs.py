@@ -131,12 +131,12 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None], kind:
         kept = {k: files for k, files in previous.items() if k != kind and not files & made}
         stale = set().union(*previous.values()) - made - set().union(*kept.values())
         try:
-            _note(staging, kind, names[:-1], kept)
+            _note(staging, kind, names, kept)
         except OSError as e:
             raise _not_written(e, out) from None
         try:
             with interrupts_deferred():  # Ctrl-C between two renames would pair a new model with old labels
-                for name in names[:-1]:  # renames within one folder: no space needed, each one atomic
+                for name in names:  # renames within one folder: no space needed, each one atomic
                     os.replace(staging / name, out / name)
                 for name in stale:
                     with contextlib.suppress(OSError):  # a stale file that cannot go is no reason to fail the model
@@ -178,15 +178,15 @@ def _not_written(e: OSError, out: Path) -> UserError:
 def _note(staging: Path, kind: str, names: list[str], kept: dict[str, set[str]]) -> None:
     """MARKER: this write's files and those of the kinds it leaves in place, each under its kind."""
     by_kind = {k: sorted(files) for k, files in kept.items()} | {kind: names}
-    atomic_write_json(staging / MARKER, {"written_by": "retrain", "kind": kind, "by_kind": by_kind,
+    atomic_write_json(staging / MARKER, {"written_by": "retrain", "by_kind": by_kind,
                                          "files": sorted(set().union(*map(set, by_kind.values())))})
 
 
 def _stage(staging: Path, write: Callable[[Path], None], out: Path) -> list[str]:
-    """Every file of the model written into `staging`; their names, MARKER last (written by _note)."""
+    """Every file of the model written into `staging`; their names (MARKER, written by _note, is not one)."""
     try:
         write(staging)
         names = sorted(p.name for p in staging.iterdir())
     except OSError as e:
         raise _not_written(e, out) from None
-    return [*names, MARKER]
+    return names

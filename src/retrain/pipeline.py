@@ -359,7 +359,7 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     identity = _planned_identity(training_identity(config, fitted.dataset, fitted.backbone), fitted.plan)
     stored = scores_path(cache, identity)
     cached = load_scores(stored, identity)
-    if publish and not _final_model_is_quick(cached, fitted, config, cache) and distributed.is_main():
+    if publish and distributed.is_main() and not _final_model_is_quick(cached, fitted, config, cache):
         publish(fitted)
     trained = {fitted.backbone.name: fitted}
     y = np.concatenate([fitted.x["train"][1], fitted.x["validation"][1]])
@@ -388,7 +388,7 @@ def _choose_backbone(fitted: _Fitted, config: TrainConfig, cache: Path, stage: S
     chosen = trained[best] or fitted
     summary = ", ".join(f"{s.name} {s.correct}/{s.photos}" for s in scores)
     log(f"Cross-validated ({FOLDS} folds) on {scores[0].photos} photos: {summary}; {chosen.backbone.name} is kept")
-    return replace(chosen, backbone_scores=scores, held_out=winner.held_out if trained[best] else None,
+    return replace(chosen, backbone_scores=scores, held_out=winner.held_out if winner else None,
                    plan=replace(chosen.plan, reason=f"{chosen.plan.reason}: {summary} right; {chosen.backbone.name} "
                                 "kept"))
 
@@ -627,8 +627,7 @@ def _calibration_line(cal: CalibrationReport, n_test: int) -> str:
     """What calibration did, and the calibration error it left on the test photos (or that it is not measurable)."""
     line = f"Calibration: {cal.why}"
     if cal.calibrated and cal.test_ece_after is not None:
-        text = calibration_error_text(cal, n_test, "test photos")
-        line += f"; {text[0].lower()}{text[1:].rstrip('.')}"
+        line += f"; {calibration_error_text(cal, n_test, 'test photos')}"
     return line
 
 

@@ -100,29 +100,30 @@ def check_settings_apply(config: TrainConfig) -> None:
 
 
 def given_live_image_settings(config: TrainConfig) -> list[str]:
-    """The fine-tuning settings given other than the recipe's, as flags (one given equal to its default
-    cannot be told apart)."""
-    recipe = FinetuneConfig()
-    return [f"{flag_of(name)} ({name})" for name in LIVE_IMAGE_SETTINGS
-            if getattr(config.finetune, name) != getattr(recipe, name)]
+    """The fine-tuning settings given other than the recipe's, as flags."""
+    return _given(config.finetune, FinetuneConfig(), FINETUNE_RULES, LIVE_IMAGE_SETTINGS)
+
+
+def _given(part: object, recipe: object, rules: dict, names: Sequence[str]) -> list[str]:
+    """The settings in `names` that `part` holds other than `recipe` does, as '--flag (setting)', or the bare
+    setting where no flag sets it (one given equal to its default cannot be told apart)."""
+    return [_spelt(rules, name) for name in names if getattr(part, name) != getattr(recipe, name)]
+
+
+def _spelt(rules: dict, setting: str) -> str:
+    rule = rules.get(setting)
+    flag = rule.flag if rule else f"--{setting}"  # validate.py's rules record the flags spelt otherwise
+    return f"{flag} ({setting})" if flag.startswith("--") else setting
 
 
 def _refuse_head_settings(config: TrainConfig) -> None:
     """A scratch backbone trains the whole network from random weights: no head on cached features
     trains, so the head's settings (its seed apart, which seeds more than the head) would be ignored."""
-    recipe = HeadConfig()
-    unread = [f"{HEAD_RULES[name].flag} ({name})" if HEAD_RULES[name].flag.startswith("--") else name
-              for name in HEAD_RULES if name != "seed" and getattr(config.head, name) != getattr(recipe, name)]
+    unread = _given(config.head, HeadConfig(), HEAD_RULES, [name for name in HEAD_RULES if name != "seed"])
     if unread:
         raise UserError(f"{', '.join(unread)}: settings of the head on cached features, which a scratch backbone "
                         f"({config.backbone}) does not train; it trains the whole network: use --epochs, "
                         "--finetune_learning_rate and --finetune_batch_size")
-
-
-def flag_of(setting: str) -> str:
-    """The command-line flag of a FinetuneConfig setting (validate.py's rules record the ones spelt otherwise)."""
-    rule = FINETUNE_RULES.get(setting)
-    return rule.flag if rule and rule.flag.startswith("--") else f"--{setting}"
 
 
 def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,

@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibrate import calibration_error_text, reliability, unknown_threshold_text  # noqa: E402
-from .evaluation import NEVER_PREDICTED, evaluation_of_folder, precision_text, verdict, worst_mistakes  # noqa: E402
+from .evaluation import (NEVER_PREDICTED, evaluation_of_folder, never_predicted, precision_text, verdict,  # noqa: E402
+                         worst_mistakes)
 from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -182,7 +183,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     evaluation, preds, cal, warnings = _evaluation(clf, metrics, image_dir)
     sections, pngs = [], {}
 
-    lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"the photos in {image_dir}") if image_dir
+    lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"photos in {image_dir}") if image_dir
              else metrics.verdict if metrics else [])
     if lines:
         sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in lines)))
@@ -203,9 +204,8 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
                          + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
-        never = any(m.support and m.precision is None for m in evaluation.per_class.values())
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])
-                         + (f"<p>{html.escape(NEVER_PREDICTED)}</p>" if never else "")))
+                         + (f"<p>{html.escape(NEVER_PREDICTED)}</p>" if never_predicted(evaluation) else "")))
 
     mistakes = worst_mistakes(preds)
     cells = [f"<figure>{_thumbnail(p.path)}<figcaption>true <b>{html.escape(classes[p.label])}</b><br>"
@@ -221,7 +221,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         pngs["reliability.png"] = reliability_plot(cal.reliability_before or [], cal.reliability_after,
                                                    _or_nan(cal.test_ece_before), cal.test_ece_after)
         text = f"<p>{html.escape(cal.why)}.</p>" if cal.why else ""
-        text += f"<p>Temperature {cal.temperature:.3f}. " + html.escape(calibration_error_text(cal, n_shown)) + "</p>"
+        text += f"<p>Temperature {cal.temperature:.3f}; {html.escape(calibration_error_text(cal, n_shown))}.</p>"
         sections.append(("Calibration", text + (f"<p>{html.escape(threshold)}.</p>" if threshold else "")
                          + _img_tag(pngs["reliability.png"], "reliability diagram")))
     elif threshold:

@@ -13,12 +13,12 @@ from pydantic import Field
 
 from .prediction import Classifier
 from .trainjob import QUALITIES, estimate
-from .uploads import MULTIPART_BODY, read_uploads
+from .uploads import EXTENSIONS, MULTIPART_BODY, read_uploads
 from .webconfig import ApiError, RequestBody
 from .webstate import State, state
 from .workspace import photo_count
 
-BROWSERS_SHOW = {".jpg", ".png", ".gif", ".bmp", ".webp"}  # of uploads.EXTENSIONS: TIFF is stored, not shown
+BROWSERS_SHOW = set(EXTENSIONS) - {".tif"}  # of the formats stored, browsers draw all but TIFF
 PREVIEW_SIDE = 1024
 
 

@@ -17,7 +17,7 @@ from typing import Callable, TextIO
 
 from .config import TrainConfig
 from .errors import UserError
-from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy
+from .evidence import describe_accuracy
 from .metrics import Evidence, RunMetrics, to_json
 from .plan import estimated_seconds
 from .progress import subscribed
@@ -52,16 +52,14 @@ def result_of(metrics: RunMetrics) -> dict:
             "backbone": metrics.backbone, "verdict": metrics.verdict, "mode": metrics.mode}
 
 
-def evidence_text(evidence: Evidence, photos: str = "test photos") -> str:
-    """The recorded evidence in the CLI's words ("not measurable on 4 test photos (4/4 right; 95% CI 51-100%)"),
-    written here so that the page's scripts show it as it is and never re-implement the rule."""
-    text = describe_accuracy(evidence.accuracy, evidence.n, photos)
+def evidence_text(evidence: Evidence) -> str:
+    """The recorded test evidence in the CLI's words ("not measurable on 4 test photos (4/4 right; 95% CI
+    51-100%)"), written here so that the page's scripts show it as it is and never re-implement the rule.
+    A figure counted partly on copies of training photos is named inflated (only copies make 10+ photos
+    not measurable)."""
+    text = describe_accuracy(evidence.accuracy, evidence.n, "test photos")
     copies = evidence.copies_of_training
-    if copies:  # any copy inflates the figure, measurable or not
-        return text + f", inflated: {copies} of them are copies of photos the model trained on"
-    if evidence.n >= TOO_FEW_TO_MEASURE and not evidence.measurable:
-        return text + ", but not measurable on them"  # the record knows more than N: not a measurement
-    return text
+    return text + f", inflated: {copies} of them are copies of photos the model trained on" if copies else text
 
 
 def findings(data: Path, cache_dir: str | None, log: Callable[[str], None]) -> dict:

@@ -116,7 +116,7 @@ class Workspace:
             existing = self._find(name)
             if existing:
                 raise ApiError(409, f"a class named '{existing.name}' exists already (class names ignore case)")
-            if sum(p.is_dir() for p in self.data.iterdir()) >= self.config.max_classes:
+            if self._at_class_limit():
                 raise ApiError(409, f"at most {self.config.max_classes} classes")
             (self.data / name).mkdir()
         return name
@@ -226,17 +226,20 @@ class Workspace:
         return what | {"restored": True}
 
     def _check_undo(self, held: Path, target: Path) -> None:
-        """Refuse an undo that would break a rule the upload keeps: one class per photo, at most max_classes.
-        The deleted photos stay in the trash, so the undo can be tried again once the conflict is gone."""
-        photos = [held] if held.is_file() else list(held.iterdir())
-        elsewhere = {p.name: c for p in photos if (c := self.class_of(p.name)) and c != target.name}
+        """Refuse an undo of `held` (the class folder in the trash) that would break a rule the upload keeps: one
+        class per photo, at most max_classes. The photos stay in the trash, so the undo can be tried again."""
+        where = self.where()
+        elsewhere = {p.name: where[p.name] for p in held.iterdir() if where.get(p.name, target.name) != target.name}
         if elsewhere:
             named = ", ".join(f"{p} (now in '{c}')" for p, c in list(elsewhere.items())[:3])
             raise ApiError(409, f"cannot undo: {len(elsewhere)} of its photos were added to another class since: "
                            f"{named}; a photo belongs to one class: delete or move it there, then undo again")
-        if not target.is_dir() and sum(p.is_dir() for p in self.data.iterdir()) >= self.config.max_classes:
+        if not target.is_dir() and self._at_class_limit():
             raise ApiError(409, f"cannot undo: it would make a class again, and there are {self.config.max_classes} "
                            "already (the most); delete one, then undo again")
+
+    def _at_class_limit(self) -> bool:
+        return sum(p.is_dir() for p in self.data.iterdir()) >= self.config.max_classes
 
     def _prune_trash(self) -> None:
         held = sorted(self.trash.iterdir(), key=lambda p: p.stat().st_mtime)

@@ -2,14 +2,14 @@
 "use strict";
 
 const UPLOAD_CHUNK = 8;  // photos per request at most
-let classNames = [], uploadLimits = {bytes: 32 << 20, files: 16};  // the server's, once /classes is read
+let classNames = [], uploadLimits;  // the server's, read with /classes before any card can upload
 
 function seconds(s) { return s < 90 ? `~${s} s` : `~${Math.round(s / 60)} min`; }
 
 async function refreshClasses() {
   const {classes, estimates, upload_limits} = await api("/classes");
   classNames = classes.map(c => c.name);
-  uploadLimits = upload_limits || uploadLimits;
+  uploadLimits = upload_limits;
   $("estimate-fast").textContent = `(${seconds(estimates.fast.seconds)} for ${photoCount(classes)})`;
   $("estimate-accurate").textContent = `(up to ${seconds(estimates.accurate.seconds)})`;
   $("plan-accurate").textContent = classes.length ? `More accurate, on these photos: ${estimates.accurate.plan}.` : "";
