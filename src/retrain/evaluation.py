@@ -1,7 +1,6 @@
 """Evaluation metrics: accuracy with its uncertainty, per-class precision/recall/F1, the confusion matrix."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,11 +222,10 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
 def training_folder_warning(clf: Classifier, image_dir: str | Path) -> str | None:
     """A warning where `image_dir` is the folder the model was trained from (or lies inside it, or holds
     it): most of its photos trained the model, so an accuracy measured on them is inflated."""
-    try:
-        provenance = json.loads(clf.metadata["retrain:provenance"])
-        trained = Path(provenance["image_dir"]).resolve()
-    except (KeyError, TypeError, ValueError, OSError):  # a model made elsewhere, or without provenance
+    provenance = clf.provenance()
+    if not isinstance(provenance.get("image_dir"), str):  # a model made elsewhere, or without provenance
         return None
+    trained = Path(provenance["image_dir"]).resolve()
     here = Path(image_dir).resolve()
     if here != trained and trained not in here.parents and here not in trained.parents:
         return None

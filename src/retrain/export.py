@@ -164,8 +164,9 @@ def _image_folders(source: Classifier, image_dir: str | None) -> list[str | None
 
 def _provenance(source: Classifier) -> tuple[dict, dict]:
     """The model's provenance record and the training settings in it ({} where it records none)."""
-    provenance = json.loads(source.metadata.get("retrain:provenance", "{}"))
-    return provenance, provenance.get("config", {})
+    provenance = source.provenance()
+    settings = provenance.get("config")
+    return provenance, settings if isinstance(settings, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------ int8

@@ -91,6 +91,15 @@ class Classifier:
             raise UserError(f"the labels list has {len(self.labels)} entries but the model predicts "
                             f"{n_out} classes: is it the labels file written with this model?")
 
+    def provenance(self) -> dict:
+        """How the model was made (image_dir, config, ...), as training recorded it; {} where it records none,
+        or the record is unreadable."""
+        try:
+            found = json.loads(self.metadata.get("retrain:provenance", "{}"))
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 images -> (N, C) class probabilities."""
         return self.session.run(None, {INPUT_NAME: batch})[0]
