@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "retrain"
 LAYERS = [
     ("foundations", {"errors", "evidence", "files", "guards", "progress", "preprocess", "decode", "augment", "config", "stopping",
                      "prefetch",
-                     "validate", "interrupts", "outputs", "distributed", "split", "connections"}),
+                     "validate", "interrupts", "outputs", "distributed", "split", "connections", "memo"}),
     ("networks and runtime", {"networks", "backbones", "runtime", "scan", "store", "engine", "graphs"}),
     ("stages", {"features", "head", "data", "finetune", "scratch", "calibrate", "prediction", "evaluation", "metrics",
                 "report", "summaries", "imagenet", "lrfind", "checks", "export", "datasets", "tuned"}),

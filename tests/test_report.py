@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 import retrain
@@ -132,3 +133,54 @@ def test_the_report_is_titled_with_the_model_folder_not_the_staging_one(head_mod
     out = head_model.model.save(tmp_path / "ants-vs-bees")
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "<title>retrain report: ants-vs-bees</title>" in page and ".retrain-staging" not in page
+
+
+def test_a_report_drawn_again_for_the_same_model_reuses_its_plots(head_model, tmp_path, monkeypatch):
+    """A rerun saves the same model for the same photos: its plots come from the cache, bit for bit."""
+    import retrain.report as report
+
+    for copy in ("a", "b"):
+        shutil.copytree(head_model.folder, tmp_path / copy)
+    report.write_report(tmp_path / "a", cache_dir=tmp_path / "cache")
+    drawn = sorted((tmp_path / "cache" / "figures").iterdir())
+    assert len(drawn) >= 4  # curves, confusion, reliability, saliency
+    for name in ("occlusion_saliency", "learning_curves", "confusion_plot", "reliability_plot"):
+        monkeypatch.setattr(report, name, lambda *a, **k: pytest.fail("drawn again"))
+    report.write_report(tmp_path / "b", cache_dir=tmp_path / "cache")
+    pngs = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert pngs == sorted(p.name for p in (tmp_path / "b").glob("*.png")) and "saliency_0.png" in pngs
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in pngs)
+    assert sorted((tmp_path / "cache" / "figures").iterdir()) == drawn
+
+
+def test_a_changed_model_or_a_damaged_plot_is_drawn_anew(head_model, tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    import retrain.report as report
+
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    path = tmp_path / "m" / "model.onnx"
+    report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")
+    kept = sorted((tmp_path / "cache" / "figures").iterdir())
+    calls = []
+    real = report.occlusion_saliency
+    monkeypatch.setattr(report, "occlusion_saliency", lambda *a: calls.append(1) or real(*a))
+    model = onnx.load(path)
+    for prop in model.metadata_props:  # the same model made again: only its provenance (and date) differ
+        if prop.key == "retrain:provenance":
+            prop.value = prop.value.replace('"created": "', '"created": "1999')
+    onnx.save(model, path)
+    report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert calls == []
+    for png in kept:
+        png.write_bytes(png.read_bytes()[:-20])  # truncated
+    report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert len(calls) == len(list((tmp_path / "m").glob("saliency_*.png"))) >= 2
+    assert all(report._sound_png(p.read_bytes()) for p in kept)
+    calls.clear()
+    last = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT][-1]
+    last.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(last) + np.float32(0.01), last.name))  # another model
+    onnx.save(model, path)
+    report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert len(calls) >= 2  # every saliency map again: they depend on what the model computes

@@ -67,8 +67,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def add_cache_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--cache_dir, spelt and meant the same in every command that reads the cache."""
-    p.add_argument("--cache_dir", "--cache-dir", help="cache for backbones, features, split records and checkpoints "
-                                                      "(default: $RETRAIN_CACHE, else ~/.cache/retrain)")
+    p.add_argument("--cache_dir", "--cache-dir", help="cache for backbones, features, split records, checkpoints "
+                                                      "and report plots (default: $RETRAIN_CACHE, else ~/.cache/retrain)")
 
 
 # Options several commands share, each spelt, defaulted and explained once.
@@ -357,7 +357,8 @@ def add_evaluate_parsers(sub) -> None:
     rp = _subparser(sub, "report", "write report.html (plots, mistakes, calibration, saliency) into a model dir")
     rp.add_argument("model", help="model directory")
     rp.add_argument("image_dir", nargs="?", help="evaluate on this folder of class folders (default: the test split)")
-    rp.set_defaults(run=lambda a: commands.report(a.model, a.image_dir))
+    add_cache_option(rp)
+    rp.set_defaults(run=lambda a: commands.report(a.model, a.image_dir, a.cache_dir))
 
 
 def add_lr_find_parser(sub) -> None:

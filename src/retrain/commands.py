@@ -178,10 +178,10 @@ def evaluate(model: str, image_dir: str, as_json: bool) -> int:
     return 0
 
 
-def report(model: str, image_dir: str | None) -> int:
+def report(model: str, image_dir: str | None, cache_dir: str | None) -> int:
     from .report import write_report
 
-    print(write_report(model, image_dir))
+    print(write_report(model, image_dir, cache_dir=Path(cache_dir) if cache_dir else None))
     return 0
 
 

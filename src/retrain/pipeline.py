@@ -57,6 +57,7 @@ class TrainedModel:
     classes: list[str]
     metrics: RunMetrics
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (path, true, predicted)
+    cache_dir: Path | None = None  # where the report finds plots drawn before (None: the usual cache)
 
     def save(self, output_dir: str | Path, report: bool = True) -> Path:
         """Write model.onnx, labels.txt, metrics.json and (unless report=False) report.html into `output_dir`.
@@ -72,7 +73,7 @@ class TrainedModel:
         if report:
             from .report import write_report
 
-            write_report(out, title=title, metrics=self.metrics)
+            write_report(out, title=title, metrics=self.metrics, cache_dir=self.cache_dir)
 
     def save_files(self, graph: str | Path, labels: str | Path) -> None:
         try:
@@ -284,7 +285,8 @@ def _finished(image_dir: str | Path, fitted: _Fitted, config: TrainConfig, stage
                                  temperature=cal.temperature, unknown_threshold=cal.unknown_threshold,
                                  output_name=config.output_name)
     metrics = replace(metrics, seconds=dict(stage.seconds))
-    return TrainedModel(model, fitted.dataset.classes, metrics, misclassified)
+    return TrainedModel(model, fitted.dataset.classes, metrics, misclassified,
+                        cache_dir=Path(config.cache_dir) if config.cache_dir else None)
 
 
 def _calibrate(fitted: _Fitted, config: TrainConfig) -> Calibration:

@@ -11,13 +11,16 @@ import base64
 import html
 import io
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from .calibrate import calibration_error_text, reliability, unknown_threshold_text  # noqa: E402
 from .evaluation import (NEVER_PREDICTED, evaluation_of_folder, never_predicted, precision_text, verdict,  # noqa: E402
@@ -25,13 +28,17 @@ from .evaluation import (NEVER_PREDICTED, evaluation_of_folder, never_predicted,
 from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .files import atomic_write_bytes, atomic_write_text, default_cache_dir  # noqa: E402
 from .guards import open_regular  # noqa: E402
+from .memo import DiskMemo, digest  # noqa: E402
 from .metrics import CalibrationReport, ClassificationMetrics, PredictionRecord, RunMetrics, read_metrics  # noqa: E402
 from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noqa: E402
 
 MISTAKES_SHOWN = 12
 SALIENCY_SHOWN = 4
+FIGURES_KEPT = 2000  # plots kept for reruns (tens of KB each): the least recently used beyond go
+# A plot is found again only if drawn by this same code with the same libraries.
+_DRAWN_BY = digest(Path(__file__).read_bytes(), matplotlib.__version__, ort.__version__)
 
 
 def _png(fig) -> bytes:
@@ -41,17 +48,44 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _sound_png(data: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(data), formats=["PNG"]).verify()  # checks every chunk's CRC
+        return True
+    except (OSError, SyntaxError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def figure_memo(cache_dir: Path | None) -> DiskMemo:
+    """The report's plots kept in the cache, found again by what they show."""
+    return DiskMemo((cache_dir or default_cache_dir()) / "figures", ".png", _sound_png, FIGURES_KEPT)
+
+
+def _drawn(figures: DiskMemo, what: str, draw: Callable[[], bytes], *shown: object) -> bytes:
+    """A plot drawn by `draw`, or the same one kept from before: `shown` is everything it depends on."""
+    return figures.get(digest(_DRAWN_BY, what, *shown), draw)
+
+
+def _model_digest(path: Path) -> str:
+    """What a model computes, not when it was made: its graph and metadata, its provenance (dated) aside."""
+    model = onnx.load(str(path), load_external_data=False)
+    metadata = {p.key: p.value for p in model.metadata_props if p.key != "retrain:provenance"}
+    return digest(model.graph.SerializeToString(), metadata)
+
+
 def _img_tag(png: bytes, alt: str, width: int | None = None) -> str:
     size = f' width="{width}"' if width else ""
     return f'<img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def learning_curves(metrics: RunMetrics) -> bytes | None:
+def curve_panels(metrics: RunMetrics) -> list[tuple[list[dict], str]]:
+    """(history, its x key) of each training phase that has one: the head's steps, fine-tuning's epochs."""
     head = metrics.head.history if metrics.head else []
     tuned = metrics.finetune.history if metrics.finetune else []
-    if not head and not tuned:
-        return None
-    panels = [(h, x) for h, x in ((head, "step"), (tuned, "epoch")) if h]
+    return [(h, x) for h, x in ((head, "step"), (tuned, "epoch")) if h]
+
+
+def learning_curves(panels: list[tuple[list[dict], str]]) -> bytes:
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
     for row, (hist, key) in enumerate(panels):
         xs = [e[key] for e in hist]
@@ -165,12 +199,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def write_report(model_dir: str | Path, image_dir: str | Path | None = None, title: str | None = None,
-                 metrics: RunMetrics | None = None) -> Path:
+                 metrics: RunMetrics | None = None, cache_dir: Path | None = None) -> Path:
     """Write report.html and its PNG plots into the model directory; returns the report's path.
 
     title: the model's name on the page (default: the folder's; a model being saved is written in a
     staging folder first, whose name means nothing to the reader). metrics: the model's, when the
-    caller has them (saving a model): metrics.json is then not read back.
+    caller has them (saving a model): metrics.json is then not read back. cache_dir: where plots
+    drawn before are found again (default: the usual cache).
     """
     model_dir = Path(model_dir)
     if not (model_dir / MODEL_FILE).is_file():
@@ -181,7 +216,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     clf = Classifier(model_dir / MODEL_FILE)
     classes = clf.labels
     evaluation, preds, cal, warnings = _evaluation(clf, metrics, image_dir)
-    sections, pngs = [], {}
+    sections, pngs, figures = [], {}, figure_memo(cache_dir)
 
     lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"photos in {image_dir}") if image_dir
              else metrics.verdict if metrics else [])
@@ -189,14 +224,15 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in lines)))
     sections.append(("Dataset", _dataset_section(metrics, classes, clf.metadata.get("retrain:backbone", "?"))))
 
-    curves = learning_curves(metrics) if metrics else None
+    panels = curve_panels(metrics) if metrics else []
+    curves = _drawn(figures, "curves", lambda: learning_curves(panels), panels) if panels else None
     if curves:
         pngs["learning_curves.png"] = curves
         sections.append(("Learning curves", _img_tag(curves, "learning curves")))
 
     if evaluation and evaluation.confusion_matrix:
         cm = np.array(evaluation.confusion_matrix)
-        pngs["confusion_matrix.png"] = confusion_plot(cm, classes)
+        pngs["confusion_matrix.png"] = _drawn(figures, "confusion", lambda: confusion_plot(cm, classes), cm, classes)
         rows = [[html.escape(name), precision_text(m), f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support)]
                 if m.support else [html.escape(name), "no test photos", "", "", "0"]
                 for name, m in evaluation.per_class.items()]
@@ -218,8 +254,8 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     n_shown = len(preds)
     threshold = unknown_threshold_text(cal, n_shown) if cal else None
     if cal and cal.reliability_after:
-        pngs["reliability.png"] = reliability_plot(cal.reliability_before or [], cal.reliability_after,
-                                                   _or_nan(cal.test_ece_before), cal.test_ece_after)
+        shown = (cal.reliability_before or [], cal.reliability_after, _or_nan(cal.test_ece_before), cal.test_ece_after)
+        pngs["reliability.png"] = _drawn(figures, "reliability", lambda: reliability_plot(*shown), *shown)
         text = f"<p>{html.escape(cal.why)}.</p>" if cal.why else ""
         text += f"<p>Temperature {cal.temperature:.3f}; {html.escape(calibration_error_text(cal, n_shown))}.</p>"
         sections.append(("Calibration", text + (f"<p>{html.escape(threshold)}.</p>" if threshold else "")
@@ -228,14 +264,15 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         sections.append(("Calibration", f"<p>{html.escape(threshold)}.</p>"))
 
     chosen = (mistakes[:SALIENCY_SHOWN // 2] + [p for p in preds if p.label == p.predicted][:SALIENCY_SHOWN // 2])
-    figs = []
+    figs, model_digest = [], _model_digest(model_dir / MODEL_FILE) if chosen else ""
     for i, p in enumerate(chosen):
         try:
             image = load_image(p.path, clf.prep)
         except UnreadableImage:
             continue
-        png = saliency_png(image, occlusion_saliency(clf, image, p.predicted),
-                           f"{Path(p.path).name}: evidence for '{classes[p.predicted]}'")
+        caption = f"{Path(p.path).name}: evidence for '{classes[p.predicted]}'"
+        png = _drawn(figures, "saliency", lambda: saliency_png(image, occlusion_saliency(clf, image, p.predicted), caption),
+                     model_digest, image, p.predicted, caption)
         pngs[f"saliency_{i}.png"] = png
         figs.append(_img_tag(png, f"saliency map {i}"))
     sections.append(("What the model looked at", "<p>Occlusion saliency: red regions are those whose greying-out "
@@ -243,6 +280,8 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
 
     for name, png in pngs.items():
         atomic_write_bytes(model_dir / name, png)
+    if figures.made:
+        figures.prune()
     path = model_dir / REPORT_FILE
     atomic_write_text(path, _page(sections, title or model_dir.name))
     return path
