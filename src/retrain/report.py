@@ -3,7 +3,8 @@
 Sections: dataset summary, learning curves, confusion matrix, per-class metrics, worst mistakes,
 reliability diagram with calibration error, and occlusion saliency maps. Everything is computed
 from the model directory (model.onnx, metrics.json) and, optionally, a folder of labelled photos
-to evaluate on; the plots are also saved as PNG files beside the report.
+to evaluate on; the plots are also saved as PNG files beside the report, and kept in the cache
+under a digest of what they show, so that saving the same model again redraws none of them.
 """
 from __future__ import annotations
 
