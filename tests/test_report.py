@@ -14,7 +14,7 @@ from retrain.cli import retrain_main
 from retrain.head import HeadConfig
 from retrain.summaries import write_summaries
 
-from conftest import make_dataset, real_subset, shared_dataset
+from conftest import make_dataset, quick_config, real_subset, shared_dataset
 
 SECTIONS = ["dataset", "learning-curves", "confusion-matrix", "per-class-metrics", "worst-mistakes",
             "calibration", "what-the-model-looked-at"]
@@ -184,3 +184,26 @@ def test_a_changed_model_or_a_damaged_plot_is_drawn_anew(head_model, tmp_path, m
     onnx.save(model, path)
     report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")
     assert len(calls) >= 2  # every saliency map again: they depend on what the model computes
+
+
+def test_class_names_the_plot_font_cannot_draw_are_numbered_with_a_key(tmp_path, cache_dir):
+    """Korean class names: no empty boxes in the plots (matplotlib warns of each missing glyph); the
+    page, which the browser draws in any script, names every class."""
+    import warnings
+
+    from retrain.report import font_lacks_letters
+
+    root = make_dataset(tmp_path / "d", per_class=12)
+    names = {"circles": "원", "squares": "사각형", "stripes": "줄무늬"}
+    for old, new in names.items():
+        (root / old).rename(root / new)
+    model = retrain.train(root, quick_config(cache_dir, validation_percentage=25, testing_percentage=25))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.save(tmp_path / "m")
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    classes = model.classes
+    assert (f"0 = {classes[0]}, 1 = {classes[1]}, 2 = {classes[2]}" in page) == font_lacks_letters(classes)
+    captions = re.findall(r"<figcaption>[^<]*: evidence for <b>([^<]+)</b>", page)
+    assert captions and set(captions) <= set(names.values())

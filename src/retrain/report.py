@@ -18,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.font_manager import FontProperties, findfont  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -105,8 +107,18 @@ def learning_curves(panels: list[tuple[list[dict], str]]) -> bytes:
     return _png(fig)
 
 
+def font_lacks_letters(names: list[str]) -> bool:
+    """Whether the plots' font has no glyph for some letter of `names` (Korean class names where no CJK
+    font is installed would be drawn as empty boxes)."""
+    font = FT2Font(findfont(FontProperties(family=plt.rcParams["font.family"])))
+    return any(font.get_char_index(ord(c)) == 0 for name in names for c in name if not c.isspace())
+
+
 def confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
+    """The matrix with the class names on its axes (their numbers, if the font cannot draw the names)."""
     n = len(classes)
+    if font_lacks_letters(classes):
+        classes = [str(i) for i in range(n)]
     fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -151,7 +163,7 @@ def occlusion_saliency(clf: Classifier, image: np.ndarray, target: int, grid: in
     return np.maximum(base - drops, 0).reshape(grid, grid)
 
 
-def saliency_png(image: np.ndarray, heat: np.ndarray, title: str) -> bytes:
+def saliency_png(image: np.ndarray, heat: np.ndarray) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.4))
     axes[0].imshow(image)
     axes[1].imshow(image)
@@ -159,7 +171,6 @@ def saliency_png(image: np.ndarray, heat: np.ndarray, title: str) -> bytes:
                    extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(title, fontsize=8)
     return _png(fig)
 
 
@@ -240,7 +251,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images)
         sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
-                         + _img_tag(pngs["confusion_matrix.png"], "confusion matrix")))
+                         + _img_tag(pngs["confusion_matrix.png"], "confusion matrix") + _class_key(classes)))
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])
                          + (f"<p>{html.escape(NEVER_PREDICTED)}</p>" if never_predicted(evaluation) else "")))
 
@@ -271,11 +282,13 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
             image = load_image(p.path, clf.prep)
         except UnreadableImage:
             continue
-        caption = f"{Path(p.path).name}: evidence for '{classes[p.predicted]}'"
-        png = _drawn(figures, "saliency", lambda: saliency_png(image, occlusion_saliency(clf, image, p.predicted), caption),
-                     model_digest, image, p.predicted, caption)
+        png = _drawn(figures, "saliency", lambda: saliency_png(image, occlusion_saliency(clf, image, p.predicted)),
+                     model_digest, image, p.predicted)
         pngs[f"saliency_{i}.png"] = png
-        figs.append(_img_tag(png, f"saliency map {i}"))
+        # The caption is the page's text, not the plot's: the browser draws any script a file or class name has.
+        figs.append(f"<figure class=\"saliency\">{_img_tag(png, f'saliency map {i}')}<figcaption>"
+                    f"{html.escape(Path(p.path).name)}: evidence for <b>{html.escape(classes[p.predicted])}</b>"
+                    "</figcaption></figure>")
     sections.append(("What the model looked at", "<p>Occlusion saliency: red regions are those whose greying-out "
                      "lowers the predicted class's probability most.</p>" + "".join(figs)))
 
@@ -286,6 +299,14 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     path = model_dir / REPORT_FILE
     atomic_write_text(path, _page(sections, title or model_dir.name))
     return path
+
+
+def _class_key(classes: list[str]) -> str:
+    """Which class each number on the plot stands for, where the plot shows numbers (see confusion_plot)."""
+    if not font_lacks_letters(classes):
+        return ""
+    pairs = ", ".join(f"{i} = {html.escape(name)}" for i, name in enumerate(classes))
+    return f"<p>The plot numbers the classes (its font cannot draw all of their names): {pairs}.</p>"
 
 
 def _or_nan(value: float | None) -> float:
@@ -327,7 +348,7 @@ def _page(sections: list[tuple[str, str]], title: str) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }} figure {{ margin: 0; width: 140px; font-size: 12px; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }} figure {{ margin: 0; width: 140px; font-size: 12px; }} figure.saliency {{ width: auto; margin: 0 0 1em; }}
 section {{ margin-bottom: 2em; }} img {{ max-width: 100%; }}
 </style></head><body><h1>retrain report: {html.escape(title)}</h1>{body}</body></html>
 """
