@@ -39,7 +39,7 @@ from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noq
 
 MISTAKES_SHOWN = 12
 SALIENCY_SHOWN = 4
-FIGURES_KEPT = 2000  # plots kept for reruns (tens of KB each): the least recently used beyond go
+FIGURES_KEPT = 500  # plots kept for reruns (~75 KB each, 7 a run): the least recently used beyond go
 # A plot is found again only if drawn by this same code with the same libraries.
 _DRAWN_BY = digest(Path(__file__).read_bytes(), matplotlib.__version__, ort.__version__)
 
