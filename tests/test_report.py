@@ -207,3 +207,13 @@ def test_class_names_the_plot_font_cannot_draw_are_numbered_with_a_key(tmp_path,
     assert (f"0 = {classes[0]}, 1 = {classes[1]}, 2 = {classes[2]}" in page) == font_lacks_letters(classes)
     captions = re.findall(r"<figcaption>[^<]*: evidence for <b>([^<]+)</b>", page)
     assert captions and set(captions) <= set(names.values())
+
+
+def test_a_cache_that_cannot_keep_plots_costs_a_note_not_the_report(head_model, tmp_path, capsys):
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    (tmp_path / "file").write_text("not a folder")
+    assert retrain_main(["report", str(tmp_path / "m"), "--cache_dir", str(tmp_path / "file" / "cache")]) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "m" / "report.html").is_file() and (tmp_path / "m" / "saliency_0.png").is_file()
+    assert f"Note: the report's plots could not be kept for reruns (cannot write {tmp_path / 'file' / 'cache' / 'figures'}: " in captured.err
+    assert "Not a directory" in captured.err and len(captured.err.splitlines()) == 1

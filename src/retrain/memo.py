@@ -40,6 +40,7 @@ class DiskMemo:
     def __init__(self, folder: Path, suffix: str, sound: Callable[[bytes], bool], keep: int) -> None:
         self.folder, self.suffix, self.sound, self.keep = Path(folder), suffix, sound, keep
         self.made = 0  # entries made (not found) by this memo
+        self.unwritable: OSError | None = None  # why the last entry made could not be kept
 
     def get(self, key: str, make: Callable[[], bytes]) -> bytes:
         path = self.folder / f"{key}{self.suffix}"
@@ -54,8 +55,8 @@ class DiskMemo:
         self.made += 1
         try:
             atomic_write_bytes(path, data)
-        except OSError:  # a cache that cannot be written costs the next run time, never this one its result
-            pass
+        except OSError as e:  # a cache that cannot be written costs the next run time, never this one its result
+            self.unwritable = e
         return data
 
     def prune(self) -> int:

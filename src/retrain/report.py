@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,7 @@ from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text, default_cache_dir  # noqa: E402
 from .guards import open_regular  # noqa: E402
 from .memo import DiskMemo, digest  # noqa: E402
+from .outputs import os_error_message  # noqa: E402
 from .metrics import CalibrationReport, ClassificationMetrics, PredictionRecord, RunMetrics, read_metrics  # noqa: E402
 from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noqa: E402
 
@@ -294,7 +296,10 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
 
     for name, png in pngs.items():
         atomic_write_bytes(model_dir / name, png)
-    if figures.made:
+    if figures.unwritable:
+        why = os_error_message(figures.unwritable, "write", figures.folder)
+        print(f"Note: the report's plots could not be kept for reruns ({why}).", file=sys.stderr)
+    elif figures.made:
         figures.prune()
     path = model_dir / REPORT_FILE
     atomic_write_text(path, _page(sections, title or model_dir.name))
