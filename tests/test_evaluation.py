@@ -103,3 +103,14 @@ def test_a_test_folder_beside_train_is_not_taken_for_training_photos(cache_dir, 
     assert "warning" not in json.loads(capsys.readouterr().out)
     assert retrain_main(["evaluate", str(model), str(root / "train"), "--json"]) == 0
     assert "was trained from" in json.loads(capsys.readouterr().out)["warning"]
+
+
+def test_evaluate_names_each_file_it_could_not_read(head_model, tmp_path, capsys):
+    from conftest import make_dataset
+    from retrain.cli import retrain_main
+
+    folder = make_dataset(tmp_path / "d", per_class=4, seed=3)
+    (folder / "squares" / "empty.jpg").write_bytes(b"")
+    assert retrain_main(["evaluate", str(head_model.folder), str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "Skipped 1 unreadable file(s): squares/empty.jpg (" in captured.err and "N=12" in captured.out

@@ -72,3 +72,42 @@ def test_a_note_written_before_kinds_were_recorded_is_read_by_its_files(tmp_path
     (out / MARKER).write_text(json.dumps({"written_by": "retrain", "files": ["model.onnx", "saliency_3.png"]}))
     write_model_dir(out, writer({"model.onnx": b"new"}), "model")
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "model.onnx"])
+
+
+def test_written_files_get_the_umask_or_keep_the_replaced_files_permissions(tmp_path):
+    import os
+    import stat
+
+    from retrain.files import _UMASK, atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "new", b"x")
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o666 & ~_UMASK  # not mkstemp's 0600
+    os.chmod(tmp_path / "new", 0o640)
+    atomic_write_bytes(tmp_path / "new", b"y")
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o640 and (tmp_path / "new").read_bytes() == b"y"
+
+
+def test_a_pipe_or_device_at_an_output_path_is_refused_not_replaced(tmp_path):
+    import os
+
+    import pytest
+
+    from retrain.errors import UserError
+    from retrain.files import atomic_write_bytes
+    from retrain.guards import UnsafeFile
+    from retrain.outputs import check_output_file, check_output_folder
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(UserError, match=r"--output_labels .*pipe is a named pipe, not a regular file"):
+        check_output_file(tmp_path / "pipe", "--output_labels")
+    with pytest.raises(UnsafeFile, match="a named pipe"):
+        atomic_write_bytes(tmp_path / "pipe", b"x")
+    assert (tmp_path / "pipe").is_fifo()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="--summaries_dir .*file is an existing file"):
+        check_output_folder(tmp_path / "file", "--summaries_dir")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_output_folder(tmp_path / "file" / "tb", "--summaries_dir")
+    with pytest.raises(UserError, match="inside"):
+        check_output_folder(tmp_path / "photos" / "tb", "--summaries_dir", [tmp_path / "photos"])
+    check_output_folder(tmp_path / "tb", "--summaries_dir")

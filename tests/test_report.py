@@ -217,3 +217,34 @@ def test_a_cache_that_cannot_keep_plots_costs_a_note_not_the_report(head_model, 
     assert (tmp_path / "m" / "report.html").is_file() and (tmp_path / "m" / "saliency_0.png").is_file()
     assert f"Note: the report's plots could not be kept for reruns (cannot write {tmp_path / 'file' / 'cache' / 'figures'}: " in captured.err
     assert "Not a directory" in captured.err and len(captured.err.splitlines()) == 1
+
+
+def test_a_report_on_a_folder_names_the_files_it_could_not_read(head_model, tmp_path, capsys):
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    other = make_dataset(tmp_path / "other", per_class=4, seed=9)
+    (other / "circles" / "broken.jpg").write_bytes(b"not a photo")
+    assert retrain_main(["report", str(tmp_path / "m"), str(other)]) == 0
+    err = capsys.readouterr().err
+    assert "Skipped 1 unreadable file(s): circles/broken.jpg (" in err
+    page = (tmp_path / "m" / "report.html").read_text()
+    assert "Skipped 1 unreadable file(s): circles/broken.jpg (" in page and "Files skipped in training: " in page
+
+
+def test_thumbnails_are_upright_and_decoded_as_for_prediction(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from retrain.report import _thumbnail
+
+    img = Image.new("RGB", (200, 100), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated a quarter turn
+    img.save(tmp_path / "sideways.jpg", exif=exif)
+    tag = _thumbnail(str(tmp_path / "sideways.jpg"))
+    data = base64.b64decode(re.search(r"base64,([^\"]+)", tag).group(1))
+    assert Image.open(io.BytesIO(data)).size == (64, 128)
+    (tmp_path / "gray16.png").write_bytes(b"")
+    Image.fromarray(np.full((50, 80), 40000, np.uint16)).save(tmp_path / "gray16.png")
+    assert "base64," in _thumbnail(str(tmp_path / "gray16.png"))  # 16-bit: shown, not "(image unavailable)"

@@ -531,3 +531,33 @@ def test_empty_table():
     empty = SampleTable.from_samples([])
     assert len(empty) == 0 and list(empty) == [] and empty.keys.shape == (0,)
     assert Dataset(["a", "b"], empty).fingerprint() == hashlib.sha256().hexdigest()
+
+
+def lock(monkeypatch, *folders: Path) -> None:
+    """Listing `folders` fails as it would for a folder without read permission (chmod cannot stop root)."""
+    real = os.scandir
+    locked = {str(f) for f in folders}
+
+    def scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped_by_name_not_lost_unnoticed(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    for kind in ("circles", "squares", "stripes"):
+        for i in range(6):
+            put(root / kind / f"{i}.jpg")
+    nested = root / "circles" / "nested"
+    (root / "circles" / "0.jpg").rename(put(nested / "c.jpg"))
+    lock(monkeypatch, nested)
+    dataset = scan_dataset(root, validation_percentage=0, testing_percentage=0, quiet=True)
+    assert (nested, "cannot list this folder: Permission denied") in dataset.skipped
+    assert len(dataset.samples) == 17
+    evaluation = scan_labelled_folder(root, dataset.classes, quiet=True)
+    assert (nested, "cannot list this folder: Permission denied") in evaluation.skipped
+    lock(monkeypatch, root / "squares")
+    with pytest.raises(UserError, match=r"no images in .*: squares \(cannot list this folder: Permission denied\)"):
+        scan_dataset(root, quiet=True)

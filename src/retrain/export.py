@@ -39,7 +39,7 @@ from .outputs import check_output_dir, write_model_dir
 from .graphs import any_size_model, tidy_opsets
 from .prediction import LABELS_FILE, MODEL_FILE, Classifier, load
 from .preprocess import FEATURES_NAME, INPUT_NAME, PIXELS_NAME
-from .scan import Dataset, SampleTable, scan_dataset
+from .scan import Dataset, SampleTable, scan_dataset, skipped_line
 
 ANY_SIZE_FILE = "model_any_size.onnx"
 REPORT_FILE = "export.json"
@@ -228,6 +228,8 @@ def training_dataset(source: Classifier, image_dir: str | None, log: Callable[[s
     if dataset.classes != source.labels:
         raise UserError(f"the class folders of {folder} ({', '.join(dataset.classes)}) are not the model's classes "
                         f"({', '.join(source.labels)}): give the training folder with --image_dir")
+    if dataset.skipped:  # the accuracy check runs without them
+        log(skipped_line(dataset.skipped))
     if provenance.get("dataset_fingerprint") not in (None, dataset.fingerprint()):
         log(f"Note: the photos in {folder} have changed since the model was trained; "
             "both models are measured on them as they are now.")

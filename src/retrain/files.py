@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -12,7 +13,16 @@ from typing import Any, Callable
 import numpy as np
 from filelock import FileLock
 
-from .guards import file_sha256
+from .guards import file_sha256, not_a_regular_file
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once, at import: os.umask can only be read by setting it, racing other threads
 
 
 def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = None) -> np.ndarray:
@@ -26,9 +36,23 @@ def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = 
         return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions of the file `path` replaces, else a new file's under the umask (mkstemp's are 0600)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    """Write to a temporary file beside `path`, fsync, then rename over it (never over a pipe or a device)."""
     path = Path(path)
+    refusal = not_a_regular_file(path)
+    if refusal and not path.is_dir():  # a folder fails at the rename, with the usual error
+        raise refusal
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -38,6 +62,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), _mode_for(path))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -80,3 +80,18 @@ def read_failure(e: OSError) -> str:
     if isinstance(e, UnsafeFile):
         return f"skipped: {e.strerror}"
     return f"cannot read: {e.strerror or e}"
+
+
+def not_a_regular_file(path: str | os.PathLike) -> UnsafeFile | None:
+    """Why a file may not be written over at `path` (a named pipe, a device, a folder...); None for a
+    regular file, a symbolic link (replaced, not followed) or nothing there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        return None
+    refusal = _refusal(st, MAX_FILE_BYTES)
+    if refusal:
+        refusal.filename = os.fspath(path)
+    return refusal

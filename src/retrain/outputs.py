@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 from .errors import UserError
 from .files import atomic_write_json
+from .guards import not_a_regular_file
 from .interrupts import interrupts_deferred
 
 MARKER = ".retrain-output"  # a JSON note of what retrain wrote here: its presence makes the folder retrain's
@@ -88,11 +89,28 @@ def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str |
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder: give a file name, e.g. {path / example}")
+    refusal = not_a_regular_file(path)
+    if refusal:  # replacing it would turn a device or pipe (/dev/null for one) into a file
+        raise UserError(f"{flag} {path} is {refusal.strerror}: give the path of a file (retrain writes whole "
+                        "files, each replaced at once)")
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
     _refuse_inside_inputs(path, flag, inputs, top_level_ok=True)
     _probe_writable(path.parent)
+
+
+def check_output_folder(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse, before any work, a folder output (shared with other runs, like TensorBoard's) that is a file,
+    lies among the photos or cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is an existing file: give the path of a folder")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+    _refuse_inside_inputs(path, flag, inputs)
+    _probe_writable(path)
 
 
 def _probe_writable(folder: Path) -> None:

@@ -23,7 +23,6 @@ import onnx
 from .progress import Stopwatch, progress, say
 from . import __version__, distributed
 from .backbones import Backbone, export_torch_network, get_backbone
-from .decode import describe
 from .engine import open_engine
 from .errors import UserError
 from .checks import class_counts, copies_of_training, quick_summary
@@ -44,7 +43,7 @@ from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
 from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training, unused_note
-from .scan import SPLITS, Dataset, SampleTable, scan_dataset
+from .scan import SPLITS, Dataset, SampleTable, scan_dataset, skipped_line
 from .tuned import (TunedRun, Winner, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
                     tuned_path)
 
@@ -187,9 +186,7 @@ def scan_for_training(image_dir: str | Path, config: TrainConfig, cache: Path) -
 
 def _log_skipped(dataset: Dataset, log: Callable[[str], None]) -> None:
     if dataset.skipped:
-        log(f"Skipped {len(dataset.skipped)} unreadable file(s): " +
-            "; ".join(f"{describe(p)} ({why})" for p, why in dataset.skipped[:5]) +
-            (" ..." if len(dataset.skipped) > 5 else ""))
+        log(skipped_line(dataset.skipped))
 
 
 def feature_splits(image_dir: str | Path, config: TrainConfig) -> tuple[list[str], dict[str, tuple[np.ndarray,

@@ -30,12 +30,12 @@ from .calibrate import calibration_error_text, reliability, unknown_threshold_te
 from .evaluation import (NEVER_PREDICTED, evaluation_of_folder, never_predicted, precision_text, verdict,  # noqa: E402
                          worst_mistakes)
 from .evidence import describe_accuracy  # noqa: E402
-from .decode import UnreadableImage, load_image  # noqa: E402
+from .decode import UnreadableImage, load_image, open_rgb  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text, default_cache_dir  # noqa: E402
-from .guards import open_regular  # noqa: E402
 from .memo import DiskMemo, digest  # noqa: E402
 from .outputs import os_error_message  # noqa: E402
+from .scan import skipped_line  # noqa: E402
 from .metrics import CalibrationReport, ClassificationMetrics, PredictionRecord, RunMetrics, read_metrics  # noqa: E402
 from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noqa: E402
 
@@ -177,15 +177,13 @@ def saliency_png(image: np.ndarray, heat: np.ndarray) -> bytes:
 
 
 def _thumbnail(path: str, side: int = 128) -> str:
-    try:
-        with open_regular(path) as f:
-            img = Image.open(f)
-            img.load()
+    try:  # decoded as for prediction: upright, within the pixel limit, a big JPEG at a reduced scale
+        img = open_rgb(path, side)
         img.thumbnail((side, side))
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=80)
         return f'<img alt="{html.escape(Path(path).name)}" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-    except Exception:  # a vanished or broken file: show its name only
+    except (UnreadableImage, OSError):  # a vanished or broken file: show its name only
         return "<span>(image unavailable)</span>"
 
 
@@ -203,7 +201,10 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why=why,
                             held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
                             test_ece_after=after["ece"], reliability_after=after["bins"])
-    return evaluation.metrics, preds, cal, [evaluation.warning] if evaluation.warning else []
+    skipped = [skipped_line([(f.path, f.reason) for f in evaluation.skipped], shown=20)] if evaluation.skipped else []
+    for line in skipped:  # which photos the figures leave out, on the page and now
+        print(line, file=sys.stderr)
+    return evaluation.metrics, preds, cal, ([evaluation.warning] if evaluation.warning else []) + skipped
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -327,7 +328,7 @@ def _dataset_section(metrics: RunMetrics | None, classes: list[str], backbone: s
             f"mode <b>{html.escape(metrics.mode if metrics else '?')}</b>; images per split: "
             + ", ".join(f"{k} {v}" for k, v in (metrics.num_images if metrics else {}).items()) + "</p>"
             + _table(rows, ["class", "train", "validation", "test"])
-            + f"<p>Skipped files: {len(metrics.skipped_files) if metrics else 0}</p>"
+            + f"<p>Files skipped in training: {len(metrics.skipped_files) if metrics else 0}</p>"
             + (f"<p>How it was trained: {html.escape(str(metrics.plan.get('reason', '')))}</p>" if metrics else "")
             + _backbone_comparison(metrics))
 

@@ -27,6 +27,7 @@ from .prefetch import ordered_map
 from .progress import progress
 from .errors import UserError
 from .split import assign_recorded, record_path
+from .decode import describe
 from .guards import file_sha256, read_failure  # file_sha256: never a pipe or a device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib",
@@ -285,19 +286,31 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(name)
 
 
-def walk_folders(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+def skipped_line(skipped: Sequence[tuple[str | os.PathLike, str]], shown: int = 5) -> str:
+    """'Skipped N unreadable file(s): folder/name (why); ...', the first `shown` named, for a log or a message."""
+    named = "; ".join(f"{describe(path)} ({why})" for path, why in skipped[:shown])
+    return f"Skipped {len(skipped)} unreadable file(s): {named}" + (" ..." if len(skipped) > shown else "")
+
+
+def walk_folders(folder: Path, unreadable: list[tuple[Path, str]] | None = None
+                 ) -> Iterator[tuple[Path, list[str]]]:
     """(folder, its visible file names sorted) for `folder` and every folder below it, lazily.
 
-    Recursive, not following folder links; hidden files and folders are left out.
+    Recursive, not following folder links; hidden files and folders are left out. A folder that
+    cannot be listed is added to `unreadable` with the reason (it would otherwise vanish unnoticed,
+    its photos missing from a count).
     """
-    for root, dirs, files in os.walk(folder, onerror=None):
+    def note(e: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((Path(e.filename or folder), f"cannot list this folder: {e.strerror or e}"))
+    for root, dirs, files in os.walk(folder, onerror=note):
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         yield Path(root), sorted(name for name in files if not is_hidden(name))
 
 
-def walk_files(folder: Path) -> Iterator[tuple[Path, bool]]:
-    """(file, whether it is an image) below `folder`, lazily, sorted within each folder."""
-    for base, names in walk_folders(folder):
+def walk_files(folder: Path, unreadable: list[tuple[Path, str]] | None = None) -> Iterator[tuple[Path, bool]]:
+    """(file, whether it is an image) below `folder`, lazily, sorted within each folder (see walk_folders)."""
+    for base, names in walk_folders(folder, unreadable):
         # One Path per folder: its files' Paths share its parts instead of re-parsing them.
         yield from ((base / name, is_image_name(name)) for name in names)
 
@@ -378,10 +391,11 @@ def _hash_all(paths: Iterable[Path], total: int, workers: int, quiet: bool = Fal
             yield digest
 
 
-def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -> int:
+def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows,
+                    unreadable: list[tuple[Path, str]]) -> int:
     """Add the images of one folder of class folders to `rows` (label: index in `classes`); the count of others.
 
-    Raises UserError for a class folder that is not in `classes`.
+    Folders that cannot be listed go to `unreadable`. Raises UserError for a class folder that is not in `classes`.
     """
     subdirs = class_folders(folder)
     unknown = sorted({d.name for d in subdirs} - set(classes))
@@ -390,7 +404,7 @@ def _labelled_files(folder: Path, classes: list[str], split: int, rows: _Rows) -
                         f"{', '.join(unknown)} (training classes: {', '.join(classes)})")
     ignored = 0
     for d in subdirs:
-        for base, names in walk_folders(d):
+        for base, names in walk_folders(d, unreadable):
             images = [name for name in names if is_image_name(name)]
             ignored += len(names) - len(images)
             if images:
@@ -421,15 +435,17 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     if len(classes) < 2:
         raise UserError(f"{train_dir} needs at least 2 class folders (one sub-folder per class, "
                         f"images inside); found {len(classes)}: {', '.join(classes) or 'none'}")
-    rows = _Rows()
-    ignored = _labelled_files(train_dir, classes, NO_SPLIT, rows)
+    rows, unreadable = _Rows(), []
+    ignored = _labelled_files(train_dir, classes, NO_SPLIT, rows, unreadable)
     empty = [c for c, n in zip(classes, rows.per_label(len(classes))) if n == 0]
     if empty and not empty_classes_allowed:  # training cannot learn them; `retrain doctor` reports them
-        raise UserError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)} "
-                        f"(supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        why = {path.name: reason for path, reason in unreadable if path.parent == train_dir}
+        raise UserError(f"class folder(s) with no images in {train_dir}: "
+                        + ", ".join(f"{c} ({why[c]})" if c in why else c for c in empty)
+                        + f" (supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     for split, folder in fixed.items():
         if folder:
-            ignored += _labelled_files(Path(folder), classes, SPLITS.index(split), rows)
+            ignored += _labelled_files(Path(folder), classes, SPLITS.index(split), rows, unreadable)
 
     # Carve out of train only the splits that have no folder of their own.
     val_pct = 0 if fixed["validation"] else validation_percentage
@@ -441,7 +457,7 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     codes, too_small = assign_recorded(samples.keys[carved], samples.labels[carved], len(classes),
                                        val_pct, test_pct, record)
     columns.splits[samples.rows_of(carved)] = codes
-    return Dataset(classes, samples, skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]),
+    return Dataset(classes, samples, unreadable + skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]),
                    unsplit_classes=[classes[c] for c in too_small])
 
 
@@ -466,9 +482,10 @@ def _hashed_samples(columns: Columns, workers: int, quiet: bool) -> tuple[Sample
 def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers: int = 4,
                          quiet: bool = False) -> Dataset:
     """Scan an evaluation folder whose class folders must be among `classes`."""
-    rows = _Rows()
-    ignored = _labelled_files(Path(folder), list(classes), SPLITS.index("test"), rows)
+    rows, unreadable = _Rows(), []
+    ignored = _labelled_files(Path(folder), list(classes), SPLITS.index("test"), rows, unreadable)
     if not len(rows):
-        raise UserError(f"no images found in the class folders of {folder}")
+        raise UserError(f"no images found in the class folders of {folder}"
+                        + "".join(f"; {path}: {reason}" for path, reason in unreadable[:3]))
     samples, skipped = _hashed_samples(rows.columns(), workers, quiet)
-    return Dataset(list(classes), samples, skipped, ignored, fixed_split=True)
+    return Dataset(list(classes), samples, unreadable + skipped, ignored, fixed_split=True)
