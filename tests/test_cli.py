@@ -285,3 +285,86 @@ def test_an_onnx_backbone_named_scratch_is_not_taken_for_a_scratch_one(shapes_da
     assert retrain_main(["train", str(shapes_data), "--output", str(tmp_path / "m"), "--backbone",
                          "scratch_net.onnx", "--mode", "head", "--epochs", "3"]) == 2
     assert "--mode head trains on cached features" in capsys.readouterr().err
+
+
+def test_a_pb_model_path_is_judged_by_its_content_not_its_name(trained, shapes_data, tmp_path, capsys):
+    """`retrain --output_graph=out/v.pb` writes ONNX there: it is used. A missing .pb is not found; a
+    TensorFlow GraphDef is named as one."""
+    graph, labels = trained
+    pb = tmp_path / "v.pb"
+    pb.write_bytes(graph.read_bytes())
+    image = sorted((shapes_data / "squares").iterdir())[0]
+    assert label_image_main([f"--graph={pb}", f"--labels={labels}", f"--image={image}"]) == 0
+    assert retrain_main(["predict", str(pb), str(image)]) == 0
+    capsys.readouterr()
+    assert label_image_main([f"--graph={tmp_path / 'missing.pb'}", f"--image={image}"]) == 2
+    assert capsys.readouterr().err == f"label_image: error: model not found: {tmp_path / 'missing.pb'}\n"
+    graphdef = tmp_path / "tf.pb"
+    graphdef.write_bytes(b"\n\x14\n\x05input\x12\x0bPlaceholder")  # a GraphDef of one NodeDef (name, op)
+    assert label_image_main([f"--graph={graphdef}", f"--image={image}"]) == 2
+    assert "is a TensorFlow graph; this tool reads ONNX models" in capsys.readouterr().err
+
+
+def test_a_named_pipe_given_as_image_or_model_is_said_to_be_one(trained, shapes_data, tmp_path, capsys):
+    graph, _ = trained
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    image = sorted((shapes_data / "squares").iterdir())[0]
+    assert label_image_main([f"--graph={graph}", f"--image={pipe}"]) == 2
+    assert capsys.readouterr().err == f"label_image: error: cannot read image {pipe}: a named pipe, not a regular file\n"
+    model = tmp_path / "model.onnx"
+    os.mkfifo(model)
+    assert label_image_main([f"--graph={model}", f"--image={image}"]) == 2
+    assert retrain_main(["predict", str(model), str(image)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{prog}: error: cannot read model {model}: a named pipe, not a regular file" for prog in ("label_image", "retrain")]
+
+
+def test_classic_outputs_refuse_what_would_destroy_a_users_file_before_training(trained, shapes_data, tmp_path,
+                                                                                capsys):
+    """--output_labels over a model or a photo, both flags on one file, another tool's ONNX model, a device,
+    and a --summaries_dir that is a file: each one line before any training, nothing changed."""
+    import hashlib
+
+    graph, labels = trained
+    foreign = tmp_path / "their_model.onnx"
+    import onnx
+
+    model = onnx.load(graph)
+    del model.metadata_props[:]  # an ONNX model retrain did not write
+    onnx.save(model, foreign)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(next(shapes_data.rglob("*.jpg")).read_bytes())
+    model_copy = tmp_path / "keep.onnx"
+    model_copy.write_bytes(graph.read_bytes())
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "afile").write_text("mine")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (foreign, photo, model_copy, tmp_path / "afile")}
+    new_graph, new_labels = tmp_path / "g.onnx", tmp_path / "l.txt"
+    cases = [
+        ([f"--output_graph={new_graph}", f"--output_labels={model_copy}"], "is not a labels file"),
+        ([f"--output_graph={new_graph}", f"--output_labels={photo}"], "is not a labels file"),
+        ([f"--output_graph={new_labels}", f"--output_labels={new_labels}"], "name the same file"),
+        ([f"--output_graph={foreign}", f"--output_labels={new_labels}"], "is an ONNX model retrain did not write"),
+        ([f"--output_graph={new_graph}", f"--output_labels={tmp_path / 'pipe'}"], "is a named pipe, not a regular file"),
+        ([f"--output_graph={new_graph}", f"--output_labels={new_labels}", f"--summaries_dir={tmp_path / 'afile'}"],
+         "--summaries_dir .* is an existing file"),
+    ]
+    for flags, message in cases:
+        assert retrain_main([f"--image_dir={shapes_data}", *flags, *FAST]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and len(err.strip().splitlines()) == 1 and "Training" not in err, err
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+    assert (tmp_path / "pipe").is_fifo() and not new_graph.exists() and not new_labels.exists()
+    labels_copy = tmp_path / "old_labels.txt"
+    labels_copy.write_text("earlier\nrun\n")  # an earlier run's labels: replaced, as retrain.py did
+    assert retrain_main([f"--image_dir={shapes_data}", f"--output_graph={new_graph}", f"--output_labels={labels_copy}",
+                         *FAST]) == 0
+    assert labels_copy.read_text().split() == labels.read_text().split()
+
+
+def test_an_empty_image_folder_argument_is_refused_not_read_as_the_current_folder(tmp_path, capsys):
+    assert retrain_main(["--image_dir=", f"--output_graph={tmp_path / 'g.onnx'}", *FAST]) == 2
+    assert retrain_main(["train", "", "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count('the image folder is empty ("")') == 2 and not list(tmp_path.iterdir())

@@ -68,24 +68,25 @@ def test_predict_to_file_writes_one_valid_row_per_image(model_dir, folder_with_b
     assert bad == {"broken.png", "empty.jpg"}
 
 
-def test_interrupted_predict_leaves_only_whole_rows_in_the_partial_file(model_dir, folder_with_bad_files, tmp_path,
+def test_interrupted_predict_writes_only_whole_rows_and_leaves_nothing(model_dir, folder_with_bad_files, tmp_path,
                                                                          monkeypatch):
     clf = load(model_dir)
     real = clf.predict_paths
+    seen = []
 
     def dies_after_five(paths, *a, **k):
         for i, pred in enumerate(real(paths, *a, **k)):
-            if i == 5:
+            if i == 5:  # what a kill at this moment would leave: the temporary file beside FILE
+                [partial] = tmp_path.glob("preds.jsonl.*.partial")
+                seen.append(partial.read_text(encoding="utf-8"))
                 raise KeyboardInterrupt
             yield pred
     monkeypatch.setattr(clf, "predict_paths", dies_after_five)
     out = tmp_path / "preds.jsonl"
     with pytest.raises(KeyboardInterrupt):
         predict_to_file(clf, [folder_with_bad_files], out)
-    assert not out.exists()
-    text = (tmp_path / "preds.jsonl.partial").read_text(encoding="utf-8")
-    assert text.endswith("\n")
-    assert len([json.loads(line) for line in text.splitlines()]) == 5
+    assert seen[0].endswith("\n") and len([json.loads(line) for line in seen[0].splitlines()]) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["to_predict"]  # neither FILE nor the temporary file
 
 
 def test_predict_to_file_refuses_unknown_formats_missing_inputs_and_empty_folders(model_dir, tmp_path):
@@ -141,3 +142,113 @@ def test_an_output_that_is_a_pipe_is_refused_without_reading_it(model_dir, folde
     os.mkfifo(pipe)  # reading it to see whether it holds predictions would block forever
     assert main(["predict", str(model_dir), str(folder_with_bad_files), "--output", str(pipe), "--overwrite"]) == 2
     assert "is not a regular file (a pipe or a device)" in capsys.readouterr().err
+
+
+def a_photo(synthetic) -> Path:
+    return sorted((synthetic / "square").glob("*.png"))[0]
+
+
+@pytest.fixture
+def odd_folder(synthetic, tmp_path) -> Path:
+    """A folder holding one photo whose file name is not UTF-8 (byte 0xff), as `cp a.jpg $'x\\xff.png'` makes."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / os.fsdecode(b"x\xff.png")).write_bytes(a_photo(synthetic).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("name", ["p.csv", "p.jsonl"])
+def test_a_file_name_that_is_not_utf8_gets_its_row_in_the_predictions_file(model_dir, odd_folder, tmp_path, name):
+    from retrain.cli import retrain_main as main
+
+    out = tmp_path / name
+    assert main(["predict", str(model_dir), str(odd_folder), "--output", str(out), "--top-k", "1"]) == 0
+    odd = os.fsencode(odd_folder) + b"/x\xff.png"
+    data = out.read_bytes()
+    if name.endswith(".csv"):  # the name's own bytes, as ls and cut see them
+        assert data.splitlines()[1].startswith(odd + b",")
+    else:  # valid UTF-8 and valid JSON, with the name escaped (\udcff) and given back by json.loads
+        row = json.loads(data.decode("utf-8"))
+        assert b"\\udcff" in data and os.fsencode(row["path"]) == odd and row["predictions"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd", name]  # no partial file left behind
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_a_file_name_that_is_not_utf8_is_printed_without_a_crash(model_dir, odd_folder, capsysbinary, flags):
+    """capsysbinary's stdout is strict UTF-8, as a terminal's is under PYTHONIOENCODING=utf-8."""
+    from retrain.cli import retrain_main as main
+
+    assert main(["predict", str(model_dir), str(odd_folder), "--top-k", "1", *flags]) == 0
+    first = capsysbinary.readouterr().out.splitlines()[0]
+    odd = os.fsencode(odd_folder) + b"/x\xff.png"
+    if flags:
+        assert os.fsencode(json.loads(first.decode("utf-8"))["path"]) == odd
+    else:
+        assert first.split(b"  (unknown")[0] == odd
+
+
+def labels_file(tmp_path: Path, labels: list[str]) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda labels: [], "has no labels (it is empty or holds only blank lines)"),
+    (lambda labels: [" ", "", "\t"], "has no labels (it is empty or holds only blank lines)"),
+    (lambda labels: [labels[1]] + labels[1:], "more than once"),
+    (lambda labels: labels[::-1], "lists the model's classes in another order and would mislabel every prediction"),
+])
+def test_a_labels_file_that_cannot_name_the_classes_is_refused(model_dir, synthetic, tmp_path, capsys, change,
+                                                               message):
+    from retrain.cli import label_image_main, retrain_main
+
+    stored = load(model_dir).labels
+    labels, photo = labels_file(tmp_path, change(stored)), a_photo(synthetic)
+    assert retrain_main(["predict", str(model_dir), str(photo), "--labels", str(labels)]) == 2
+    assert label_image_main([f"--graph={model_dir}", f"--labels={labels}", f"--image={photo}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(message in line for line in err), err
+    assert "drop --labels (the model carries its labels)" in err[0]
+
+
+def test_a_labels_file_in_the_models_order_or_renaming_its_classes_is_used(model_dir, synthetic, tmp_path):
+    stored = load(model_dir).labels
+    assert load(model_dir, labels_file(tmp_path, stored)).labels == stored
+    renamed = [f"class {label}" for label in stored]  # the override's purpose: other names, same order
+    assert load(model_dir, labels_file(tmp_path, renamed)).labels == renamed
+
+
+def test_json_with_output_is_refused(model_dir, synthetic, tmp_path, capsys):
+    from retrain.cli import retrain_main as main
+
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(model_dir), str(a_photo(synthetic)), "--json", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json: not with --output" in err and not out.exists()
+
+
+def test_a_file_or_link_named_like_the_partial_file_is_never_written(model_dir, folder_with_bad_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p.csv.partial").write_text("my notes")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "q.csv.partial").symlink_to(victim)
+    for name in ("p.csv", "q.csv"):
+        assert predict_to_file(model_dir, [folder_with_bad_files], out / name).rows == 11
+    assert (out / "p.csv.partial").read_text() == "my notes" and victim.read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["p.csv", "p.csv.partial", "q.csv", "q.csv.partial"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "p.csv").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() makes it, not 0600
+
+
+def test_a_named_pipe_among_the_images_is_skipped_with_its_reason_said_once(model_dir, synthetic, tmp_path, capsys):
+    from retrain.cli import retrain_main as main
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    assert main(["predict", str(model_dir), str(pipe), str(a_photo(synthetic))]) == 1
+    err = capsys.readouterr().err
+    assert f"{pipe}: skipped: a named pipe, not a regular file\n" in err and "skipped: skipped" not in err

@@ -336,9 +336,9 @@ def add_predict_parser(sub) -> None:
     pr.add_argument("images", nargs="+", help="image files or folders")
     add_classify_options(pr, "flag images whose top probability is below this as unknown (default: the model's "
                              "threshold)")
-    add_json_option(pr, "one JSON object per image (JSON Lines)")
+    add_json_option(pr, "print one JSON object per image (JSON Lines); with --output, name the file .jsonl instead")
     pr.add_argument("--output", "-o", help="stream one row per image to this .csv or .jsonl file instead "
-                                           "(written as FILE.partial, renamed when complete)")
+                                           "(written to a temporary file beside it, renamed when complete)")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace an --output file that is not an earlier predictions file (those are replaced anyway)")
     add_engine_options(pr, "decoding and classification")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .config import ExportConfig, TrainConfig
 from .errors import UserError
 from .validate import Rule, check_argument
-from .outputs import check_output_dir, check_output_file, written_by_retrain
+from .outputs import check_output_dir, check_output_file, check_output_folder, written_by_retrain
 
 
 @dataclass
@@ -44,7 +44,9 @@ def use_cache_dir(cache_dir: str | None) -> None:
 
 
 def _inputs(image_dir: str, config: TrainConfig) -> list[str | None]:
-    """The image folders a run reads: no output may be written inside them."""
+    """The image folders a run reads: no output may be written inside them (checked first by both train commands)."""
+    if not str(image_dir).strip():  # an unset shell variable: not the current folder, hashed whole
+        raise UserError("the image folder is empty (\"\"): give the folder of class folders")
     return [image_dir, config.val_dir, config.test_dir]
 
 
@@ -55,7 +57,11 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
     for flag, path, example in (("--output_graph", graph, "output_graph.onnx"),
                                 ("--output_labels", labels, "output_labels.txt")):  # a wrong path must not cost the run
         check_output_file(path, flag, _inputs(image_dir, config), example)
+    if Path(graph).resolve() == Path(labels).resolve():
+        raise UserError(f"--output_graph and --output_labels name the same file ({graph}): give two paths")
     _refuse_replacing_a_non_model(Path(graph))
+    _refuse_replacing_non_labels(Path(labels))
+    check_afterwards(afterwards, _inputs(image_dir, config))
     model = train(image_dir, config, publish=_announced(lambda m: m.save_files(graph, labels), graph))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
@@ -66,21 +72,48 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
 
 
 def _refuse_replacing_a_non_model(graph: Path) -> None:
-    """retrain.py replaced --output_graph whatever it was; a file of the user's that is not a model is kept
-    (an empty one holds nothing to keep). --output_labels is replaced as retrain.py did: any text file could
-    be an earlier run's labels, /tmp/output_labels.txt beside retrain.py's output_graph.pb among them."""
+    """retrain.py replaced --output_graph whatever it was; only a model retrain wrote is replaced here
+    (an empty file holds nothing to keep): not a user's file, and not another tool's ONNX model."""
     if not graph.is_file() or graph.stat().st_size == 0:
         return
     import onnx
     from google.protobuf.message import DecodeError
 
     try:  # protobuf reads some arbitrary bytes without complaint: a model has nodes
-        is_model = len(onnx.load(str(graph), load_external_data=False).graph.node) > 0
+        model = onnx.load(str(graph), load_external_data=False)
+        is_model, ours = len(model.graph.node) > 0, any(p.key == "retrain:labels" for p in model.metadata_props)
     except (OSError, ValueError, DecodeError):
-        is_model = False
-    if not is_model:
-        raise UserError(f"--output_graph {graph} already exists and is not an ONNX model: give another path "
-                        "(retrain replaces only an earlier model there)")
+        is_model = ours = False
+    if not ours:
+        what = "an ONNX model retrain did not write" if is_model else "not an ONNX model"
+        raise UserError(f"--output_graph {graph} already exists and is {what}: give another path "
+                        "(retrain replaces only an earlier model of its own there)")
+
+
+LABELS_MAX_BYTES = 1 << 20  # far more than any list of class names
+
+
+def _refuse_replacing_non_labels(labels: Path) -> None:
+    """--output_labels replaces a text file, as retrain.py did (any could be an earlier run's labels,
+    /tmp/output_labels.txt beside retrain.py's output_graph.pb among them), but not a model, a photo
+    or any other file that is not short UTF-8 text."""
+    if not labels.is_file() or labels.stat().st_size == 0:
+        return
+    try:
+        with open(labels, "rb") as f:
+            data = f.read(LABELS_MAX_BYTES + 1)
+        text = len(data) <= LABELS_MAX_BYTES and b"\0" not in data and bool(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        text = False
+    if not text:
+        raise UserError(f"--output_labels {labels} already exists and is not a labels file (short UTF-8 text, a "
+                        "class a line): give another path")
+
+
+def check_afterwards(afterwards: Afterwards, inputs: list[str | None]) -> None:
+    """--summaries_dir checked before training, so that a wrong path does not cost the run."""
+    if afterwards.summaries_dir:
+        check_output_folder(afterwards.summaries_dir, "--summaries_dir", inputs)
 
 
 def train_dir(image_dir: str, config: TrainConfig, output: str, overwrite: bool, afterwards: Afterwards) -> int:
@@ -88,6 +121,7 @@ def train_dir(image_dir: str, config: TrainConfig, output: str, overwrite: bool,
     from .pipeline import train
 
     check_output_dir(output, _inputs(image_dir, config), overwrite)  # before training, not after it
+    check_afterwards(afterwards, _inputs(image_dir, config))
     model = train(image_dir, config, publish=_announced(lambda m: m.save(output), output))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
@@ -131,6 +165,8 @@ def predict(model: str, images: list[str], *, labels: str | None, top_k: int, mi
 
     if overwrite and not output:
         raise UserError("--overwrite: only with --output (it lets a run replace that file)")
+    if as_json and output:  # else --json would be dropped without a word
+        raise UserError("--json: not with --output, whose extension chooses its format (name it .jsonl for JSON Lines)")
     with open_engine(engine, ray_address) as runner:
         clf = load(model, labels, runner)
         if output:  # streamed: one row per image as it comes, folders walked lazily
@@ -143,7 +179,7 @@ def predict(model: str, images: list[str], *, labels: str | None, top_k: int, mi
 
 
 def _print_predictions(clf, images: list[str], top_k: int, min_confidence: float | None, as_json: bool) -> int:
-    from .prediction import expand_images
+    from .prediction import expand_images, json_line
 
     paths = expand_images(images)
     if not paths:
@@ -152,14 +188,35 @@ def _print_predictions(clf, images: list[str], top_k: int, min_confidence: float
     for pred in clf.predict_paths(paths, top_k, min_confidence=min_confidence):
         failures += bool(pred.error)
         if as_json:
-            print(json.dumps(pred.to_dict(), ensure_ascii=False))
+            _print_line(json_line(pred.to_dict()), sys.stdout)
         elif pred.error:
-            print(f"{pred.path}: skipped: {pred.error}", file=sys.stderr)
+            _print_line(f"{pred.path}: {_skipped(pred.error)}", sys.stderr)
         else:
-            print(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""))
+            _print_line(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""), sys.stdout)
             for label, score in pred.top:
                 print(f"  {label} {score:.5f}")
     return 1 if failures else 0
+
+
+def _skipped(error: str) -> str:
+    """'skipped: REASON', said once: the decoder's reason for a pipe or a device already starts so."""
+    return error if error.startswith("skipped: ") else f"skipped: {error}"
+
+
+def _print_line(line: str, stream) -> None:
+    """print(), but a file name that is not UTF-8 (its odd bytes read as surrogate escapes) is written as its own
+    bytes, as ls prints it, where the stream's encoding would refuse it (PYTHONIOENCODING=utf-8 is strict)."""
+    try:
+        print(line, file=stream)
+    except UnicodeEncodeError:  # raised before any of the line is written
+        data, encoding = line + "\n", stream.encoding or "utf-8"
+        try:
+            raw = data.encode(encoding, "surrogateescape")
+        except UnicodeEncodeError:  # a letter the stream's encoding lacks, not an odd byte: an escape, not a crash
+            raw = data.encode(encoding, "backslashreplace")
+        stream.flush()
+        stream.buffer.write(raw)
+        stream.buffer.flush()
 
 
 def evaluate(model: str, image_dir: str, as_json: bool) -> int:
@@ -173,8 +230,10 @@ def evaluate(model: str, image_dir: str, as_json: bool) -> int:
         if evaluation.warning:
             print(f"Warning: {evaluation.warning}", file=sys.stderr)
         print(format_metrics(evaluation.metrics))
-        if evaluation.skipped:
-            print(f"\nSkipped {len(evaluation.skipped)} unreadable file(s).")
+        if evaluation.skipped:  # named, with the reason: a count alone hides which photos the figures leave out
+            from .scan import skipped_line
+
+            print(skipped_line([(f.path, f.reason) for f in evaluation.skipped], shown=20), file=sys.stderr)
     return 0
 
 
@@ -261,7 +320,7 @@ def export(model: str, output: str, config: ExportConfig) -> int:
 def label_image(image: str, graph: str | None, labels: str | None, top_k: int, min_confidence: float | None,
                 cache_dir: str | None, compat: dict[str, Any]) -> int:
     """`label_image`: top-k `label score` lines, best first; `unknown` first below the confidence threshold."""
-    from .prediction import load, model_file
+    from .prediction import load, model_file, require_regular_file
 
     if graph:
         clf = load(onnx_beside(model_file(graph)), labels)
@@ -276,8 +335,7 @@ def label_image(image: str, graph: str | None, labels: str | None, top_k: int, m
     if path.is_dir():
         raise UserError(f"--image {path} is a folder: label_image classifies one image; "
                         f"`retrain predict MODEL {path}` classifies every image in a folder")
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
+    require_regular_file(path, "image")  # a named pipe is said to be one, not "not found"
     pred = next(clf.predict_paths([path], top_k, min_confidence=min_confidence))
     if pred.error:
         raise UserError(f"cannot classify {path}: {pred.error}")

@@ -44,6 +44,11 @@ def _mode_for(path: Path) -> int:
             return stat.S_IMODE(st.st_mode)
     except OSError:
         pass
+    return new_file_mode()
+
+
+def new_file_mode() -> int:
+    """The permissions open() gives a new file under the process's umask."""
     return 0o666 & ~_UMASK
 
 

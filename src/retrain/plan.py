@@ -164,7 +164,10 @@ def _pretrained_mode(config: TrainConfig) -> tuple[Mode, str]:
     if config.mode == "finetune":
         return Mode.FINETUNE, "as asked (--mode finetune)"
     if config.finetune.augment is not None:
-        return Mode.HEAD_LIVE, "distortions need live images: training the head on distorted photos, backbone frozen"
+        return Mode.HEAD_LIVE, ("distortions need live images: training the head on distorted photos, backbone frozen, "
+                                "from the head on cached features (the steps, batch and learning rate given for the "
+                                "head shape that one; these epochs follow --epochs, --finetune_batch_size and "
+                                "--finetune_learning_rate)")
     return Mode.HEAD, "as asked"
 
 

@@ -5,6 +5,9 @@ import csv
 import io
 import json
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -14,8 +17,9 @@ import numpy as np
 from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
+from .files import new_file_mode
 from .runtime import inference_session, run_model
-from .guards import open_regular
+from .guards import UnsafeFile, check_regular, open_regular
 from .preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing
 from .validate import Rule, check_argument
 
@@ -52,7 +56,36 @@ def read_labels(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise UserError(f"labels file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
                         "give the labels.txt written with the model") from None
-    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    labels = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    if problem := labels_problem(labels):
+        raise UserError(f"labels file {path} {problem}: give the labels.txt written with the model, or drop --labels "
+                        "(the model carries its labels)")
+    return labels
+
+
+def labels_problem(labels: list[str]) -> str | None:
+    """Why `labels` cannot name a model's classes (none, or one twice), as a phrase; None if it can."""
+    if not labels:
+        return "has no labels (it is empty or holds only blank lines)"
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            return f"lists {label!r} more than once"
+        seen.add(label)
+    return None
+
+
+def require_regular_file(path: Path, what: str, max_bytes: int | None = None) -> None:
+    """UserError unless `path` (links followed) is a regular file: '{what} not found', or what it is instead.
+
+    Judged by stat, never by opening: a named pipe would block the open.
+    """
+    try:
+        check_regular(path, max_bytes)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{what} not found: {path}") from None
+    except UnsafeFile as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 class Classifier:
@@ -65,14 +98,13 @@ class Classifier:
     def __init__(self, onnx_path: str | os.PathLike, labels: list[str] | None = None, threads: int | None = None,
                  engine: Engine | None = None):
         path = Path(onnx_path)
-        if path.suffix.lower() == ".pb":
-            raise UserError(f"{path} is a TensorFlow graph; this tool reads ONNX models. Retrain with "
-                            "`retrain --image_dir=...`, which writes output_graph.onnx")
-        if not path.is_file():
-            raise UserError(f"model not found: {path}")
+        require_regular_file(path, "model", max_bytes=sys.maxsize)  # a model has no image's size limit
         try:
             self.session = inference_session(path, threads)
         except Exception as e:  # ORT raises its own exception types for bad files
+            if path.suffix.lower() == ".pb":  # judged by content: `--output_graph=x.pb` holds ONNX, loaded above
+                raise UserError(f"{path} is a TensorFlow graph; this tool reads ONNX models. Retrain with "
+                                "`retrain --image_dir=...`, which writes output_graph.onnx") from None
             raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
         self.path, self.engine = path, engine
         _refuse_other_inputs(self.session, path)
@@ -85,7 +117,7 @@ class Classifier:
         except (ValueError, KeyError, TypeError) as e:  # hand-edited or damaged metadata
             raise UserError(f"{path}: damaged retrain metadata ({type(e).__name__}: {e}); "
                             "retrain the model or restore the file written by retrain") from None
-        self.labels = labels or stored
+        self.labels = stored if labels is None else _override(labels, stored)
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.labels):
             raise UserError(f"the labels list has {len(self.labels)} entries but the model predicts "
@@ -132,6 +164,16 @@ class Classifier:
         best = np.argsort(-probs, kind="stable")[:k]
         return Prediction(name, [(self.labels[j], float(probs[j])) for j in best],
                           unknown=bool(probs[best[0]] < threshold))
+
+
+def _override(labels: list[str], stored: list[str]) -> list[str]:
+    """`labels` in place of the model's own, unless they cannot name its classes or only reorder them."""
+    if problem := labels_problem(labels):
+        raise UserError(f"the labels list {problem}: each entry names one class")
+    if labels != stored and sorted(labels) == sorted(stored):  # the order is what ties a label to an output
+        raise UserError("the labels file lists the model's classes in another order and would mislabel every "
+                        "prediction: drop --labels (the model carries its labels)")
+    return labels
 
 
 def check_classify_options(top_k: object, min_confidence: object) -> None:
@@ -209,6 +251,19 @@ def output_format(path: str | os.PathLike) -> str:
     return fmt
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(row: dict) -> str:
+    """`row` as one line of JSON, other scripts' letters kept as they are.
+
+    A file name that is not UTF-8 reaches Python with its odd bytes as lone surrogates (surrogate
+    escapes), which no UTF-8 file or stream takes: they are written as \\udcXX escapes, which keep
+    the line valid JSON and give the same name back to json.loads.
+    """
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(row, ensure_ascii=False))
+
+
 def csv_header(top_k: int) -> list[str]:
     return ["path", "unknown", "error"] + [f"{col}_{i}" for i in range(1, top_k + 1) for col in ("label", "score")]
 
@@ -242,10 +297,11 @@ def _predictions_file(path: Path) -> bool:
 
 
 class RowWriter:
-    """Writes predictions to FILE.partial as they come, one whole row per write, then renames it to FILE.
+    """Writes predictions to a new temporary file beside FILE (FILE.XXXXXXXX.partial) as they come, one whole
+    row per write, then renames it to FILE.
 
-    A killed run leaves FILE.partial holding only complete rows; FILE itself appears only
-    when every image has its row.
+    A run that fails or is interrupted removes it; a killed one leaves it holding only complete
+    rows. FILE itself appears only when every image has its row.
     """
 
     def __init__(self, path: str | os.PathLike, top_k: int, overwrite: bool = False):
@@ -258,9 +314,8 @@ class RowWriter:
         if not overwrite and self.path.exists() and not _predictions_file(self.path):
             raise UserError(f"--output {self.path} already exists and is not a predictions file retrain wrote: give "
                             "a new file name, or add --overwrite to replace it")
-        self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.partial, "w", encoding="utf-8", newline="")
+        self.partial, self.file = _new_partial(self.path)
         self.rows = self.failures = 0
         if self.format == "csv":
             self._write_line(csv_header(top_k))
@@ -274,20 +329,41 @@ class RowWriter:
         if self.format == "csv":
             self._write_line(csv_row(pred, self.top_k))
         else:
-            self.file.write(json.dumps(pred.to_dict(), ensure_ascii=False) + "\n")
+            self.file.write(json_line(pred.to_dict()) + "\n")
         self.file.flush()  # whole rows reach the file as they come, never half of one
         self.rows += 1
         self.failures += bool(pred.error)
 
     def finish(self) -> StreamSummary:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.partial, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.partial, self.path)
+        except BaseException:
+            self.abandon()
+            raise
         return StreamSummary(self.rows, self.failures, self.path)
 
     def abandon(self) -> None:
+        """Close and remove the temporary file; FILE is left as it was."""
         self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _new_partial(path: Path) -> tuple[Path, io.TextIOWrapper]:
+    """A new, uniquely named file beside `path`, open for writing rows.
+
+    Created with O_EXCL (mkstemp), so neither a file of the user's nor a link planted under a
+    predictable name is ever written through.
+    """
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode())  # as open() would make it: mkstemp's 0600 would make FILE private
+    except OSError:  # a file system without modes (vfat): the file is as readable as it can be
+        pass
+    # surrogateescape: a file name that is not UTF-8 goes into a CSV cell as its own bytes, as ls prints it
+    return Path(name), open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os.PathLike],
@@ -314,13 +390,12 @@ def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os
                 writer.write(pred)
                 bar.update()
     except BaseException:
-        writer.abandon()  # FILE.partial keeps the complete rows written so far
+        writer.abandon()  # FILE stays as it was; no temporary file is left beside it
         raise
     finally:
         bar.close()
     if not writer.rows:
         writer.abandon()
-        writer.partial.unlink(missing_ok=True)
         raise UserError("no images found in: " + ", ".join(str(i) for i in images))
     return writer.finish()
 
