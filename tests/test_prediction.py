@@ -252,3 +252,28 @@ def test_a_named_pipe_among_the_images_is_skipped_with_its_reason_said_once(mode
     assert main(["predict", str(model_dir), str(pipe), str(a_photo(synthetic))]) == 1
     err = capsys.readouterr().err
     assert f"{pipe}: skipped: a named pipe, not a regular file\n" in err and "skipped: skipped" not in err
+
+
+def test_a_folder_that_cannot_be_listed_gets_a_row_saying_so(head_model, shapes_data, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    from retrain.cli import retrain_main
+
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    for src in sorted((shapes_data / "circles").iterdir())[:2]:
+        shutil.copy(src, photos / src.name)
+    real = os.scandir
+
+    def scandir(path="."):  # as for a folder without read permission (chmod cannot stop root)
+        if os.fspath(path) == str(photos / "locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = predict_to_file(head_model.folder, [photos], tmp_path / "out.csv")
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
+    assert summary.rows == 3 and summary.failures == 1
+    assert rows[-1]["path"] == str(photos / "locked") and rows[-1]["error"] == "cannot list this folder: Permission denied"
+    assert retrain_main(["predict", str(head_model.folder), str(photos / "locked")]) == 1
+    assert f"{photos / 'locked'}: skipped: cannot list this folder: Permission denied" in capsys.readouterr().err

@@ -6,6 +6,7 @@ arguments (and `retrain --help`) loads neither ONNX Runtime nor PyTorch.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -179,13 +180,15 @@ def predict(model: str, images: list[str], *, labels: str | None, top_k: int, mi
 
 
 def _print_predictions(clf, images: list[str], top_k: int, min_confidence: float | None, as_json: bool) -> int:
-    from .prediction import expand_images, json_line
+    from .prediction import expand_images, json_line, unlisted_folders
 
-    paths = expand_images(images)
-    if not paths:
+    unreadable: list = []
+    paths = expand_images(images, unreadable)
+    if not paths and not unreadable:
         raise UserError("no images found in: " + ", ".join(images))
     failures = 0
-    for pred in clf.predict_paths(paths, top_k, min_confidence=min_confidence):
+    predictions = clf.predict_paths(paths, top_k, min_confidence=min_confidence) if paths else iter(())
+    for pred in itertools.chain(predictions, unlisted_folders(unreadable)):
         failures += bool(pred.error)
         if as_json:
             _print_line(json_line(pred.to_dict()), sys.stdout)

@@ -381,7 +381,8 @@ def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os
     clf = model if isinstance(model, Classifier) else load(model)
     k = max(1, min(top_k, len(clf.labels)))
     images = as_list(images)
-    paths = iter_images(images)  # missing inputs are reported before any file is created
+    unreadable: list[tuple[Path, str]] = []
+    paths = iter_images(images, unreadable)  # missing inputs are reported before any file is created
     writer = RowWriter(output, k, overwrite)
     bar = progress(desc="Predicting", unit="img", disable=quiet)
     try:
@@ -389,6 +390,8 @@ def predict_to_file(model: str | os.PathLike | Classifier, images: list[str | os
             for pred in clf.predict_paths(chunk, k, batch_size, workers, min_confidence):
                 writer.write(pred)
                 bar.update()
+        for pred in unlisted_folders(unreadable):
+            writer.write(pred)
     except BaseException:
         writer.abandon()  # FILE stays as it was; no temporary file is left beside it
         raise
@@ -411,29 +414,35 @@ def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
         yield chunk
 
 
-def iter_images(items: list[str | os.PathLike]) -> Iterator[Path]:
+def iter_images(items: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
     """Files as given, folders replaced by the image files below them (sorted), lazily: every item is
-    checked to exist now, folders are walked as they are consumed."""
+    checked to exist now, folders are walked as they are consumed; those that cannot be listed go
+    to `unreadable` with the reason."""
     paths = [Path(item) for item in items]
     for p in paths:
         if not p.exists():
             raise UserError(f"image not found: {p}")
-    return _walk_items(paths)
+    return _walk_items(paths, unreadable)
 
 
-def _walk_items(paths: list[Path]) -> Iterator[Path]:
+def _walk_items(paths: list[Path], unreadable: list[tuple[Path, str]] | None) -> Iterator[Path]:
     from .scan import walk_files
 
     for p in paths:
         if p.is_dir():
-            yield from (path for path, image in walk_files(p) if image)
+            yield from (path for path, image in walk_files(p, unreadable) if image)
         else:
             yield p
 
 
-def expand_images(items: list[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders replaced by the image files below them (sorted)."""
-    return list(iter_images(items))
+def expand_images(items: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Files as given; folders replaced by the image files below them (sorted); see iter_images."""
+    return list(iter_images(items, unreadable))
+
+
+def unlisted_folders(unreadable: list[tuple[Path, str]]) -> list[Prediction]:
+    """A row for each folder that could not be listed: its photos would otherwise be missing unnoticed."""
+    return [Prediction(str(folder), [], why) for folder, why in unreadable]
 
 
 __all__ = ["Classifier", "Prediction", "UnreadableImage", "load", "predict", "predict_to_file"]
