@@ -63,3 +63,11 @@ def test_why_nothing_is_held_out_names_small_classes_or_else_the_recorded_split(
     assert why_none_held_out(["ants"]).startswith("a class needs 5+ photos before any of it is held out, and ants has")
     # Classes grown past the bar since a split was recorded: blaming their size would be false.
     assert why_none_held_out([]).startswith("the split recorded for this folder in the cache (splits/) keeps")
+
+
+def test_held_out_percentages_that_leave_a_class_almost_nothing_to_learn_from_are_warned_of():
+    thin = split_warnings({"ants": {"train": 1, "validation": 6, "test": 23}, "bees": {"train": 20, "validation": 5,
+                                                                                         "test": 5}})
+    assert any(w.startswith("only ants (1) training photo(s) left") for w in thin) and "bees" not in " ".join(
+        w for w in thin if w.startswith("only"))
+    assert not [w for w in split_warnings({"a": {"train": 3, "validation": 1, "test": 1}}) if w.startswith("only")]

@@ -17,6 +17,7 @@ from .scan import SPLITS, Dataset, SampleTable
 from .split import MIN_HELD_OUT
 
 MIN_IMAGES = 20  # per class; fewer and accuracy is unreliable
+MIN_TRAINING = 5  # training photos per class where photos were also held out; fewer barely teach it
 IMBALANCE_RATIO = 4.0  # largest class / smallest class
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_CLASS = "across classes", "across splits", "within class"
@@ -103,6 +104,14 @@ def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
         if 0 < n < TOO_FEW_TO_MEASURE:
             warnings.append(f"the {split} split has only {n} photo{'s' * (n != 1)}: too few to measure accuracy "
                             f"(a 95% interval spans tens of points); aim for 50+ photos per class")
+    # Held-out percentages that leave a class a handful of photos to learn from (80% test, 19% validation).
+    # (A class under MIN_IMAGES in all already has its warning.)
+    thin = [f"{c} ({per_split['train']})" for c, per_split in counts.items()
+            if sum(per_split.values()) >= MIN_IMAGES and per_split["train"] < MIN_TRAINING]
+    if thin:
+        warnings.append(f"only {', '.join(thin)} training photo(s) left after holding out validation and test "
+                        f"photos (<{MIN_TRAINING}): the model learns those classes from too few; hold out less "
+                        "(--validation_percentage, --testing_percentage) or add photos")
     return warnings
 
 

@@ -526,8 +526,9 @@ def _run(fn: Callable[[], int], prog: str) -> int:
         print(f"{prog}: error: {os_error_message(e, 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; a model saved before this is complete, and finished feature extraction is "
-              "kept in the cache.", file=sys.stderr)
+        # True of every command: outputs are replaced only when whole (a model, a predictions file, an export).
+        print(f"\n{prog}: interrupted; nothing is left half-written: a model saved before this stands, and finished "
+              "feature extraction is kept in the cache.", file=sys.stderr)
         return 130
 
 
