@@ -196,3 +196,15 @@ def test_the_closing_lines_carry_their_evidence_and_name_unused_settings():
     unused = replace(metrics, plan={"mode": "head", "unused": ["--epochs (epochs)"], "reason": "too few photos"})
     assert result_lines(unused)[-1] == "Note: not fine-tuning, so --epochs (epochs) go unused (too few photos)"
     assert result_lines(replace(unused, plan={"unused": ["--epochs (epochs)"]}))[-1].endswith("go unused")
+
+
+def test_split_percentages_a_split_folder_overrides_are_said_to_go_unused(tmp_path):
+    from retrain.config import TrainConfig
+    from retrain.pipeline import _overridden_percentages
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+    notes = _overridden_percentages(tmp_path, TrainConfig(validation_percentage=30, testing_percentage=20))
+    assert notes == [f"Note: --validation_percentage 30 goes unused: the validation photos are those in {tmp_path / 'val'}"]
+    assert _overridden_percentages(tmp_path, TrainConfig()) == []  # the defaults were not asked for

@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -43,7 +43,7 @@ from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
 from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training, unused_note
-from .scan import SPLITS, Dataset, SampleTable, scan_dataset, skipped_line
+from .scan import SPLITS, Dataset, SampleTable, find_split_dirs, scan_dataset, skipped_line
 from .tuned import (TunedRun, Winner, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
                     tuned_path)
 
@@ -173,7 +173,19 @@ def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: Stopwa
     with stage("scan"):
         dataset = scan_for_training(image_dir, config, cache)
         _summarize(dataset, log)
+        for note in _overridden_percentages(image_dir, config):
+            log(note)
     return dataset
+
+
+def _overridden_percentages(image_dir: str | Path, config: TrainConfig) -> list[str]:
+    """Notes for split percentages given but unread: a split folder holds that split's photos."""
+    folders = find_split_dirs(Path(image_dir))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    given = (("validation", "validation_percentage", config.val_dir or folders.get("validation")),
+             ("test", "testing_percentage", config.test_dir or folders.get("test")))
+    return [f"Note: --{name} {getattr(config, name):g} goes unused: the {split} photos are those in {folder}"
+            for split, name, folder in given if folder and getattr(config, name) != defaults[name]]
 
 
 def scan_for_training(image_dir: str | Path, config: TrainConfig, cache: Path) -> Dataset:
