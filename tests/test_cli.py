@@ -368,3 +368,14 @@ def test_an_empty_image_folder_argument_is_refused_not_read_as_the_current_folde
     assert retrain_main(["train", "", "--output", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count('the image folder is empty ("")') == 2 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--image_dir=x", "--how_many_training_steps=abc"], "`retrain --image_dir=DIR --help` lists the options"),
+    (["train"], "`retrain train --help` lists the options"),
+])
+def test_a_wrong_command_line_is_one_line_with_where_to_look(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        retrain_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and hint in err and "usage:" not in err

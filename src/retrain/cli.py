@@ -61,8 +61,18 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line for a wrong command line, as for any user error (argparse prints its whole usage first)."""
+
+    help_command = ""  # how to see the options, if not `PROG --help`
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.help_command or self.prog + ' --help'}` lists the "
+                     "options)\n")
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, formatter_class=_Help)
+    return _Parser(prog=prog, description=description, allow_abbrev=False, formatter_class=_Help)
 
 
 def add_cache_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -282,6 +292,7 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     tmp = Path(tempfile.gettempdir())
     p = _parser("retrain", "Retrain a classifier on a folder of class folders (retrain.py-compatible flags). "
                            "Modern interface: retrain train|predict|evaluate --help")
+    p.help_command = "retrain --image_dir=DIR --help"
     p.add_argument("--image_dir", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--output_graph", default=str(tmp / "output_graph.onnx"), help="where to write the ONNX model")
     p.add_argument("--output_labels", default=str(tmp / "output_labels.txt"), help="where to write the labels")
@@ -442,7 +453,8 @@ def add_doctor_parser(sub) -> None:
 
 def modern_parser() -> argparse.ArgumentParser:
     p = _parser("retrain", "Turn a folder of labelled photos into an image classifier, offline. "
-                           "The classic form `retrain --image_dir=DIR` also works.")
+                           "The classic form `retrain --image_dir=DIR` also works; "
+                           "`retrain --image_dir=DIR --help` lists its retrain.py flags.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (add_train_parser, add_predict_parser, add_evaluate_parsers, add_lr_find_parser, add_compare_parser,
                 add_import_idx_parser, add_serve_parser, add_doctor_parser, add_export_parser):
