@@ -379,3 +379,15 @@ def test_a_wrong_command_line_is_one_line_with_where_to_look(argv, hint, capsys)
         retrain_main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and hint in err and "usage:" not in err
+
+
+def test_retrain_py_values_that_mean_what_retrain_does_are_accepted(shapes_data, tmp_path, capsys):
+    out = [f"--output_graph={tmp_path / 'g.onnx'}", f"--output_labels={tmp_path / 'l.txt'}", "--mode", "head",
+           "--how_many_training_steps=30"]
+    assert retrain_main([f"--image_dir={shapes_data}", *out, "--test_batch_size=-1", "--validation_batch_size=-1",
+                         "--logging_verbosity=ERROR"]) == 0
+    err = capsys.readouterr().err
+    assert "Final test accuracy" in err and "Found " not in err  # ERROR: quiet, the result lines stay
+    with pytest.raises(SystemExit):
+        retrain_main([f"--image_dir={shapes_data}", *out, "--test_batch_size=5"])
+    assert "--test_batch_size is not supported: every test image is always evaluated" in capsys.readouterr().err

@@ -34,10 +34,14 @@ RETIRED_FLAGS = {
     "--intermediate_output_graphs_dir": "intermediate graphs are not written; the best step's model is exported",
     "--intermediate_store_frequency": "intermediate graphs are not written; the best step's model is exported",
     "--checkpoint_path": "fine-tuning checkpoints live in the cache; continue with --resume",
-    "--test_batch_size": "every test image is always evaluated",
-    "--validation_batch_size": "every validation image is always evaluated",
-    "--logging_verbosity": "use --quiet to silence progress output",
+    "--test_batch_size": "every test image is always evaluated (-1, retrain.py's 'all of them', is accepted)",
+    "--validation_batch_size": "every validation image is always evaluated (-1, retrain.py's 'all', is accepted)",
+    "--logging_verbosity": "DEBUG and INFO are accepted, WARN, ERROR and FATAL mean --quiet",
 }
+# retrain.py values that mean what retrain does anyway: accepted, so that its scripts still run.
+RETIRED_BUT_MEANT = {("--test_batch_size", "-1"): {}, ("--validation_batch_size", "-1"): {},
+                     **{("--logging_verbosity", level): {} for level in ("DEBUG", "INFO")},
+                     **{("--logging_verbosity", level): {"quiet": True} for level in ("WARN", "WARNING", "ERROR", "FATAL")}}
 
 DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness")
 TOP_K = 5  # classes shown per image by predict and label_image
@@ -48,7 +52,11 @@ BACKBONE_HELP = ("auto (lite0, or lite1/lite2 where cross-validation on a small 
 
 class _Retired(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is not supported: {RETIRED_FLAGS[option_string]}")
+        meant = RETIRED_BUT_MEANT.get((option_string, values))
+        if meant is None:
+            parser.error(f"{option_string} is not supported: {RETIRED_FLAGS[option_string]}")
+        for name, value in meant.items():
+            setattr(namespace, name, value)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
