@@ -68,6 +68,6 @@ def test_why_nothing_is_held_out_names_small_classes_or_else_the_recorded_split(
 def test_held_out_percentages_that_leave_a_class_almost_nothing_to_learn_from_are_warned_of():
     thin = split_warnings({"ants": {"train": 1, "validation": 6, "test": 23}, "bees": {"train": 20, "validation": 5,
                                                                                          "test": 5}})
-    assert any(w.startswith("only ants (1) training photo(s) left") for w in thin) and "bees" not in " ".join(
+    assert any(w.startswith("only ants (1) training photo(s) beside the held-out ones") for w in thin) and "bees" not in " ".join(
         w for w in thin if w.startswith("only"))
     assert not [w for w in split_warnings({"a": {"train": 3, "validation": 1, "test": 1}}) if w.startswith("only")]

@@ -363,11 +363,24 @@ def test_classic_outputs_refuse_what_would_destroy_a_users_file_before_training(
     assert labels_copy.read_text().split() == labels.read_text().split()
 
 
-def test_an_empty_image_folder_argument_is_refused_not_read_as_the_current_folder(tmp_path, capsys):
-    assert retrain_main(["--image_dir=", f"--output_graph={tmp_path / 'g.onnx'}", *FAST]) == 2
-    assert retrain_main(["train", "", "--output", str(tmp_path / "m")]) == 2
+@pytest.mark.parametrize("argv", [
+    ["--image_dir=", "--output_graph=OUT/g.onnx"], ["train", "", "--output", "OUT/m"], ["doctor", " "],
+    ["evaluate", "OUT/m", ""], ["predict", "OUT/m", ""], ["report", "OUT/m", ""], ["train", "x", "-o", "OUT/m", "--val_dir="],
+])
+def test_an_empty_path_argument_is_refused_not_read_as_the_current_folder(argv, tmp_path, capsys):
+    """An unset shell variable: the current folder would be walked and hashed whole."""
+    with pytest.raises(SystemExit) as exit_:
+        retrain_main([a.replace("OUT", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
-    assert err.count('the image folder is empty ("")') == 2 and not list(tmp_path.iterdir())
+    assert exit_.value.code == 2 and "an empty path (an unset shell variable?)" in err and not list(tmp_path.iterdir())
+
+
+def test_the_python_api_refuses_an_empty_image_folder_too():
+    import retrain
+    from retrain.errors import UserError
+
+    with pytest.raises(UserError, match="image_dir must be a folder's path; got ''"):
+        retrain.train("")
 
 
 @pytest.mark.parametrize("argv, hint", [

@@ -114,3 +114,22 @@ def test_evaluate_names_each_file_it_could_not_read(head_model, tmp_path, capsys
     assert retrain_main(["evaluate", str(head_model.folder), str(folder)]) == 0
     captured = capsys.readouterr()
     assert "Skipped 1 unreadable file(s): squares/empty.jpg (" in captured.err and "N=12" in captured.out
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_in_valid_json_on_a_strict_stream(head_model, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_dataset
+
+    folder = make_dataset(tmp_path / "d", per_class=3, seed=4)
+    odd = os.path.join(os.fsencode(folder / "squares"), b"odd\xff.jpg")
+    with open(odd, "wb") as f:
+        f.write(b"not a photo")
+    done = subprocess.run([sys.executable, "-m", "retrain", "evaluate", str(head_model.folder), str(folder), "--json"],
+                          capture_output=True, env=os.environ | {"PYTHONIOENCODING": "utf-8"}, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    report = json.loads(done.stdout.decode("utf-8"))  # valid UTF-8 and valid JSON
+    assert [f["path"] for f in report["skipped_files"]] == [os.fsdecode(odd)]

@@ -58,3 +58,16 @@ def test_prune_keeps_the_most_recently_used(tmp_path):
     (tmp_path / "other.txt").write_text("not an entry")
     assert m.prune() == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k0.bin", "k3.bin", "k4.bin", "other.txt"]
+
+
+def test_a_pipe_in_the_folder_is_made_anew_and_a_failed_touch_keeps_the_hit(tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "k.bin")  # a plain open would wait for a writer forever
+    m = memo(tmp_path)
+    assert m.get("k", lambda: b"ok") == b"ok" and m.made == 1
+    m.get("j", lambda: b"ok j")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "utime", refuse)  # a cache another user owns, or a read-only mount
+    again = memo(tmp_path)
+    assert again.get("j", lambda: pytest.fail("a hit")) == b"ok j" and again.made == 0

@@ -275,5 +275,7 @@ def test_a_folder_that_cannot_be_listed_gets_a_row_saying_so(head_model, shapes_
     rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
     assert summary.rows == 3 and summary.failures == 1
     assert rows[-1]["path"] == str(photos / "locked") and rows[-1]["error"] == "cannot list this folder: Permission denied"
+    api = retrain.predict(head_model.folder, [photos])  # the Python API says so too
+    assert len(api) == 3 and api[-1].path == str(photos / "locked") and api[-1].error == rows[-1]["error"]
     assert retrain_main(["predict", str(head_model.folder), str(photos / "locked")]) == 1
     assert f"{photos / 'locked'}: skipped: cannot list this folder: Permission denied" in capsys.readouterr().err

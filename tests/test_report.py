@@ -198,10 +198,13 @@ def test_class_names_the_plot_font_cannot_draw_are_numbered_with_a_key(tmp_path,
     for old, new in names.items():
         (root / old).rename(root / new)
     model = retrain.train(root, quick_config(cache_dir, validation_percentage=25, testing_percentage=25))
+    from dataclasses import replace
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = model.save(tmp_path / "m")
+        out = replace(model, cache_dir=tmp_path / "fresh").save(tmp_path / "m")  # every plot drawn, none reused
     assert not [w for w in caught if "missing from font" in str(w.message)]
+    assert len(list((tmp_path / "fresh" / "figures").iterdir())) >= 4
     page = (out / "report.html").read_text(encoding="utf-8")
     classes = model.classes
     assert (f"0 = {classes[0]}, 1 = {classes[1]}, 2 = {classes[2]}" in page) == font_lacks_letters(classes)
@@ -227,7 +230,7 @@ def test_a_report_on_a_folder_names_the_files_it_could_not_read(head_model, tmp_
     err = capsys.readouterr().err
     assert "Skipped 1 unreadable file(s): circles/broken.jpg (" in err
     page = (tmp_path / "m" / "report.html").read_text()
-    assert "Skipped 1 unreadable file(s): circles/broken.jpg (" in page and "Files skipped in training: " in page
+    assert "Skipped 1 unreadable file(s): circles/broken.jpg (" in page and "Files (or folders) skipped in training: " in page
 
 
 def test_thumbnails_are_upright_and_decoded_as_for_prediction(tmp_path):

@@ -109,9 +109,9 @@ def split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
     thin = [f"{c} ({per_split['train']})" for c, per_split in counts.items()
             if sum(per_split.values()) >= MIN_IMAGES and per_split["train"] < MIN_TRAINING]
     if thin:
-        warnings.append(f"only {', '.join(thin)} training photo(s) left after holding out validation and test "
-                        f"photos (<{MIN_TRAINING}): the model learns those classes from too few; hold out less "
-                        "(--validation_percentage, --testing_percentage) or add photos")
+        warnings.append(f"only {', '.join(thin)} training photo(s) beside the held-out ones (<{MIN_TRAINING}): the "
+                        "model learns those classes from too few; add training photos, or hold fewer out (lower "
+                        "--validation_percentage and --testing_percentage, or move photos from val/ and test/)")
     return warnings
 
 

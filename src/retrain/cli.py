@@ -91,9 +91,16 @@ def add_cache_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
 
 # Options several commands share, each spelt, defaulted and explained once.
 
+def path_arg(text: str) -> str:
+    """A file or folder argument: an empty one (an unset shell variable) would otherwise mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?): give a folder or a file")
+    return text
+
+
 def add_image_dir(p: argparse.ArgumentParser, help: str = "folder of class folders (or of train/, val/, test/ folders)"
                   ) -> None:
-    p.add_argument("image_dir", help=help)
+    p.add_argument("image_dir", type=path_arg, help=help)
 
 
 def add_backbone_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
@@ -111,8 +118,8 @@ def add_split_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
                    help="percent of each class held out for the test, unless there is a test folder")
     p.add_argument("--validation_percentage", "--validation-percentage", type=float, default=t.validation_percentage,
                    help="percent of each class held out for validation, unless there is a validation folder")
-    p.add_argument("--val_dir", "--val-dir", help="fixed validation folder (class folders) instead of a hash split")
-    p.add_argument("--test_dir", "--test-dir", help="fixed test folder (class folders) instead of a hash split")
+    p.add_argument("--val_dir", "--val-dir", type=path_arg, help="fixed validation folder (class folders) instead of a hash split")
+    p.add_argument("--test_dir", "--test-dir", type=path_arg, help="fixed test folder (class folders) instead of a hash split")
 
 
 def add_workers_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -301,7 +308,7 @@ def legacy_retrain(argv: Sequence[str]) -> int:
     p = _parser("retrain", "Retrain a classifier on a folder of class folders (retrain.py-compatible flags). "
                            "Modern interface: retrain train|predict|evaluate --help")
     p.help_command = "retrain --image_dir=DIR --help"
-    p.add_argument("--image_dir", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--image_dir", required=True, type=path_arg, help="folder with one sub-folder of images per class")
     p.add_argument("--output_graph", default=str(tmp / "output_graph.onnx"), help="where to write the ONNX model")
     p.add_argument("--output_labels", default=str(tmp / "output_labels.txt"), help="where to write the labels")
     p.add_argument("--final_tensor_name", default=OUTPUT_NAME, help="name of the model's probability output")
@@ -326,7 +333,7 @@ def add_export_parser(sub) -> None:
                     help="accuracy points the int8 model may lose on validation or test")
     ex.add_argument("--calibration_images", "--calibration-images", type=int, default=CALIBRATION_IMAGES,
                     help="training photos to calibrate int8 activations on")
-    ex.add_argument("--image_dir", "--image-dir",
+    ex.add_argument("--image_dir", "--image-dir", type=path_arg,
                     help="the model's training folder, if it has moved (none: the folder recorded in the model)")
     ex.add_argument("--any_size", "--any-size", action="store_true",
                     help="also write model_any_size.onnx: input one decoded RGB image of any size, resized and "
@@ -352,7 +359,7 @@ def add_train_parser(sub) -> None:
 def add_predict_parser(sub) -> None:
     pr = _subparser(sub, "predict", "classify images with a model")
     pr.add_argument("model", help="model directory or .onnx file")
-    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("images", nargs="+", type=path_arg, help="image files or folders")
     add_classify_options(pr, "flag images whose top probability is below this as unknown (default: the model's "
                              "threshold)")
     add_json_option(pr, "print one JSON object per image (JSON Lines); with --output, name the file .jsonl instead")
@@ -375,7 +382,7 @@ def add_evaluate_parsers(sub) -> None:
     ev.set_defaults(run=lambda a: commands.evaluate(a.model, a.image_dir, a.json))
     rp = _subparser(sub, "report", "write report.html (plots, mistakes, calibration, saliency) into a model dir")
     rp.add_argument("model", help="model directory")
-    rp.add_argument("image_dir", nargs="?", help="evaluate on this folder of class folders (default: the test split)")
+    rp.add_argument("image_dir", nargs="?", type=path_arg, help="evaluate on this folder of class folders (default: the test split)")
     add_cache_option(rp)
     rp.set_defaults(run=lambda a: commands.report(a.model, a.image_dir, a.cache_dir))
 
@@ -530,7 +537,17 @@ def _debug() -> bool:
     return os.environ.get("RETRAIN_DEBUG", "") not in ("", "0")
 
 
+def _tolerant_streams() -> None:
+    """Print a file name that is not UTF-8 (its odd bytes read as surrogate escapes) as its own bytes, as ls
+    does, and a letter the terminal's encoding lacks as an escape: never a crash in the middle of output
+    (PYTHONIOENCODING=utf-8 and some locales are strict). JSON output escapes such names itself (json_text)."""
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+
+
 def _run(fn: Callable[[], int], prog: str) -> int:
+    _tolerant_streams()
     try:
         return fn()
     except UserError as e:
@@ -546,9 +563,8 @@ def _run(fn: Callable[[], int], prog: str) -> int:
         print(f"{prog}: error: {os_error_message(e, 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # True of every command: outputs are replaced only when whole (a model, a predictions file, an export).
-        print(f"\n{prog}: interrupted; nothing is left half-written: a model saved before this stands, and finished "
-              "feature extraction is kept in the cache.", file=sys.stderr)
+        print(f"\n{prog}: interrupted; models and predictions files are replaced only when complete (one saved "
+              "before this stands), and finished feature extraction is kept in the cache.", file=sys.stderr)
         return 130
 
 

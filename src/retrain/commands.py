@@ -6,8 +6,6 @@ arguments (and `retrain --help`) loads neither ONNX Runtime nor PyTorch.
 """
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -45,9 +43,7 @@ def use_cache_dir(cache_dir: str | None) -> None:
 
 
 def _inputs(image_dir: str, config: TrainConfig) -> list[str | None]:
-    """The image folders a run reads: no output may be written inside them (checked first by both train commands)."""
-    if not str(image_dir).strip():  # an unset shell variable: not the current folder, hashed whole
-        raise UserError("the image folder is empty (\"\"): give the folder of class folders")
+    """The image folders a run reads: no output may be written inside them."""
     return [image_dir, config.val_dir, config.test_dir]
 
 
@@ -180,24 +176,22 @@ def predict(model: str, images: list[str], *, labels: str | None, top_k: int, mi
 
 
 def _print_predictions(clf, images: list[str], top_k: int, min_confidence: float | None, as_json: bool) -> int:
-    from .prediction import expand_images, json_line, unlisted_folders
+    from .prediction import json_text, predictions_of
 
-    unreadable: list = []
-    paths = expand_images(images, unreadable)
-    if not paths and not unreadable:
-        raise UserError("no images found in: " + ", ".join(images))
-    failures = 0
-    predictions = clf.predict_paths(paths, top_k, min_confidence=min_confidence) if paths else iter(())
-    for pred in itertools.chain(predictions, unlisted_folders(unreadable)):
+    failures = rows = 0
+    for pred in predictions_of(clf, images, top_k, min_confidence):
+        rows += 1
         failures += bool(pred.error)
         if as_json:
-            _print_line(json_line(pred.to_dict()), sys.stdout)
+            print(json_text(pred.to_dict()))
         elif pred.error:
-            _print_line(f"{pred.path}: {_skipped(pred.error)}", sys.stderr)
+            print(f"{pred.path}: {_skipped(pred.error)}", file=sys.stderr)
         else:
-            _print_line(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""), sys.stdout)
+            print(pred.path + ("  (unknown: below the confidence threshold)" if pred.unknown else ""))
             for label, score in pred.top:
                 print(f"  {label} {score:.5f}")
+    if not rows:
+        raise UserError("no images found in: " + ", ".join(images))
     return 1 if failures else 0
 
 
@@ -206,29 +200,15 @@ def _skipped(error: str) -> str:
     return error if error.startswith("skipped: ") else f"skipped: {error}"
 
 
-def _print_line(line: str, stream) -> None:
-    """print(), but a file name that is not UTF-8 (its odd bytes read as surrogate escapes) is written as its own
-    bytes, as ls prints it, where the stream's encoding would refuse it (PYTHONIOENCODING=utf-8 is strict)."""
-    try:
-        print(line, file=stream)
-    except UnicodeEncodeError:  # raised before any of the line is written
-        data, encoding = line + "\n", stream.encoding or "utf-8"
-        try:
-            raw = data.encode(encoding, "surrogateescape")
-        except UnicodeEncodeError:  # a letter the stream's encoding lacks, not an odd byte: an escape, not a crash
-            raw = data.encode(encoding, "backslashreplace")
-        stream.flush()
-        stream.buffer.write(raw)
-        stream.buffer.flush()
-
-
 def evaluate(model: str, image_dir: str, as_json: bool) -> int:
     """`retrain evaluate`: accuracy, per-class metrics and the confusion matrix, as a table or JSON."""
     from .evaluation import evaluation_of_folder, format_metrics
 
     evaluation = evaluation_of_folder(model, image_dir)
     if as_json:
-        print(json.dumps(evaluation.to_json(), indent=2, ensure_ascii=False))
+        from .prediction import json_text
+
+        print(json_text(evaluation.to_json(), indent=2))
     else:
         if evaluation.warning:
             print(f"Warning: {evaluation.warning}", file=sys.stderr)
@@ -305,10 +285,11 @@ def serve(model: str | None, host: str, port: int, *, cache_dir: str | None, wor
 
 def doctor(image_dir: str, *, backbone: str, cache_dir: str | None, workers: int, quiet: bool, as_json: bool) -> int:
     from .doctor import diagnose, format_text
+    from .prediction import json_text
 
     positive("--workers", workers)
     found = diagnose(image_dir, backbone=backbone, cache_dir=cache_dir, workers=workers, quiet=quiet)
-    print(json.dumps(found.to_dict(), indent=2, ensure_ascii=False) if as_json else format_text(found))
+    print(json_text(found.to_dict(), indent=2) if as_json else format_text(found))
     return 0
 
 

@@ -36,7 +36,7 @@ def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = 
         return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
 
 
-def _mode_for(path: Path) -> int:
+def mode_for(path: Path) -> int:
     """The permissions of the file `path` replaces, else a new file's under the umask (mkstemp's are 0600)."""
     try:
         st = os.stat(path)
@@ -44,11 +44,6 @@ def _mode_for(path: Path) -> int:
             return stat.S_IMODE(st.st_mode)
     except OSError:
         pass
-    return new_file_mode()
-
-
-def new_file_mode() -> int:
-    """The permissions open() gives a new file under the process's umask."""
     return 0o666 & ~_UMASK
 
 
@@ -67,7 +62,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            os.fchmod(f.fileno(), _mode_for(path))
+            os.fchmod(f.fileno(), mode_for(path))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

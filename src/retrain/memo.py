@@ -7,6 +7,7 @@ beyond a count are removed, so the folder stays small.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,9 @@ from typing import Callable
 import numpy as np
 
 from .files import atomic_write_bytes
+from .guards import open_regular
+
+MAX_ENTRY_BYTES = 64 << 20  # far above any plot: a link to an endless file is not read to its end
 
 
 def digest(*parts: object) -> str:
@@ -45,12 +49,14 @@ class DiskMemo:
     def get(self, key: str, make: Callable[[], bytes]) -> bytes:
         path = self.folder / f"{key}{self.suffix}"
         try:
-            data = path.read_bytes()
-            if self.sound(data):
-                os.utime(path)  # recently used: pruned last
-                return data
+            with open_regular(path, MAX_ENTRY_BYTES) as f:  # never a pipe's endless wait
+                data = f.read()
         except OSError:  # not kept yet, or unreadable: make it
-            pass
+            data = None
+        if data is not None and self.sound(data):
+            with contextlib.suppress(OSError):  # a read-only or shared cache: still a hit
+                os.utime(path)  # recently used: pruned last
+            return data
         data = make()
         self.made += 1
         try:

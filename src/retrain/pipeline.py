@@ -248,7 +248,7 @@ def train(image_dir: str | Path, config: TrainConfig | None = None,
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise UserError(f"config must be a TrainConfig; got {type(config).__name__}")
-    if not isinstance(image_dir, (str, os.PathLike)):
+    if not isinstance(image_dir, (str, os.PathLike)) or not str(image_dir).strip():  # "": not the current folder
         raise UserError(f"image_dir must be a folder's path; got {image_dir!r}")
     config.validate()  # again: a setting may have been changed since the config was made
     check_settings_apply(config)

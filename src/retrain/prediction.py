@@ -17,7 +17,7 @@ import numpy as np
 from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
-from .files import new_file_mode
+from .files import mode_for
 from .runtime import inference_session, run_model
 from .guards import UnsafeFile, check_regular, open_regular
 from .preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing
@@ -224,7 +224,17 @@ def predict(model: str | os.PathLike | Classifier, images: list[str | os.PathLik
             min_confidence: float | None = None) -> list[Prediction]:
     """Classify image files (folders are searched for images) and return predictions in order."""
     clf = model if isinstance(model, Classifier) else load(model)
-    return list(clf.predict_paths(expand_images(as_list(images)), top_k, min_confidence=min_confidence))
+    return list(predictions_of(clf, images, top_k, min_confidence))
+
+
+def predictions_of(clf: Classifier, images: list[str | os.PathLike], top_k: int = 5,
+                   min_confidence: float | None = None) -> Iterator[Prediction]:
+    """Each image's prediction in order, then a row for each folder that could not be listed."""
+    unreadable: list[tuple[Path, str]] = []
+    paths = expand_images(as_list(images), unreadable)
+    if paths:
+        yield from clf.predict_paths(paths, top_k, min_confidence=min_confidence)
+    yield from unlisted_folders(unreadable)
 
 
 def as_list(images: list[str | os.PathLike] | str | os.PathLike) -> list[str | os.PathLike]:
@@ -254,14 +264,14 @@ def output_format(path: str | os.PathLike) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def json_line(row: dict) -> str:
-    """`row` as one line of JSON, other scripts' letters kept as they are.
+def json_text(value: object, indent: int | None = None) -> str:
+    """`value` as JSON (one line unless `indent`), other scripts' letters kept as they are.
 
     A file name that is not UTF-8 reaches Python with its odd bytes as lone surrogates (surrogate
     escapes), which no UTF-8 file or stream takes: they are written as \\udcXX escapes, which keep
     the line valid JSON and give the same name back to json.loads.
     """
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(row, ensure_ascii=False))
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, indent=indent, ensure_ascii=False))
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -329,7 +339,7 @@ class RowWriter:
         if self.format == "csv":
             self._write_line(csv_row(pred, self.top_k))
         else:
-            self.file.write(json_line(pred.to_dict()) + "\n")
+            self.file.write(json_text(pred.to_dict()) + "\n")
         self.file.flush()  # whole rows reach the file as they come, never half of one
         self.rows += 1
         self.failures += bool(pred.error)
@@ -359,7 +369,7 @@ def _new_partial(path: Path) -> tuple[Path, io.TextIOWrapper]:
     """
     fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
     try:
-        os.fchmod(fd, new_file_mode())  # as open() would make it: mkstemp's 0600 would make FILE private
+        os.fchmod(fd, mode_for(path))  # FILE's own, or open()'s: mkstemp's 0600 would make FILE private
     except OSError:  # a file system without modes (vfat): the file is as readable as it can be
         pass
     # surrogateescape: a file name that is not UTF-8 goes into a CSV cell as its own bytes, as ls prints it

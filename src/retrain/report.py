@@ -116,11 +116,14 @@ def font_lacks_letters(names: list[str]) -> bool:
     return any(font.get_char_index(ord(c)) == 0 for name in names for c in name if not c.isspace())
 
 
+def axis_names(classes: list[str]) -> list[str]:
+    """The class names a plot can show: the names, or their numbers where the font cannot draw them."""
+    return [str(i) for i in range(len(classes))] if font_lacks_letters(classes) else classes
+
+
 def confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
-    """The matrix with the class names on its axes (their numbers, if the font cannot draw the names)."""
+    """The matrix with `classes` (see axis_names) on its axes."""
     n = len(classes)
-    if font_lacks_letters(classes):
-        classes = [str(i) for i in range(n)]
     fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -247,14 +250,15 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
 
     if evaluation and evaluation.confusion_matrix:
         cm = np.array(evaluation.confusion_matrix)
-        pngs["confusion_matrix.png"] = _drawn(figures, "confusion", lambda: confusion_plot(cm, classes), cm, classes)
+        names = axis_names(classes)  # decided once: the plot (cached by what it shows) and its key agree
+        pngs["confusion_matrix.png"] = _drawn(figures, "confusion", lambda: confusion_plot(cm, names), cm, names)
         rows = [[html.escape(name), precision_text(m), f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support)]
                 if m.support else [html.escape(name), "no test photos", "", "", "0"]
                 for name, m in evaluation.per_class.items()]
         accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images)
         sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
-                         + _img_tag(pngs["confusion_matrix.png"], "confusion matrix") + _class_key(classes)))
+                         + _img_tag(pngs["confusion_matrix.png"], "confusion matrix") + _class_key(classes, names)))
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])
                          + (f"<p>{html.escape(NEVER_PREDICTED)}</p>" if never_predicted(evaluation) else "")))
 
@@ -307,9 +311,9 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     return path
 
 
-def _class_key(classes: list[str]) -> str:
-    """Which class each number on the plot stands for, where the plot shows numbers (see confusion_plot)."""
-    if not font_lacks_letters(classes):
+def _class_key(classes: list[str], shown: list[str]) -> str:
+    """Which class each number on the plot stands for, where the plot shows numbers (see axis_names)."""
+    if shown == classes:
         return ""
     pairs = ", ".join(f"{i} = {html.escape(name)}" for i, name in enumerate(classes))
     return f"<p>The plot numbers the classes (its font cannot draw all of their names): {pairs}.</p>"
@@ -328,7 +332,7 @@ def _dataset_section(metrics: RunMetrics | None, classes: list[str], backbone: s
             f"mode <b>{html.escape(metrics.mode if metrics else '?')}</b>; images per split: "
             + ", ".join(f"{k} {v}" for k, v in (metrics.num_images if metrics else {}).items()) + "</p>"
             + _table(rows, ["class", "train", "validation", "test"])
-            + f"<p>Files skipped in training: {len(metrics.skipped_files) if metrics else 0}</p>"
+            + f"<p>Files (or folders) skipped in training: {len(metrics.skipped_files) if metrics else 0}</p>"
             + (f"<p>How it was trained: {html.escape(str(metrics.plan.get('reason', '')))}</p>" if metrics else "")
             + _backbone_comparison(metrics))
 

@@ -286,10 +286,14 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(name)
 
 
+UNLISTED = "cannot list this folder"  # the reason a folder is skipped begins so
+
+
 def skipped_line(skipped: Sequence[tuple[str | os.PathLike, str]], shown: int = 5) -> str:
     """'Skipped N unreadable file(s): folder/name (why); ...', the first `shown` named, for a log or a message."""
     named = "; ".join(f"{describe(path)} ({why})" for path, why in skipped[:shown])
-    return f"Skipped {len(skipped)} unreadable file(s): {named}" + (" ..." if len(skipped) > shown else "")
+    what = "file(s) or folder(s)" if any(why.startswith(UNLISTED) for _, why in skipped) else "file(s)"
+    return f"Skipped {len(skipped)} unreadable {what}: {named}" + (" ..." if len(skipped) > shown else "")
 
 
 def walk_folders(folder: Path, unreadable: list[tuple[Path, str]] | None = None
@@ -302,7 +306,7 @@ def walk_folders(folder: Path, unreadable: list[tuple[Path, str]] | None = None
     """
     def note(e: OSError) -> None:
         if unreadable is not None:
-            unreadable.append((Path(e.filename or folder), f"cannot list this folder: {e.strerror or e}"))
+            unreadable.append((Path(e.filename or folder), f"{UNLISTED}: {e.strerror or e}"))
     for root, dirs, files in os.walk(folder, onerror=note):
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         yield Path(root), sorted(name for name in files if not is_hidden(name))
