@@ -421,3 +421,18 @@ def test_decode_all_in_processes_equals_threads_and_reports_failures(tmp_path):
     assert in_processes.shape == (13, 32, 32, 3) and not in_processes[5].any() and sum(seen) == 13
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) <= before  # the shared block is gone
+
+
+def test_a_float_image_in_zero_to_one_is_not_decoded_black_and_16_bit_stays_exact(tmp_path):
+    from PIL import Image
+
+    from retrain.decode import _to_rgb
+
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    Image.fromarray(ramp).save(tmp_path / "float.tiff")
+    with Image.open(tmp_path / "float.tiff") as img:
+        pixels = np.asarray(_to_rgb(img))
+    assert pixels.min() == 0 and pixels.max() == 255 and 120 < pixels.mean() < 135
+    deep = np.random.default_rng(0).integers(0, 65536, (300, 70), dtype=np.uint16)  # rows past one band
+    expected = np.clip(deep.astype(np.float64) * (255 / 65535), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(_to_rgb(Image.fromarray(deep)))[..., 0], expected)

@@ -39,14 +39,25 @@ def _open(source: str | os.PathLike | bytes, files: ExitStack) -> Image.Image:
     return Image.open(f)
 
 
+def _scaled_to_bytes(arr: np.ndarray, scale: float, rows: int = 256) -> np.ndarray:
+    """arr * scale, clipped to 0-255, as uint8: a band of rows at a time (one 8000x8000 16-bit photo in float64
+    at once is 512 MB, twice over for the clip)."""
+    out = np.empty(arr.shape, np.uint8)
+    for i in range(0, arr.shape[0], rows):
+        out[i:i + rows] = np.clip(arr[i:i + rows].astype(np.float64) * scale, 0, 255)
+    return out
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any mode (palette, alpha, 16-bit, CMYK, grayscale) to 8-bit RGB, transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(_scaled_to_bytes(arr, 255.0 / top), "L")
     elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+        arr = np.asarray(img)
+        # Floats all within [0, 1] are a normalised image (black if read as 0-255), others 0-255 levels.
+        img = Image.fromarray(_scaled_to_bytes(arr, 255.0 if 0 <= arr.min() and arr.max() <= 1 else 1.0), "L")
     if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
         img = img.convert("RGBA")  # palette or colour-key transparency becomes a real alpha channel
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -16,7 +16,8 @@ from PIL import Image
 
 # Bump when anything here changes what a backbone sees: cached features are keyed by it.
 # 3: fit_to_square resizes in two single-axis passes, horizontal first, without reducing_gap.
-PREPROCESS_VERSION = 3
+# 4: a floating-point image whose values all lie in [0, 1] is scaled to 0-255 (it decoded black; decode.py).
+PREPROCESS_VERSION = 4
 
 INPUT_NAME = "Placeholder"  # retrain.py's input name, so label_image's classic flags still match
 FEATURES_NAME = "features"
