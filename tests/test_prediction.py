@@ -279,3 +279,17 @@ def test_a_folder_that_cannot_be_listed_gets_a_row_saying_so(head_model, shapes_
     assert len(api) == 3 and api[-1].path == str(photos / "locked") and api[-1].error == rows[-1]["error"]
     assert retrain_main(["predict", str(head_model.folder), str(photos / "locked")]) == 1
     assert f"{photos / 'locked'}: skipped: cannot list this folder: Permission denied" in capsys.readouterr().err
+
+
+def test_a_named_file_that_cannot_be_looked_at_gets_its_row_and_the_others_are_classified(head_model, shapes_data,
+                                                                                       tmp_path):
+    import shutil
+
+    good = tmp_path / "good.jpg"
+    shutil.copy(next((shapes_data / "circles").iterdir()), good)
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")  # stat fails (ELOOP), as in a locked folder
+    preds = retrain.predict(head_model.folder, [good, tmp_path / "loop.jpg"])
+    assert preds[0].error is None and preds[0].top
+    assert preds[1].path == str(tmp_path / "loop.jpg") and "symbolic links" in preds[1].error
+    with pytest.raises(UserError, match="image not found"):
+        retrain.predict(head_model.folder, [good, tmp_path / "missing.jpg"])

@@ -430,16 +430,27 @@ def iter_images(items: list[str | os.PathLike], unreadable: list[tuple[Path, str
     to `unreadable` with the reason."""
     paths = [Path(item) for item in items]
     for p in paths:
-        if not p.exists():
-            raise UserError(f"image not found: {p}")
+        try:
+            p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise UserError(f"image not found: {p}") from None
+        except OSError:  # there, but not readable (a locked folder above it, a link loop): its row says why
+            pass
     return _walk_items(paths, unreadable)
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # cannot be looked at: treated as a file, whose row gives the reason
+        return False
 
 
 def _walk_items(paths: list[Path], unreadable: list[tuple[Path, str]] | None) -> Iterator[Path]:
     from .scan import walk_files
 
     for p in paths:
-        if p.is_dir():
+        if _is_folder(p):
             yield from (path for path, image in walk_files(p, unreadable) if image)
         else:
             yield p
