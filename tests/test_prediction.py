@@ -141,7 +141,10 @@ def test_an_output_that_is_a_pipe_is_refused_without_reading_it(model_dir, folde
     pipe = tmp_path / "out.csv"
     os.mkfifo(pipe)  # reading it to see whether it holds predictions would block forever
     assert main(["predict", str(model_dir), str(folder_with_bad_files), "--output", str(pipe), "--overwrite"]) == 2
-    assert "is not a regular file (a pipe or a device)" in capsys.readouterr().err
+    assert "out.csv is a named pipe, not a regular file" in capsys.readouterr().err
+    (tmp_path / "photo.jpg").write_bytes(b"a file")  # in the place of a folder
+    assert main(["predict", str(model_dir), str(folder_with_bad_files), "--output", str(tmp_path / "photo.jpg" / "p.csv")]) == 2
+    assert f"{tmp_path / 'photo.jpg'} is a file, not a folder" in capsys.readouterr().err
 
 
 def a_photo(synthetic) -> Path:

@@ -18,6 +18,7 @@ from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
 from .files import mode_for
+from .outputs import check_output_file
 from .runtime import inference_session, run_model
 from .guards import UnsafeFile, check_regular, open_regular
 from .preprocess import IMAGE_NAME, INPUT_NAME, Preprocessing
@@ -316,11 +317,9 @@ class RowWriter:
 
     def __init__(self, path: str | os.PathLike, top_k: int, overwrite: bool = False):
         self.path, self.top_k, self.format = Path(path), top_k, output_format(path)
-        if self.path.is_dir():  # found now, not by the rename after every image is classified
-            raise UserError(f"--output {self.path} is a folder: give a file name ending in .csv or .jsonl")
-        if self.path.exists() and not self.path.is_file():
-            raise UserError(f"--output {self.path} is not a regular file (a pipe or a device): give a file name; the "
-                            "predictions are written beside it and renamed into place when complete")
+        # Found now, not by the rename after every image is classified: a folder, a pipe or device, a file in a
+        # folder's place, a place that cannot be written.
+        check_output_file(self.path, "--output", example="predictions.csv")
         if not overwrite and self.path.exists() and not _predictions_file(self.path):
             raise UserError(f"--output {self.path} already exists and is not a predictions file retrain wrote: give "
                             "a new file name, or add --overwrite to replace it")
