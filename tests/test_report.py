@@ -79,6 +79,9 @@ def test_a_report_on_the_models_own_training_folder_says_its_accuracy_is_inflate
 
 def test_tensorboard_summaries(head_model, tmp_path):
     folder = write_summaries(tmp_path / "tb", head_model.model.metrics)
+    second = write_summaries(tmp_path / "tb", head_model.model.metrics)  # another run: shown apart, not merged
+    assert folder.parent == second.parent == tmp_path / "tb" and folder != second
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == sorted([folder.name, second.name])  # no staging left
     events = list((folder / "head").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 100
     from tensorboardX.proto import event_pb2  # read back: the scalars are really there
