@@ -10,7 +10,7 @@ from .metrics import RunMetrics
 
 
 def write_summaries(folder: str | Path, metrics: RunMetrics) -> Path:
-    """Write the head's per-step and fine-tuning's per-epoch history as TensorBoard event files; returns the run's folder.
+    """The head's per-step and fine-tuning's per-epoch history as TensorBoard event files; the run's folder.
 
     Each run gets its own folder under `folder`, named by its time, so that runs sharing a
     --summaries_dir show apart in TensorBoard (retrain.py emptied the folder instead); it is
