@@ -130,7 +130,10 @@ def usable_splits(dataset: Dataset, usable: np.ndarray, failures: dict[str, str]
 
 def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
     counts = dataset.counts()
-    how = "fixed split folders" if dataset.fixed_split else "stratified by class, stable as photos are added"
+    carved = [s for s in ("validation", "test") if s not in dataset.fixed_splits]
+    how = ("fixed split folders" if not carved else "stratified by class, stable as photos are added"
+           if not dataset.fixed_splits else f"{' and '.join(dataset.fixed_splits)} from a folder, {carved[0]} "
+           "stratified by class")
     log(f"Found {len(dataset.samples)} images in {len(dataset.classes)} classes; split train {counts['train']}, "
         f"validation {counts['validation']}, test {counts['test']} ({how})")
     log("Per class (train/validation/test): " + ", ".join(

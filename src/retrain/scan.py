@@ -251,6 +251,7 @@ class Dataset:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     ignored: int = 0  # non-image files seen in class folders
     fixed_split: bool = False
+    fixed_splits: tuple[str, ...] = ()  # the held-out splits a folder holds (the others are carved by percentage)
     unsplit_classes: list[str] = field(default_factory=list)  # too few photos to hold any out: all train
 
     def split(self, name: str) -> SampleTable:
@@ -461,8 +462,9 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     codes, too_small = assign_recorded(samples.keys[carved], samples.labels[carved], len(classes),
                                        val_pct, test_pct, record)
     columns.splits[samples.rows_of(carved)] = codes
-    return Dataset(classes, samples, unreadable + skipped, ignored, fixed_split=bool(fixed["validation"] or fixed["test"]),
-                   unsplit_classes=[classes[c] for c in too_small])
+    fixed_splits = tuple(split for split, folder in fixed.items() if folder)
+    return Dataset(classes, samples, unreadable + skipped, ignored, fixed_split=bool(fixed_splits),
+                   fixed_splits=fixed_splits, unsplit_classes=[classes[c] for c in too_small])
 
 
 def _hashed_samples(columns: Columns, workers: int, quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
