@@ -87,8 +87,8 @@ def _check_idx_pair(x: np.ndarray, y: np.ndarray, names: list[str], class_names:
     if not len(y):
         raise UserError("the IDX files hold no images")
     if x.dtype != np.uint8:  # floats in [0, 1] would become black, 16-bit values would wrap around
-        raise UserError(f"the images are {x.dtype.newbyteorder('=').name} values; import-idx reads 8-bit (unsigned byte) "
-                        "images, as MNIST's")
+        kind = x.dtype.newbyteorder("=").name
+        raise UserError(f"the images are {kind} values; import-idx reads 8-bit (unsigned byte) images, as MNIST's")
     if y.min() < 0 or y.max() >= len(names):
         raise UserError(f"labels run from {int(y.min())} to {int(y.max())}, but '{class_names}' names classes 0 to "
                         f"{len(names) - 1}")
