@@ -305,3 +305,15 @@ def test_compare_called_with_settings_one_model_would_ignore_trains_none(tmp_pat
     with pytest.raises(UserError, match="model 'scratch-small': --hidden_units"):
         compare(data, ["lite0", "scratch-small"], config, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_onnx_backbone_in_compare_gets_a_folder_inside_the_output_named_by_its_file(tiny, tmp_path):
+    from conftest import bench_scale
+    from retrain.compare import contenders
+
+    entries = contenders(["lite0", str(tiny), f"{tiny}+finetune"])
+    assert [e.folder for e in entries] == ["lite0", "tiny", "tiny+finetune"]  # not the path: output / path escaped it
+    (tmp_path / "other").mkdir()
+    another = bench_scale().tiny_backbone(tmp_path / "other" / "tiny.onnx", size=32)  # another network, same name
+    with pytest.raises(UserError, match="names the same model twice"):  # two files named alike: one folder, refused
+        contenders([str(tiny), str(another)])

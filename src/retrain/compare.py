@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,10 +73,16 @@ def default_models(image_dir: str | Path) -> list[str]:
 @dataclass(frozen=True)
 class Contender:
     """One --models entry, checked before anything trains."""
-    name: str  # as the user wrote it: the model's folder and its row in the table
+    name: str  # as the user wrote it: the model's row in the table
     spec: str  # the backbone as the user wrote it (the name without +finetune), for TrainConfig.backbone
     backbone: Backbone
     mode: str  # "finetune" (the +finetune suffix) or "" (a head for pretrained backbones)
+
+    @property
+    def folder(self) -> str:
+        """The model's folder inside --output: the name, or for an ONNX file's path the file's stem."""
+        base = Path(self.spec).stem if self.spec.lower().endswith(".onnx") else self.spec
+        return re.sub(r"[^\w.-]", "_", base) + (f"+{self.mode}" if self.mode else "")
 
 
 def contenders(models: list[str]) -> list[Contender]:
@@ -155,7 +162,7 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
                 raise UserError(f"{name}: none of the test photos could be read, so there is no accuracy to compare; "
                                 "`retrain doctor` lists the unreadable files")
             timeline.record(lambda: accuracy)
-        model.save(output / name)
+        model.save(output / entry.folder)
         runs.append(Run(name, model.metrics.mode, accuracy, model.metrics.num_images.get("test", 0),
                         timeline.points[-1][0], timeline.points))
     write_comparison(runs, output)
