@@ -254,3 +254,16 @@ def test_thumbnails_are_upright_and_decoded_as_for_prediction(tmp_path):
     (tmp_path / "gray16.png").write_bytes(b"")
     Image.fromarray(np.full((50, 80), 40000, np.uint16)).save(tmp_path / "gray16.png")
     assert "base64," in _thumbnail(str(tmp_path / "gray16.png"))  # 16-bit: shown, not "(image unavailable)"
+
+
+def test_a_model_without_its_metrics_is_not_given_an_empty_report_over_its_good_one(head_model, tmp_path, capsys):
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    assert retrain_main(["report", str(tmp_path / "m")]) == 0
+    good = (tmp_path / "m" / "report.html").read_bytes()
+    (tmp_path / "m" / "metrics.json").unlink()
+    assert retrain_main(["report", str(tmp_path / "m")]) == 2
+    assert "has no metrics.json" in capsys.readouterr().err
+    assert (tmp_path / "m" / "report.html").read_bytes() == good
+    other = make_dataset(tmp_path / "other", per_class=4, seed=9)
+    assert retrain_main(["report", str(tmp_path / "m"), str(other)]) == 0  # measured on photos: a real report
+    assert "N=12" in (tmp_path / "m" / "report.html").read_text()

@@ -228,9 +228,11 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     model_dir = Path(model_dir)
     if not (model_dir / MODEL_FILE).is_file():
         raise UserError(f"{model_dir} is not a model directory (no {MODEL_FILE})")
-    # No metrics.json (a model copied without it): the sections it feeds are left out or empty.
     if metrics is None and (model_dir / METRICS_FILE).exists():
         metrics = read_metrics(model_dir / METRICS_FILE)
+    if metrics is None and image_dir is None:  # a page of empty sections would replace a good report
+        raise UserError(f"{model_dir} has no {METRICS_FILE} (a model copied without it, or an export): give a folder "
+                        f"of labelled photos to evaluate it on: retrain report {model_dir} IMAGE_DIR")
     clf = Classifier(model_dir / MODEL_FILE)
     classes = clf.labels
     evaluation, preds, cal, warnings = _evaluation(clf, metrics, image_dir)
