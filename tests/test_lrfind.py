@@ -1,7 +1,10 @@
 """lr-find: the learning-rate sweep on features, its plot, and the command on a generated folder."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 
 from retrain.cli import retrain_main
 from retrain.head import HeadConfig
@@ -57,3 +60,26 @@ def test_the_default_plot_may_sit_at_the_top_of_the_photo_folder(cache_dir, tmp_
     monkeypatch.chdir(data)  # `cd photos && retrain lr-find .`: only class folders are scanned, not this file
     assert retrain_main(["lr-find", ".", "--quiet", "--cache_dir", str(cache_dir)]) == 0
     assert (data / "lr_find.png").is_file() and "Suggested --learning_rate" in capsys.readouterr().out
+
+
+def test_a_plot_path_that_would_lose_a_file_or_fail_after_the_sweep_is_refused_before_it(shapes_data, cache_dir,
+                                                                                        tmp_path, capsys, monkeypatch):
+    import retrain.lrfind as lrfind
+
+    monkeypatch.setattr(lrfind, "lr_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    mine = tmp_path / "holiday.png"
+    mine.write_bytes(b"\x89PNG not a loss curve")
+    os.mkfifo(tmp_path / "pipe")
+    for plot, message in ((mine, "already exists and is not a loss curve retrain drew"),
+                          (tmp_path / "curve.xyz", "give a name ending in .png"),
+                          (tmp_path / "pipe", "is a named pipe, not a regular file"),
+                          (tmp_path, "is a folder"), ("/", "is a folder")):
+        assert retrain_main(["lr-find", str(shapes_data), "--plot", str(plot), "--cache_dir", str(cache_dir)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert mine.read_bytes() == b"\x89PNG not a loss curve" and not (tmp_path / "pipe.png").exists()
+
+
+def test_an_earlier_loss_curve_is_replaced(shapes_data, cache_dir, tmp_path, capsys):
+    args = ["lr-find", str(shapes_data), "--plot", str(tmp_path / "lr.png"), "--quiet", "--cache_dir", str(cache_dir)]
+    assert retrain_main(args) == 0 and retrain_main(args) == 0

@@ -229,11 +229,10 @@ def report(model: str, image_dir: str | None, cache_dir: str | None) -> int:
 
 def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
     """`retrain lr-find`: sweep the head's learning rate on the training features; plot it and suggest one."""
-    from .lrfind import lr_sweep, plot_sweep
+    from .lrfind import lr_sweep, plot_destination, plot_sweep
     from .pipeline import head_training_data
 
-    path = Path(plot) if Path(plot).suffix else Path(plot).with_suffix(".png")  # as matplotlib would name it
-    check_output_file(path, "--plot", _inputs(image_dir, config), "lr_find.png")
+    path = plot_destination(plot, _inputs(image_dir, config))
     x, y, classes = head_training_data(image_dir, config)
     sweep = lr_sweep(x, y, len(classes), config.head)
     print(f"Suggested --learning_rate {sweep.suggestion:.2g} (loss curve: {plot_sweep(sweep, path)})")

@@ -5,13 +5,18 @@ mini-batch per rate, and suggests the rate where the smoothed loss falls fastest
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from .checks import MIN_IMAGES
 from .config import HeadConfig
+from .errors import UserError
+from .files import atomic_write_bytes
+from .outputs import check_output_file
 from .head import _AdamW, _forward_backward, _init_layers, _measure
 
 
@@ -60,6 +65,33 @@ def lr_sweep(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, low:
                    int(np.bincount(y, minlength=n_classes).min()))
 
 
+PLOT_SOFTWARE = "retrain lr-find"  # the PNG's Software tag: an earlier loss curve may be replaced, nothing else
+
+
+def plot_destination(plot: str, inputs: Iterable[str | None]) -> Path:
+    """--plot as the PNG the curve is written to (a name without a suffix gets .png), checked before the sweep:
+    not a folder, a device or among the photos, a PNG, and replacing only an earlier loss curve."""
+    path = Path(plot)
+    if not path.suffix and not path.exists():
+        path = path.with_suffix(".png")  # as matplotlib would name it
+    check_output_file(path, "--plot", inputs, "lr_find.png")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: the loss curve is written as a PNG: give a name ending in .png")
+    if path.is_file() and path.stat().st_size and not _loss_curve(path):
+        raise UserError(f"--plot {path} already exists and is not a loss curve retrain drew: give another name")
+    return path
+
+
+def _loss_curve(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == PLOT_SOFTWARE
+    except (OSError, ValueError):
+        return False
+
+
 def plot_sweep(sweep: LrSweep, path: Path) -> Path:
     import matplotlib
 
@@ -74,6 +106,8 @@ def plot_sweep(sweep: LrSweep, path: Path) -> Path:
     ax.set_ylabel("training loss (smoothed)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
