@@ -242,3 +242,14 @@ def test_planted_benchmark_finds_duplicates_leaks_and_flips(cache_dir):
         assert result[kind][0] == result[kind][1] > 0, kind
     flipped, found = result["flipped"]
     assert found >= 0.7 * flipped
+
+
+def test_with_photos_in_one_class_only_mislabels_are_not_checked_not_counted_as_none(tmp_path, cache_dir):
+    root = photo_folder(tmp_path / "d", per_class=30)  # enough for outliers: only the mislabels cannot run
+    for other in ("squares", "stripes"):
+        for f in (root / other).iterdir():
+            f.unlink()
+    report = diagnose(root, cache_dir=cache_dir, quiet=True)
+    assert report.suspects is None and any("mislabels need photos of two classes or more" in n for n in report.notes)
+    summary = format_text(report).splitlines()[-1]
+    assert summary.endswith("mislabels not checked") and "0 suspected" not in summary

@@ -376,6 +376,10 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
     with timer("outliers"):
         report.outliers = _outliers(x, codes, entry)
     photos = photos_per_class(y, codes, len(dataset.classes))
+    if (photos > 0).sum() < 2:  # one class alone: no other label could be preferred, so no count of 0
+        report.notes.append("mislabels need photos of two classes or more to compare; only "
+                            f"{dataset.classes[int(np.argmax(photos))]} has readable photos")
+        return report
     too_small = too_small_to_judge(photos)
     if too_small.any():
         report.mislabels_unchecked = [dataset.classes[c] for c in np.flatnonzero(too_small)]
