@@ -259,3 +259,15 @@ def test_the_int8_table_gives_each_accuracy_its_evidence_when_photos_are_few():
     assert "same top-1 label (N=12)" in table
     assert "test: fp32 not measurable on 6 photos (5/6 right; 95% CI" in table
     assert ", int8 not measurable on 6 photos (4/6 right; 95% CI" in table
+
+
+def test_with_no_photo_to_compare_the_agreement_is_unknown_not_zero():
+    import json
+    from dataclasses import asdict
+
+    from retrain.export import Int8Report, Measured
+
+    report = Int8Report(fp32=Measured(4_000_000, {}, {}), int8=Measured(1_000_000, {}, {}), images={},
+                        top1_agreement=None, calibration_images=6, tolerance=100.0, cpu=[])
+    assert "same top-1 label (N=0)" in report.table() and "n/a" in report.table()
+    assert json.loads(json.dumps(asdict(report)))["top1_agreement"] is None  # not 0.0, "disagrees on all"

@@ -67,7 +67,7 @@ class Int8Report:
     fp32: Measured
     int8: Measured
     images: dict[str, int]  # photos per split the accuracies are over (POOLED: both splits together)
-    top1_agreement: float  # fraction of those photos both models give the same label
+    top1_agreement: float | None  # fraction of those photos both models give the same label; None: no photos
     calibration_images: int
     tolerance: float
     cpu: list[str]  # AVX2 / AVX-512 VNNI / BF16 flags: which int8 kernels ONNX Runtime could choose
@@ -95,7 +95,7 @@ class Int8Report:
         for split, drop in self.drops().items():
             rows.append((f"{split} accuracy (N={self.images[split]})", f"{100 * self.fp32.accuracy[split]:.1f}%",
                          f"{100 * self.int8.accuracy[split]:.1f}%", f"{0 - drop:+.1f} points"))
-        agreement = f"{100 * self.top1_agreement:.1f}%" if self.photos() else "n/a"
+        agreement = f"{100 * self.top1_agreement:.1f}%" if self.top1_agreement is not None else "n/a"
         rows.append((f"same top-1 label (N={self.photos()})", "", agreement, ""))
         evidence = [f"{split}: fp32 {describe_accuracy(self.fp32.accuracy[split], n)}, int8 "
                     f"{describe_accuracy(self.int8.accuracy[split], n)}" for split, n in self.images.items()
@@ -348,7 +348,7 @@ def _keep_interface(quantized: onnx.ModelProto, model: onnx.ModelProto, calibrat
 
 
 def compare_accuracy(fp32: ort.InferenceSession, int8: ort.InferenceSession, dataset: Dataset, source: Classifier,
-                     workers: int) -> tuple[dict[str, dict[str, float]], dict[str, int], float]:
+                     workers: int) -> tuple[dict[str, dict[str, float]], dict[str, int], float | None]:
     """({"fp32"|"int8": {split: accuracy}}, {split: photos}, top-1 agreement) over validation and test, and
     over both pooled (POOLED) where both have photos; each photo decoded once and given to both models."""
     accuracy: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
@@ -375,7 +375,7 @@ def compare_accuracy(fp32: ort.InferenceSession, int8: ort.InferenceSession, dat
         images[POOLED] = total
         for name in pooled:
             accuracy[name][POOLED] = pooled[name] / total
-    return accuracy, images, agree / total if total else 0.0
+    return accuracy, images, agree / total if total else None  # None: no photo to agree on (JSON null, not 0%)
 
 
 def ort_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], object]:
