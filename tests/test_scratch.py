@@ -141,6 +141,9 @@ def test_comparison_table_times_to_reach_each_others_best():
             in table)
     few = comparison_table([replace(slow, test_images=6), replace(fast, test_images=6)])
     assert "scratch-color not measurable on 6 photos (5/6 right; 95% CI" in few
+    assert "Warning" not in table
+    leaked = comparison_table([replace(slow, copies_of_training=1), replace(fast, copies_of_training=1)])
+    assert "Warning: 1 of the 200 test photos are copies of photos the model trained on" in leaked  # --quiet too
 
 
 def test_default_models_follow_image_size(tmp_path):
@@ -317,3 +320,13 @@ def test_an_onnx_backbone_in_compare_gets_a_folder_inside_the_output_named_by_it
     another = bench_scale().tiny_backbone(tmp_path / "other" / "tiny.onnx", size=32)  # another network, same name
     with pytest.raises(UserError, match="names the same model twice"):  # two files named alike: one folder, refused
         contenders([str(tiny), str(another)])
+
+
+def test_a_time_budget_no_model_of_the_comparison_reads_is_refused(tmp_path, cache_dir, no_training):
+    from retrain.compare import compare
+    from retrain.config import TrainConfig
+
+    data = small_gray_dataset(tmp_path / "gray", per_class=5)
+    with pytest.raises(UserError, match="--time_budget: only the models that train from random weights"):
+        compare(data, ["lite0", "lite1"], TrainConfig(cache_dir=str(cache_dir), quiet=True, time_budget=60),
+                tmp_path / "out", log=lambda m: None)

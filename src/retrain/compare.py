@@ -22,7 +22,7 @@ from .plan import check_settings_apply
 from .config import TrainConfig
 from .backbones import Backbone, get_backbone
 from .errors import UserError
-from .evaluation import Timeline
+from .evaluation import Timeline, copies_warning
 from .evidence import describe_accuracy
 from .files import default_cache_dir
 from .graphs import extractor_path
@@ -42,6 +42,7 @@ class Run:
     test_images: int  # the test photos the accuracies are over (the same split for every model)
     seconds: float  # training wall time until the model was exported
     points: list[tuple[float, float]]  # (seconds, test accuracy) along the way
+    copies_of_training: int = 0  # test photos whose bytes the models trained on: every figure is inflated
 
     def accuracy_at(self, seconds: float) -> float | None:
         """Test accuracy had training stopped at `seconds` (None: nothing trained yet)."""
@@ -142,6 +143,9 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     check_test_photos(image_dir, config, cache)
     # Every model's settings checked before the first trains (a head setting a scratch backbone would ignore).
+    if config.time_budget is not None and all(entry.backbone.pretrained for entry in entries):
+        raise UserError("--time_budget: only the models that train from random weights (scratch-small, scratch-color) "
+                        "use it, and --models names none")
     configs = [_run_config(config, entry) for entry in entries]
     for entry, run_config in zip(entries, configs):
         try:
@@ -164,7 +168,7 @@ def compare(image_dir: str | Path, models: list[str], config: TrainConfig, outpu
             timeline.record(lambda: accuracy)
         model.save(output / entry.folder)
         runs.append(Run(name, model.metrics.mode, accuracy, model.metrics.num_images.get("test", 0),
-                        timeline.points[-1][0], timeline.points))
+                        timeline.points[-1][0], timeline.points, model.metrics.test_evidence.copies_of_training))
     write_comparison(runs, output)
     return runs
 
@@ -185,6 +189,8 @@ def comparison_table(runs: list[Run]) -> str:
     n = runs[0].test_images
     lines.append(f"Each model's test accuracy, on the same {n} photos: "
                  + "; ".join(f"{r.model} {describe_accuracy(r.test_accuracy, n)}" for r in runs))
+    copies = max(r.copies_of_training for r in runs)  # the table is printed under --quiet too, and kept
+    lines += [f"Warning: {copies_warning(copies, n)}"] if copies else []
     return "\n".join(lines)
 
 
