@@ -222,7 +222,8 @@ def _plot(runs: list[Run]) -> bytes:
     for r in runs:
         t, acc = zip(*r.points)
         line, = ax.step(t, [100 * a for a in acc], where="post", marker="o", markersize=3,
-                        label=f"{r.model} ({r.mode}): {100 * r.test_accuracy:.1f}% in {_fmt_time(r.seconds)}")
+                        label=f"{r.model} ({r.mode}): {describe_accuracy(r.test_accuracy, r.test_images)} in "
+                              f"{_fmt_time(r.seconds)}")  # the figure with its evidence, as in the table
         if r.seconds < end:  # finished early: its model stays as good for the rest of the time axis
             ax.plot([r.seconds, end], [100 * r.test_accuracy] * 2, linestyle="--", color=line.get_color())
     ax.set_xscale("log")

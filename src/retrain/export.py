@@ -217,6 +217,8 @@ def training_dataset(source: Classifier, image_dir: str | None, log: Callable[[s
     if not folder:
         raise UserError(f"{source.path} does not record the folder it was trained on: give it with --image_dir")
     if not Path(folder).is_dir():
+        if image_dir:
+            raise UserError(f"--image_dir {image_dir} is not a folder: give the folder the model was trained on")
         raise UserError(f"the training photos of {source.path} are not at {folder} any more: give their folder "
                         "with --image_dir (int8 calibration and the accuracy check need them)")
     # The split recorded in training's cache: a folder grown since keeps its first photos where training put them.
