@@ -76,9 +76,9 @@ def test_evaluating_the_folder_the_model_was_trained_from_warns_that_it_is_infla
     assert f"Warning: {shapes_data} is the folder this model was trained from" in err and "Accuracy =" in out
     assert retrain_main(["evaluate", str(head_model.folder), str(shapes_data / "circles" / ".."), "--json"]) == 0
     assert "inflated" in json.loads(capsys.readouterr().out)["warning"]
-    copy = shutil.copytree(shapes_data, tmp_path / "elsewhere")  # the same photos elsewhere: not recognised
+    copy = shutil.copytree(shapes_data, tmp_path / "elsewhere")  # the same photos elsewhere: known by content
     assert retrain_main(["evaluate", str(head_model.folder), str(copy), "--json"]) == 0
-    assert "warning" not in json.loads(capsys.readouterr().out)
+    assert "are copies of photos the model trained on" in json.loads(capsys.readouterr().out)["warning"]
 
 
 def test_a_tiny_other_folder_is_named_in_plain_words():
@@ -133,3 +133,19 @@ def test_a_file_name_that_is_not_utf8_is_reported_in_valid_json_on_a_strict_stre
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     report = json.loads(done.stdout.decode("utf-8"))  # valid UTF-8 and valid JSON
     assert [f["path"] for f in report["skipped_files"]] == [os.fsdecode(odd)]
+
+
+def test_a_copy_of_the_training_folder_is_caught_by_content_not_path(head_model, shapes_data, tmp_path):
+    import shutil
+
+    from conftest import make_dataset
+    from retrain.evaluation import evaluation_of_folder
+
+    shutil.copytree(shapes_data, tmp_path / "copy")
+    evaluation = evaluation_of_folder(head_model.folder, tmp_path / "copy", quiet=True)
+    trained = head_model.model.metrics.num_images["train"]
+    assert evaluation.warning == (f"{trained} of the {evaluation.metrics.num_images} test photos are copies of photos "
+                                  "the model trained on (the test folder overlaps the training photos): the test "
+                                  "accuracy is inflated; `retrain doctor` lists them.")
+    fresh = make_dataset(tmp_path / "fresh", per_class=4, seed=11)
+    assert evaluation_of_folder(head_model.folder, fresh, quiet=True).warning is None

@@ -13,7 +13,9 @@ from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy, interval_text, wils
 from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRecord, SkippedFile, to_json
 from .prediction import Classifier, load
 from .progress import progress
-from .scan import find_split_dirs, scan_labelled_folder
+from .files import default_cache_dir
+from .scan import find_split_dirs, scan_labelled_folder, split_record_of
+from .split import TRAIN, SplitRecord
 from .validate import TRAIN_RULES, check_argument
 
 
@@ -215,8 +217,29 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
         raise UserError(f"none of the images in {image_dir} could be read")
     metrics = classification_metrics(np.array([p.label for p in predictions]),
                                      np.array([p.predicted for p in predictions]), clf.labels)
+    copies = trained_copies(clf, dataset.samples.keys)
+    warning = training_folder_warning(clf, image_dir) or (copies_warning(copies, len(predictions)) if copies else None)
     return FolderEvaluation(metrics, predictions, np.array(probabilities, np.float32),
-                            [SkippedFile(str(p), why) for p, why in skipped], training_folder_warning(clf, image_dir))
+                            [SkippedFile(str(p), why) for p, why in skipped], warning)
+
+
+def trained_copies(clf: Classifier, keys: np.ndarray) -> int:
+    """How many of these photos (content keys) the model trained on, by the split record its training kept in
+    the cache: a copied folder is caught by content where training_folder_warning looks at paths. 0 where
+    no record is found (a model from elsewhere, another cache)."""
+    provenance = clf.provenance()
+    config = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
+    folder = provenance.get("image_dir")
+    if not isinstance(folder, str):
+        return 0
+    try:
+        path = split_record_of(folder, config.get("val_dir"), config.get("test_dir"),
+                               float(config.get("validation_percentage", 10.0)),
+                               float(config.get("testing_percentage", 10.0)),
+                               Path(config.get("cache_dir") or default_cache_dir()) / "splits")
+    except (OSError, UserError, TypeError, ValueError):  # the training folder is gone or changed shape
+        return 0
+    return int((SplitRecord.load(path).lookup(keys) == TRAIN).sum())
 
 
 def training_folder_warning(clf: Classifier, image_dir: str | Path) -> str | None:

@@ -458,13 +458,24 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
     columns = rows.columns()
     samples, skipped = _hashed_samples(columns, workers, quiet)
     carved = samples.splits == NO_SPLIT
-    record = split_records and record_path(split_records, train_dir, val_pct, test_pct)
+    record = split_records and split_record_of(image_dir, val_dir, test_dir, validation_percentage, testing_percentage,
+                                               split_records)
     codes, too_small = assign_recorded(samples.keys[carved], samples.labels[carved], len(classes),
                                        val_pct, test_pct, record)
     columns.splits[samples.rows_of(carved)] = codes
     fixed_splits = tuple(split for split, folder in fixed.items() if folder)
     return Dataset(classes, samples, unreadable + skipped, ignored, fixed_split=bool(fixed_splits),
                    fixed_splits=fixed_splits, unsplit_classes=[classes[c] for c in too_small])
+
+
+def split_record_of(image_dir: str | os.PathLike, val_dir: str | os.PathLike | None, test_dir: str | os.PathLike | None,
+                    validation_percentage: float, testing_percentage: float, split_records: Path) -> Path:
+    """The split record that training `image_dir` with these settings keeps (split.py): its training folder
+    split at the percentages that carve it (0 for a split that has a folder of its own)."""
+    split_dirs = find_split_dirs(Path(image_dir))
+    val_pct = 0 if val_dir or split_dirs.get("validation") else validation_percentage
+    test_pct = 0 if test_dir or split_dirs.get("test") else testing_percentage
+    return record_path(split_records, split_dirs.get("train", Path(image_dir)), val_pct, test_pct)
 
 
 def _hashed_samples(columns: Columns, workers: int, quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
