@@ -157,7 +157,7 @@ def test_export_refusals_are_one_line_errors(model_dir, exported, tmp_path, caps
         (["export", str(model_dir), "--ort", "--output", str(model_dir)], "the model's own directory"),
         (["export", str(model_dir), "--ort", "--output", str(exported)], "already holds model.onnx"),
         (["export", str(model_dir), "--int8", "--image_dir", str(tmp_path / "gone"), "--output", str(tmp_path / "y")],
-         "are not at"),
+         "gone is not a folder: give the folder the model was trained on"),
         (["export", str(model_dir), "--any-size", "--tolerance", "5", "--output", str(tmp_path / "w")],
          "--tolerance: only for --int8"),
         (["export", str(model_dir), "--ort", "--image_dir", str(photos.parent), "--calibration_images", "9",
