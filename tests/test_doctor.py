@@ -253,3 +253,14 @@ def test_with_photos_in_one_class_only_mislabels_are_not_checked_not_counted_as_
     assert report.suspects is None and any("mislabels need photos of two classes or more" in n for n in report.notes)
     summary = format_text(report).splitlines()[-1]
     assert summary.endswith("mislabels not checked") and "0 suspected" not in summary
+
+
+def test_the_header_counts_every_image_file_read_or_not(tmp_path, cache_dir):
+    import os
+
+    root = photo_folder(tmp_path / "d", per_class=3)
+    os.mkfifo(root / "circles" / "pipe.jpg")  # never read: not in the class counts
+    (root / "squares" / "empty.jpg").write_bytes(b"")  # read, hashed, then fails to decode
+    report = diagnose(root, cache_dir=cache_dir, quiet=True)
+    assert len(report.unreadable) == 2
+    assert "11 image files in 3 classes, 2 of them unreadable" in format_text(report)

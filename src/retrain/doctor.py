@@ -140,6 +140,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # checks that could not run, and why
     thresholds: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    unhashed: int = 0  # of the unreadable, files not even read (pipes, devices, folders unlisted): not in `counts`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -356,7 +357,7 @@ def diagnose(image_dir: str | Path, *, backbone: str = DEFAULT_BACKBONE, cache_d
     report = Report(
         image_dir=str(root), backbone=net.name, classes=dataset.classes, fixed_split=dataset.fixed_split,
         counts=class_counts(dataset), warnings=_count_warnings(dataset, root), ignored_files=dataset.ignored,
-        unreadable=unreadable_files(dataset, failures, root),
+        unreadable=unreadable_files(dataset, failures, root), unhashed=len(dataset.skipped),
         formats=dict(Counter(f.format for f in files).most_common()),
         modes=dict(Counter(f.mode for f in files).most_common()),
         rare_formats=rare_formats(files), animated=[f for f in files if f.animated],
@@ -523,7 +524,7 @@ def _suspect_lines(report: Report) -> list[str]:
 
 
 def format_text(report: Report) -> str:
-    n = sum(sum(c.values()) for c in report.counts.values())
+    n = sum(sum(c.values()) for c in report.counts.values()) + report.unhashed  # every image file, read or not
     split = "fixed split folders" if report.fixed_split else "split by class, stable as photos are added"
     outliers, suspects = len(report.outliers or []), len(report.suspects or [])
     out = [f"retrain doctor: {report.image_dir}",
