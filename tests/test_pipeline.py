@@ -201,10 +201,13 @@ def test_the_closing_lines_carry_their_evidence_and_name_unused_settings():
 def test_split_percentages_a_split_folder_overrides_are_said_to_go_unused(tmp_path):
     from retrain.config import TrainConfig
     from retrain.pipeline import _overridden_percentages
+    from retrain.scan import scan_dataset
 
     for split in ("train", "val"):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
-    notes = _overridden_percentages(tmp_path, TrainConfig(validation_percentage=30, testing_percentage=20))
+            (tmp_path / split / c / "1.jpg").write_bytes(f"{split} {c}".encode())  # scanning never decodes
+    dataset = scan_dataset(tmp_path, quiet=True)
+    notes = _overridden_percentages(dataset, TrainConfig(validation_percentage=30, testing_percentage=20))
     assert notes == [f"Note: --validation_percentage 30 goes unused: the validation photos are those in {tmp_path / 'val'}"]
-    assert _overridden_percentages(tmp_path, TrainConfig()) == []  # the defaults were not asked for
+    assert _overridden_percentages(dataset, TrainConfig()) == []  # the defaults were not asked for

@@ -232,7 +232,7 @@ def test_train_val_test_folders_are_fixed_splits(tmp_path):
     make_dataset(root / "test", {"dog": 3})  # a split may lack a class
     assert set(find_split_dirs(root)) == {"train", "validation", "test"}
     ds = scan_dataset(root, validation_percentage=30, testing_percentage=30)
-    assert ds.fixed_split is True and ds.fixed_splits == ("validation", "test")
+    assert ds.fixed_split is True and list(ds.split_folders) == ["validation", "test"]
     assert ds.classes == ["cat", "dog"]  # not ["test", "train", "val"]
     assert ds.counts() == {"train": 10, "validation": 3, "test": 3}
     for s in ds.samples:
@@ -246,7 +246,7 @@ def test_training_testing_folders_carve_validation_from_train(tmp_path):
     make_dataset(root / "Training", {"cat": 40, "dog": 40})
     make_dataset(root / "testing", {"cat": 3, "dog": 3})
     ds = scan_dataset(root, validation_percentage=25, testing_percentage=25)
-    assert ds.fixed_split is True and ds.fixed_splits == ("test",)  # validation is carved, and said so
+    assert ds.fixed_split is True and list(ds.split_folders) == ["test"]  # validation is carved, and said so
     assert ds.counts()["test"] == 6
     for s in ds.samples:
         if s.path.is_relative_to(root / "testing"):

@@ -217,8 +217,9 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
         raise UserError(f"none of the images in {image_dir} could be read")
     metrics = classification_metrics(np.array([p.label for p in predictions]),
                                      np.array([p.predicted for p in predictions]), clf.labels)
-    copies = trained_copies(clf, dataset.samples.keys)
-    warning = training_folder_warning(clf, image_dir) or (copies_warning(copies, len(predictions)) if copies else None)
+    warning = training_folder_warning(clf, image_dir)
+    if warning is None and (copies := trained_copies(clf, dataset.samples.keys)):  # the record read only if needed
+        warning = copies_warning(copies, len(predictions))
     return FolderEvaluation(metrics, predictions, np.array(probabilities, np.float32),
                             [SkippedFile(str(p), why) for p, why in skipped], warning)
 

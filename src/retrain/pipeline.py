@@ -43,7 +43,7 @@ from .split import MIN_HELD_OUT
 from .interrupts import interrupts_deferred
 from .outputs import os_error_message, write_model_dir
 from .plan import FOLDS, Mode, TrainingPlan, check_settings_apply, plan_training, unused_note
-from .scan import SPLITS, Dataset, SampleTable, find_split_dirs, scan_dataset, skipped_line
+from .scan import SPLITS, Dataset, SampleTable, scan_dataset, skipped_line
 from .tuned import (TunedRun, Winner, identity_key, load_scores, load_tuned, save_scores, save_tuned, scores_path,
                     tuned_path)
 
@@ -130,10 +130,10 @@ def usable_splits(dataset: Dataset, usable: np.ndarray, failures: dict[str, str]
 
 def _summarize(dataset: Dataset, log: Callable[[str], None]) -> None:
     counts = dataset.counts()
-    carved = [s for s in ("validation", "test") if s not in dataset.fixed_splits]
+    fixed = list(dataset.split_folders)
+    carved = [s for s in ("validation", "test") if s not in fixed]
     how = ("fixed split folders" if not carved else "stratified by class, stable as photos are added"
-           if not dataset.fixed_splits else f"{' and '.join(dataset.fixed_splits)} from a folder, {carved[0]} "
-           "stratified by class")
+           if not fixed else f"{' and '.join(fixed)} from a folder, {carved[0]} stratified by class")
     log(f"Found {len(dataset.samples)} images in {len(dataset.classes)} classes; split train {counts['train']}, "
         f"validation {counts['validation']}, test {counts['test']} ({how})")
     log("Per class (train/validation/test): " + ", ".join(
@@ -176,19 +176,17 @@ def _scan(image_dir: str | Path, config: TrainConfig, cache: Path, stage: Stopwa
     with stage("scan"):
         dataset = scan_for_training(image_dir, config, cache)
         _summarize(dataset, log)
-        for note in _overridden_percentages(image_dir, config):
+        for note in _overridden_percentages(dataset, config):
             log(note)
     return dataset
 
 
-def _overridden_percentages(image_dir: str | Path, config: TrainConfig) -> list[str]:
+def _overridden_percentages(dataset: Dataset, config: TrainConfig) -> list[str]:
     """Notes for split percentages given but unread: a split folder holds that split's photos."""
-    folders = find_split_dirs(Path(image_dir))
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    given = (("validation", "validation_percentage", config.val_dir or folders.get("validation")),
-             ("test", "testing_percentage", config.test_dir or folders.get("test")))
     return [f"Note: --{name} {getattr(config, name):g} goes unused: the {split} photos are those in {folder}"
-            for split, name, folder in given if folder and getattr(config, name) != defaults[name]]
+            for split, name in (("validation", "validation_percentage"), ("test", "testing_percentage"))
+            if (folder := dataset.split_folders.get(split)) and getattr(config, name) != defaults[name]]
 
 
 def scan_for_training(image_dir: str | Path, config: TrainConfig, cache: Path) -> Dataset:

@@ -250,9 +250,12 @@ class Dataset:
     samples: SampleTable
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     ignored: int = 0  # non-image files seen in class folders
-    fixed_split: bool = False
-    fixed_splits: tuple[str, ...] = ()  # the held-out splits a folder holds (the others are carved by percentage)
+    split_folders: dict[str, Path] = field(default_factory=dict)  # held-out splits a folder holds (others carved)
     unsplit_classes: list[str] = field(default_factory=list)  # too few photos to hold any out: all train
+
+    @property
+    def fixed_split(self) -> bool:
+        return bool(self.split_folders)
 
     def split(self, name: str) -> SampleTable:
         return self.samples[self.samples.split_mask(name)]
@@ -431,11 +434,7 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
             or validation_percentage + testing_percentage >= 100:
         raise UserError("--validation_percentage and --testing_percentage must be in [0, 100) "
                         "and leave images for training")
-    split_dirs = find_split_dirs(image_dir)
-    train_dir = split_dirs.get("train", image_dir)
-    fixed = {"validation": val_dir and Path(val_dir) or split_dirs.get("validation"),
-             "test": test_dir and Path(test_dir) or split_dirs.get("test")}
-
+    train_dir, fixed = _split_folders(image_dir, val_dir, test_dir)
     classes = [d.name for d in class_folders(train_dir)]
     if len(classes) < 2:
         raise UserError(f"{train_dir} needs at least 2 class folders (one sub-folder per class, "
@@ -449,33 +448,39 @@ def scan_dataset(image_dir: str | os.PathLike, *, val_dir: str | os.PathLike | N
                         + ", ".join(f"{c} ({why[c]})" if c in why else c for c in empty)
                         + f" (supported: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     for split, folder in fixed.items():
-        if folder:
-            ignored += _labelled_files(Path(folder), classes, SPLITS.index(split), rows, unreadable)
+        ignored += _labelled_files(folder, classes, SPLITS.index(split), rows, unreadable)
 
-    # Carve out of train only the splits that have no folder of their own.
-    val_pct = 0 if fixed["validation"] else validation_percentage
-    test_pct = 0 if fixed["test"] else testing_percentage
+    percentages = _carved(fixed, validation_percentage, testing_percentage)
     columns = rows.columns()
     samples, skipped = _hashed_samples(columns, workers, quiet)
     carved = samples.splits == NO_SPLIT
-    record = split_records and split_record_of(image_dir, val_dir, test_dir, validation_percentage, testing_percentage,
-                                               split_records)
-    codes, too_small = assign_recorded(samples.keys[carved], samples.labels[carved], len(classes),
-                                       val_pct, test_pct, record)
+    record = split_records and record_path(split_records, train_dir, *percentages)
+    codes, too_small = assign_recorded(samples.keys[carved], samples.labels[carved], len(classes), *percentages,
+                                       record)
     columns.splits[samples.rows_of(carved)] = codes
-    fixed_splits = tuple(split for split, folder in fixed.items() if folder)
-    return Dataset(classes, samples, unreadable + skipped, ignored, fixed_split=bool(fixed_splits),
-                   fixed_splits=fixed_splits, unsplit_classes=[classes[c] for c in too_small])
+    return Dataset(classes, samples, unreadable + skipped, ignored, split_folders=fixed,
+                   unsplit_classes=[classes[c] for c in too_small])
+
+
+def _split_folders(image_dir: Path, val_dir: str | os.PathLike | None, test_dir: str | os.PathLike | None
+                   ) -> tuple[Path, dict[str, Path]]:
+    """(the training folder, {held-out split: its folder}) from split folders or --val_dir/--test_dir."""
+    split_dirs = find_split_dirs(image_dir)
+    fixed = {"validation": val_dir and Path(val_dir) or split_dirs.get("validation"),
+             "test": test_dir and Path(test_dir) or split_dirs.get("test")}
+    return split_dirs.get("train", image_dir), {split: folder for split, folder in fixed.items() if folder}
+
+
+def _carved(fixed: dict[str, Path], validation_percentage: float, testing_percentage: float) -> tuple[float, float]:
+    """The percentages carved out of the training folder: 0 for a split that has a folder of its own."""
+    return (0 if "validation" in fixed else validation_percentage, 0 if "test" in fixed else testing_percentage)
 
 
 def split_record_of(image_dir: str | os.PathLike, val_dir: str | os.PathLike | None, test_dir: str | os.PathLike | None,
                     validation_percentage: float, testing_percentage: float, split_records: Path) -> Path:
-    """The split record that training `image_dir` with these settings keeps (split.py): its training folder
-    split at the percentages that carve it (0 for a split that has a folder of its own)."""
-    split_dirs = find_split_dirs(Path(image_dir))
-    val_pct = 0 if val_dir or split_dirs.get("validation") else validation_percentage
-    test_pct = 0 if test_dir or split_dirs.get("test") else testing_percentage
-    return record_path(split_records, split_dirs.get("train", Path(image_dir)), val_pct, test_pct)
+    """The split record that training `image_dir` with these settings keeps (split.py)."""
+    train_dir, fixed = _split_folders(Path(image_dir), val_dir, test_dir)
+    return record_path(split_records, train_dir, *_carved(fixed, validation_percentage, testing_percentage))
 
 
 def _hashed_samples(columns: Columns, workers: int, quiet: bool) -> tuple[SampleTable, list[tuple[Path, str]]]:
@@ -505,4 +510,4 @@ def scan_labelled_folder(folder: str | os.PathLike, classes: list[str], workers:
         raise UserError(f"no images found in the class folders of {folder}"
                         + "".join(f"; {path}: {reason}" for path, reason in unreadable[:3]))
     samples, skipped = _hashed_samples(rows.columns(), workers, quiet)
-    return Dataset(list(classes), samples, unreadable + skipped, ignored, fixed_split=True)
+    return Dataset(list(classes), samples, unreadable + skipped, ignored, split_folders={"test": Path(folder)})
