@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .config import ExportConfig, TrainConfig
 from .errors import UserError
 from .validate import Rule, check_argument
+from .guards import open_regular
 from .outputs import check_output_dir, check_output_file, check_output_folder, written_by_retrain
 
 
@@ -97,9 +98,9 @@ def _refuse_replacing_non_labels(labels: Path) -> None:
     if not labels.is_file() or labels.stat().st_size == 0:
         return
     try:
-        with open(labels, "rb") as f:
-            data = f.read(LABELS_MAX_BYTES + 1)
-        text = len(data) <= LABELS_MAX_BYTES and b"\0" not in data and bool(data.decode("utf-8"))
+        with open_regular(labels, LABELS_MAX_BYTES) as f:  # a bigger file is no labels file either
+            data = f.read()
+        text = b"\0" not in data and bool(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError):
         text = False
     if not text:
@@ -214,9 +215,7 @@ def evaluate(model: str, image_dir: str, as_json: bool) -> int:
             print(f"Warning: {evaluation.warning}", file=sys.stderr)
         print(format_metrics(evaluation.metrics))
         if evaluation.skipped:  # named, with the reason: a count alone hides which photos the figures leave out
-            from .scan import skipped_line
-
-            print(skipped_line([(f.path, f.reason) for f in evaluation.skipped], shown=20), file=sys.stderr)
+            print(evaluation.skipped_line(), file=sys.stderr)
     return 0
 
 

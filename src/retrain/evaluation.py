@@ -14,7 +14,7 @@ from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRe
 from .prediction import Classifier, load
 from .progress import progress
 from .files import default_cache_dir
-from .scan import find_split_dirs, scan_labelled_folder, split_record_of
+from .scan import find_split_dirs, scan_labelled_folder, skipped_line, split_record_of
 from .split import TRAIN, SplitRecord
 from .validate import TRAIN_RULES, check_argument
 
@@ -184,6 +184,10 @@ class FolderEvaluation:
     probabilities: np.ndarray  # (images, classes): row i belongs to predictions[i]
     skipped: list[SkippedFile]
     warning: str | None = None  # the folder is the model's own training folder: the accuracy is inflated
+
+    def skipped_line(self) -> str | None:
+        """The files this evaluation left out, named with the reason (None: none)."""
+        return skipped_line([(f.path, f.reason) for f in self.skipped], shown=20) if self.skipped else None
 
     def to_json(self, with_predictions: bool = False) -> dict:
         """The metrics and skipped files as JSON-ready values (what `retrain evaluate --json` prints)."""

@@ -35,7 +35,6 @@ from .errors import UserError  # noqa: E402
 from .files import atomic_write_bytes, atomic_write_text, default_cache_dir  # noqa: E402
 from .memo import DiskMemo, digest  # noqa: E402
 from .outputs import os_error_message  # noqa: E402
-from .scan import skipped_line  # noqa: E402
 from .metrics import CalibrationReport, ClassificationMetrics, PredictionRecord, RunMetrics, read_metrics  # noqa: E402
 from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noqa: E402
 
@@ -204,7 +203,7 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why=why,
                             held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
                             test_ece_after=after["ece"], reliability_after=after["bins"])
-    skipped = [skipped_line([(f.path, f.reason) for f in evaluation.skipped], shown=20)] if evaluation.skipped else []
+    skipped = [evaluation.skipped_line()] if evaluation.skipped else []
     for line in skipped:  # which photos the figures leave out, on the page and now
         print(line, file=sys.stderr)
     return evaluation.metrics, preds, cal, ([evaluation.warning] if evaluation.warning else []) + skipped
