@@ -74,19 +74,20 @@ def assert_complete_model(out: Path, photos: Path) -> dict:
     return metrics
 
 
-@pytest.mark.parametrize("marker, delay", [
-    ("Saved a first model", 0.0),  # while fine-tuning starts up
-    ("Fine-tuning lite0 on", 1.5),  # in the middle of the first epoch
-    ("Epoch 1/", 0.0),  # after an epoch: in the next one, or while the final model is written
+@pytest.mark.parametrize("marker, delay, sig", [
+    ("Saved a first model", 0.0, signal.SIGINT),  # while fine-tuning starts up
+    ("Fine-tuning lite0 on", 1.5, signal.SIGINT),  # in the middle of the first epoch
+    ("Epoch 1/", 0.0, signal.SIGINT),  # after an epoch: in the next one, or while the final model is written
+    ("Saved a first model", 0.0, signal.SIGTERM),  # `kill`, `timeout`, `docker stop`: ends the run as Ctrl-C does
 ])
 def test_ctrl_c_at_any_moment_leaves_a_complete_model_at_least_as_good_as_the_head(
-        photos, cache_dir, tmp_path, marker, delay):
+        photos, cache_dir, tmp_path, marker, delay, sig):
     out, seen = tmp_path / "model", []
     proc = start(photos, out, cache_dir)
     try:
         read_until(proc, marker, seen)
         time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         seen += proc.stderr.readlines()
         code = proc.wait(timeout=300)
     finally:

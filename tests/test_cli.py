@@ -404,3 +404,13 @@ def test_retrain_py_values_that_mean_what_retrain_does_are_accepted(shapes_data,
     with pytest.raises(SystemExit):
         retrain_main([f"--image_dir={shapes_data}", *out, "--test_batch_size=5"])
     assert "--test_batch_size is not supported: every test image is always evaluated" in capsys.readouterr().err
+
+
+def test_quiet_drops_the_first_models_narration_but_still_saves_it(capsys):
+    from retrain.commands import _announced
+
+    saved = []
+    _announced(saved.append, "out", True)("head model")
+    assert saved == ["head model"] and capsys.readouterr().err == ""
+    _announced(saved.append, "out", False)("head model")
+    assert "Saved a first model" in capsys.readouterr().err and len(saved) == 2

@@ -71,6 +71,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     logs: list[str] = []
     run = {"data": ds.fingerprint()}
     whole = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, Checkpoint(tmp_path / "a.pt", run))
+    assert not (tmp_path / "a.pt").exists()  # a finished run has nothing to resume: its checkpoint goes
 
     real_epoch, calls = ft._train_epoch, []
 
@@ -168,7 +169,9 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_training_starts_afresh(sha
     ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, cfg, logs.append, Checkpoint(bad, {"run": 1}),
                 resume=True)
     assert any("cannot resume from" in line and "damaged, starting afresh" in line for line in logs)
-    logs.clear()  # the run rewrote the checkpoint as run 1's: run 2 must not take it
+    assert not bad.exists()  # the run finished: nothing to resume, so its checkpoint went
+    torch.save({"identity": {"run": 1}, "epoch": 1}, bad)  # another run's, left by a Ctrl-C
+    logs.clear()
     ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, cfg, logs.append, Checkpoint(bad, {"run": 2}),
                 resume=True)
     assert any("is of another run" in line for line in logs)

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from retrain.interrupts import interrupts_deferred, stop_requested_by_interrupt
+from retrain.interrupts import interrupts_deferred, stop_requested_by_interrupt, termination_as_interrupt
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +66,29 @@ def test_outside_the_main_thread_nothing_is_changed():
     thread.start()
     thread.join()
     assert seen == [(False, signal.default_int_handler)]
+
+
+def test_sigterm_while_training_is_held_and_requested_as_ctrl_c_is():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with termination_as_interrupt():
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("the renames after the signal still ran")
+        assert done
+        with stop_requested_by_interrupt() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # outside a training command, SIGTERM is as it was
+
+
+def test_a_sigterm_handler_set_by_someone_else_is_left_alone():
+    def theirs(signum, frame):
+        raise AssertionError("not called in this test")
+    before = signal.signal(signal.SIGTERM, theirs)
+    try:
+        with termination_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, before)

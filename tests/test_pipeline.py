@@ -211,3 +211,22 @@ def test_split_percentages_a_split_folder_overrides_are_said_to_go_unused(tmp_pa
     notes = _overridden_percentages(dataset, TrainConfig(validation_percentage=30, testing_percentage=20))
     assert notes == [f"Note: --validation_percentage 30 goes unused: the validation photos are those in {tmp_path / 'val'}"]
     assert _overridden_percentages(dataset, TrainConfig()) == []  # the defaults were not asked for
+
+
+def test_checkpoints_of_other_runs_beyond_the_most_recent_are_removed(tmp_path):
+    import os
+
+    from retrain.pipeline import CHECKPOINTS_KEPT, _checkpoint_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    others = [folder / f"finetune-{i:016x}.pt" for i in range(CHECKPOINTS_KEPT + 2)]
+    for i, path in enumerate(others):
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    (folder / "notes.txt").write_text("a user's file")
+    mine = _checkpoint_path(tmp_path, {"dataset_fingerprint": "abc"})
+    mine.write_bytes(b"x")
+    _checkpoint_path(tmp_path, {"dataset_fingerprint": "abc"})  # this run's own checkpoint is never counted
+    assert mine.exists() and (folder / "notes.txt").exists()
+    assert sorted(p for p in folder.glob("finetune-*.pt") if p != mine) == others[-CHECKPOINTS_KEPT:]

@@ -1,6 +1,8 @@
 """plan.py: what the default (anytime) run decides before spending its time budget, and why."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from retrain.backbones import get_backbone
@@ -92,6 +94,11 @@ def test_backbones_do_not_compete_past_the_budget(lite0):
     assert plan.backbone_candidates == () and "over the budget of 5 s" in plan.reason
 
 
+def test_a_budget_too_short_for_one_epoch_says_both_durations_as_they_are(lite0):
+    plan = plan_training(cpu(time_budget=0.6), lite0, 54, (0.8, 54), n_photos=120)  # --time_budget 0.01 (minutes)
+    assert not plan.live and "~2 s, over the budget of 0.6 s" in plan.reason
+
+
 def test_the_plan_survives_a_json_round_trip_unchanged(lite0):
     # A cached fine-tuning is found by comparing the stored plan with this one: a tuple that comes back
     # as a list made every rerun fine-tune again.
@@ -172,3 +179,25 @@ def test_fine_tuning_settings_the_default_does_not_use_are_named():
     assert plan.describe().endswith("; not fine-tuning, so --epochs (epochs), --unfreeze (unfreeze) go unused")
     assert plan_training(TrainConfig(), get_backbone("lite0"), 20, (0.9, 4), 30).unused == ()
     assert plan_training(config, get_backbone("lite0"), 2000, (0.8, 300), 2600).live  # they are read here
+
+
+def test_resume_and_a_budget_the_default_does_not_spend_are_named():
+    lite0 = get_backbone("lite0")
+    asked = TrainConfig(backbone="lite0", resume=True, time_budget=300.0)
+    assert plan_training(asked, lite0, 20, (0.9, 4), 30).unused == ("--resume (resume)", "--time_budget (time_budget)")
+    near_perfect = plan_training(asked, lite0, 2000, (1.0, 300), 2600)
+    assert not near_perfect.live and "--time_budget (time_budget)" in near_perfect.unused
+    # With the default backbone the Lite sizes compete on a small folder: the budget bounds that comparison.
+    compared = plan_training(replace(asked, backbone="auto"), lite0, 20, (0.9, 4), 30)
+    assert compared.backbone_candidates and compared.unused == ("--resume (resume)",)
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_refused_before_any_work():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    for config in (TrainConfig(finetune=FinetuneConfig(device="cuda")),
+                   TrainConfig(backbone="scratch-small", scratch=FinetuneConfig(device="cuda"))):
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            check_settings_apply(config)
+    check_settings_apply(TrainConfig(finetune=FinetuneConfig(device="cpu")))

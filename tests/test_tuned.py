@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from retrain.metrics import FinetuneRecord
-from retrain.tuned import TunedRun, load_tuned, save_tuned, tuned_path
+from retrain.tuned import TUNED_KEPT, TunedRun, load_tuned, save_tuned, scores_path, tuned_path
 
 
 def tiny_run(seed: int = 0) -> TunedRun:
@@ -113,3 +114,18 @@ def test_a_damaged_or_foreign_backbone_comparison_is_not_reused(tmp_path):
     assert load_scores(path, {"run": 1}) is None
     path.write_text("not json", encoding="utf-8")
     assert load_scores(path, {"run": 1}) is None
+
+
+def test_only_the_most_recently_used_runs_are_kept(tmp_path):
+    identities = [{"dataset_fingerprint": str(i)} for i in range(TUNED_KEPT)]
+    for i, identity in enumerate(identities):
+        save_tuned(tuned_path(tmp_path, identity), tiny_run(i), identity)
+        os.utime(tuned_path(tmp_path, identity), (1000 + i, 1000 + i))  # saved one after another
+    scores_path(tmp_path, identities[1]).write_text("{}")  # a comparison's counts: small, not counted among the runs
+    assert len(list((tmp_path / "tuned").iterdir())) == TUNED_KEPT + 1
+    assert load_tuned(tuned_path(tmp_path, identities[0]), identities[0]) is not None  # used again: now the newest
+    save_tuned(tuned_path(tmp_path, {"dataset_fingerprint": "new"}), tiny_run(), {"dataset_fingerprint": "new"})
+    kept = {p.name for p in (tmp_path / "tuned").iterdir() if p.is_dir()}
+    assert len(kept) == TUNED_KEPT
+    assert tuned_path(tmp_path, identities[0]).name in kept and tuned_path(tmp_path, identities[1]).name not in kept
+    assert scores_path(tmp_path, identities[1]).exists()

@@ -16,6 +16,7 @@ from .config import ExportConfig, TrainConfig
 from .errors import UserError
 from .validate import Rule, check_argument
 from .guards import open_regular
+from .interrupts import termination_as_interrupt
 from .outputs import check_output_dir, check_output_file, check_output_folder, written_by_retrain
 
 
@@ -48,6 +49,7 @@ def _inputs(image_dir: str, config: TrainConfig) -> list[str | None]:
     return [image_dir, config.val_dir, config.test_dir]
 
 
+@termination_as_interrupt()  # `kill`, `timeout`, `docker stop`: the run ends as Ctrl-C ends it
 def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, afterwards: Afterwards) -> int:
     """`retrain --image_dir`: train, then write the model and its labels where retrain.py did."""
     from .pipeline import train
@@ -60,7 +62,7 @@ def train_files(image_dir: str, config: TrainConfig, graph: str, labels: str, af
     _refuse_replacing_a_non_model(Path(graph))
     _refuse_replacing_non_labels(Path(labels))
     check_afterwards(afterwards, _inputs(image_dir, config))
-    model = train(image_dir, config, publish=_announced(lambda m: m.save_files(graph, labels), graph))
+    model = train(image_dir, config, publish=_announced(lambda m: m.save_files(graph, labels), graph, config.quiet))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
     model.save_files(graph, labels)
@@ -114,13 +116,14 @@ def check_afterwards(afterwards: Afterwards, inputs: list[str | None]) -> None:
         check_output_folder(afterwards.summaries_dir, "--summaries_dir", inputs)
 
 
+@termination_as_interrupt()
 def train_dir(image_dir: str, config: TrainConfig, output: str, overwrite: bool, afterwards: Afterwards) -> int:
     """`retrain train`: train, then write a model directory."""
     from .pipeline import train
 
     check_output_dir(output, _inputs(image_dir, config), overwrite)  # before training, not after it
     check_afterwards(afterwards, _inputs(image_dir, config))
-    model = train(image_dir, config, publish=_announced(lambda m: m.save(output), output))
+    model = train(image_dir, config, publish=_announced(lambda m: m.save(output), output, config.quiet))
     if model is None:  # a torchrun helper process: rank 0 writes the model
         return 0
     out = model.save(output)
@@ -129,13 +132,14 @@ def train_dir(image_dir: str, config: TrainConfig, output: str, overwrite: bool,
     return 0
 
 
-def _announced(save: Callable, where: str) -> Callable:
-    """The default run's first model (the head) saved the moment it exists, saying so."""
+def _announced(save: Callable, where: str, quiet: bool) -> Callable:
+    """The default run's first model (the head) saved the moment it exists, saying so unless quiet."""
     def publish(model) -> None:
         save(model)
-        print(f"Saved a first model (the head on cached features) to {where}; the run now tries to beat it "
-              "(fine-tuning, or larger backbones on a small folder) and replaces it only if it does (Ctrl-C keeps the "
-              "best model so far).", file=sys.stderr)
+        if not quiet:
+            print(f"Saved a first model (the head on cached features) to {where}; the run now tries to beat it and "
+                  "replaces it only with a model that measures better (fine-tuning: on validation; larger backbones "
+                  "on a small folder: by cross-validation). Ctrl-C keeps the best model so far.", file=sys.stderr)
     return publish
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -89,6 +90,24 @@ def default_cache_dir() -> Path:
         return Path(os.environ["RETRAIN_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "retrain"
+
+
+def prune_least_recent(folder: Path, keep: int, wanted: Callable[[os.DirEntry], bool]) -> int:
+    """Remove the entries of `folder` that `wanted` picks, least recently modified first, beyond the
+    `keep` newest (files, or folders with what they hold); returns how many went."""
+    try:
+        entries = sorted((e.stat().st_mtime, e.path, e.is_dir(follow_symlinks=False))
+                         for e in os.scandir(folder) if wanted(e))
+    except OSError:
+        return 0
+    removed = 0
+    for _, path, is_dir in entries[:max(len(entries) - keep, 0)]:
+        try:
+            shutil.rmtree(path) if is_dir else os.unlink(path)
+            removed += 1
+        except OSError:  # another process removed it first
+            pass
+    return removed
 
 
 def cached_file(path: Path, build: Callable[[], bytes], check: Callable[[Path], str | None]) -> Path:

@@ -362,6 +362,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     if stop:
         state.interrupted = True
         log(f"Interrupted (Ctrl-C) after {state.epoch} finished epoch(s): keeping the best network so far.")
+    elif checkpoint_to_write:  # a finished run has nothing to resume: its checkpoint (84 MB for lite0) would only stay
+        checkpoint_to_write.path.unlink(missing_ok=True)
     # Accuracy alone decides here: the warm head trained without label smoothing, so its validation
     # loss is not comparable with the fine-tuned network's. A tie keeps the fine-tuning when it was
     # asked for, and the head when fine-tuning is only a try at improving it (anytime).

@@ -1,4 +1,4 @@
-"""Ctrl-C (SIGINT) at the moments where raising KeyboardInterrupt wherever Python happens to be would harm.
+"""Ctrl-C (SIGINT; and SIGTERM while training) at the moments where raising KeyboardInterrupt wherever Python happens to be would harm.
 
 Two needs: a few file renames that must finish together (defer the interrupt to the block's end),
 and a training loop that should end at its next step and keep its best result (turn the first
@@ -14,23 +14,40 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
-def _sigint_is_ours() -> bool:
-    """Only the main thread may set handlers; an ignored or custom SIGINT is not ours to change."""
-    return threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+def _interrupt_signals() -> list[signal.Signals]:
+    """The signals that mean Ctrl-C here and are ours to change: SIGINT, and SIGTERM inside
+    termination_as_interrupt. Only the main thread may set handlers; an ignored or custom one is not ours."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    return [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.default_int_handler]
 
 
 @contextmanager
-def _sigint_handled_by(handler: Callable) -> Iterator[None]:
-    """`handler` answers SIGINT inside the block, where SIGINT is ours; Python's own handler is back after it."""
-    if not _sigint_is_ours():
-        yield
-        return
-    signal.signal(signal.SIGINT, handler)
+def _interrupts_handled_by(handler: Callable) -> Iterator[None]:
+    """`handler` answers Ctrl-C (and SIGTERM where it means the same) inside the block; Python's own handler is
+    back after it."""
+    signals = _interrupt_signals()
+    for signum in signals:
+        signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in signals:
+            signal.signal(signum, signal.default_int_handler)
+
+
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM (`kill`, `timeout`, `docker stop`) ends the run as Ctrl-C does: a model is never
+    left half moved into place, no staging folder stays behind, and fine-tuning keeps its best epoch so far."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class StopRequest:
@@ -47,7 +64,7 @@ class StopRequest:
 def interrupts_deferred() -> Iterator[None]:
     """Hold a Ctrl-C that arrives inside the block until it ends, then raise it."""
     caught = StopRequest()
-    with _sigint_handled_by(lambda signum, frame: setattr(caught, "requested", True)):
+    with _interrupts_handled_by(lambda signum, frame: setattr(caught, "requested", True)):
         yield
     if caught:
         raise KeyboardInterrupt
@@ -60,7 +77,7 @@ def stop_requested_by_interrupt() -> Iterator[StopRequest]:
 
     def first(signum, frame) -> None:
         stop.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # an impatient second Ctrl-C still works
+        signal.signal(signum, signal.default_int_handler)  # an impatient second Ctrl-C still works
 
-    with _sigint_handled_by(first):
+    with _interrupts_handled_by(first):
         yield stop

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, prune_least_recent
 from .guards import open_regular
 
 MAX_ENTRY_BYTES = 64 << 20  # far above any plot: a link to an endless file is not read to its end
@@ -67,16 +67,5 @@ class DiskMemo:
 
     def prune(self) -> int:
         """Remove the least recently used entries beyond `keep`; returns how many went."""
-        try:
-            entries = [(e.stat().st_mtime, e.path) for e in os.scandir(self.folder)
-                       if e.name.endswith(self.suffix) and e.is_file()]
-        except OSError:
-            return 0
-        removed = 0
-        for _, path in sorted(entries)[:max(len(entries) - self.keep, 0)]:
-            try:
-                os.unlink(path)
-                removed += 1
-            except OSError:  # another process removed it first
-                pass
-        return removed
+        return prune_least_recent(self.folder, self.keep,
+                                  lambda e: e.name.endswith(self.suffix) and e.is_file(follow_symlinks=False))

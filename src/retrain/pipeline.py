@@ -31,7 +31,7 @@ from .evaluation import (Timeline, accuracy_evidence, classification_metrics, co
 from .evidence import describe_accuracy
 from .features import compute_features, feature_matrices, features_cached, features_of, store_folder
 from .runtime import inference_session_from
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, prune_least_recent
 from .config import Checkpoint, TrainConfig
 from .graphs import check_output_name, classifier_model, extractor_model, extractor_path, model_metadata
 from .calibrate import Calibration, calibrate, calibration_error_text, unknown_threshold_text
@@ -570,6 +570,9 @@ def _accuracy(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.
     return float((logits(layers, x).argmax(1) == y).mean()) if len(y) else float("nan")
 
 
+CHECKPOINTS_KEPT = 3  # other runs' checkpoints kept for --resume (84 MB each for lite0, more for lite1/lite2)
+
+
 # TrainConfig fields that change where output goes, how it is logged or how fast features are
 # extracted, never the trained network: a run resumed with any of them changed continues the same run.
 NOT_TRAINING = ("val_dir", "test_dir", "cache_dir", "bottleneck_dir", "output_name", "unknown_threshold", "resume",
@@ -590,6 +593,9 @@ def _checkpoint_path(cache: Path, identity: dict) -> Path:
     """One checkpoint per training identity, so the same command with --resume finds the run it continues."""
     path = cache / "checkpoints" / f"finetune-{identity_key(identity)}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Interrupted runs leave theirs for --resume; only the most recent are worth their space.
+    prune_least_recent(path.parent, CHECKPOINTS_KEPT, lambda e: e.name.startswith("finetune-") and e.name.endswith(".pt")
+                       and e.name != path.name)
     return path
 
 

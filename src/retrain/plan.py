@@ -91,12 +91,17 @@ def check_settings_apply(config: TrainConfig) -> None:
                         "backbones only")
     if scratch:
         _refuse_head_settings(config)
-    if config.mode != "head" or scratch or live_head:
-        return
-    unread = given_live_image_settings(config) + (["--resume (resume)"] * config.resume)
+    unread = _given_for_live_training(config) if config.mode == "head" and not (scratch or live_head) else []
     if unread:
         raise UserError(f"{', '.join(unread)}: only for training on live images (--mode finetune or auto, a scratch "
                         "backbone, or distortion flags); --mode head trains on cached features")
+    if (config.scratch if scratch else config.finetune).device == "cuda":
+        _device("cuda")  # a missing GPU is said before the scan and the features, not after them
+
+
+def _given_for_live_training(config: TrainConfig) -> list[str]:
+    """The settings given that only training on live images reads: fine-tuning's, and --resume."""
+    return given_live_image_settings(config) + (["--resume (resume)"] * config.resume)
 
 
 def given_live_image_settings(config: TrainConfig) -> list[str]:
@@ -145,8 +150,10 @@ def plan_training(config: TrainConfig, backbone: Backbone, n_train: int,
                             stretch_to_budget=not cfg.epochs)
     if config.mode == "auto" and config.finetune.augment is None:  # distortions: the head on live photos
         plan = _anytime_plan(config, backbone, n_train, *head_validation, n_photos)
-        # The default may decide not to fine-tune: settings given for fine-tuning are then said to go unused.
-        return plan if plan.live else replace(plan, unused=tuple(given_live_image_settings(config)))
+        # The default may decide not to fine-tune: settings given for fine-tuning are then said to go unused,
+        # and so is the time budget where no backbone comparison spends it either.
+        budget = ["--time_budget (time_budget)"] if config.time_budget and not plan.backbone_candidates else []
+        return plan if plan.live else replace(plan, unused=tuple(_given_for_live_training(config) + budget))
     mode, reason = _pretrained_mode(config)
     if mode is Mode.HEAD:
         return TrainingPlan(mode, reason)
@@ -188,7 +195,7 @@ def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_ac
     epochs = min(cfg.epochs, int(budget / epoch_seconds))
     if epochs < 1:
         return TrainingPlan(Mode.HEAD, f"not fine-tuning: one epoch of {n_train} photos would take "
-                            f"~{epoch_seconds / 60:.0f} min, over the {budget / 60:.0f}-minute budget (--time_budget)")
+                            f"~{_duration(epoch_seconds)}, over the budget of {_duration(budget)} (--time_budget)")
     train_size, batch_size = finetune_geometry(cfg, backbone.prep.size, n_train, gpu)
     rates = _short_schedule_rates(cfg, epochs)
     # If the head stays, the Lite sizes' heads compete: on intel_scenes, where fine-tuning never beat the
@@ -238,7 +245,9 @@ def _small_validation_plan(config: TrainConfig, n_val: int, n_labelled: int, n_p
 
 
 def _duration(seconds: float) -> str:
-    return f"{max(1, round(seconds))} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    if seconds < 1:  # a budget of a fraction of a second is said as it is, not as "1 s" or "0 min"
+        return f"{seconds:.2g} s"
+    return f"{round(seconds)} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _short_schedule_rates(cfg: FinetuneConfig, epochs: int) -> dict | None:

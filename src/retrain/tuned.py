@@ -10,6 +10,7 @@ cached network trained on, so starting from it would make validation lie.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,11 +24,12 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, prune_least_recent
 from .head import HeadResult
 from .metrics import BackboneScore, FinetuneRecord
 
 RECORD, ARRAYS, NETWORK = "record.json", "arrays.npz", "network.onnx"
+TUNED_KEPT = 8  # fine-tuned runs kept, the least recently used beyond go (15-30 MB each: the network is most of it)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ def save_tuned(path: Path, run: TunedRun, identity: dict) -> None:
         pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    prune_least_recent(path.parent, TUNED_KEPT, lambda e: e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
 
 
 def load_tuned(path: Path, identity: dict) -> TunedRun | None:
@@ -79,9 +82,12 @@ def load_tuned(path: Path, identity: dict) -> TunedRun | None:
             layers = _layers_from(arrays, record["layers"])
             x = {split: (arrays[f"x_{split}"], arrays[f"y_{split}"]) for split in record["splits"]}
         network = onnx.load(str(path / NETWORK)) if record["network"] else None
-        return TunedRun(network, layers, x, FinetuneRecord(**record["run"]))
+        run = TunedRun(network, layers, x, FinetuneRecord(**record["run"]))
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, DecodeError):
         return None  # missing, damaged or of an older layout
+    with contextlib.suppress(OSError):  # a read-only cache: still a hit
+        os.utime(path)  # recently used: pruned last
+    return run
 
 
 @dataclass(frozen=True)
