@@ -108,7 +108,7 @@ def test_a_rerun_reuses_the_fine_tuned_network(photos, cache_dir, tmp_path):
     assert "Fine-tuning lite0" in one.stderr and "Reusing" not in one.stderr
     two = subprocess.run(cmd + [str(second)], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr
-    assert "Reusing the fine-tuning of an identical earlier run" in two.stderr
+    assert "Reusing the fine-tuning of an identical earlier run (same photos and settings), which kept the " in two.stderr
     assert "Fine-tuning lite0" not in two.stderr and "Saved a first model" not in two.stderr
     a, b = assert_complete_model(first, photos), assert_complete_model(second, photos)
     for key in ("validation_accuracy", "test_accuracy", "mode"):

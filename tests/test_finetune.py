@@ -203,8 +203,10 @@ def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache
     """Label smoothing raises the fine-tuned loss; at equal accuracy the fine-tuned epoch must still win."""
     cfg = config(cache_dir, validation_percentage=20, testing_percentage=0)
     cfg.finetune = tiny(epochs=3)
-    model = retrain.train(shapes, cfg)
+    logs: list[str] = []
+    model = retrain.train(shapes, cfg, log=logs.append)
     history = model.metrics.finetune.history
     assert history[0]["validation_accuracy"] == 1.0  # the warm head is already perfect on validation
     best = model.metrics.finetune.best_epoch
     assert best >= 1 and history[best]["validation_accuracy"] == 1.0
+    assert f"Keeping the network of epoch {best} (validation accuracy not measurable on 9 validation photos (9/9" in "\n".join(logs)  # says what it kept

@@ -341,7 +341,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
                 + f" [{entry['seconds']:.0f} s, {entry['images_per_second']:.1f} img/s]")
             if state.stopping.improved(key):
                 state.best_epoch, state.best_model = epoch, _cpu_state(net)
-            if time_budget and epoch == first == 1:
+            if time_budget and epoch == first == 1 and not stop:  # a run asked to stop has no schedule left to fit
                 _fit_schedule_to_budget(state, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
             if checkpoint_to_write:
                 _save_checkpoint(checkpoint_to_write.path, state.to_checkpoint(checkpoint_to_write.identity, net, opt, sched))
@@ -372,11 +372,21 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
                                        or (anytime and state.warm_key[0] == state.stopping.best[0])):
         log("No fine-tuned epoch beat the warm start on validation: keeping the head trained on cached features.")
         best_model, state.best_epoch = state.warm_model, 0
+    elif state.best_epoch:
+        log(_kept_epoch(state.history, state.best_epoch, data.count("validation")))
     if best_model is not None:
         net.load_state_dict(best_model)
     net.eval().cpu().to(memory_format=torch.contiguous_format)
     return FinetuneResult(net.features, net.head_layers(), FinetuneRecord(
         state.best_epoch, state.history, device.type, data.train_size, state.interrupted))
+
+
+def _kept_epoch(history: list[dict], epoch: int, n_val: int) -> str:
+    """What early stopping kept, with the validation accuracy it was chosen by."""
+    entry = next(e for e in history if e["epoch"] == epoch)
+    return f"Keeping the network of epoch {epoch}" + (
+        f" (validation accuracy {describe_accuracy(entry['validation_accuracy'], n_val, 'validation photos')})"
+        if "validation_accuracy" in entry else " (no validation photos: the last epoch)")
 
 
 def _budget_spent(state: FitState, first: int, seconds: float, budget: float) -> bool:

@@ -495,7 +495,9 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwat
     head_only = replace(fitted, plan=TrainingPlan(Mode.HEAD, "the first model: the head on cached features"))
     cached = load_tuned(stored, planned) if plan.anytime else None
     if cached and (cached.extractor is None or all(len(cached.x[k][1]) == len(split[k]) for k in cached.x)):
-        log(f"Reusing the fine-tuning of an identical earlier run (same photos and settings): {stored}")
+        kept = "the head" if cached.extractor is None else f"the network of epoch {cached.record.best_epoch}"
+        log(f"Reusing the fine-tuning of an identical earlier run (same photos and settings), which kept {kept}: "
+            f"{stored}")
         return _after_tuning(fitted, head_only, cached)
     log(plan.describe())
     if plan.anytime and publish and distributed.is_main():
