@@ -354,7 +354,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
                 break
             if entry.get("cut_short") or time_budget and _budget_spent(state, first, time.perf_counter() - started,
                                                                         time_budget):
-                log(f"Time budget of {time_budget / 60:.1f} min spent " +
+                log(f"The epochs' share of the time budget ({time_budget / 60:.1f} min) spent " +
                     (f"during epoch {epoch}: it ended there." if entry.get("cut_short") else f"after epoch {epoch}."))
                 break
     if stop and not anytime:
@@ -401,8 +401,8 @@ def _fit_schedule_to_budget(state: FitState, epoch: int, seconds: float, budget:
     pace = max(seconds / epoch, 1e-9)
     affordable = min(MAX_EPOCHS, max(epoch, int(budget / pace)))
     if affordable < state.planned_epochs or (stretch and affordable > state.planned_epochs):
-        log(f"Time budget {budget / 60:.1f} min at {pace:.1f} s per epoch: the schedule now ends after "
-            f"epoch {affordable} (planned {state.planned_epochs}).")
+        log(f"The epochs' share of the time budget, {budget / 60:.1f} min, at {pace:.1f} s per epoch: the schedule "
+            f"now ends after epoch {affordable} (planned {state.planned_epochs}).")
         state.planned_epochs = affordable
 
 
