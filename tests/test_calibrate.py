@@ -6,7 +6,8 @@ import pytest
 
 import retrain
 from retrain.api import TrainConfig
-from retrain.calibrate import auto_threshold, calibrate, fit_temperature, nll, reliability, unknown_threshold_text
+from retrain.calibrate import (MIN_EVIDENCE, auto_threshold, calibrate, calibration_error_text, fit_temperature, nll,
+                               reliability, unknown_threshold_text)
 from retrain.cli import label_image_main
 from retrain.head import HeadConfig, softmax
 from retrain.prediction import Classifier
@@ -132,8 +133,51 @@ def test_a_temperature_that_does_not_help_held_out_halves_is_not_kept():
 
 
 def test_the_small_folder_case_that_once_tripled_the_error(head_model):
-    """16 photos a class: the held-out evidence (validation + out-of-fold) decides; test ECE must not rise."""
+    """16 photos a class: the held-out evidence (validation + out-of-fold) decides, and is too little for a
+    temperature; the few test photos carry no calibration error (once stated as a precise figure on 6)."""
     model = head_model.model
-    cal = model.metrics.calibration
+    cal, n_test = model.metrics.calibration, model.metrics.num_images["test"]
     assert cal.held_out_predictions > model.metrics.num_images["validation"]  # out-of-fold rows joined
-    assert cal.test_ece_after <= cal.test_ece_before
+    assert cal.held_out_predictions < MIN_EVIDENCE and cal.temperature == 1.0 and not cal.calibrated
+    assert cal.test_ece_before is cal.test_ece_after is cal.reliability_after is None
+    assert calibration_error_text(cal, n_test) == f"expected calibration error: not measurable on {n_test} photos"
+
+
+def test_a_calibration_error_is_stated_only_on_as_many_photos_as_a_temperature_needs():
+    """10-99 test photos gave a precise-looking ECE; a temperature needs MIN_EVIDENCE held-out predictions."""
+    z, y = _sampled(3.0, n=600, seed=7)  # overconfident: a temperature is kept
+    for n_test in (12, 60, MIN_EVIDENCE - 1):
+        report = calibrate(z[:400], y[:400], z[400:400 + n_test], y[400:400 + n_test], threshold=None).report
+        assert report.calibrated and report.test_ece_before is None and report.test_ece_after is None
+        assert report.test_nll_after is None and report.reliability_after is None
+        assert calibration_error_text(report, n_test) == f"expected calibration error: not measurable on {n_test} photos"
+    report = calibrate(z[:400], y[:400], z[400:], y[400:], threshold=None).report
+    text = calibration_error_text(report, 200, "test photos")
+    assert text == (f"expected calibration error on 200 test photos: {100 * report.test_ece_before:.1f}% before, "
+                    f"{100 * report.test_ece_after:.1f}% after temperature scaling")
+
+
+def test_without_a_temperature_the_calibration_error_is_said_once():
+    """Not '5.5% before, 5.5% without temperature scaling': one figure, as trained."""
+    z, y = _sampled(1.0, n=600, seed=6)
+    report = calibrate(z[:400], y[:400], z[400:], y[400:], threshold=None).report
+    assert not report.calibrated and report.test_ece_after == report.test_ece_before
+    assert calibration_error_text(report, 200) == (f"expected calibration error on 200 photos: "
+                                                   f"{100 * report.test_ece_after:.1f}% (confidence as trained)")
+
+
+def test_figures_without_their_evidence_are_left_out_of_metrics_json():
+    """54 held-out predictions and 6 test photos: no suggested threshold, no rejection rate at it, no test ECE."""
+    from retrain.metrics import to_json
+
+    z, y = _sampled(1.0, n=400, seed=8)
+    few = calibrate(z[:54], y[:54], z[54:60], y[54:60], threshold="auto")
+    assert few.suggested_threshold == few.report.suggested_unknown_threshold == 0.0  # what auto picks: none
+    saved = to_json(few.report)
+    for key in ("test_false_rejection_at_suggested", "test_ece_before", "test_ece_after", "test_nll_before",
+                "reliability_after"):
+        assert key not in saved, key
+    assert saved["test_false_rejection"] == 0.0  # at the chosen threshold (none): a count, shown as one
+    enough = calibrate(z[:200], y[:200], z[200:], y[200:], threshold="auto").report
+    assert enough.suggested_unknown_threshold > 0 and enough.test_false_rejection_at_suggested is not None
+    assert enough.test_ece_after is not None

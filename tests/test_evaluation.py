@@ -4,6 +4,8 @@ import pytest
 
 from retrain.evaluation import classification_metrics, format_metrics, verdict
 
+from conftest import make_dataset
+
 
 def scored(y_true, y_pred, classes=("ants", "bees")):
     return classification_metrics(np.array(y_true), np.array(y_pred), list(classes))
@@ -149,3 +151,47 @@ def test_a_copy_of_the_training_folder_is_caught_by_content_not_path(head_model,
                                   "accuracy is inflated; `retrain doctor` lists them.")
     fresh = make_dataset(tmp_path / "fresh", per_class=4, seed=11)
     assert evaluation_of_folder(head_model.folder, fresh, quiet=True).warning is None
+
+
+def test_per_class_figures_on_few_photos_are_counts_in_the_text_table():
+    """1-3 photos of a class gave bare 3-decimal figures: the counts instead, and why."""
+    from retrain.evaluation import FEW_PHOTOS
+
+    m = scored([0] * 12 + [1] * 3, [0] * 11 + [1] + [1, 1, 0])  # ants: 12 photos; bees: 3, predicted 3 times
+    lines = format_metrics(m).splitlines()
+    ants = next(line for line in lines if line.startswith("ants"))
+    bees = next(line for line in lines if line.startswith("bees"))
+    assert ants.split()[1:] == ["0.917", "0.917", "0.917", "12"]  # 11/12 predicted as ants, 11/12 found
+    assert bees.split()[1:] == ["2/3", "2/3", "n/a", "3"]
+    assert FEW_PHOTOS in lines and "0.667" not in format_metrics(m)
+
+
+def test_the_text_confusion_matrix_tells_classes_with_a_long_common_prefix_apart():
+    m = scored([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["sunflowers_short", "sunflowers_tall"])
+    lines = format_metrics(m).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Confusion matrix"))
+    header, short, tall = lines[start + 1:start + 4]
+    assert header.split() == ["0", "1"] and "numbered as the rows" in lines[start]
+    assert short.split() == ["0", "sunflowers_short", "1", "1"] and tall.split() == ["1", "sunflowers_tall", "1", "2"]
+    assert header.rindex("1") == short.rindex("1") == tall.rindex("2")  # the columns line up
+
+
+def test_evaluate_json_carries_the_accuracys_evidence(head_model, shapes_data, tmp_path, capsys):
+    """A 100% on 2 photos and a measured one read alike in the JSON without N, interval and measurable."""
+    import json
+
+    from retrain.cli import retrain_main
+
+    def evidence(folder) -> dict:
+        capsys.readouterr()
+        assert retrain_main(["evaluate", str(head_model.folder), str(folder), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["evidence"]
+
+    fresh = evidence(make_dataset(tmp_path / "fresh", per_class=4, seed=11))
+    assert fresh["n"] == 12 and fresh["measurable"] and fresh["copies_of_training"] == 0
+    assert 0 <= fresh["interval"][0] <= fresh["accuracy"] <= fresh["interval"][1] <= 1
+    two = evidence(make_dataset(tmp_path / "two", per_class=1, classes=("circles", "squares"), seed=12))
+    assert two["n"] == 2 and not two["measurable"] and two["interval"][0] < 0.5
+    own = evidence(shapes_data)  # the training folder itself: its copies of training photos are counted too
+    trained = head_model.model.metrics.num_images["train"]
+    assert own["n"] == 48 and own["copies_of_training"] == trained and own["measurable"] == (48 - trained >= 10)

@@ -193,6 +193,9 @@ def test_the_closing_lines_carry_their_evidence_and_name_unused_settings():
     line = next(line for line in result_lines(replace(metrics, calibration=calibrated)) if line.startswith("Calib"))
     assert line.endswith("; expected calibration error on 100 test photos: 10.0% before, 5.0% after temperature "
                          "scaling")
+    as_trained = replace(metrics, calibration=replace(metrics.calibration, calibrated=False, test_ece_after=0.07))
+    line = next(line for line in result_lines(as_trained) if line.startswith("Calib"))
+    assert line.endswith("; expected calibration error on 100 test photos: 7.0% (confidence as trained)")
     unused = replace(metrics, plan={"mode": "head", "unused": ["--epochs (epochs)"], "reason": "too few photos"})
     assert result_lines(unused)[-1] == "Note: not fine-tuning, so --epochs (epochs) go unused (too few photos)"
     assert result_lines(replace(unused, plan={"unused": ["--epochs (epochs)"]}))[-1].endswith("go unused")

@@ -330,3 +330,25 @@ def test_a_time_budget_no_model_of_the_comparison_reads_is_refused(tmp_path, cac
     with pytest.raises(UserError, match="--time_budget: only the models that train from random weights"):
         compare(data, ["lite0", "lite1"], TrainConfig(cache_dir=str(cache_dir), quiet=True, time_budget=60),
                 tmp_path / "out", log=lambda m: None)
+
+
+def test_a_model_name_with_dollar_signs_is_drawn_as_written_in_the_comparison_plot(tmp_path, monkeypatch):
+    """The legend names each model as the user wrote it: "cost $_$.onnx" crashed matplotlib's maths parser
+    after every model had trained, and "$x^2$" would be drawn as x squared."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from retrain.compare import write_comparison
+
+    legends = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: legends.extend(ax.get_legend() for ax in fig.axes) or
+                        real_close(fig))
+    runs = [Run("models/cost $_$.onnx", "head", 0.5, 10, 2.0, [(1.0, 0.4), (2.0, 0.5)]),
+            Run("$x^2$", "head", 0.9, 10, 1.0, [(1.0, 0.9)])]
+    write_comparison(runs, tmp_path / "out")
+    with Image.open(tmp_path / "out" / "compare.png") as png:
+        assert png.size[0] > 400
+    texts = [t for legend in legends for t in legend.get_texts()]
+    assert [t.get_text().split(" (")[0] for t in texts] == ["models/cost $_$.onnx", "$x^2$"]
+    assert not any(t.get_parse_math() for t in texts) and matplotlib.rcParams["text.parse_math"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .evidence import INTERVAL_BELOW, TOO_FEW_TO_MEASURE, interval_text
+from .evidence import INTERVAL_BELOW, interval_text
 from .head import nll, softmax
 from .metrics import CalibrationReport
 
@@ -28,6 +28,11 @@ MIN_EVIDENCE = 100  # held-out predictions needed before a temperature is fitted
 CROSS_FITS = 10  # random halvings tried when deciding whether the temperature helps
 CROSS_FIT_ROWS = 10_000  # held-out rows the decision looks at, at most
 MIN_GAIN = 0.9  # kept only if the cross-fitted calibration error falls below 0.9x the uncalibrated one
+
+
+def enough_evidence(n: int) -> bool:
+    """Whether n predictions can carry a calibration figure: a temperature, an auto threshold, an ECE."""
+    return n >= MIN_EVIDENCE
 
 
 def fit_temperature(z: np.ndarray, y: np.ndarray, may_sharpen: bool = True) -> float:
@@ -108,7 +113,7 @@ def choose_temperature(z: np.ndarray, y: np.ndarray, may_sharpen: bool, seed: in
     rock_paper_scissors' test photos, taken elsewhere (ECE 9.8% -> 12.5%): photos met in use are
     seldom easier than held-out ones, so such a head may only be softened.
     """
-    if len(y) < MIN_EVIDENCE:
+    if not enough_evidence(len(y)):
         return 1.0, (f"not calibrated: {len(y)} held-out predictions are too few to fit a temperature "
                      f"(need {MIN_EVIDENCE}); confidence is left as trained")
     sample = np.random.default_rng(seed).permutation(len(y))[:CROSS_FIT_ROWS]  # plenty to decide, bounded cost
@@ -125,14 +130,14 @@ def choose_temperature(z: np.ndarray, y: np.ndarray, may_sharpen: bool, seed: in
 class Calibration:
     temperature: float
     unknown_threshold: float  # 0: never reject
-    suggested_threshold: float  # what "auto" would pick
+    suggested_threshold: float  # what "auto" would pick (0, none, on fewer than MIN_EVIDENCE held-out predictions)
     report: CalibrationReport
 
 
 def _threshold(asked: float | str | None, suggested: float, held_out: int) -> tuple[float, str | None]:
     """(unknown threshold, how it was set): `auto` needs as much held-out evidence as a temperature,
     for a 5% quantile of a few overconfident predictions rejects far more than 5% of new photos."""
-    if asked == "auto" and held_out < MIN_EVIDENCE:
+    if asked == "auto" and not enough_evidence(held_out):
         return 0.0, (f"no unknown threshold set: {held_out} held-out predictions are too few to choose one "
                      f"(auto needs {MIN_EVIDENCE}); give --unknown_threshold a probability to set one")
     if asked == "auto":
@@ -143,17 +148,22 @@ def _threshold(asked: float | str | None, suggested: float, held_out: int) -> tu
 
 def calibration_error_text(report: CalibrationReport, n: int, photos: str = "photos") -> str:
     """The expected calibration error on the n photos it was measured on, or why it is not measurable there:
-    a clause ("expected calibration error on 40 photos: ...") that callers put into their sentence."""
-    if n < TOO_FEW_TO_MEASURE:
+    a clause ("expected calibration error on 400 photos: ...") that callers put into their sentence.
+
+    An ECE needs as much evidence as a temperature: on fewer photos its 15 bins hold a few each, and
+    the figure is noise (6 photos once read as a precise 5.5%)."""
+    if not enough_evidence(n) or report.test_ece_after is None:
         return f"expected calibration error: not measurable on {n} {photos}"
+    after = f"{100 * report.test_ece_after:.1f}%"
+    if not report.calibrated:  # no temperature: before and after are one figure
+        return f"expected calibration error on {n} {photos}: {after} (confidence as trained)"
     before = f"{100 * report.test_ece_before:.1f}% before, " if report.test_ece_before is not None else ""
-    return (f"expected calibration error on {n} {photos}: {before}{100 * report.test_ece_after:.1f}% "
-            f"{'after' if report.calibrated else 'without'} temperature scaling")
+    return f"expected calibration error on {n} {photos}: {before}{after} after temperature scaling"
 
 
-def unknown_threshold_text(report: CalibrationReport, n_test: int) -> str | None:
-    """The unknown threshold as a user reads it: its value, how it was set and the in-class test photos it
-    flags, counted (with the interval under INTERVAL_BELOW photos); or why `auto` set none; None: not asked."""
+def unknown_threshold_text(report: CalibrationReport, n_test: int, photos: str = "in-class test photos") -> str | None:
+    """The unknown threshold as a user reads it: its value, how it was set and the `photos` it flags, counted
+    (with the interval under INTERVAL_BELOW photos); or why `auto` set none; None: not asked."""
     t, why = report.unknown_threshold, report.unknown_threshold_why
     if not t:
         return why
@@ -161,25 +171,32 @@ def unknown_threshold_text(report: CalibrationReport, n_test: int) -> str | None
     if report.test_false_rejection is not None and n_test:
         flagged = round(report.test_false_rejection * n_test)
         interval = f"; {interval_text(flagged / n_test, n_test)}" if n_test < INTERVAL_BELOW else ""
-        text += f": it flags {flagged}/{n_test} in-class test photos as unknown ({100 * flagged / n_test:.1f}%{interval})"
+        text += f": it flags {flagged}/{n_test} {photos} as unknown ({100 * flagged / n_test:.1f}%{interval})"
     return text
 
 
 def calibrate(z_held: np.ndarray, y_held: np.ndarray, z_test: np.ndarray, y_test: np.ndarray,
               threshold: float | str | None, may_sharpen: bool = True, seed: int = 0) -> Calibration:
-    """Choose T on held-out logits, measure ECE before/after on test, and settle the unknown threshold."""
+    """Choose T on held-out logits, measure ECE before/after on test, and settle the unknown threshold.
+
+    Figures without the evidence they need are left out (None), not stored as precise numbers: the
+    suggested threshold and its test rejection rate below MIN_EVIDENCE held-out predictions, the test
+    ECE and NLL below MIN_EVIDENCE test photos. The rejection rate at the chosen threshold is kept:
+    it is a count over the test photos, and is shown as one (unknown_threshold_text).
+    """
     t, why = choose_temperature(z_held, y_held, may_sharpen, seed)
-    suggested = auto_threshold(softmax(z_held, t)) if len(z_held) else 0.0
+    suggested = auto_threshold(softmax(z_held, t)) if enough_evidence(len(y_held)) else 0.0
     chosen, threshold_why = _threshold(threshold, suggested, len(y_held))
     report = CalibrationReport(temperature=t, calibrated=t != 1.0, why=why, held_out_predictions=len(y_held),
                                suggested_unknown_threshold=suggested, unknown_threshold=chosen,
                                unknown_threshold_why=threshold_why)
     if len(z_test):
-        before, after = reliability(softmax(z_test), y_test), reliability(softmax(z_test, t), y_test)
         top = softmax(z_test, t).max(axis=1)
+        report = replace(report, test_false_rejection=float((top < chosen).mean()),
+                         test_false_rejection_at_suggested=float((top < suggested).mean()) if suggested else None)
+    if enough_evidence(len(z_test)):
+        before, after = reliability(softmax(z_test), y_test), reliability(softmax(z_test, t), y_test)
         report = replace(report, test_ece_before=before["ece"], test_ece_after=after["ece"],
                          test_nll_before=nll(z_test, y_test, 1.0), test_nll_after=nll(z_test, y_test, t),
-                         reliability_after=after["bins"], reliability_before=before["bins"],
-                         test_false_rejection=float((top < chosen).mean()),
-                         test_false_rejection_at_suggested=float((top < suggested).mean()))
+                         reliability_after=after["bins"], reliability_before=before["bins"])
     return Calibration(t, chosen, suggested, report)

@@ -211,6 +211,13 @@ def write_comparison(runs: list[Run], output: Path) -> None:
 
 
 def _plot(runs: list[Run]) -> bytes:
+    from .report import literal_text
+
+    with literal_text():  # the legend names each model as the user wrote it (an ONNX file "cost $_$.onnx")
+        return _draw(runs)
+
+
+def _draw(runs: list[Run]) -> bytes:
     import io
 
     import matplotlib

@@ -75,6 +75,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
 
 
 NEVER_PREDICTED = "-: the model never predicted this class on these photos, so its precision is undefined."
+FEW_PHOTOS = (f"a/b: fewer than {TOO_FEW_TO_MEASURE} photos behind a figure, so the count is shown instead: right out "
+              "of the class's photos (recall), or out of the photos predicted as it (precision); no F1 (n/a) on so few.")
 
 
 def precision_text(m: ClassMetrics, digits: int = 3) -> str:
@@ -87,23 +89,59 @@ def never_predicted(metrics: ClassificationMetrics) -> bool:
     return any(m.support and m.precision is None for m in metrics.per_class.values())
 
 
+def _counts(metrics: ClassificationMetrics, name: str) -> tuple[int, int]:
+    """(right, predicted as it) of a class, from the confusion matrix."""
+    i = metrics.classes.index(name)
+    return metrics.confusion_matrix[i][i], sum(row[i] for row in metrics.confusion_matrix)
+
+
+def class_cells(metrics: ClassificationMetrics, name: str, digits: int = 3) -> tuple[str, str, str]:
+    """A class's (precision, recall, F1) as shown: figures, or below TOO_FEW_TO_MEASURE photos behind one the
+    counts ("2/3") and no F1 (FEW_PHOTOS says so); for a class with photos."""
+    m = metrics.per_class[name]
+    right, predicted = _counts(metrics, name)
+    precision = precision_text(m, digits) if m.precision is None or predicted >= TOO_FEW_TO_MEASURE \
+        else f"{right}/{predicted}"
+    if m.support < TOO_FEW_TO_MEASURE:
+        return precision, f"{right}/{m.support}", "n/a"
+    return precision, f"{m.recall:.{digits}f}", f"{m.f1:.{digits}f}"
+
+
+def table_notes(metrics: ClassificationMetrics) -> list[str]:
+    """The notes that explain a per-class table's cells other than figures (NEVER_PREDICTED, FEW_PHOTOS)."""
+    few = any(m.support and (m.support < TOO_FEW_TO_MEASURE or
+                             (m.precision is not None and _counts(metrics, name)[1] < TOO_FEW_TO_MEASURE))
+              for name, m in metrics.per_class.items())
+    return [NEVER_PREDICTED] * never_predicted(metrics) + [FEW_PHOTOS] * few
+
+
 def format_metrics(metrics: ClassificationMetrics) -> str:
     """A plain-text table of per-class metrics and the confusion matrix."""
-    classes = metrics.classes
-    width = max(8, *(len(c) for c in classes))
+    width = max(8, *(len(c) for c in metrics.classes))
     lines = [f"Accuracy = {describe_accuracy(metrics.accuracy, metrics.num_images)}", "",
              f"{'class':<{width}}  precision  recall     f1  support"]
     for name, m in metrics.per_class.items():
         if not m.support:
             lines.append(f"{name:<{width}}  {'no photos of this class':>24}  {0:7d}")
             continue
-        lines.append(f"{name:<{width}}  {precision_text(m):>9}  {m.recall:6.3f}  {m.f1:5.3f}  {m.support:7d}")
-    lines += [NEVER_PREDICTED] if never_predicted(metrics) else []
-    lines += ["", "Confusion matrix (rows: true class, columns: predicted):",
-              " " * width + "  " + "  ".join(f"{c[:8]:>8}" for c in classes)]
-    for name, row in zip(classes, metrics.confusion_matrix):
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:8d}" for v in row))
-    return "\n".join(lines)
+        precision, recall, f1 = class_cells(metrics, name)
+        lines.append(f"{name:<{width}}  {precision:>9}  {recall:>6}  {f1:>5}  {m.support:7d}")
+    return "\n".join(lines + table_notes(metrics) + [""] + confusion_text(metrics))
+
+
+def confusion_text(metrics: ClassificationMetrics) -> list[str]:
+    """The confusion matrix as text, its columns numbered as the rows: class names cut to fit a column
+    would read alike (sunflowers_short and sunflowers_tall both as "sunflowe")."""
+    classes, cm = metrics.classes, metrics.confusion_matrix
+    key = len(str(len(classes) - 1))
+    name_width = max(len(c) for c in classes)
+    cell = max(4, key, *(len(str(v)) for row in cm for v in row))
+    label = " " * (key + 2 + name_width)
+    lines = ["Confusion matrix (rows: true class, columns: predicted, numbered as the rows):",
+             label + "  " + "  ".join(f"{j:>{cell}}" for j in range(len(classes)))]
+    for i, (name, row) in enumerate(zip(classes, cm)):
+        lines.append(f"{i:>{key}}  {name:<{name_width}}  " + "  ".join(f"{v:>{cell}}" for v in row))
+    return lines
 
 
 class Timeline:
@@ -184,15 +222,21 @@ class FolderEvaluation:
     probabilities: np.ndarray  # (images, classes): row i belongs to predictions[i]
     skipped: list[SkippedFile]
     warning: str | None = None  # the folder is the model's own training folder: the accuracy is inflated
+    copies_of_training: int = 0  # photos whose bytes the model trained on, by its split record (0: none or unknown)
+
+    def evidence(self) -> Evidence:
+        """What the accuracy rests on: N, its interval, whether it is measurable, the copies of training photos."""
+        return accuracy_evidence(self.metrics.accuracy, self.metrics.num_images, self.copies_of_training)
 
     def skipped_line(self) -> str | None:
         """The files this evaluation left out, named with the reason (None: none)."""
         return skipped_line([(f.path, f.reason) for f in self.skipped], shown=20) if self.skipped else None
 
     def to_json(self, with_predictions: bool = False) -> dict:
-        """The metrics and skipped files as JSON-ready values (what `retrain evaluate --json` prints)."""
-        result = to_json(self.metrics) | {"skipped_files": to_json(self.skipped)} | (
-            {"warning": self.warning} if self.warning else {})
+        """The metrics, the accuracy's evidence and the skipped files as JSON-ready values (what `retrain evaluate
+        --json` prints): `evidence` tells a 100% on 2 photos from a measured one."""
+        result = (to_json(self.metrics) | {"evidence": to_json(self.evidence()), "skipped_files": to_json(self.skipped)}
+                  | ({"warning": self.warning} if self.warning else {}))
         return result | ({"predictions": [to_json(p) | {"probabilities": row.tolist()}
                                           for p, row in zip(self.predictions, self.probabilities)]}
                          if with_predictions else {})
@@ -205,7 +249,7 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
     clf = model if isinstance(model, Classifier) else load(model)
     dataset = scan_labelled_folder(image_dir, clf.labels, workers=workers + 2, quiet=quiet)
     paths = dataset.samples.paths
-    predictions, probabilities, skipped = [], [], list(dataset.skipped)
+    predictions, probabilities, skipped, decoded = [], [], list(dataset.skipped), []
     bar = progress(total=len(paths), desc="Evaluating", unit="img", leave=False, disable=quiet)
     for i, probs, error in clf.probabilities_of(paths, workers=workers):
         bar.update(1)
@@ -216,16 +260,16 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
         predictions.append(PredictionRecord(str(sample.path), int(sample.label), int(probs.argmax()),
                                             float(probs.max())))
         probabilities.append(probs)
+        decoded.append(i)
     bar.close()
     if not predictions:
         raise UserError(f"none of the images in {image_dir} could be read")
     metrics = classification_metrics(np.array([p.label for p in predictions]),
                                      np.array([p.predicted for p in predictions]), clf.labels)
-    warning = training_folder_warning(clf, image_dir)
-    if warning is None and (copies := trained_copies(clf, dataset.samples.keys)):  # the record read only if needed
-        warning = copies_warning(copies, len(predictions))
+    copies = trained_copies(clf, dataset.samples.keys[decoded])  # among the photos the figures are over
+    warning = training_folder_warning(clf, image_dir) or (copies_warning(copies, len(predictions)) if copies else None)
     return FolderEvaluation(metrics, predictions, np.array(probabilities, np.float32),
-                            [SkippedFile(str(p), why) for p, why in skipped], warning)
+                            [SkippedFile(str(p), why) for p, why in skipped], warning, copies)
 
 
 def trained_copies(clf: Classifier, keys: np.ndarray) -> int:

@@ -646,7 +646,7 @@ def result_lines(metrics: RunMetrics) -> list[str]:
 def _calibration_line(cal: CalibrationReport, n_test: int) -> str:
     """What calibration did, and the calibration error it left on the test photos (or that it is not measurable)."""
     line = f"Calibration: {cal.why}"
-    if cal.calibrated and cal.test_ece_after is not None:
+    if n_test:  # the error it left, or (too few test photos) that it is not measurable: never silence
         line += f"; {calibration_error_text(cal, n_test, 'test photos')}"
     return line
 

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +27,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from .calibrate import calibration_error_text, reliability, unknown_threshold_text  # noqa: E402
-from .evaluation import (NEVER_PREDICTED, evaluation_of_folder, never_predicted, precision_text, verdict,  # noqa: E402
-                         worst_mistakes)
+from .calibrate import calibration_error_text, enough_evidence, reliability, unknown_threshold_text  # noqa: E402
+from .evaluation import class_cells, evaluation_of_folder, table_notes, verdict, worst_mistakes  # noqa: E402
 from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image, open_rgb  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -40,9 +40,18 @@ from .prediction import METRICS_FILE, MODEL_FILE, REPORT_FILE, Classifier  # noq
 
 MISTAKES_SHOWN = 12
 SALIENCY_SHOWN = 4
+CURVES_PNG, CONFUSION_PNG, RELIABILITY_PNG = "learning_curves.png", "confusion_matrix.png", "reliability.png"
 FIGURES_KEPT = 500  # plots kept for reruns (~75 KB each, 7 a run): the least recently used beyond go
 # A plot is found again only if drawn by this same code with the same libraries.
 _DRAWN_BY = digest(Path(__file__).read_bytes(), matplotlib.__version__, ort.__version__)
+
+
+def saliency_name(i: int) -> str:
+    return f"saliency_{i}.png"
+
+
+# Every plot file a report writes beside itself: a new report removes those it does not write again.
+PLOT_FILES = frozenset([CURVES_PNG, CONFUSION_PNG, RELIABILITY_PNG] + [saliency_name(i) for i in range(SALIENCY_SHOWN)])
 
 
 def _png(fig) -> bytes:
@@ -120,36 +129,59 @@ def axis_names(classes: list[str]) -> list[str]:
     return [str(i) for i in range(len(classes))] if font_lacks_letters(classes) else classes
 
 
+def literal_text() -> AbstractContextManager:
+    """Text drawn as written, for plots that show a user's names.
+
+    A class name such as "cost $_$" is no formula: matplotlib's maths parser failed on it (and drew
+    "$x^2$" as x squared). Set only around our drawing: an API user's rcParams stay theirs.
+    """
+    return matplotlib.rc_context({"text.parse_math": False})
+
+
 def confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
     """The matrix with `classes` (see axis_names) on its axes."""
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_title("Confusion matrix (counts; colour: share of the true class)")
-    return _png(fig)
+    with literal_text():  # tick labels are made as the figure is drawn: savefig too stays inside
+        fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
+        rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+        ax.set_title("Confusion matrix (counts; colour: share of the true class)")
+        return _png(fig)
 
 
-def reliability_plot(bins_before: list[dict], bins_after: list[dict], ece_before: float, ece_after: float) -> bytes:
+Curve = tuple[str, list[dict], float]  # a reliability curve: its name, its bins, its ECE
+
+
+def reliability_curves(cal: CalibrationReport) -> list[Curve]:
+    """The reliability diagram's curves: before and after the temperature, or one as trained where there is none."""
+    if not cal.calibrated:  # temperature 1: "after" is the same curve as before
+        return [("confidence as trained", cal.reliability_after or [], _or_nan(cal.test_ece_after))]
+    before = [("before temperature scaling", cal.reliability_before, _or_nan(cal.test_ece_before))]
+    after = (f"after temperature scaling (T {cal.temperature:.2f})", cal.reliability_after or [],
+             _or_nan(cal.test_ece_after))
+    return (before if cal.reliability_before else []) + [after]
+
+
+def reliability_plot(curves: list[Curve], n: int) -> bytes:
+    """The diagram of `curves` measured on n photos (drawn only where enough_evidence(n))."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for bins, name, ece in ((bins_before, "before", ece_before), (bins_after, "after temperature scaling", ece_after)):
-        if bins:
-            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                    label=f"{name} (ECE {100 * ece:.1f}%)")
+    for name, bins, ece in curves:
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                label=f"{name} (ECE {100 * ece:.1f}%)")
     ax.set_xlabel("confidence (top probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8, title=f"N = {n} photos", title_fontsize=8)
     ax.set_title("Reliability diagram")
     return _png(fig)
 
@@ -197,16 +229,28 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
                 else (None, [], None, []))
     evaluation = evaluation_of_folder(clf, image_dir, quiet=True)
     preds = evaluation.predictions
-    after = reliability(evaluation.probabilities, np.array([p.label for p in preds]))
-    temperature = float(clf.metadata.get("retrain:temperature", 1.0))
-    why = metrics.calibration.why if metrics and metrics.calibration else ""  # the model's, not this folder's
-    cal = CalibrationReport(temperature=temperature, calibrated=temperature != 1.0, why=why,
-                            held_out_predictions=0, suggested_unknown_threshold=0.0, unknown_threshold=0.0,
-                            test_ece_after=after["ece"], reliability_after=after["bins"])
+    cal = _folder_calibration(clf, metrics.calibration if metrics else None, evaluation.probabilities,
+                              np.array([p.label for p in preds]))
     skipped = [evaluation.skipped_line()] if evaluation.skipped else []
     for line in skipped:  # which photos the figures leave out, on the page and now
         print(line, file=sys.stderr)
     return evaluation.metrics, preds, cal, ([evaluation.warning] if evaluation.warning else []) + skipped
+
+
+def _folder_calibration(clf: Classifier, model: CalibrationReport | None, probs: np.ndarray,
+                        labels: np.ndarray) -> CalibrationReport:
+    """The model's temperature and unknown threshold (how they were set: `model`, from its metrics.json), measured on
+    a folder's photos (probabilities as the model gives them, temperature applied): the ECE where there are
+    enough of them, and how many the threshold flags."""
+    temperature = float(clf.metadata.get("retrain:temperature", 1.0))
+    after = reliability(probs, labels) if enough_evidence(len(labels)) else None
+    threshold = clf.unknown_threshold
+    return CalibrationReport(
+        temperature=temperature, calibrated=temperature != 1.0, why=model.why if model else "",
+        held_out_predictions=model.held_out_predictions if model else 0, suggested_unknown_threshold=0.0,
+        unknown_threshold=threshold, unknown_threshold_why=model.unknown_threshold_why if model else None,
+        test_ece_after=after["ece"] if after else None, reliability_after=after["bins"] if after else None,
+        test_false_rejection=float((probs.max(axis=1) < threshold).mean()) if threshold else None)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -246,22 +290,22 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     panels = curve_panels(metrics) if metrics else []
     curves = _drawn(figures, "curves", lambda: learning_curves(panels), panels) if panels else None
     if curves:
-        pngs["learning_curves.png"] = curves
+        pngs[CURVES_PNG] = curves
         sections.append(("Learning curves", _img_tag(curves, "learning curves")))
 
     if evaluation and evaluation.confusion_matrix:
         cm = np.array(evaluation.confusion_matrix)
         names = axis_names(classes)  # decided once: the plot (cached by what it shows) and its key agree
-        pngs["confusion_matrix.png"] = _drawn(figures, "confusion", lambda: confusion_plot(cm, names), cm, names)
-        rows = [[html.escape(name), precision_text(m), f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support)]
+        pngs[CONFUSION_PNG] = _drawn(figures, "confusion", lambda: confusion_plot(cm, names), cm, names)
+        rows = [[html.escape(name), *class_cells(evaluation, name), str(m.support)]
                 if m.support else [html.escape(name), "no test photos", "", "", "0"]
                 for name, m in evaluation.per_class.items()]
         accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images)
         sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
-                         + _img_tag(pngs["confusion_matrix.png"], "confusion matrix") + _class_key(classes, names)))
+                         + _img_tag(pngs[CONFUSION_PNG], "confusion matrix") + _class_key(classes, names)))
         sections.append(("Per-class metrics", _table(rows, ["class", "precision", "recall", "F1", "support"])
-                         + (f"<p>{html.escape(NEVER_PREDICTED)}</p>" if never_predicted(evaluation) else "")))
+                         + "".join(f"<p>{html.escape(note)}</p>" for note in table_notes(evaluation))))
 
     mistakes = worst_mistakes(preds)
     cells = [f"<figure>{_thumbnail(p.path)}<figcaption>true <b>{html.escape(classes[p.label])}</b><br>"
@@ -272,14 +316,16 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
                      "show.</p>"))
 
     n_shown = len(preds)
-    threshold = unknown_threshold_text(cal, n_shown) if cal else None
-    if cal and cal.reliability_after:
-        shown = (cal.reliability_before or [], cal.reliability_after, _or_nan(cal.test_ece_before), cal.test_ece_after)
-        pngs["reliability.png"] = _drawn(figures, "reliability", lambda: reliability_plot(*shown), *shown)
+    photos = f"photos in {image_dir}" if image_dir else "in-class test photos"
+    threshold = unknown_threshold_text(cal, n_shown, photos) if cal else None
+    if cal and n_shown:
         text = f"<p>{html.escape(cal.why)}.</p>" if cal.why else ""
         text += f"<p>Temperature {cal.temperature:.3f}; {html.escape(calibration_error_text(cal, n_shown))}.</p>"
+        if enough_evidence(n_shown) and cal.reliability_after:  # the bar the ECE is stated at
+            shown = (reliability_curves(cal), n_shown)
+            pngs[RELIABILITY_PNG] = _drawn(figures, "reliability", lambda: reliability_plot(*shown), *shown)
         sections.append(("Calibration", text + (f"<p>{html.escape(threshold)}.</p>" if threshold else "")
-                         + _img_tag(pngs["reliability.png"], "reliability diagram")))
+                         + (_img_tag(pngs[RELIABILITY_PNG], "reliability diagram") if RELIABILITY_PNG in pngs else "")))
     elif threshold:
         sections.append(("Calibration", f"<p>{html.escape(threshold)}.</p>"))
 
@@ -292,7 +338,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
             continue
         png = _drawn(figures, "saliency", lambda: saliency_png(image, occlusion_saliency(clf, image, p.predicted)),
                      model_digest, image, p.predicted)
-        pngs[f"saliency_{i}.png"] = png
+        pngs[saliency_name(i)] = png
         # The caption is the page's text, not the plot's: the browser draws any script a file or class name has.
         figs.append(f"<figure class=\"saliency\">{_img_tag(png, f'saliency map {i}')}<figcaption>"
                     f"{html.escape(Path(p.path).name)}: evidence for <b>{html.escape(classes[p.predicted])}</b>"
@@ -302,6 +348,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
 
     for name, png in pngs.items():
         atomic_write_bytes(model_dir / name, png)
+    _remove_stale_plots(model_dir, set(pngs))
     if figures.unwritable:
         why = os_error_message(figures.unwritable, "write", figures.folder)
         print(f"Note: the report's plots could not be kept for reruns ({why}).", file=sys.stderr)
@@ -310,6 +357,15 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     path = model_dir / REPORT_FILE
     atomic_write_text(path, _page(sections, title or model_dir.name))
     return path
+
+
+def _remove_stale_plots(model_dir: Path, written: set[str]) -> None:
+    """Remove the plot files an earlier report left that this one does not write (reliability.png from a bigger
+    folder, saliency_3.png from one with more mistakes): beside this report they would show another evaluation."""
+    for name in PLOT_FILES - written:
+        path = model_dir / name
+        if not path.is_dir():
+            path.unlink(missing_ok=True)
 
 
 def _class_key(classes: list[str], shown: list[str]) -> str:
