@@ -26,6 +26,14 @@ def test_verdict_names_tiny_splits_and_classes_without_test_photos():
     assert any("all were used for training" in line and "wasps" in line for line in lines)
 
 
+def test_a_verdict_on_test_photos_mostly_copied_from_training_claims_no_figure():
+    m = scored([0] * 6 + [1] * 6, [0] * 6 + [1] * 6)
+    lines = verdict(m, None, 0, ["ants", "bees"], [], copies_of_training=5)
+    assert lines[0].startswith("5 of the 12 test photos are copies of photos the model trained on")
+    assert lines[1].startswith("Only 12 test photos (7 not trained on): too few to measure accuracy (12/12 right")
+    assert verdict(m, None, 0, ["ants", "bees"], [], copies_of_training=2)[1].startswith("Right on 100.0% (N=12")
+
+
 def test_a_class_without_support_has_no_recall_not_zero():
     m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 1]), ["ants", "bees"])
     assert m.per_class["bees"].recall is None and m.per_class["bees"].f1 is None

@@ -16,3 +16,9 @@ def test_a_tiny_split_gets_words_not_a_figure():
     assert describe_accuracy(1.0, 5, "test photos").startswith("not measurable on 5 test photos (5/5 right; 95% CI")
     assert describe_accuracy(0.9, 200) == "90.0% (N=200, 95% CI 85-93%)"
     assert describe_accuracy(None, 0) == "not measured: no photos"
+
+
+def test_copies_of_training_photos_do_not_count_towards_a_measurable_figure():
+    assert describe_accuracy(1.0, 12, "test photos", copies=5) == (
+        "not measurable on 12 test photos, 7 of them not trained on (12/12 right; 95% CI 76-100%)")
+    assert describe_accuracy(1.0, 12, "test photos", copies=2).startswith("100.0% (N=12")

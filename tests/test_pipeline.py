@@ -193,6 +193,9 @@ def test_the_closing_lines_carry_their_evidence_and_name_unused_settings():
     line = next(line for line in result_lines(replace(metrics, calibration=calibrated)) if line.startswith("Calib"))
     assert line.endswith("; expected calibration error on 100 test photos: 10.0% before, 5.0% after temperature "
                          "scaling")
+    copied = replace(metrics, test_evidence=replace(metrics.test_evidence, copies_of_training=95))
+    assert result_lines(copied)[0].startswith("Final test accuracy = not measurable on 100 test photos, 5 of them not "
+                                              "trained on (")
     as_trained = replace(metrics, calibration=replace(metrics.calibration, calibrated=False, test_ece_after=0.07))
     line = next(line for line in result_lines(as_trained) if line.startswith("Calib"))
     assert line.endswith("; expected calibration error on 100 test photos: 7.0% (confidence as trained)")

@@ -220,8 +220,8 @@ def test_a_figure_the_record_calls_unmeasurable_never_reads_as_a_measurement():
     few_copies = Evidence(accuracy=0.9, n=40, interval=[0.77, 0.96], measurable=True, copies_of_training=2)
     assert evidence_text(few_copies).endswith(", inflated: 2 of them are copies of photos the model trained on")
     doubtful = Evidence(accuracy=0.9, n=40, interval=[0.77, 0.96], measurable=False, copies_of_training=35)
-    assert evidence_text(doubtful) == ("90.0% (N=40, 95% CI 77-96%), inflated: 35 of them are copies of photos the "
-                                       "model trained on")
+    assert evidence_text(doubtful) == ("not measurable on 40 test photos, 5 of them not trained on (36/40 right; 95% "
+                                       "CI 77-96%), inflated: 35 of them are copies of photos the model trained on")
 
 
 def test_one_server_per_workspace_and_a_stopped_one_leaves_no_run_behind(classifier, workspace):

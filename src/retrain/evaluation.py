@@ -185,8 +185,9 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
         largest = classes[int(np.argmax(support))]
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
-        if n < TOO_FEW_TO_MEASURE:
-            lines.append(f"Only {n} {photos or 'test photos'}: too few to measure "
+        if n - copies_of_training < TOO_FEW_TO_MEASURE:
+            unseen = f" ({n - copies_of_training} not trained on)" if copies_of_training else ""
+            lines.append(f"Only {n} {photos or 'test photos'}{unseen}: too few to measure "
                          f"accuracy ({round(test.accuracy * n)}/{n} right; {interval_text(test.accuracy, n)}). "
                          "Add photos to every class.")
         else:

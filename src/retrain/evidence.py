@@ -17,13 +17,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos") -> str:
-    """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none."""
+def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos", copies: int = 0) -> str:
+    """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none.
+
+    copies: how many of the n photos are copies of photos the model trained on; they do not count
+    towards the photos a figure needs."""
     if accuracy is None or n == 0:
         return f"not measured: no {photos}"
     interval = interval_text(accuracy, n)
-    if n < TOO_FEW_TO_MEASURE:
-        return f"not measurable on {n} {photos} ({round(accuracy * n)}/{n} right; {interval})"
+    if n - copies < TOO_FEW_TO_MEASURE:
+        unseen = f", {n - copies} of them not trained on" if copies else ""
+        return f"not measurable on {n} {photos}{unseen} ({round(accuracy * n)}/{n} right; {interval})"
     if n < INTERVAL_BELOW:
         return f"{100 * accuracy:.1f}% (N={n}, {interval})"
     return f"{100 * accuracy:.1f}% (N={n})"

@@ -631,8 +631,8 @@ def _held_out_logits(fitted: _Fitted, n_classes: int, config: TrainConfig) -> tu
 def result_lines(metrics: RunMetrics) -> list[str]:
     """What a run ends with: the test accuracy with its evidence, a tiny-split caveat, what calibration did."""
     n_val, n_test = metrics.num_validation, metrics.test.num_images if metrics.test else 0
-    lines = [f"Final test accuracy = {describe_accuracy(metrics.test_accuracy, n_test, 'test photos')}"]
     copies = metrics.test_evidence.copies_of_training
+    lines = [f"Final test accuracy = {describe_accuracy(metrics.test_accuracy, n_test, 'test photos', copies)}"]
     lines += [f"Warning: {copies_warning(copies, n_test)}"] if copies else []
     disagree = small_splits_disagree(metrics.validation_accuracy, n_val, metrics.test_accuracy, n_test)
     lines += [disagree] if disagree else []

@@ -57,8 +57,8 @@ def evidence_text(evidence: Evidence) -> str:
     51-100%)"), written here so that the page's scripts show it as it is and never re-implement the rule.
     A figure counted partly on copies of training photos is named inflated (only copies make 10+ photos
     not measurable)."""
-    text = describe_accuracy(evidence.accuracy, evidence.n, "test photos")
     copies = evidence.copies_of_training
+    text = describe_accuracy(evidence.accuracy, evidence.n, "test photos", copies)
     return text + f", inflated: {copies} of them are copies of photos the model trained on" if copies else text
 
 
