@@ -210,3 +210,20 @@ def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache
     best = model.metrics.finetune.best_epoch
     assert best >= 1 and history[best]["validation_accuracy"] == 1.0
     assert f"Keeping the network of epoch {best} (validation accuracy not measurable on 9 validation photos (9/9" in "\n".join(logs)  # says what it kept
+
+
+def test_the_time_budget_counts_the_warm_starts_validation(shapes, monkeypatch):
+    import time
+
+    ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
+    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    real, logs = ft._validate, []
+
+    def slow_warm_start(net, data, prep, device, entry):
+        if entry["epoch"] == 0:
+            time.sleep(1.5)  # a large validation split: longer than the whole budget
+        return real(net, data, prep, device, entry)
+    monkeypatch.setattr(ft, "_validate", slow_warm_start)
+    ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head, tiny(epochs=3, device="cpu"),
+                logs.append, time_budget=1.0, anytime=True)
+    assert any("spent during epoch 1: it ended there" in line for line in logs), logs

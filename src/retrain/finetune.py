@@ -270,6 +270,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     warm start), and Ctrl-C ends the loop like an early stop, keeping the best epoch so far.
     """
     distributed.init()
+    # The budget counts from here: building the optimiser and validating the warm start are part of the run's time.
+    deadline = time.perf_counter() + time_budget if time_budget else None
     # One voice: rank 0 logs and writes checkpoints; the others train (and resume) in silence.
     log, checkpoint_to_write = distributed.rank0_log(log), checkpoint if distributed.is_main() else None
     if not distributed.is_main():
@@ -314,7 +316,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     log(f"{what} on {device.type} at {data.train_size} px: {detail}, "
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
     started, first = time.perf_counter(), state.epoch + 1
-    deadline = started + time_budget if time_budget else None
+    left = deadline - started if deadline else None  # seconds the epochs have
     # The first Ctrl-C ends the loop at its next step; a KeyboardInterrupt raised inside it could land while a
     # prefetching generator is being closed and be lost. anytime keeps the best epoch so far; otherwise the run
     # ends interrupted after the loop (a --resume run continues from its last checkpoint). Under torchrun every
@@ -342,7 +344,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
             if state.stopping.improved(key):
                 state.best_epoch, state.best_model = epoch, _cpu_state(net)
             if time_budget and epoch == first == 1 and not stop:  # a run asked to stop has no schedule left to fit
-                _fit_schedule_to_budget(state, epoch, time.perf_counter() - started, time_budget, stretch_to_budget, log)
+                _fit_schedule_to_budget(state, epoch, time.perf_counter() - started, left, stretch_to_budget, log)
             if checkpoint_to_write:
                 _save_checkpoint(checkpoint_to_write.path, state.to_checkpoint(checkpoint_to_write.identity, net, opt, sched))
             if after_epoch:
@@ -352,8 +354,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
             if state.stopping.should_stop:
                 log(f"Early stop after epoch {epoch}: no validation improvement since epoch {state.best_epoch}.")
                 break
-            if entry.get("cut_short") or time_budget and _budget_spent(state, first, time.perf_counter() - started,
-                                                                        time_budget):
+            if entry.get("cut_short") or left and _budget_spent(state, first, time.perf_counter() - started, left):
                 log(f"The epochs' share of the time budget ({time_budget / 60:.1f} min) spent " +
                     (f"during epoch {epoch}: it ended there." if entry.get("cut_short") else f"after epoch {epoch}."))
                 break
