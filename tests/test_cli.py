@@ -414,3 +414,12 @@ def test_quiet_drops_the_first_models_narration_but_still_saves_it(capsys):
     assert saved == ["head model"] and capsys.readouterr().err == ""
     _announced(saved.append, "out", False)("head model")
     assert "Saved a first model" in capsys.readouterr().err and len(saved) == 2
+
+
+def test_a_time_budget_out_of_range_is_said_in_the_minutes_it_was_given_in(tmp_path, capsys):
+    from retrain.cli import retrain_main
+
+    assert retrain_main(["train", str(tmp_path), "--output", str(tmp_path / "m"), "--time_budget", "1e8"]) == 2
+    err = capsys.readouterr().err
+    assert "--time_budget must be a number of minutes above 0 and at most 16,666,667; got 100000000.0" in err
+    assert "6000000000" not in err  # not the seconds TrainConfig holds

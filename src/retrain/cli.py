@@ -22,7 +22,7 @@ from .config import (AUTO_BUDGET_SECONDS, Augment, CALIBRATION_IMAGES, CPU_TRAIN
                      ExportConfig, FinetuneConfig, HeadConfig, TrainConfig, scratch_defaults)
 from .errors import UserError
 from .outputs import os_error_message
-from .validate import ENGINES
+from .validate import ENGINES, TRAIN_RULES
 from .webconfig import ServeConfig, default_workspace
 
 SUBCOMMANDS = ("train", "predict", "evaluate", "report", "lr-find", "import-idx", "serve", "doctor", "compare",
@@ -250,8 +250,13 @@ def _probability(text: str) -> float:
 
 
 def _minutes(value: float | None) -> float | None:
-    """--time_budget is in minutes; TrainConfig.time_budget in seconds."""
-    return value * 60 if value else None
+    """--time_budget is in minutes; TrainConfig.time_budget in seconds: a value out of range is refused here, in
+    the minutes it was given in."""
+    rule = TRAIN_RULES["time_budget"]
+    if value is not None and rule.problem(value * 60):
+        raise UserError(f"{rule.flag} must be a number of minutes above 0 and at most {rule.high / 60:,.0f}; "
+                        f"got {value!r}")
+    return None if value is None else value * 60
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
