@@ -111,3 +111,25 @@ def test_a_pipe_or_device_at_an_output_path_is_refused_not_replaced(tmp_path):
     with pytest.raises(UserError, match="inside"):
         check_output_folder(tmp_path / "photos" / "tb", "--summaries_dir", [tmp_path / "photos"])
     check_output_folder(tmp_path / "tb", "--summaries_dir")
+
+
+def test_staging_folders_of_killed_writes_on_this_host_are_removed_by_the_next_write(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from retrain.outputs import STAGING
+
+    out = tmp_path / "m"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that no longer exists, like a run killed with SIGKILL
+    host = socket.gethostname()
+    abandoned = out / f"{STAGING}{host}-{gone.pid}-abc123"
+    live = out / f"{STAGING}{host}-{os.getpid()}-def456"  # a write still going on
+    elsewhere = out / f"{STAGING}another-host-{gone.pid}-ghi789"  # on a shared disk: not ours to judge
+    for folder in (abandoned, live, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"half")
+    write_model_dir(out, writer({"model.onnx": b"new"}), "model")
+    assert not abandoned.exists() and live.exists() and elsewhere.exists()
+    assert (out / "model.onnx").read_bytes() == b"new"

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -140,7 +141,8 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None], kind:
     previous = _files_by_kind(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".retrain-staging-", dir=out))
+        _remove_abandoned_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{socket.gethostname()}-{os.getpid()}-", dir=out))
     except OSError as e:
         raise UserError(os_error_message(e, "write the model to")) from None
     try:
@@ -165,6 +167,29 @@ def write_model_dir(out: str | os.PathLike, write: Callable[[Path], None], kind:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+STAGING = ".retrain-staging-"  # + host-pid-random: a write's folder inside the output until its files move out
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Staging folders of writes that were killed (SIGKILL, a power cut) before they could clean up: those made
+    on this host by a process that is gone. Another host's, or a live process's, are left alone."""
+    host = socket.gethostname()
+    for folder in out.glob(f"{STAGING}*"):
+        made_on, _, rest = folder.name[len(STAGING):].rpartition("-")[0].rpartition("-")
+        if made_on == host and rest.isdigit() and not _alive(int(rest)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is not ours to signal
+        return True
+    return True
 
 
 def _files_by_kind(out: Path) -> dict[str, set[str]]:
