@@ -153,7 +153,8 @@ def test_a_copy_of_the_training_folder_is_caught_by_content_not_path(head_model,
 
     shutil.copytree(shapes_data, tmp_path / "copy")
     evaluation = evaluation_of_folder(head_model.folder, tmp_path / "copy", quiet=True)
-    trained = head_model.model.metrics.num_images["train"]
+    seen = head_model.model.metrics.num_images
+    trained = seen["train"] + seen["validation"]  # validation chose its training length: seen, as training counts
     assert evaluation.warning == (f"{trained} of the {evaluation.metrics.num_images} test photos are copies of photos "
                                   "the model trained on (the test folder overlaps the training photos): the test "
                                   "accuracy is inflated; `retrain doctor` lists them.")
@@ -201,5 +202,5 @@ def test_evaluate_json_carries_the_accuracys_evidence(head_model, shapes_data, t
     two = evidence(make_dataset(tmp_path / "two", per_class=1, classes=("circles", "squares"), seed=12))
     assert two["n"] == 2 and not two["measurable"] and two["interval"][0] < 0.5
     own = evidence(shapes_data)  # the training folder itself: its copies of training photos are counted too
-    trained = head_model.model.metrics.num_images["train"]
+    trained = head_model.model.metrics.num_images["train"] + head_model.model.metrics.num_images["validation"]
     assert own["n"] == 48 and own["copies_of_training"] == trained and own["measurable"] == (48 - trained >= 10)

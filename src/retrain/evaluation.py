@@ -15,7 +15,7 @@ from .prediction import Classifier, load
 from .progress import progress
 from .files import default_cache_dir
 from .scan import find_split_dirs, scan_labelled_folder, skipped_line, split_record_of
-from .split import TRAIN, SplitRecord
+from .split import TRAIN, VALIDATION, SplitRecord
 from .validate import TRAIN_RULES, check_argument
 
 
@@ -274,9 +274,10 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
 
 
 def trained_copies(clf: Classifier, keys: np.ndarray) -> int:
-    """How many of these photos (content keys) the model trained on, by the split record its training kept in
-    the cache: a copied folder is caught by content where training_folder_warning looks at paths. 0 where
-    no record is found (a model from elsewhere, another cache)."""
+    """How many of these photos (content keys) the model trained or was validated on (validation chose its
+    training length and epoch), by the split record its training kept in the cache, as training counts copies
+    in its own test split (checks.copies_of_training): a copied folder is caught by content where
+    training_folder_warning looks at paths. 0 where no record is found (a model from elsewhere, another cache)."""
     provenance = clf.provenance()
     config = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
     folder = provenance.get("image_dir")
@@ -289,7 +290,7 @@ def trained_copies(clf: Classifier, keys: np.ndarray) -> int:
                                Path(config.get("cache_dir") or default_cache_dir()) / "splits")
     except (OSError, UserError, TypeError, ValueError):  # the training folder is gone or changed shape
         return 0
-    return int((SplitRecord.load(path).lookup(keys) == TRAIN).sum())
+    return int(np.isin(SplitRecord.load(path).lookup(keys), (TRAIN, VALIDATION)).sum())
 
 
 def training_folder_warning(clf: Classifier, image_dir: str | Path) -> str | None:
