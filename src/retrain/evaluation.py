@@ -75,8 +75,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
 
 
 NEVER_PREDICTED = "-: the model never predicted this class on these photos, so its precision is undefined."
-FEW_PHOTOS = (f"a/b: fewer than {TOO_FEW_TO_MEASURE} photos behind a figure, so the count is shown instead: right out "
-              "of the class's photos (recall), or out of the photos predicted as it (precision); no F1 (n/a) on so few.")
+FEW_PHOTOS = (f"a/b: fewer than {TOO_FEW_TO_MEASURE} photos behind a figure, so the count is shown instead: right "
+              "out of the class's photos (recall), or out of the photos predicted as it (precision); no F1 (n/a) on "
+              "so few.")
 
 
 def precision_text(m: ClassMetrics, digits: int = 3) -> str:
