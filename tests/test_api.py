@@ -136,6 +136,23 @@ def test_training_identity_ignores_output_and_logging_but_not_training_settings(
         assert training_identity(other, ds, net) != training_identity(base, ds, net)
 
 
+def test_a_cached_fine_tuning_is_keyed_by_the_device_the_plan_resolved_not_the_flag(shapes):
+    from dataclasses import replace
+
+    from retrain.backbones import get_backbone
+    from retrain.config import TrainConfig
+    from retrain.pipeline import _planned_identity, training_identity
+    from retrain.plan import Mode, TrainingPlan
+    from retrain.scan import scan_dataset
+
+    ds, net = scan_dataset(shapes, quiet=True), get_backbone("lite0")
+    auto, cpu = TrainConfig(), TrainConfig(finetune=replace(TrainConfig().finetune, device="cpu"))
+    on_cpu, on_gpu = TrainingPlan(Mode.FINETUNE, "r", device="cpu"), TrainingPlan(Mode.FINETUNE, "r", device="cuda")
+    key = lambda config, plan: _planned_identity(training_identity(config, ds, net), plan)  # noqa: E731
+    assert key(auto, on_cpu) == key(cpu, on_cpu)  # what ran is the same run, whichever way it was asked for
+    assert key(auto, on_cpu) != key(auto, on_gpu)
+
+
 def test_the_resolved_plan_is_recorded(head_model):
     model = head_model.model
     plan = model.metrics.plan

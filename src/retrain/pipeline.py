@@ -472,9 +472,12 @@ def _planned_identity(identity: dict, plan: TrainingPlan) -> dict:
     """The training identity plus what the plan resolved: a cached result is reused only under both.
 
     The same settings on another machine, or under a retrain that plans differently (epochs, rates,
-    device, candidates), must not reuse it.
+    device, candidates), must not reuse it. The device counts as the plan resolved it: --device cpu
+    and auto on a machine without a GPU are one run.
     """
-    return identity | {"plan": plan.to_dict()}
+    settings = identity["settings"]
+    asked = {k: v for k, v in settings["finetune"].items() if k != "device"}
+    return identity | {"settings": settings | {"finetune": asked}, "plan": plan.to_dict()}
 
 
 def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwatch,
