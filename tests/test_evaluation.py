@@ -204,3 +204,15 @@ def test_evaluate_json_carries_the_accuracys_evidence(head_model, shapes_data, t
     own = evidence(shapes_data)  # the training folder itself: its copies of training photos are counted too
     trained = head_model.model.metrics.num_images["train"] + head_model.model.metrics.num_images["validation"]
     assert own["n"] == 48 and own["copies_of_training"] == trained and own["measurable"] == (48 - trained >= 10)
+
+
+def test_a_folder_of_only_unreadable_photos_is_refused_naming_them_and_why(head_model, tmp_path):
+    from retrain.errors import UserError
+    from retrain.evaluation import evaluation_of_folder
+
+    for name in head_model.model.classes[:2]:
+        (tmp_path / "bad" / name).mkdir(parents=True)
+        (tmp_path / "bad" / name / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match=r"none of the images in .* could be read: Skipped 2 unreadable file\(s\): "
+                                        r".*broken\.png \("):
+        evaluation_of_folder(head_model.folder, tmp_path / "bad", quiet=True)

@@ -265,7 +265,7 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
         decoded.append(i)
     bar.close()
     if not predictions:
-        raise UserError(f"none of the images in {image_dir} could be read")
+        raise UserError(f"none of the images in {image_dir} could be read: {skipped_line(skipped, shown=3)}")
     metrics = classification_metrics(np.array([p.label for p in predictions]),
                                      np.array([p.predicted for p in predictions]), clf.labels)
     copies = trained_copies(clf, dataset.samples.keys[decoded])  # among the photos the figures are over
