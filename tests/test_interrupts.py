@@ -17,13 +17,18 @@ def sigint_as_in_a_terminal():
     signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_while_a_model_is_moved_into_place_waits_for_the_last_rename():
+def sent_while_deferred(signum: int) -> list[str]:
+    """Send `signum` inside interrupts_deferred; what the block did after it (held: the block runs to its end)."""
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             done.append("the renames after the signal still ran")
-    assert done and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    return done
+
+
+def test_ctrl_c_while_a_model_is_moved_into_place_waits_for_the_last_rename():
+    assert sent_while_deferred(signal.SIGINT) and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_the_first_ctrl_c_becomes_a_request_and_the_second_raises():
@@ -71,12 +76,7 @@ def test_outside_the_main_thread_nothing_is_changed():
 def test_sigterm_while_training_is_held_and_requested_as_ctrl_c_is():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     with termination_as_interrupt():
-        done = []
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts_deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                done.append("the renames after the signal still ran")
-        assert done
+        assert sent_while_deferred(signal.SIGTERM)
         with stop_requested_by_interrupt() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.requested
