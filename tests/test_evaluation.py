@@ -32,6 +32,8 @@ def test_a_verdict_on_test_photos_mostly_copied_from_training_claims_no_figure()
     assert lines[0].startswith("5 of the 12 test photos are copies of photos the model trained on")
     assert lines[1].startswith("Only 12 test photos (7 not trained on): too few to measure accuracy (12/12 right")
     assert verdict(m, None, 0, ["ants", "bees"], [], copies_of_training=2)[1].startswith("Right on 100.0% (N=12")
+    assert format_metrics(m, copies_of_training=5).startswith("Accuracy = not measurable on 12 photos, 7 of them not "
+                                                              "trained on (12/12 right")
 
 
 def test_a_class_without_support_has_no_recall_not_zero():

@@ -81,6 +81,19 @@ def test_a_report_on_the_models_own_training_folder_says_its_accuracy_is_inflate
     assert retrain_main(["report", str(tmp_path / "m"), str(shapes_data)]) == 0
     html = (tmp_path / "m" / "report.html").read_text()
     assert "is the folder this model was trained from" in html and "accuracy is inflated" in html
+    seen = head_model.model.metrics.num_images
+    unseen = 48 - seen["train"] - seen["validation"]  # the test split's photos: too few to claim a figure on
+    assert f"not measurable on 48 photos, {unseen} of them not trained on" in html
+    assert f"Only 48 photos in {shapes_data} ({unseen} not trained on): too few to measure" in html
+
+
+def test_a_report_on_a_copy_of_the_training_folder_claims_no_figure_on_the_copies(head_model, shapes_data, tmp_path):
+    shutil.copytree(head_model.folder, tmp_path / "m")
+    shutil.copytree(shapes_data, tmp_path / "copy")  # another path, the same photos: caught by content
+    assert retrain_main(["report", str(tmp_path / "m"), str(tmp_path / "copy")]) == 0
+    html = (tmp_path / "m" / "report.html").read_text()
+    assert "are copies of photos the model trained on" in html and "not trained on): too few to measure" in html
+    assert html.count("are copies of photos the model trained on") == 1  # the verdict says it once
 
 
 def test_tensorboard_summaries(head_model, tmp_path):

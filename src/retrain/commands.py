@@ -217,7 +217,7 @@ def evaluate(model: str, image_dir: str, as_json: bool) -> int:
     else:
         if evaluation.warning:
             print(f"Warning: {evaluation.warning}", file=sys.stderr)
-        print(format_metrics(evaluation.metrics))
+        print(format_metrics(evaluation.metrics, evaluation.copies_of_training))
         if evaluation.skipped:  # named, with the reason: a count alone hides which photos the figures leave out
             print(evaluation.skipped_line(), file=sys.stderr)
     return 0

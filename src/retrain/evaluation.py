@@ -116,10 +116,10 @@ def table_notes(metrics: ClassificationMetrics) -> list[str]:
     return [NEVER_PREDICTED] * never_predicted(metrics) + [FEW_PHOTOS] * few
 
 
-def format_metrics(metrics: ClassificationMetrics) -> str:
-    """A plain-text table of per-class metrics and the confusion matrix."""
+def format_metrics(metrics: ClassificationMetrics, copies_of_training: int = 0) -> str:
+    """A plain-text table of per-class metrics and the confusion matrix (copies_of_training: see describe_accuracy)."""
     width = max(8, *(len(c) for c in metrics.classes))
-    lines = [f"Accuracy = {describe_accuracy(metrics.accuracy, metrics.num_images)}", "",
+    lines = [f"Accuracy = {describe_accuracy(metrics.accuracy, metrics.num_images, copies=copies_of_training)}", "",
              f"{'class':<{width}}  precision  recall     f1  support"]
     for name, m in metrics.per_class.items():
         if not m.support:

@@ -28,7 +28,8 @@ import onnxruntime as ort  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from .calibrate import calibration_error_text, enough_evidence, reliability, unknown_threshold_text  # noqa: E402
-from .evaluation import class_cells, evaluation_of_folder, table_notes, verdict, worst_mistakes  # noqa: E402
+from .evaluation import (class_cells, evaluation_of_folder, table_notes, training_folder_warning, verdict,  # noqa: E402
+                         worst_mistakes)
 from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image, open_rgb  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -222,11 +223,13 @@ def _thumbnail(path: str, side: int = 128) -> str:
 
 
 def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Path | None
-                ) -> tuple[ClassificationMetrics | None, list[PredictionRecord], CalibrationReport | None, list[str]]:
-    """(confusion/per-class metrics, predictions with confidence, calibration report, warnings) to show."""
+                ) -> tuple[ClassificationMetrics | None, list[PredictionRecord], CalibrationReport | None, list[str],
+                           int]:
+    """(confusion/per-class metrics, predictions with confidence, calibration report, warnings, copies of
+    training photos among them) to show; the verdict warns of the copies itself."""
     if image_dir is None:
-        return ((metrics.test, metrics.test_predictions or [], metrics.calibration, []) if metrics
-                else (None, [], None, []))
+        return ((metrics.test, metrics.test_predictions or [], metrics.calibration, [],
+                 metrics.test_evidence.copies_of_training) if metrics else (None, [], None, [], 0))
     evaluation = evaluation_of_folder(clf, image_dir, quiet=True)
     preds = evaluation.predictions
     cal = _folder_calibration(clf, metrics.calibration if metrics else None, evaluation.probabilities,
@@ -234,7 +237,8 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     skipped = [evaluation.skipped_line()] if evaluation.skipped else []
     for line in skipped:  # which photos the figures leave out, on the page and now
         print(line, file=sys.stderr)
-    return evaluation.metrics, preds, cal, ([evaluation.warning] if evaluation.warning else []) + skipped
+    own = training_folder_warning(clf, image_dir)  # the copies' warning is the verdict's
+    return evaluation.metrics, preds, cal, ([own] if own else []) + skipped, evaluation.copies_of_training
 
 
 def _folder_calibration(clf: Classifier, model: CalibrationReport | None, probs: np.ndarray,
@@ -278,10 +282,11 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
                         f"of labelled photos to evaluate it on: retrain report {model_dir} IMAGE_DIR")
     clf = Classifier(model_dir / MODEL_FILE)
     classes = clf.labels
-    evaluation, preds, cal, warnings = _evaluation(clf, metrics, image_dir)
+    evaluation, preds, cal, warnings, copies = _evaluation(clf, metrics, image_dir)
     sections, pngs, figures = [], {}, figure_memo(cache_dir)
 
-    lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"photos in {image_dir}") if image_dir
+    lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"photos in {image_dir}",
+                                copies_of_training=copies) if image_dir
              else metrics.verdict if metrics else [])
     if lines:
         sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in lines)))
@@ -300,7 +305,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
         rows = [[html.escape(name), *class_cells(evaluation, name), str(m.support)]
                 if m.support else [html.escape(name), "no test photos", "", "", "0"]
                 for name, m in evaluation.per_class.items()]
-        accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images)
+        accuracy = describe_accuracy(evaluation.accuracy, evaluation.num_images, copies=copies)
         sections.append(("Confusion matrix", f"<p>Accuracy <b>{html.escape(accuracy)}"
                          f"</b> on {'images of ' + html.escape(str(image_dir)) if image_dir else 'test images'}.</p>"
                          + _img_tag(pngs[CONFUSION_PNG], "confusion matrix") + _class_key(classes, names)))
