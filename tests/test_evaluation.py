@@ -20,7 +20,7 @@ def test_verdict_compares_with_chance_and_the_largest_class():
 
 def test_verdict_names_tiny_splits_and_classes_without_test_photos():
     lines = verdict(scored([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]), None, 0, ["ants", "bees"], ["wasps"])
-    assert lines[0] == ("Only 6 test photos: too few to measure accuracy (5/6 right; 95% CI 44-97%). "
+    assert lines[0] == ("Only 6 test photos: too few to measure accuracy (5/6 right; 95% CI 43-97%). "
                         "Add photos to every class.")
     assert any(line.startswith("No test photos of bees") for line in lines)
     assert any("all were used for training" in line and "wasps" in line for line in lines)

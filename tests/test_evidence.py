@@ -14,11 +14,16 @@ def test_wilson_interval_is_sound_at_the_edges():
 
 def test_a_tiny_split_gets_words_not_a_figure():
     assert describe_accuracy(1.0, 5, "test photos").startswith("not measurable on 5 test photos (5/5 right; 95% CI")
-    assert describe_accuracy(0.9, 200) == "90.0% (N=200, 95% CI 85-93%)"
+    assert describe_accuracy(0.9, 200) == "90.0% (N=200, 95% CI 85-94%)"
     assert describe_accuracy(None, 0) == "not measured: no photos"
 
 
 def test_copies_of_training_photos_do_not_count_towards_a_measurable_figure():
     assert describe_accuracy(1.0, 12, "test photos", copies=5) == (
-        "not measurable on 12 test photos, 7 of them not trained on (12/12 right; 95% CI 76-100%)")
+        "not measurable on 12 test photos, 7 of them not trained on (12/12 right; 95% CI 75-100%)")
     assert describe_accuracy(1.0, 12, "test photos", copies=2).startswith("100.0% (N=12")
+
+
+def test_the_interval_is_rounded_outwards_never_to_a_point():
+    assert describe_accuracy(1.0, 800) == "100.0% (N=800, 95% CI 99-100%)"  # its lower end is 99.5%
+    assert describe_accuracy(0.0, 800) == "0.0% (N=800, 95% CI 0-1%)"

@@ -1,6 +1,8 @@
 """How much a shown accuracy can be trusted: N, the 95% interval, and when there are too few photos to claim one."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 TOO_FEW_TO_MEASURE = 10  # held-out photos: below this no accuracy is claimed, only its interval
@@ -34,5 +36,7 @@ def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos", co
 
 
 def interval_text(accuracy: float, n: int) -> str:
+    """The interval in whole percents, rounded outwards: rounding to nearest made 800/800 read "CI 100-100%"
+    (its lower end is 99.5%)."""
     lo, hi = wilson_interval(round(accuracy * n), n)
-    return f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%"
+    return f"95% CI {math.floor(100 * lo + 1e-9)}-{math.ceil(100 * hi - 1e-9)}%"
