@@ -227,3 +227,26 @@ def test_the_time_budget_counts_the_warm_starts_validation(shapes, monkeypatch):
     ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head, tiny(epochs=3, device="cpu"),
                 logs.append, time_budget=1.0, anytime=True)
     assert any("spent during epoch 1: it ended there" in line for line in logs), logs
+
+
+def test_a_first_epoch_slower_than_planned_switches_to_the_gentler_rates_at_once(shapes, monkeypatch):
+    from retrain.config import GentlerIfCut
+
+    ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
+    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    import time
+
+    made, real, to_device = [], torch.optim.AdamW, ft._to_device
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(ft, "_to_device", lambda *a: time.sleep(0.5) or to_device(*a))  # a slow, busy machine
+    cfg = tiny(epochs=3, device="cpu")
+    for budget, switched in ((6.0, True), (600.0, False)):  # a budget for two 4-step epochs at most; for all three
+        logs: list[str] = []
+        ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head, cfg, logs.append,
+                    time_budget=budget, anytime=True, rates_if_cut=GentlerIfCut(2, 1e-4, 0.5))
+        said = [line for line in logs if "switching to the gentler rates" in line]
+        rates = [group["initial_lr"] for group in made[-1].param_groups]
+        if switched:
+            assert len(said) == 1 and said[0].endswith("(head 0.0001, backbone 5e-05)") and rates == [1e-4, 5e-5]
+        else:
+            assert not said and rates == [cfg.learning_rate, cfg.learning_rate * cfg.backbone_lr_ratio], logs

@@ -75,6 +75,11 @@ def test_a_schedule_cut_to_two_epochs_or_fewer_trains_at_gentler_rates(lite0):
     assert full.settings(FinetuneConfig()).learning_rate == FinetuneConfig().learning_rate
     by_hand = TrainConfig(time_budget=2.5 * epoch_seconds, finetune=FinetuneConfig(device="cpu", learning_rate=5e-3))
     assert plan_training(by_hand, lite0, 3000, (0.9, 300)).rates is None  # a rate set by hand is kept
+    # A full schedule carries the same rates for the case a slower machine cuts it short at run time.
+    assert short.rates_if_cut is None and plan_training(by_hand, lite0, 1000, (0.9, 300)).rates_if_cut is None
+    gentle = full.rates_if_cut
+    assert (gentle.epochs, gentle.learning_rate, gentle.backbone_lr_ratio) == (
+        2, GENTLE_RATES["learning_rate"], GENTLE_RATES["backbone_lr_ratio"])
 
 
 def test_a_small_folder_lets_the_lite_sizes_compete_instead_of_fine_tuning(lite0):

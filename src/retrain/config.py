@@ -77,6 +77,16 @@ LIVE_IMAGE_SETTINGS = ("epochs", "unfreeze", "train_size", "learning_rate", "bat
 
 
 @dataclass(frozen=True)
+class GentlerIfCut:
+    """Rates fine-tuning switches to early in its first epoch where that epoch's pace leaves `epochs` or
+    fewer within the time budget (a machine slower than the plan's estimate): a schedule that short
+    needs them, and by the end of the first epoch it would be too late."""
+    epochs: int
+    learning_rate: float
+    backbone_lr_ratio: float
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """Where a live-image run saves itself after every epoch, and what makes it the same run (checked on --resume)."""
     path: Path

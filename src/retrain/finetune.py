@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .progress import progress
 from . import distributed
-from .config import Augment, Checkpoint, FinetuneConfig, finetune_geometry
+from .config import Augment, Checkpoint, FinetuneConfig, GentlerIfCut, finetune_geometry
 from .backbones import Backbone
 from .data import DevicePhotos, PhotoFiles, held_bytes
 from .errors import UserError
@@ -215,7 +215,8 @@ def _resumed_state(checkpoint: Checkpoint | None, resume: bool, cfg: FinetuneCon
 def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_layers: list[tuple[np.ndarray, np.ndarray]],
              cfg: FinetuneConfig, log: Callable[[str], None], checkpoint: Checkpoint | None = None,
              resume: bool = False, after_epoch: EpochHook | None = None, test: SampleTable | None = None,
-             quiet: bool = False, time_budget: float | None = None, anytime: bool = False) -> FinetuneResult:
+             quiet: bool = False, time_budget: float | None = None, anytime: bool = False,
+             rates_if_cut: GentlerIfCut | None = None) -> FinetuneResult:
     """Fine-tune `backbone` with a head initialised from `head_layers`; returns the best epoch's network."""
     if backbone.torch_network is None:
         raise UserError(f"backbone {backbone.name} has no PyTorch network to fine-tune; use --mode head")
@@ -231,7 +232,7 @@ def finetune(train: SampleTable, val: SampleTable, backbone: Backbone, head_laye
     unfrozen = "all stages" if cfg.unfreeze < 0 else f"the top {len(trainable)} stage(s)" if trainable else "no stages (head only)"
     return fit(net, trainable, data, backbone, cfg, log, checkpoint=checkpoint, resume=resume, warm_start=True,
                after_epoch=after_epoch, what=f"Fine-tuning {backbone.name}", detail=f"{unfrozen} unfrozen",
-               quiet=quiet, time_budget=time_budget, anytime=anytime)
+               quiet=quiet, time_budget=time_budget, anytime=anytime, rates_if_cut=rates_if_cut)
 
 
 def _data_source(splits: dict[str, SampleTable], aug: Augment, prep: Preprocessing, cfg: FinetuneConfig,
@@ -259,7 +260,8 @@ def _data_source(splits: dict[str, SampleTable], aug: Augment, prep: Preprocessi
 def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbone, cfg: FinetuneConfig,
         log: Callable[[str], None], *, checkpoint: Checkpoint | None, resume: bool, warm_start: bool,
         after_epoch: EpochHook | None = None, time_budget: float | None = None, stretch_to_budget: bool = False,
-        what: str, detail: str, quiet: bool = False, anytime: bool = False) -> FinetuneResult:
+        what: str, detail: str, quiet: bool = False, anytime: bool = False,
+        rates_if_cut: GentlerIfCut | None = None) -> FinetuneResult:
     """The epoch loop shared by fine-tuning and from-scratch training.
 
     trainable None: every layer trains, BatchNorm statistics included (random initialisation has no
@@ -268,6 +270,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     fit (or, with stretch_to_budget, also lengthens to them), and no epoch starts that would end
     past it. anytime: a better model than the warm start is all that may replace it (a tie keeps the
     warm start), and Ctrl-C ends the loop like an early stop, keeping the best epoch so far.
+    rates_if_cut: see GentlerIfCut (checked a few steps into a fresh run's first epoch).
     """
     distributed.init()
     # The budget counts from here: building the optimiser and validating the warm start are part of the run's time.
@@ -317,6 +320,8 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         f"{state.planned_epochs} epoch(s) of {steps_per_epoch} steps, batch {cfg.batch_size}")
     started, first = time.perf_counter(), state.epoch + 1
     left = deadline - started if deadline else None  # seconds the epochs have
+    pace_check = _gentler_if_cut(rates_if_cut, opt, sched, steps_per_epoch, left, log) \
+        if rates_if_cut and left is not None and first == 1 else None
     # The first Ctrl-C ends the loop at its next step; a KeyboardInterrupt raised inside it could land while a
     # prefetching generator is being closed and be lost. anytime keeps the best epoch so far; otherwise the run
     # ends interrupted after the loop (a --resume run continues from its last checkpoint). Under torchrun every
@@ -327,7 +332,7 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         while state.epoch < state.planned_epochs:
             epoch = state.epoch + 1
             entry = _train_epoch(model, net, trainable, opt, sched, data, cfg, epoch, state.planned_epochs, device,
-                                 backbone.prep, quiet, deadline, stop)
+                                 backbone.prep, quiet, deadline, stop, pace_check if epoch == 1 else None)
             if entry.pop("cut_by_stop", False):  # Ctrl-C cut the epoch: the weights it left are not compared or kept
                 break
             if not math.isfinite(entry["train_loss"]):  # stop: every later epoch would be NaN too
@@ -382,6 +387,23 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         state.best_epoch, state.history, device.type, data.train_size, state.interrupted))
 
 
+def _gentler_if_cut(gentle: GentlerIfCut, opt, sched, steps_per_epoch: int, left: float,
+                    log: Callable[[str], None]) -> Callable[[int, float], None]:
+    """A check of the first steps' pace: where the budget then leaves `gentle.epochs` epochs or fewer, the
+    optimiser's rates become the gentler ones from the next step on (still in warm-up: little is lost)."""
+    def check(steps: int, seconds: float) -> None:
+        epoch_seconds = max(seconds / steps * steps_per_epoch, 1e-9)
+        if left / epoch_seconds >= gentle.epochs + 1:
+            return
+        bases = [gentle.learning_rate, gentle.learning_rate * gentle.backbone_lr_ratio][:len(opt.param_groups)]
+        for group, base in zip(opt.param_groups, bases):
+            group["initial_lr"] = base
+        sched.base_lrs = bases  # the schedule scales these from the next step on
+        log(f"At ~{epoch_seconds:.0f} s an epoch the budget leaves {gentle.epochs} epoch(s) or fewer: switching to the "
+            f"gentler rates of so short a schedule (head {bases[0]:g}, backbone {bases[-1]:g})")
+    return check
+
+
 def _kept_epoch(history: list[dict], epoch: int, n_val: int) -> str:
     """What early stopping kept, with the validation accuracy it was chosen by."""
     entry = next(e for e in history if e["epoch"] == epoch)
@@ -431,12 +453,14 @@ def _validate(net: Network, data, prep: Preprocessing, device: torch.device,
 
 def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: FinetuneConfig, epoch: int, epochs: int,
                  device: torch.device, prep: Preprocessing, quiet: bool = False, deadline: float | None = None,
-                 stop: StopRequest | None = None) -> dict:
+                 stop: StopRequest | None = None, on_pace: Callable[[int, float], None] | None = None) -> dict:
     """One pass over the training photos; at `deadline` (perf_counter seconds) or a stop request it ends after
-    the current step (marked cut_short or cut_by_stop when that was before the last one)."""
+    the current step (marked cut_short or cut_by_stop when that was before the last one). on_pace gets
+    (steps, seconds) once, a tenth of the way in (at least 3 steps: the first ones are slow)."""
     _set_train_mode(net, trainable)
     start, seen, cut_short, cut_by_stop = time.perf_counter(), 0, False, False
     steps = max(1, data.n_train // cfg.batch_size)
+    pace_at = min(steps, max(3, steps // 10))
     # Summed on the device: reading them every step would make the CPU wait for the GPU each time.
     correct, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
     bar = progress(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step",
@@ -456,6 +480,8 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
         correct += (out.argmax(1) == y).sum()
         loss_sum += loss.detach() * len(y)
         bar.update(1)
+        if on_pace and step + 1 == pace_at:
+            on_pace(pace_at, time.perf_counter() - start)
         if step % CHECK_EVERY == 0:
             so_far = float(loss_sum)  # read every few steps only: on a GPU each read waits for it
             # Diverged: every later step would be NaN too, and the caller ends the run. Under torchrun every

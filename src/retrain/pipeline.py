@@ -509,7 +509,7 @@ def _fine_tune(fitted: _Fitted, config: TrainConfig, cache: Path, stage: Stopwat
         tuned = finetune(split["train"], split["validation"], backbone, fitted.layers, plan.settings(config.finetune),
                          log, Checkpoint(_checkpoint_path(cache, identity), identity), config.resume,
                          after_epoch=timeline.record if timeline else None, test=split["test"], quiet=config.quiet,
-                         time_budget=plan.time_budget, anytime=plan.anytime)
+                         time_budget=plan.time_budget, anytime=plan.anytime, rates_if_cut=plan.rates_if_cut)
     if plan.anytime and tuned.record.best_epoch == 0:  # the head stays: the very model published first
         run = TunedRun(None, fitted.layers, {}, tuned.record)
     else:

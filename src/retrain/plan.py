@@ -13,7 +13,8 @@ from enum import Enum
 from typing import Sequence
 
 from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, from_random_weights, get_backbone, is_auto
-from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, HeadConfig,
+from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, GentlerIfCut,
+                     HeadConfig,
                      TrainConfig, finetune_geometry, scratch_schedule)
 from .errors import UserError
 from .evidence import describe_accuracy
@@ -52,6 +53,7 @@ class TrainingPlan:
     stretch_to_budget: bool = False  # from scratch: a time budget may lengthen the schedule too
     time_budget: float | None = None  # seconds the live-image training may take
     rates: dict | None = None  # learning rates that replace the recipe's (a short anytime schedule)
+    rates_if_cut: GentlerIfCut | None = None  # the same, where the first epoch's pace cuts the schedule that short
     anytime: bool = False  # the head's model is saved first; fine-tuning may only replace it with a better one
     backbone_candidates: tuple[str, ...] = ()  # their heads compete by cross-validation where the head stays
     unused: tuple[str, ...] = ()  # fine-tuning settings the user gave that a plan without fine-tuning leaves unread
@@ -215,6 +217,7 @@ def _anytime_plan(config: TrainConfig, backbone: Backbone, n_train: int, head_ac
          f"(~{_duration(compare_seconds)})" if fallback else "") + "; Ctrl-C keeps the best model so far"),
         device=device, epochs=epochs, batch_size=batch_size, train_size=train_size,
         time_budget=budget - compare_seconds if fallback else budget, anytime=True, rates=rates,
+        rates_if_cut=_rates_if_cut(cfg, epochs),
         backbone_candidates=AUTO_CANDIDATES if fallback else ())
 
 
@@ -252,9 +255,18 @@ def _duration(seconds: float) -> str:
 
 def _short_schedule_rates(cfg: FinetuneConfig, epochs: int) -> dict | None:
     """The gentler rates for a schedule the budget cut short, unless the rates were set by hand."""
+    return dict(GENTLE_RATES) if _recipe_rates(cfg) and epochs <= SHORT_SCHEDULE < cfg.epochs else None
+
+
+def _rates_if_cut(cfg: FinetuneConfig, epochs: int) -> GentlerIfCut | None:
+    """The gentler rates to switch to if the machine proves slower than planned and the budget then cuts a
+    longer schedule to a short one (unless the rates were set by hand)."""
+    return GentlerIfCut(SHORT_SCHEDULE, **GENTLE_RATES) if _recipe_rates(cfg) and epochs > SHORT_SCHEDULE else None
+
+
+def _recipe_rates(cfg: FinetuneConfig) -> bool:
     recipe = FinetuneConfig()
-    untouched = (cfg.learning_rate, cfg.backbone_lr_ratio) == (recipe.learning_rate, recipe.backbone_lr_ratio)
-    return dict(GENTLE_RATES) if untouched and epochs <= SHORT_SCHEDULE < cfg.epochs else None
+    return (cfg.learning_rate, cfg.backbone_lr_ratio) == (recipe.learning_rate, recipe.backbone_lr_ratio)
 
 
 def _device(name: str) -> str:
