@@ -190,12 +190,13 @@ def calibrate(z_held: np.ndarray, y_held: np.ndarray, z_test: np.ndarray, y_test
     report = CalibrationReport(temperature=t, calibrated=t != 1.0, why=why, held_out_predictions=len(y_held),
                                suggested_unknown_threshold=suggested, unknown_threshold=chosen,
                                unknown_threshold_why=threshold_why)
-    if len(z_test):
-        top = softmax(z_test, t).max(axis=1)
+    scaled = softmax(z_test, t) if len(z_test) else None
+    if scaled is not None:
+        top = scaled.max(axis=1)
         report = replace(report, test_false_rejection=float((top < chosen).mean()),
                          test_false_rejection_at_suggested=float((top < suggested).mean()) if suggested else None)
     if enough_evidence(len(z_test)):
-        before, after = reliability(softmax(z_test), y_test), reliability(softmax(z_test, t), y_test)
+        before, after = reliability(softmax(z_test), y_test), reliability(scaled, y_test)
         report = replace(report, test_ece_before=before["ece"], test_ece_after=after["ece"],
                          test_nll_before=nll(z_test, y_test, 1.0), test_nll_after=nll(z_test, y_test, t),
                          reliability_after=after["bins"], reliability_before=before["bins"])

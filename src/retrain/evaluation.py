@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
-from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy, interval_text, wilson_interval
+from .evidence import TOO_FEW_TO_MEASURE, describe_accuracy, interval_text, measurable, wilson_interval
 from .metrics import ClassificationMetrics, ClassMetrics, Evidence, PredictionRecord, SkippedFile, to_json
 from .prediction import Classifier, load
 from .progress import progress
@@ -27,7 +27,7 @@ def accuracy_evidence(accuracy: float | None, n: int, copies_of_training: int = 
         return Evidence(accuracy=None, n=0, interval=None, measurable=False)
     correct = round(accuracy * n)
     return Evidence(accuracy=accuracy, n=n, interval=list(wilson_interval(correct, n)),
-                    measurable=n - copies_of_training >= TOO_FEW_TO_MEASURE, copies_of_training=copies_of_training)
+                    measurable=measurable(n, copies_of_training), copies_of_training=copies_of_training)
 
 
 def copies_warning(copies: int, n: int) -> str:
@@ -186,7 +186,7 @@ def verdict(test: ClassificationMetrics | None, validation_accuracy: float | Non
         largest = classes[int(np.argmax(support))]
         baselines = (f"guessing at random scores {100 / len(classes):.0f}%, always answering '{largest}' "
                      f"{100 * max(support) / n:.0f}%")
-        if n - copies_of_training < TOO_FEW_TO_MEASURE:
+        if not measurable(n, copies_of_training):
             unseen = f" ({n - copies_of_training} not trained on)" if copies_of_training else ""
             lines.append(f"Only {n} {photos or 'test photos'}{unseen}: too few to measure "
                          f"accuracy ({round(test.accuracy * n)}/{n} right; {interval_text(test.accuracy, n)}). "
@@ -223,8 +223,14 @@ class FolderEvaluation:
     predictions: list[PredictionRecord]  # per readable image, in scan order
     probabilities: np.ndarray  # (images, classes): row i belongs to predictions[i]
     skipped: list[SkippedFile]
-    warning: str | None = None  # the folder is the model's own training folder: the accuracy is inflated
+    own_folder_warning: str | None = None  # the folder is the model's own training folder: the accuracy is inflated
     copies_of_training: int = 0  # photos whose bytes the model trained on, by its split record (0: none or unknown)
+
+    @property
+    def warning(self) -> str | None:
+        """Why the accuracy is inflated, if it is: the model's own folder, or copies of its training photos."""
+        copies = self.copies_of_training
+        return self.own_folder_warning or (copies_warning(copies, len(self.predictions)) if copies else None)
 
     def evidence(self) -> Evidence:
         """What the accuracy rests on: N, its interval, whether it is measurable, the copies of training photos."""
@@ -269,9 +275,9 @@ def evaluation_of_folder(model: str | Path | Classifier, image_dir: str | Path, 
     metrics = classification_metrics(np.array([p.label for p in predictions]),
                                      np.array([p.predicted for p in predictions]), clf.labels)
     copies = trained_copies(clf, dataset.samples.keys[decoded])  # among the photos the figures are over
-    warning = training_folder_warning(clf, image_dir) or (copies_warning(copies, len(predictions)) if copies else None)
     return FolderEvaluation(metrics, predictions, np.array(probabilities, np.float32),
-                            [SkippedFile(str(p), why) for p, why in skipped], warning, copies)
+                            [SkippedFile(str(p), why) for p, why in skipped], training_folder_warning(clf, image_dir),
+                            copies)
 
 
 def trained_copies(clf: Classifier, keys: np.ndarray) -> int:

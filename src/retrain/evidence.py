@@ -19,6 +19,11 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def measurable(n: int, copies: int = 0) -> bool:
+    """Whether n photos, `copies` of them copies of photos the model trained on, can carry an accuracy figure."""
+    return n - copies >= TOO_FEW_TO_MEASURE
+
+
 def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos", copies: int = 0) -> str:
     """An accuracy as a user should read it: "94.1% (N=367, 95% CI 91.2-96.1%)", or why there is none.
 
@@ -27,7 +32,7 @@ def describe_accuracy(accuracy: float | None, n: int, photos: str = "photos", co
     if accuracy is None or n == 0:
         return f"not measured: no {photos}"
     interval = interval_text(accuracy, n)
-    if n - copies < TOO_FEW_TO_MEASURE:
+    if not measurable(n, copies):
         unseen = f", {n - copies} of them not trained on" if copies else ""
         return f"not measurable on {n} {photos}{unseen} ({round(accuracy * n)}/{n} right; {interval})"
     if n < INTERVAL_BELOW:

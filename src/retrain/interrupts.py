@@ -14,10 +14,14 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _interrupt_signals() -> list[signal.Signals]:
     """The signals that mean Ctrl-C here and are ours to change: SIGINT, and SIGTERM inside
     termination_as_interrupt. Only the main thread may set handlers; an ignored or custom one is not ours."""
-    if threading.current_thread() is not threading.main_thread():
+    if not _main_thread():
         return []
     return [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.default_int_handler]
 
@@ -40,7 +44,7 @@ def _interrupts_handled_by(handler: Callable) -> Iterator[None]:
 def termination_as_interrupt() -> Iterator[None]:
     """Inside the block SIGTERM (`kill`, `timeout`, `docker stop`) ends the run as Ctrl-C does: a model is never
     left half moved into place, no staging folder stays behind, and fine-tuning keeps its best epoch so far."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -598,9 +598,10 @@ def _checkpoint_path(cache: Path, identity: dict) -> Path:
     """One checkpoint per training identity, so the same command with --resume finds the run it continues."""
     path = cache / "checkpoints" / f"finetune-{identity_key(identity)}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Interrupted runs leave theirs for --resume; only the most recent are worth their space.
-    prune_least_recent(path.parent, CHECKPOINTS_KEPT, lambda e: e.name.startswith("finetune-") and e.name.endswith(".pt")
-                       and e.name != path.name)
+    if distributed.is_main():  # the process that writes checkpoints tidies them; torchrun's others only read
+        # Interrupted runs leave theirs for --resume; only the most recent are worth their space.
+        prune_least_recent(path.parent, CHECKPOINTS_KEPT,
+                           lambda e: e.name.startswith("finetune-") and e.name.endswith(".pt") and e.name != path.name)
     return path
 
 

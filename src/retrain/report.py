@@ -28,8 +28,7 @@ import onnxruntime as ort  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from .calibrate import calibration_error_text, enough_evidence, reliability, unknown_threshold_text  # noqa: E402
-from .evaluation import (class_cells, evaluation_of_folder, table_notes, training_folder_warning, verdict,  # noqa: E402
-                         worst_mistakes)
+from .evaluation import class_cells, evaluation_of_folder, table_notes, verdict, worst_mistakes  # noqa: E402
 from .evidence import describe_accuracy  # noqa: E402
 from .decode import UnreadableImage, load_image, open_rgb  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -216,7 +215,7 @@ def _thumbnail(path: str, side: int = 128) -> str:
         img = open_rgb(path, side)
         img.thumbnail((side, side))
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=80)
+        img.save(buf, format="JPEG", quality=80)
         return f'<img alt="{html.escape(Path(path).name)}" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
     except (UnreadableImage, OSError):  # a vanished or broken file: show its name only
         return "<span>(image unavailable)</span>"
@@ -227,9 +226,9 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
                            int]:
     """(confusion/per-class metrics, predictions with confidence, calibration report, warnings, copies of
     training photos among them) to show; the verdict warns of the copies itself."""
-    if image_dir is None:
-        return ((metrics.test, metrics.test_predictions or [], metrics.calibration, [],
-                 metrics.test_evidence.copies_of_training) if metrics else (None, [], None, [], 0))
+    if image_dir is None:  # then metrics is there: write_report refuses a model without both
+        return (metrics.test, metrics.test_predictions or [], metrics.calibration, [],
+                metrics.test_evidence.copies_of_training)
     evaluation = evaluation_of_folder(clf, image_dir, quiet=True)
     preds = evaluation.predictions
     cal = _folder_calibration(clf, metrics.calibration if metrics else None, evaluation.probabilities,
@@ -237,7 +236,7 @@ def _evaluation(clf: Classifier, metrics: RunMetrics | None, image_dir: str | Pa
     skipped = [evaluation.skipped_line()] if evaluation.skipped else []
     for line in skipped:  # which photos the figures leave out, on the page and now
         print(line, file=sys.stderr)
-    own = training_folder_warning(clf, image_dir)  # the copies' warning is the verdict's
+    own = evaluation.own_folder_warning  # the copies' warning is the verdict's
     return evaluation.metrics, preds, cal, ([own] if own else []) + skipped, evaluation.copies_of_training
 
 
@@ -286,8 +285,7 @@ def write_report(model_dir: str | Path, image_dir: str | Path | None = None, tit
     sections, pngs, figures = [], {}, figure_memo(cache_dir)
 
     lines = (warnings + verdict(evaluation, None, 0, classes, [], photos=f"photos in {image_dir}",
-                                copies_of_training=copies) if image_dir
-             else metrics.verdict if metrics else [])
+                                copies_of_training=copies) if image_dir else metrics.verdict)
     if lines:
         sections.append(("Verdict", "".join(f"<p>{html.escape(line)}</p>" for line in lines)))
     sections.append(("Dataset", _dataset_section(metrics, classes, clf.metadata.get("retrain:backbone", "?"))))
