@@ -87,6 +87,19 @@ def test_written_files_get_the_umask_or_keep_the_replaced_files_permissions(tmp_
     assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o640 and (tmp_path / "new").read_bytes() == b"y"
 
 
+def test_a_file_system_without_modes_still_gets_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from retrain.files import atomic_write_bytes
+
+    def refused(fd, mode):
+        raise OSError(errno.EPERM, "Operation not permitted")  # as chmod on a vfat mount answers
+    monkeypatch.setattr(os, "fchmod", refused)
+    atomic_write_bytes(tmp_path / "m.json", b"{}")
+    assert (tmp_path / "m.json").read_bytes() == b"{}"
+
+
 def test_a_pipe_or_device_at_an_output_path_is_refused_not_replaced(tmp_path):
     import os
 

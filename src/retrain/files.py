@@ -37,7 +37,7 @@ def empty_matrix(n: int, dim: int, max_in_memory: int, spill_dir: Path | None = 
         return np.memmap(f, dtype=np.float32, mode="r+", shape=(n, dim))
 
 
-def mode_for(path: Path) -> int:
+def _mode_for(path: Path) -> int:
     """The permissions of the file `path` replaces, else a new file's under the umask (mkstemp's are 0600)."""
     try:
         st = os.stat(path)
@@ -46,6 +46,15 @@ def mode_for(path: Path) -> int:
     except OSError:
         pass
     return 0o666 & ~_UMASK
+
+
+def give_mode_of(fd: int, path: Path) -> None:
+    """Give the temporary file open at `fd` the permissions it will have as `path` (see _mode_for); on a file
+    system without modes (vfat) it keeps what it has, rather than failing the write."""
+    try:
+        os.fchmod(fd, _mode_for(path))
+    except OSError:
+        pass
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -63,7 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            os.fchmod(f.fileno(), mode_for(path))
+            give_mode_of(f.fileno(), path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

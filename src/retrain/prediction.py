@@ -17,7 +17,7 @@ import numpy as np
 from .progress import progress
 from .decode import UnreadableImage
 from .errors import UserError
-from .files import mode_for
+from .files import give_mode_of
 from .outputs import check_output_file
 from .runtime import inference_session, run_model
 from .guards import UnsafeFile, check_regular, open_regular
@@ -367,10 +367,7 @@ def _new_partial(path: Path) -> tuple[Path, io.TextIOWrapper]:
     predictable name is ever written through.
     """
     fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        os.fchmod(fd, mode_for(path))  # FILE's own, or open()'s: mkstemp's 0600 would make FILE private
-    except OSError:  # a file system without modes (vfat): the file is as readable as it can be
-        pass
+    give_mode_of(fd, path)  # FILE's own, or open()'s: mkstemp's 0600 would make FILE private
     # surrogateescape: a file name that is not UTF-8 goes into a CSV cell as its own bytes, as ls prints it
     return Path(name), open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
 
