@@ -320,6 +320,25 @@ def test_an_onnx_backbone_in_compare_gets_a_folder_inside_the_output_named_by_it
     another = bench_scale().tiny_backbone(tmp_path / "other" / "tiny.onnx", size=32)  # another network, same name
     with pytest.raises(UserError, match="names the same model twice"):  # two files named alike: one folder, refused
         contenders([str(tiny), str(another)])
+    spaced, underscored = tmp_path / "a b.onnx", tmp_path / "a_b.onnx"  # two networks, both saved as a_b
+    spaced.write_bytes(tiny.read_bytes())
+    underscored.write_bytes(tiny.read_bytes())
+    with pytest.raises(UserError, match="would both be saved as a_b"):
+        contenders([str(spaced), str(underscored)])
+
+
+def test_compare_checks_an_onnx_models_folder_as_it_will_be_named(tiny, tmp_path, capsys):
+    from retrain.outputs import MARKER
+
+    data = small_gray_dataset(tmp_path / "gray", per_class=3)
+    out = tmp_path / "out"
+    (out / "tiny").mkdir(parents=True)
+    (out / "tiny" / "notes.txt").write_text("the user's own")
+    (out / MARKER).write_text("{}")
+    assert main(["compare", str(data), "--models", f"lite0,{tiny}", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files retrain did not write" in err and str(out / "tiny") in err
+    assert (out / "tiny" / "notes.txt").read_text() == "the user's own"
 
 
 def test_a_time_budget_no_model_of_the_comparison_reads_is_refused(tmp_path, cache_dir, no_training):

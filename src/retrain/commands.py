@@ -247,7 +247,7 @@ def lr_find(image_dir: str, config: TrainConfig, plot: str) -> int:
 def compare(image_dir: str, models: str | None, config: TrainConfig, output: str, overwrite: bool = False) -> int:
     """`retrain compare`: train each model on the same split; the table on stdout, the files in `output`."""
     from .compare import compare as compare_models
-    from .compare import comparison_table, default_models
+    from .compare import comparison_table, contenders, default_models
 
     names = [m.strip() for m in models.split(",") if m.strip()] if models else default_models(image_dir)
     # before any training: neither the comparison's files nor a model's may replace the user's own. A run
@@ -255,8 +255,8 @@ def compare(image_dir: str, models: str | None, config: TrainConfig, output: str
     out, inputs = Path(output), _inputs(image_dir, config)
     models_only = out.is_dir() and all(p.is_dir() and written_by_retrain(p) for p in out.iterdir())
     check_output_dir(out, inputs, overwrite or models_only, replaces="compare.txt, compare.json and compare.png")
-    for name in names:
-        check_output_dir(out / name, inputs, overwrite)
+    for entry in contenders(names):  # each model's folder as compare names it (an ONNX file's: its stem)
+        check_output_dir(out / entry.folder, inputs, overwrite)
     runs = compare_models(image_dir, names, config, Path(output),
                           lambda msg: None if config.quiet else print(msg, file=sys.stderr))
     print(comparison_table(runs))

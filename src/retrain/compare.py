@@ -103,10 +103,14 @@ def contenders(models: list[str]) -> list[Contender]:
         if mode and not backbone.pretrained:  # the registry's word, not the name's spelling
             raise UserError(f"model '{name}': +finetune fine-tunes a pretrained backbone, and {backbone.name} starts "
                             f"from random weights (its whole network trains anyway): write {backbone_name}")
+        entry = Contender(name, backbone_name, backbone, mode)
         same = next((c for c in found if (c.backbone.name, c.mode) == (backbone.name, mode)), None)
         if same:  # one model folder and two rows of one model: refused rather than trained twice
             raise UserError(f"--models names the same model twice ('{same.name}' and '{name}'): give each once")
-        found.append(Contender(name, backbone_name, backbone, mode))
+        clash = next((c for c in found if c.folder == entry.folder), None)
+        if clash:  # 'a b.onnx' and 'a_b.onnx': the second model would replace the first's folder
+            raise UserError(f"--models: '{clash.name}' and '{name}' would both be saved as {entry.folder}: rename one")
+        found.append(entry)
     return found
 
 
@@ -188,7 +192,7 @@ def comparison_table(runs: list[Run]) -> str:
                      f"{(f'{100 * at:.1f}%' if at is not None else '-'):>12}  {reach}")
     n = runs[0].test_images
     lines.append(f"Each model's test accuracy, on the same {n} photos: "
-                 + "; ".join(f"{r.model} {describe_accuracy(r.test_accuracy, n)}" for r in runs))
+                 + "; ".join(f"{r.model} {_accuracy_text(r, n)}" for r in runs))
     copies = max(r.copies_of_training for r in runs)  # the table is printed under --quiet too, and kept
     lines += [f"Warning: {copies_warning(copies, n)}"] if copies else []
     return "\n".join(lines)
@@ -210,6 +214,11 @@ def write_comparison(runs: list[Run], output: Path) -> None:
     write_model_dir(output, write, "comparison")
 
 
+def _accuracy_text(run: Run, n: int) -> str:
+    """A model's test accuracy with its evidence, as the table and the plot show it (copies do not count)."""
+    return describe_accuracy(run.test_accuracy, n, copies=run.copies_of_training)
+
+
 def _plot(runs: list[Run]) -> bytes:
     from .report import literal_text
 
@@ -229,8 +238,7 @@ def _draw(runs: list[Run]) -> bytes:
     for r in runs:
         t, acc = zip(*r.points)
         line, = ax.step(t, [100 * a for a in acc], where="post", marker="o", markersize=3,
-                        label=f"{r.model} ({r.mode}): {describe_accuracy(r.test_accuracy, r.test_images)} in "
-                              f"{_fmt_time(r.seconds)}")  # the figure with its evidence, as in the table
+                        label=f"{r.model} ({r.mode}): {_accuracy_text(r, r.test_images)} in {_fmt_time(r.seconds)}")
         if r.seconds < end:  # finished early: its model stays as good for the rest of the time axis
             ax.plot([r.seconds, end], [100 * r.test_accuracy] * 2, linestyle="--", color=line.get_color())
     ax.set_xscale("log")
