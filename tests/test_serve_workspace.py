@@ -221,7 +221,7 @@ def test_a_figure_the_record_calls_unmeasurable_never_reads_as_a_measurement():
     assert evidence_text(few_copies).endswith(", inflated: 2 of them are copies of photos the model trained on")
     doubtful = Evidence(accuracy=0.9, n=40, interval=[0.77, 0.96], measurable=False, copies_of_training=35)
     assert evidence_text(doubtful) == ("not measurable on 40 test photos, 5 of them not trained on (36/40 right; 95% "
-                                       "CI 76-97%), inflated: 35 of them are copies of photos the model trained on")
+                                       "CI 76-97%)")  # said once: no "inflated" suffix repeating the copies
 
 
 def test_one_server_per_workspace_and_a_stopped_one_leaves_no_run_behind(classifier, workspace):

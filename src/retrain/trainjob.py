@@ -55,11 +55,12 @@ def result_of(metrics: RunMetrics) -> dict:
 def evidence_text(evidence: Evidence) -> str:
     """The recorded test evidence in the CLI's words ("not measurable on 4 test photos (4/4 right; 95% CI
     51-100%)"), written here so that the page's scripts show it as it is and never re-implement the rule.
-    A figure counted partly on copies of training photos is named inflated (only copies make 10+ photos
-    not measurable)."""
+    A measured figure counted partly on copies of training photos is named inflated; one the copies make
+    not measurable says how many photos were not trained on instead."""
     copies = evidence.copies_of_training
     text = describe_accuracy(evidence.accuracy, evidence.n, "test photos", copies)
-    return text + f", inflated: {copies} of them are copies of photos the model trained on" if copies else text
+    return text + f", inflated: {copies} of them are copies of photos the model trained on" \
+        if copies and evidence.measurable else text
 
 
 def findings(data: Path, cache_dir: str | None, log: Callable[[str], None]) -> dict:
