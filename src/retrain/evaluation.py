@@ -96,23 +96,28 @@ def _counts(metrics: ClassificationMetrics, name: str) -> tuple[int, int]:
     return metrics.confusion_matrix[i][i], sum(row[i] for row in metrics.confusion_matrix)
 
 
+def _too_few(metrics: ClassificationMetrics, name: str) -> tuple[bool, bool]:
+    """Whether a class's (precision, recall) rest on fewer than TOO_FEW_TO_MEASURE photos: shown as counts."""
+    m = metrics.per_class[name]
+    return (m.precision is not None and _counts(metrics, name)[1] < TOO_FEW_TO_MEASURE,
+            m.support < TOO_FEW_TO_MEASURE)
+
+
 def class_cells(metrics: ClassificationMetrics, name: str, digits: int = 3) -> tuple[str, str, str]:
     """A class's (precision, recall, F1) as shown: figures, or below TOO_FEW_TO_MEASURE photos behind one the
     counts ("2/3") and no F1 (FEW_PHOTOS says so); for a class with photos."""
     m = metrics.per_class[name]
     right, predicted = _counts(metrics, name)
-    precision = precision_text(m, digits) if m.precision is None or predicted >= TOO_FEW_TO_MEASURE \
-        else f"{right}/{predicted}"
-    if m.support < TOO_FEW_TO_MEASURE:
+    few_predicted, few_photos = _too_few(metrics, name)
+    precision = f"{right}/{predicted}" if few_predicted else precision_text(m, digits)
+    if few_photos:
         return precision, f"{right}/{m.support}", "n/a"
     return precision, f"{m.recall:.{digits}f}", f"{m.f1:.{digits}f}"
 
 
 def table_notes(metrics: ClassificationMetrics) -> list[str]:
     """The notes that explain a per-class table's cells other than figures (NEVER_PREDICTED, FEW_PHOTOS)."""
-    few = any(m.support and (m.support < TOO_FEW_TO_MEASURE or
-                             (m.precision is not None and _counts(metrics, name)[1] < TOO_FEW_TO_MEASURE))
-              for name, m in metrics.per_class.items())
+    few = any(m.support and any(_too_few(metrics, name)) for name, m in metrics.per_class.items())
     return [NEVER_PREDICTED] * never_predicted(metrics) + [FEW_PHOTOS] * few
 
 
