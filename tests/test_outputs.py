@@ -108,7 +108,7 @@ def test_a_pipe_or_device_at_an_output_path_is_refused_not_replaced(tmp_path):
     from retrain.errors import UserError
     from retrain.files import atomic_write_bytes
     from retrain.guards import UnsafeFile
-    from retrain.outputs import check_output_file, check_output_folder
+    from retrain.outputs import check_output_dir, check_output_file
 
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(UserError, match=r"--output_labels .*pipe is a named pipe, not a regular file"):
@@ -118,12 +118,14 @@ def test_a_pipe_or_device_at_an_output_path_is_refused_not_replaced(tmp_path):
     assert (tmp_path / "pipe").is_fifo()
     (tmp_path / "file").write_text("mine")
     with pytest.raises(UserError, match="--summaries_dir .*file is an existing file"):
-        check_output_folder(tmp_path / "file", "--summaries_dir")
+        check_output_dir(tmp_path / "file", [], True, "--summaries_dir")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        check_output_folder(tmp_path / "file" / "tb", "--summaries_dir")
+        check_output_dir(tmp_path / "file" / "tb", [], True, "--summaries_dir")
+    with pytest.raises(UserError, match=r"--output .*file/model: .*file is a file, not a folder"):
+        check_output_dir(tmp_path / "file" / "model", [], False)  # a model folder below a file, as one for summaries
     with pytest.raises(UserError, match="inside"):
-        check_output_folder(tmp_path / "photos" / "tb", "--summaries_dir", [tmp_path / "photos"])
-    check_output_folder(tmp_path / "tb", "--summaries_dir")
+        check_output_dir(tmp_path / "photos" / "tb", [tmp_path / "photos"], True, "--summaries_dir")
+    check_output_dir(tmp_path / "tb", [], True, "--summaries_dir")
 
 
 def test_staging_folders_of_killed_writes_on_this_host_are_removed_by_the_next_write(tmp_path):

@@ -17,7 +17,7 @@ from .errors import UserError
 from .validate import Rule, check_argument
 from .guards import open_regular
 from .interrupts import termination_as_interrupt
-from .outputs import check_output_dir, check_output_file, check_output_folder, written_by_retrain
+from .outputs import check_output_dir, check_output_file, written_by_retrain
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _refuse_replacing_non_labels(labels: Path) -> None:
 def check_afterwards(afterwards: Afterwards, inputs: list[str | None]) -> None:
     """--summaries_dir checked before training, so that a wrong path does not cost the run."""
     if afterwards.summaries_dir:
-        check_output_folder(afterwards.summaries_dir, "--summaries_dir", inputs)
+        check_output_dir(afterwards.summaries_dir, inputs, overwrite=True, flag="--summaries_dir")
 
 
 @termination_as_interrupt()

@@ -70,10 +70,15 @@ def written_by_retrain(folder: Path) -> bool:
 def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool,
                      flag: str = "--output", replaces: str = "model.onnx, labels.txt, metrics.json and report.html"
                      ) -> None:
-    """Refuse, before any work, a model folder that would destroy user files or land among the photos."""
+    """Refuse, before any work, a model folder that would destroy user files or land among the photos, is a file
+    or sits in one's place, or cannot be written. overwrite: the folder's other files may stay beside the output
+    (with --overwrite, or a folder shared by runs such as --summaries_dir)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out} is an existing file: give the path of a folder for the model")
+        raise UserError(f"{flag} {out} is an existing file: give the path of a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker:
+        raise UserError(f"{flag} {out}: {blocker} is a file, not a folder")
     _refuse_inside_inputs(out, flag, inputs)
     if out.is_dir() and not overwrite and not written_by_retrain(out):
         theirs = sorted(p.name for p in out.iterdir())
@@ -99,19 +104,6 @@ def check_output_file(path: str | os.PathLike, flag: str, inputs: Iterable[str |
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
     _refuse_inside_inputs(path, flag, inputs, top_level_ok=True)
     _probe_writable(path.parent)
-
-
-def check_output_folder(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """Refuse, before any work, a folder output (shared with other runs, like TensorBoard's) that is a file,
-    lies among the photos or cannot be written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is an existing file: give the path of a folder")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker:
-        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
-    _refuse_inside_inputs(path, flag, inputs)
-    _probe_writable(path)
 
 
 def _probe_writable(folder: Path) -> None:
