@@ -15,7 +15,7 @@ from retrain.head import HeadConfig
 from retrain.imagenet import imagenet_labels, imagenet_model_path
 from retrain.prediction import Classifier
 
-from conftest import shared_dataset
+from conftest import real_photos, shared_dataset
 
 
 @pytest.mark.parametrize("name", [n for n in available() if not n.startswith("scratch")])
@@ -26,6 +26,23 @@ def test_registered_backbone_extracts_features(name, cache_dir, shapes):
     feats = session.run(None, {"Placeholder": batch})[0]
     assert feats.shape == (3, backbone.feature_dim) and np.isfinite(feats).all()
     assert feats.std(axis=0).mean() > 0  # different images give different features
+
+
+@pytest.mark.slow
+def test_lite_features_are_the_average_of_the_photo_and_its_mirror_image(cache_dir):
+    from retrain.backbones import efficientnet_lite
+
+    both, one_view = get_backbone("lite0"), efficientnet_lite(0, 224, 0.0, mirror=False)
+    assert both.identity != one_view.identity  # their features are cached apart
+
+    def features(backbone, batch):
+        return ort.InferenceSession(str(extractor_path(backbone, cache_dir))).run(None, {"Placeholder": batch})[0]
+    photos = np.stack([load_image(p, both.prep) for p in real_photos()[:3]])
+    mirrored = np.ascontiguousarray(photos[:, :, ::-1])
+    plain, flipped = features(one_view, photos), features(one_view, mirrored)
+    assert np.abs(plain - flipped).max() > 0.1  # one view's features tell a photo from its mirror image
+    np.testing.assert_allclose(features(both, photos), (plain + flipped) / 2, atol=1e-4)
+    np.testing.assert_allclose(features(both, mirrored), features(both, photos), atol=1e-4)
 
 
 def test_unknown_backbone_and_misplaced_flags():

@@ -101,6 +101,7 @@ def _set_train_mode(net: Network, trainable: list[nn.Module] | None) -> None:
         net.train()
         return
     net.eval()
+    net.features.training = True  # the wrapper alone, not its layers: one view per photo (lite_feature_network)
     net.head.train()
     for stage in trainable:
         stage.train()

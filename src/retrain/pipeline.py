@@ -202,11 +202,12 @@ def _log_skipped(dataset: Dataset, log: Callable[[str], None]) -> None:
         log(skipped_line(dataset.skipped))
 
 
-def feature_splits(image_dir: str | Path, config: TrainConfig) -> tuple[list[str], dict[str, tuple[np.ndarray,
-                                                                                          np.ndarray]]]:
-    """Class names and {split: (features, labels)} exactly as train() would use them (lr-find, benchmarks)."""
+def feature_splits(image_dir: str | Path, config: TrainConfig, backbone: Backbone | None = None
+                   ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Class names and {split: (features, labels)} exactly as train() would use them (lr-find, benchmarks);
+    `backbone` instead of the config's (the benchmarks' one-view baseline)."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    backbone = get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
+    backbone = backbone or get_backbone(config.backbone, input_mean=config.input_mean, input_std=config.input_std)
     dataset, _, x, _ = _features_by_split(image_dir, config, backbone, cache, Stopwatch(), _log_for(config))
     return dataset.classes, x
 
