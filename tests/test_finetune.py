@@ -212,7 +212,7 @@ def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache
     assert f"Keeping the network of epoch {best} (validation accuracy not measurable on 9 validation photos (9/9" in "\n".join(logs)  # says what it kept
 
 
-def test_fine_tuning_trains_on_one_view_and_validates_on_the_photo_and_its_mirror_image():
+def test_fine_tuning_trains_on_one_view_where_it_flips_and_validates_on_the_photo_and_its_mirror_image():
     net = Network(get_backbone("lite0").torch_network(), [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))])
     torch.manual_seed(0)
     pixels = torch.rand(2, 3, 96, 96)
@@ -221,6 +221,8 @@ def test_fine_tuning_trains_on_one_view_and_validates_on_the_photo_and_its_mirro
         ft._set_train_mode(net, [])  # what trains does not matter here: all stages stay in eval mode
         assert torch.equal(net.features(pixels), plain)
         net.eval()
+        torch.testing.assert_close(net.features(pixels), (plain + flipped) / 2)
+        ft._set_train_mode(net, [], flips=False)  # an augmentation that never mirrors: both views, as predicted
         torch.testing.assert_close(net.features(pixels), (plain + flipped) / 2)
 
 

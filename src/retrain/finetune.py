@@ -95,13 +95,17 @@ def _trainable_stages(net: Network, unfreeze: int) -> list[nn.Module]:
     return chosen
 
 
-def _set_train_mode(net: Network, trainable: list[nn.Module] | None) -> None:
-    """Train mode (dropout, stochastic depth) only where weights move; pretrained BatchNorm stays in eval mode."""
+def _set_train_mode(net: Network, trainable: list[nn.Module] | None, flips: bool = True) -> None:
+    """Train mode (dropout, stochastic depth) only where weights move; pretrained BatchNorm stays in eval mode.
+
+    flips: the augmentation mirrors photos at random, so one view of each is enough; without flips
+    (retrain.py's distortions without --flip_left_right) the network sees both, as in prediction.
+    """
     if trainable is None:  # from random weights: everything trains, batch statistics included
         net.train()
         return
     net.eval()
-    net.features.training = True  # the wrapper alone, not its layers: one view per photo (lite_feature_network)
+    net.features.training = flips  # the wrapper alone, not its layers: one view or both (lite_feature_network)
     net.head.train()
     for stage in trainable:
         stage.train()
@@ -458,7 +462,7 @@ def _train_epoch(model, net: Network, trainable, opt, sched, data, cfg: Finetune
     """One pass over the training photos; at `deadline` (perf_counter seconds) or a stop request it ends after
     the current step (marked cut_short or cut_by_stop when that was before the last one). on_pace gets
     (steps, seconds) once, a tenth of the way in (at least 3 steps: the first ones are slow)."""
-    _set_train_mode(net, trainable)
+    _set_train_mode(net, trainable, flips=trainable is None or data.aug.flip)
     start, seen, cut_short, cut_by_stop = time.perf_counter(), 0, False, False
     steps = max(1, data.n_train // cfg.batch_size)
     pace_at = min(steps, max(3, steps // 10))
