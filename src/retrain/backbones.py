@@ -181,7 +181,7 @@ def _prep_tag(prep: Preprocessing) -> str:
 
 
 # images_per_second: 0.6 of the network-only rate ONNX Runtime measured at batch 32 on the 2 cores, each
-# photo and its mirror image (83, 58, 39 photos/s): a cold extraction of rock_paper_scissors reached 0.85
+# photo and its mirror image (83, 58, 39 photos/s): cold extractions of rock_paper_scissors reached 0.85-0.97
 # of it on a quiet machine, and a busy one gets less.
 @register
 def lite0() -> Backbone:
