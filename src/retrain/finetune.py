@@ -287,11 +287,12 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
     device = pick_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     net = net.to(device).to(memory_format=torch.channels_last)
-    groups = [{"params": list(net.head.parameters()), "lr": cfg.learning_rate}]
+    head_lr, backbone_lr = _group_rates(cfg.learning_rate, cfg.backbone_lr_ratio)
+    groups = [{"params": list(net.head.parameters()), "lr": head_lr}]
     if trainable is None:
         groups[0]["params"] = list(net.parameters())
     elif backbone_params := [p for s in trainable for p in s.parameters()]:
-        groups.append({"params": backbone_params, "lr": cfg.learning_rate * cfg.backbone_lr_ratio})
+        groups.append({"params": backbone_params, "lr": backbone_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     steps_per_epoch = max(1, data.n_train // cfg.batch_size)
     resumed = _resumed_state(checkpoint, resume, cfg, log)
@@ -392,6 +393,11 @@ def fit(net: Network, trainable: list[nn.Module] | None, data, backbone: Backbon
         state.best_epoch, state.history, device.type, data.train_size, state.interrupted))
 
 
+def _group_rates(learning_rate: float, backbone_lr_ratio: float) -> tuple[float, float]:
+    """The optimiser's rates by group: the head's, and the unfrozen backbone stages' (discriminative rates)."""
+    return learning_rate, learning_rate * backbone_lr_ratio
+
+
 def _gentler_if_cut(gentle: GentlerIfCut, opt, sched, steps_per_epoch: int, left: float,
                     log: Callable[[str], None]) -> Callable[[int, float], None]:
     """A check of the first steps' pace: where the budget then leaves `gentle.epochs` epochs or fewer, the
@@ -400,7 +406,7 @@ def _gentler_if_cut(gentle: GentlerIfCut, opt, sched, steps_per_epoch: int, left
         epoch_seconds = max(seconds / steps * steps_per_epoch, 1e-9)
         if left / epoch_seconds >= gentle.epochs + 1:
             return
-        bases = [gentle.learning_rate, gentle.learning_rate * gentle.backbone_lr_ratio][:len(opt.param_groups)]
+        bases = list(_group_rates(gentle.learning_rate, gentle.backbone_lr_ratio))[:len(opt.param_groups)]
         for group, base in zip(opt.param_groups, bases):
             group["initial_lr"] = base
         sched.base_lrs = bases  # the schedule scales these from the next step on

@@ -180,7 +180,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:  # it exists, but is not ours to signal
-        return True
+        pass
     return True
 
 

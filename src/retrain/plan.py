@@ -14,8 +14,7 @@ from typing import Sequence
 
 from .backbones import AUTO_CANDIDATES, AUTO_FIRST, Backbone, from_random_weights, get_backbone, is_auto
 from .config import (AUTO_BUDGET_SECONDS, CPU_IMAGES_PER_SECOND, LIVE_IMAGE_SETTINGS, FinetuneConfig, GentlerIfCut,
-                     HeadConfig,
-                     TrainConfig, finetune_geometry, scratch_schedule)
+                     HeadConfig, TrainConfig, finetune_geometry, scratch_schedule)
 from .errors import UserError
 from .evidence import describe_accuracy
 from .split import held_out_targets
