@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import retrain
-from retrain.backbones import efficientnet_lite
+from retrain.backbones import lite0
 from retrain.config import TrainConfig
 from retrain.evidence import wilson_interval
 from retrain.files import default_cache_dir
@@ -52,7 +52,7 @@ def baseline(folder: Path, config: TrainConfig) -> float:
     where the tool averages the photo's and its mirror image's), cached by the tool."""
     from sklearn.linear_model import LogisticRegression
 
-    _, x = feature_splits(folder, replace(config, mode="head"), efficientnet_lite(0, 224, 0.0, mirror=False))
+    _, x = feature_splits(folder, replace(config, mode="head"), lite0(mirror=False))
     x_fit = np.concatenate([x["train"][0], x["validation"][0]])
     y_fit = np.concatenate([x["train"][1], x["validation"][1]])
     return float(LogisticRegression(max_iter=5000).fit(x_fit, y_fit).score(*x["test"]))

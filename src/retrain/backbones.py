@@ -155,7 +155,7 @@ def export_torch_network(module, prep: Preprocessing, path: Path, output: str = 
                           opset_version=ONNX_OPSET, dynamo=False)
 
 
-def efficientnet_lite(n: int, size: int, images_per_second: float, mirror: bool = True) -> Backbone:
+def _efficientnet_lite(n: int, size: int, images_per_second: float, mirror: bool = True) -> Backbone:
     """EfficientNet-Lite`n` at `size` px; mirror=False: features of one view (see lite_feature_network)."""
     prep = Preprocessing(size=size)
     weights = _lite_weights(n)
@@ -182,20 +182,20 @@ def _prep_tag(prep: Preprocessing) -> str:
 
 # images_per_second: 0.6 of the network-only rate ONNX Runtime measured at batch 32 on the 2 cores, each
 # photo and its mirror image (83, 58, 39 photos/s): cold extractions of rock_paper_scissors reached 0.85-0.97
-# of it on a quiet machine, and a busy one gets less.
+# of it on a quiet machine, and a busy one gets less. mirror=False: one view (see lite_feature_network).
 @register
-def lite0() -> Backbone:
-    return efficientnet_lite(0, 224, 50.0)
-
-
-@register
-def lite1() -> Backbone:
-    return efficientnet_lite(1, 240, 35.0)
+def lite0(mirror: bool = True) -> Backbone:
+    return _efficientnet_lite(0, 224, 50.0, mirror)
 
 
 @register
-def lite2() -> Backbone:
-    return efficientnet_lite(2, 260, 23.0)
+def lite1(mirror: bool = True) -> Backbone:
+    return _efficientnet_lite(1, 240, 35.0, mirror)
+
+
+@register
+def lite2(mirror: bool = True) -> Backbone:
+    return _efficientnet_lite(2, 260, 23.0, mirror)
 
 
 # ---- From random weights: the baselines of `retrain compare` ----
