@@ -25,6 +25,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
+def cache_with_lite0(cache_dir: Path, path: Path) -> Path:
+    """A new cache at `path` holding only the session cache's exported Lite0: no features, splits or checkpoints
+    (exporting the backbone again would only add time)."""
+    from retrain.backbones import get_backbone
+    from retrain.graphs import extractor_path
+
+    exported = extractor_path(get_backbone("lite0"), cache_dir)
+    (path / "backbones").mkdir(parents=True)
+    shutil.copyfile(exported, path / "backbones" / exported.name)
+    return path
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():

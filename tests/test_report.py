@@ -1,6 +1,7 @@
 """report.html: self-contained, opens in headless Chromium without errors, every section filled."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -178,12 +179,19 @@ def test_a_report_drawn_again_for_the_same_model_reuses_its_plots(head_model, tm
     assert sorted((tmp_path / "cache" / "figures").iterdir()) == drawn
 
 
+def coarse_saliency(report, monkeypatch) -> None:
+    """Saliency maps on a 3x3 grid instead of 7x7 (9 occluded copies a photo, not 49): for tests of when plots are
+    drawn, not of what the maps show."""
+    monkeypatch.setattr(report, "occlusion_saliency", functools.partial(report.occlusion_saliency, grid=3))
+
+
 def test_a_changed_model_or_a_damaged_plot_is_drawn_anew(head_model, tmp_path, monkeypatch):
     import onnx
     from onnx import numpy_helper
 
     import retrain.report as report
 
+    coarse_saliency(report, monkeypatch)
     shutil.copytree(head_model.folder, tmp_path / "m")
     path = tmp_path / "m" / "model.onnx"
     report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")
@@ -321,11 +329,12 @@ def drawn_figures(report, draw) -> list:
     return figures
 
 
-def test_a_reliability_diagram_is_drawn_only_on_enough_photos(head_model, tmp_path):
+def test_a_reliability_diagram_is_drawn_only_on_enough_photos(head_model, tmp_path, monkeypatch):
     """An ECE legend on 2-6 photos, and "after temperature scaling" with no temperature: drawn only where an
     ECE is stated (MIN_EVIDENCE photos), one curve as trained where the temperature is 1, N in the legend."""
     import retrain.report as report
 
+    coarse_saliency(report, monkeypatch)
     shutil.copytree(head_model.folder, tmp_path / "m")
     assert not head_model.model.metrics.calibration.calibrated  # 48 photos: too few held out for a temperature
     report.write_report(tmp_path / "m", cache_dir=tmp_path / "cache")  # its own ~5 test photos

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset
+from conftest import cache_with_lite0, make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
@@ -40,11 +40,12 @@ def wait_for_checkpoint(process: subprocess.Popen, cache: Path, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[Path, dict, Path]:
+def uninterrupted(tmp_path_factory, cache_dir) -> tuple[Path, dict, Path]:
     """The photos, the uninterrupted run's metrics, and its cache."""
     root = tmp_path_factory.mktemp("resume")
     data = make_dataset(root / "shapes")
-    subprocess.run(command(data, root / "whole", root / "cache-whole"), check=True, capture_output=True)
+    whole_cache = cache_with_lite0(cache_dir, root / "cache-whole")
+    subprocess.run(command(data, root / "whole", whole_cache), check=True, capture_output=True)
     return data, json.loads((root / "whole" / "metrics.json").read_text()), root / "cache-whole"
 
 
