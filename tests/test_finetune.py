@@ -226,6 +226,38 @@ def test_fine_tuning_trains_on_one_view_where_it_flips_and_validates_on_the_phot
         torch.testing.assert_close(net.features(pixels), (plain + flipped) / 2)
 
 
+def test_on_the_cpu_a_batch_runs_in_passes_of_about_16_photos_at_160_px_counting_both_views():
+    net = Network(get_backbone("lite0").torch_network(), [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))])
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    ft._set_train_mode(net, [])  # training: one view
+    assert ft.pass_size(net, torch.zeros(32, 3, 160, 160), cpu) == 16
+    assert ft.pass_size(net, torch.zeros(32, 3, 224, 224), cpu) == 8
+    assert ft.pass_size(net, torch.zeros(32, 3, 160, 160), gpu) == 32  # a GPU takes the whole batch at once
+    net.eval()  # prediction: the photo and its mirror image
+    assert ft.pass_size(net, torch.zeros(64, 3, 224, 224), cpu) == 4
+    assert ft.pass_size(net, torch.zeros(64, 3, 16, 16), cpu) == 800  # more than the batch: one pass
+
+
+def test_a_batch_split_into_passes_trains_and_predicts_as_one_pass():
+    """With BatchNorm frozen and no dropout drawn, passes of 3 photos give the batch's logits, mean loss and gradient."""
+    torch.manual_seed(0)
+    head = [(np.random.default_rng(0).normal(0, 0.1, (1280, 3)).astype(np.float32), np.zeros(3, np.float32))]
+    net = Network(get_backbone("lite0").torch_network(), head).eval()  # eval: no stochastic depth to draw
+    x, y, cpu = torch.rand(8, 3, 64, 64) * 4 - 2, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.device("cpu")
+    grads = []
+    for per_pass in (8, 3):
+        net.zero_grad(set_to_none=True)
+        logits, loss = ft.forward_backward(net, x, y, 0.1, cpu, per_pass)
+        grads.append(([p.grad.clone() for p in net.parameters() if p.grad is not None], logits, loss))
+    (whole, logits, loss), (parts, part_logits, part_loss) = grads
+    torch.testing.assert_close(part_logits, logits)
+    torch.testing.assert_close(part_loss, loss)
+    assert loss > 0 and any(g.abs().sum() > 0 for g in whole)
+    assert len(whole) == len(parts) > 100
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_the_time_budget_counts_the_warm_starts_validation(shapes, monkeypatch):
     import time
 
@@ -252,9 +284,10 @@ def test_a_first_epoch_slower_than_planned_switches_to_the_gentler_rates_at_once
 
     made, real, to_device = [], torch.optim.AdamW, ft._to_device
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
-    monkeypatch.setattr(ft, "_to_device", lambda *a: time.sleep(0.5) or to_device(*a))  # a slow, busy machine
     cfg = tiny(epochs=3, device="cpu")
-    for budget, switched in ((6.0, True), (600.0, False)):  # a budget for two 4-step epochs at most; for all three
+    # A slow, busy machine with a budget for two 4-step epochs at most; then one for all three (no need to be slow).
+    for budget, switched, delay in ((6.0, True, 0.5), (600.0, False, 0.0)):
+        monkeypatch.setattr(ft, "_to_device", lambda *a, delay=delay: time.sleep(delay) or to_device(*a))
         logs: list[str] = []
         ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head, cfg, logs.append,
                     time_budget=budget, anytime=True, rates_if_cut=GentlerIfCut(2, 1e-4, 0.5))

@@ -123,7 +123,7 @@ def lite_feature_network(net, mirror: bool = True):
             self.net, self.mirror = net, mirror
 
         def forward(self, pixels):  # (N, 3, S, S) -> (N, D)
-            if self.training or not self.mirror:
+            if self.views() == 1:
                 return self.pooled(pixels)
             maps = self.net.extract_features(torch.cat([pixels, pixels.flip(3)]))
             # One mean over both views and all positions: the graph ends in a single pooling as with one view,
@@ -132,6 +132,10 @@ def lite_feature_network(net, mirror: bool = True):
 
         def pooled(self, pixels):
             return self.net.extract_features(pixels).mean(dim=(2, 3))
+
+        def views(self) -> int:
+            """How many views of each photo a forward pass runs through the network now."""
+            return 1 if self.training or not self.mirror else 2
 
         def stages(self) -> list:
             """Trainable groups bottom to top: stem, each MBConv block, head convolution."""
