@@ -17,7 +17,7 @@ DEFAULT_BACKBONE = "auto"  # lite0, or a larger Lite where cross-validation on a
 OUTPUT_NAME = "final_result"  # retrain.py's default --final_tensor_name
 MODES = ("head", "finetune", "auto")
 AUTO_BUDGET_SECONDS = 10 * 60  # fine-tuning in the default run without --time_budget: see the README for why
-CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 38-41 measured, less validation
+CPU_IMAGES_PER_SECOND = 35.0  # whole-network fine-tuning of Lite0 at 160 px on 2 cores: 35-41 measured, validation aside
 CPU_TRAIN_SIZE = 160  # fine-tuning resolution on the CPU: ~3x cheaper per image than 224
 
 
