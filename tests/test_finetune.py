@@ -256,6 +256,8 @@ def test_a_batch_split_into_passes_trains_and_predicts_as_one_pass():
     assert len(whole) == len(parts) > 100
     for a, b in zip(whole, parts):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    empty, loss = ft.forward_backward(net, x[:0], y[:0], 0.1, cpu, 3)  # a rank given no photos: NaN, as one pass gave
+    assert empty.shape == (0, 3) and torch.isnan(loss)
 
 
 def test_the_time_budget_counts_the_warm_starts_validation(shapes, monkeypatch):
@@ -285,8 +287,8 @@ def test_a_first_epoch_slower_than_planned_switches_to_the_gentler_rates_at_once
     made, real, to_device = [], torch.optim.AdamW, ft._to_device
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     cfg = tiny(epochs=3, device="cpu")
-    # A slow, busy machine with a budget for two 4-step epochs at most; then one for all three (no need to be slow).
-    for budget, switched, delay in ((6.0, True, 0.5), (600.0, False, 0.0)):
+    # A slow, busy machine with a budget for two 4-step epochs at most; then a slow one with a budget for all three.
+    for budget, switched, delay in ((6.0, True, 0.5), (600.0, False, 0.1)):
         monkeypatch.setattr(ft, "_to_device", lambda *a, delay=delay: time.sleep(delay) or to_device(*a))
         logs: list[str] = []
         ft.finetune(ds.split("train"), ds.split("validation"), get_backbone("lite0"), head, cfg, logs.append,
