@@ -94,7 +94,7 @@ def validation_rate(kind: str, net: Network, images: torch.Tensor) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def medians(measure, kinds: list[str], rounds: int) -> dict[str, list[float]]:
+def in_turns(measure, kinds: list[str], rounds: int) -> dict[str, list[float]]:
     """Each kind measured once to warm up, then `rounds` times, taking turns."""
     for kind in kinds:  # warm-up: first calls pick kernels and allocate
         measure(kind)
@@ -127,11 +127,11 @@ def main() -> None:
     images, labels = photos(args.photos, args.size)
     kinds = ["plain", "one pass", "retrain"] + (["bf16"] if args.bf16 else [])
     net, trainable = network()
-    show(medians(lambda kind: rate(kind, net, trainable, images, labels, args.steps), kinds, args.rounds),
+    show(in_turns(lambda kind: rate(kind, net, trainable, images, labels, args.steps), kinds, args.rounds),
          f"training at {args.size} px", "plain")
     size = get_backbone("lite0").prep.size
     validation, _ = photos(args.photos, size)
-    show(medians(lambda kind: validation_rate(kind, net, validation), ["one pass", "retrain"], args.rounds),
+    show(in_turns(lambda kind: validation_rate(kind, net, validation), ["one pass", "retrain"], args.rounds),
          f"validation at {size} px, both views", "one pass")
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ def tiny(**kw) -> FinetuneConfig:
     return FinetuneConfig(**({"epochs": 2, "train_size": 96, "batch_size": 8, "unfreeze": 2, "workers": 2} | kw))
 
 
+def zero_head() -> list[tuple[np.ndarray, np.ndarray]]:
+    """A head for Lite0's 1,280 features and the 3 shape classes, all zeros: every class equally likely."""
+    return [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+
+
 def config(cache_dir, **kw) -> TrainConfig:
     return TrainConfig(cache_dir=str(cache_dir), quiet=True, head=HeadConfig(steps=100), mode="finetune",
                        finetune=tiny(), **kw)
@@ -67,7 +72,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
     ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
     train, val = ds.split("train"), ds.split("validation")
     backbone = get_backbone("lite0")
-    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    head = zero_head()
     logs: list[str] = []
     run = {"data": ds.fingerprint()}
     whole = ft.finetune(train, val, backbone, head, tiny(patience=5), logs.append, Checkpoint(tmp_path / "a.pt", run))
@@ -99,7 +104,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shapes, cache_dir, tm
 def interrupted_fine_tuning(shapes, tmp_path, train_batches) -> list[str]:
     """Fine-tune 3 epochs with `train_batches` in place of PhotoFiles'; assert Ctrl-C ended it; its log lines."""
     ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
-    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    head = zero_head()
     logs: list[str] = []
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
     try:
@@ -163,7 +168,7 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_training_starts_afresh(sha
     bad = tmp_path / "c.pt"
     bad.write_bytes(b"not a checkpoint")
     ds = scan_dataset(shapes, quiet=True)
-    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    head = zero_head()
     logs: list[str] = []
     cfg = tiny(epochs=1)
     ft.finetune(ds.split("train"), [], get_backbone("lite0"), head, cfg, logs.append, Checkpoint(bad, {"run": 1}),
@@ -213,7 +218,7 @@ def test_a_tie_on_validation_accuracy_keeps_the_fine_tuned_network(shapes, cache
 
 
 def test_fine_tuning_trains_on_one_view_where_it_flips_and_validates_on_the_photo_and_its_mirror_image():
-    net = Network(get_backbone("lite0").torch_network(), [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))])
+    net = Network(get_backbone("lite0").torch_network(), zero_head())
     torch.manual_seed(0)
     pixels = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
@@ -227,7 +232,7 @@ def test_fine_tuning_trains_on_one_view_where_it_flips_and_validates_on_the_phot
 
 
 def test_on_the_cpu_a_batch_runs_in_passes_of_about_16_photos_at_160_px_counting_both_views():
-    net = Network(get_backbone("lite0").torch_network(), [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))])
+    net = Network(get_backbone("lite0").torch_network(), zero_head())
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     ft._set_train_mode(net, [])  # training: one view
     assert ft.pass_size(net, torch.zeros(32, 3, 160, 160), cpu) == 16
@@ -264,7 +269,7 @@ def test_the_time_budget_counts_the_warm_starts_validation(shapes, monkeypatch):
     import time
 
     ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
-    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    head = zero_head()
     real, logs = ft._validate, []
 
     def slow_warm_start(net, data, prep, device, entry):
@@ -281,7 +286,7 @@ def test_a_first_epoch_slower_than_planned_switches_to_the_gentler_rates_at_once
     from retrain.config import GentlerIfCut
 
     ds = scan_dataset(shapes, validation_percentage=20, testing_percentage=0, quiet=True)
-    head = [(np.zeros((1280, 3), np.float32), np.zeros(3, np.float32))]
+    head = zero_head()
     import time
 
     made, real, to_device = [], torch.optim.AdamW, ft._to_device

@@ -46,7 +46,7 @@ def uninterrupted(tmp_path_factory, cache_dir) -> tuple[Path, dict, Path]:
     data = make_dataset(root / "shapes")
     whole_cache = cache_with_lite0(cache_dir, root / "cache-whole")
     subprocess.run(command(data, root / "whole", whole_cache), check=True, capture_output=True)
-    return data, json.loads((root / "whole" / "metrics.json").read_text()), root / "cache-whole"
+    return data, json.loads((root / "whole" / "metrics.json").read_text()), whole_cache
 
 
 def warm_cache(whole: Path, cache: Path) -> Path:

@@ -140,8 +140,7 @@ def pass_size(net: Network, x: torch.Tensor, device: torch.device) -> int:
     as many as fit in CPU_PIXELS_PER_PASS, counting every view the network looks at."""
     if device.type != "cpu":
         return len(x)
-    views = getattr(net.features, "views", lambda: 1)()
-    return max(1, round(CPU_PIXELS_PER_PASS / (x.shape[2] * x.shape[3] * views)))
+    return max(1, round(CPU_PIXELS_PER_PASS / (x.shape[2] * x.shape[3] * net.features.views())))
 
 
 def predict_logits(net: Network, batches: Iterator[tuple[np.ndarray, np.ndarray]], prep: Preprocessing,

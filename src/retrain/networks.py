@@ -46,6 +46,10 @@ class ScratchFeatures(nn.Module):
     def stages(self) -> list[nn.Module]:
         return [*self.blocks, *self.dense]
 
+    def views(self) -> int:
+        """Views of each photo a forward pass runs (the Lite wrapper's may be two): one."""
+        return 1
+
 
 # name -> (preprocessing, conv channels, hidden fully-connected units, grayscale, shift in pixels)
 ARCHITECTURES = {
